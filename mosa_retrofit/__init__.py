@@ -1,0 +1,9 @@
+"""mosa_retrofit: convert pretrained causal LMs to Mixture of Sparse Attention (MoSA) and adapt them."""
+
+from .modules import MoSA, PureMoSA
+from .reference import load_reference_state_dict
+from .sparse import mosa_attention, select_tokens, tokens_per_head
+
+__version__ = "0.1.0"
+
+__all__ = ["MoSA", "PureMoSA", "load_reference_state_dict", "mosa_attention", "select_tokens", "tokens_per_head"]

@@ -1,0 +1,244 @@
+"""Mixture-of-Sparse-Attention heads: the math, top to bottom (arXiv 2505.00315, §2.2).
+
+Each routed unit e (a MoSA head, or a KV group whose query heads share one selection) owns a router
+row ``w_r``. It scores every token with ``sigmoid(x @ w_r)``, keeps its top-K tokens (expert choice),
+projects Q/K/V for those tokens only, rotates them at their *original* positions, attends causally among
+them, multiplies each output row by its router score (the router's only gradient path), projects it out
+and scatter-adds it back. Tokens no unit selects get exactly zero.
+
+Shape legend
+    B  batch                 T  tokens in the sequence          h  model width
+    E  routed units          G  query heads per unit (1 = one selection per head)
+    K  tokens per unit: min(max(T // sparsity, 2), T)           d  head dim
+    R  rotated dims per head
+
+Speed notes (they are why the code looks the way it does):
+  * indices are sorted by position, so "key position <= query position" is exactly the causal triangle
+    of the K x K block and a plain ``is_causal`` SDPA is exact (no K x K mask is built);
+  * one ``index_select`` gathers all units' tokens straight into the (E, B*K, h) layout that a single
+    batched matmul wants, and one fused (h -> (G+2)·d) projection per unit produces Q, K and V;
+  * the output is written with one ``index_add`` (no zero-filled per-unit buffers).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .rope import apply_rope
+
+ROUTER_SCORES = ("sigmoid", "straight_through")
+
+RopeFn = Callable[[Tensor], tuple[Tensor, Tensor]]  # token idx (E, B, K) -> cos, sin (E, B, K, R)
+
+
+def tokens_per_head(n_tokens: int, sparsity: float) -> int:
+    """K = min(max(T // sparsity, 2), T): the paper's k = T/ρ, at least 2 (short inputs), at most T."""
+    return min(max(int(n_tokens // sparsity), 2), n_tokens)
+
+
+class Selection(NamedTuple):
+    idx: Tensor  # (E, B, K) token indices, ascending along K
+    live: Tensor | None  # (E, B, K) bool; False marks a dead slot (sorted last); None when all are live
+
+
+def select_tokens(
+    logits: Tensor, sparsity: float, include_first: bool = False, valid: Tensor | None = None
+) -> Selection:
+    """Expert-choice top-K over the sequence, per unit and row.
+
+    Args:
+        logits: (E, B, T) router logits (only their order matters; no gradient flows through here).
+        sparsity: ρ; each unit keeps K = min(max(n // ρ, 2), n) of the row's n real tokens.
+        include_first: always keep the row's first real token; the other K-1 are top-scored.
+        valid: (B, T) bool, False for padding. A padded token is never selected. Rows with fewer real
+            tokens than others get a smaller K (the same K they would get unpadded); their spare slots
+            are *dead*: sorted after every live slot, so under the causal mask no live query sees them.
+    """
+    E, B, T = logits.shape
+    scores = logits.detach()
+    if valid is None:
+        K = tokens_per_head(T, sparsity)
+        if include_first:
+            scores = scores.clone()
+            scores[..., 0] = math.inf
+        idx = scores.topk(K, dim=-1, sorted=False).indices.sort(dim=-1).values  # (E, B, K)
+        return Selection(idx, None)
+
+    n_real = valid.sum(-1).tolist()
+    ks = [tokens_per_head(n, sparsity) if n > 0 else 0 for n in n_real]
+    K = max(ks)
+    scores = scores.masked_fill(~valid, -math.inf)
+    if include_first:
+        first = valid.int().argmax(-1)  # (B,) first real token of each row
+        scores = scores.scatter(-1, first.view(1, B, 1).expand(E, B, 1), math.inf)
+    top = scores.topk(K, dim=-1, sorted=True).indices  # (E, B, K) best first
+    k_row = torch.tensor(ks, device=logits.device)
+    dead = torch.arange(K, device=logits.device) >= k_row[:, None]  # (B, K) slots past the row's K
+    if not dead.any():
+        return Selection(top.sort(dim=-1).values, None)
+    key = (top + T * dead).sort(dim=-1).values  # dead slots sort after all live ones
+    return Selection(key.remainder(T), key < T)
+
+
+def router_gates(selected_logits: Tensor, router_score: str) -> Tensor:
+    """Multiplier for each selected output row.
+
+    ``sigmoid``: σ(logit), the paper's scaling. ``straight_through``: exactly 1.0 in the forward pass,
+    with the gradient of σ/σ.detach() (computed as exp(logσ - logσ.detach()), which cannot divide by 0),
+    so a converted model starts function-preserving while the router still learns.
+    """
+    if router_score == "sigmoid":
+        return torch.sigmoid(selected_logits)
+    if router_score == "straight_through":
+        log_s = F.logsigmoid(selected_logits)
+        return torch.exp(log_s - log_s.detach())
+    raise ValueError(f"router_score must be one of {ROUTER_SCORES}, got {router_score!r}")
+
+
+class _GatherSelected(torch.autograd.Function):
+    """Rows ``x[flat]`` and the selected router logits ``logits[idx]``, with one fused backward.
+
+    The router gets gradient only at selected tokens. Plain autograd would zero-fill a (B·T, h)
+    gradient for the gather, run a full (B·T, h) router-matmul gradient and add the two; here the router
+    term (a small (B·T, E) @ (E, h) product) is written first and the gathered rows' gradient is
+    index-added into it in place: one (B·T, h) buffer instead of three.
+    """
+
+    @staticmethod
+    def forward(ctx, x2d: Tensor, router: Tensor, logits: Tensor, idx: Tensor, flat: Tensor):
+        xs = x2d.index_select(0, flat)  # (E·B·K, h)
+        ctx.save_for_backward(xs, router, flat)
+        ctx.n_rows = x2d.shape[0]
+        return xs, logits.gather(-1, idx)  # (E·B·K, h), (E, B, K)
+
+    @staticmethod
+    def backward(ctx, g_xs: Tensor | None, g_r: Tensor | None):
+        xs, router, flat = ctx.saved_tensors
+        E, h = router.shape
+        g_x = g_router = None
+        if g_r is not None:
+            g_r = g_r.reshape(E, -1)  # (E, B·K)
+            if ctx.needs_input_grad[0]:
+                g_tok = g_r.new_zeros(E, ctx.n_rows).scatter_add_(1, flat.view(E, -1), g_r)  # (E, B·T)
+                g_x = torch.mm(g_tok.t(), router)  # (B·T, h)
+            if ctx.needs_input_grad[1]:
+                g_router = torch.bmm(g_r.unsqueeze(1), xs.view(E, -1, h)).squeeze(1)  # (E, h)
+        if g_xs is not None and ctx.needs_input_grad[0]:
+            g_x = xs.new_zeros(ctx.n_rows, h) if g_x is None else g_x
+            g_x.index_add_(0, flat, g_xs)
+        return g_x, g_router, None, None, None
+
+
+def _causal_softcap_attention(
+    q: Tensor, k: Tensor, v: Tensor, scale: float, softcap: float, dropout_p: float
+) -> Tensor:
+    # The SDPA kernels have no logit soft-capping (Gemma2), so spell it out.
+    s = torch.matmul(q, k.transpose(-1, -2)) * scale  # (N, G, K, K)
+    s = softcap * torch.tanh(s / softcap)
+    n = s.shape[-1]
+    future = torch.ones(n, n, dtype=torch.bool, device=s.device).triu(1)
+    p = s.float().masked_fill(future, -math.inf).softmax(-1).to(v.dtype)
+    p = F.dropout(p, dropout_p) if dropout_p > 0 else p
+    return torch.matmul(p, v)
+
+
+def mosa_attention(
+    x: Tensor,
+    router: Tensor,
+    w_qkv: Tensor,
+    w_o: Tensor,
+    *,
+    sparsity: float,
+    heads_per_unit: int = 1,
+    b_qkv: Tensor | None = None,
+    include_first: bool = False,
+    router_score: str = "sigmoid",
+    rope: RopeFn | None = None,
+    q_norm: Callable[[Tensor], Tensor] | None = None,
+    k_norm: Callable[[Tensor], Tensor] | None = None,
+    scale: float | None = None,
+    softcap: float | None = None,
+    dropout_p: float = 0.0,
+    attention_mask: Tensor | None = None,
+    add_to: Tensor | None = None,
+) -> Tensor:
+    """All MoSA units of one layer, batched (no loop over heads).
+
+    Args:
+        x: (B, T, h) input.
+        router: (E, h) router rows.
+        w_qkv: (E, h, (G+2)·d) fused projection, columns ``[q_1 … q_G | k | v]`` (applied as x @ W).
+        w_o: (E, G·d, h) output projection.
+        sparsity: ρ (>= 1); see :func:`tokens_per_head`.
+        heads_per_unit: G query heads sharing one selection and one K/V (GQA groups); 1 = per head.
+        b_qkv: optional (E, (G+2)·d) projection bias.
+        include_first / router_score: see :func:`select_tokens` / :func:`router_gates`.
+        rope: maps selected token indices (E, B, K) to cos, sin (E, B, K, R); None = no RoPE.
+        q_norm, k_norm: optional per-head norms applied to (…, d) before RoPE (Qwen3, Gemma3).
+        scale: attention scale, default 1/sqrt(d). softcap: tanh logit cap (Gemma2), default none.
+        attention_mask: (B, T), nonzero/True for real tokens; padding is never selected.
+        add_to: optional (B, T, h) tensor that the result is added to (e.g. the dense heads' output).
+
+    Returns:
+        (B, T, h): the sum over units of their scattered outputs (+ ``add_to``).
+    """
+    B, T, h = x.shape
+    E, G = router.shape[0], heads_per_unit
+    d = w_o.shape[1] // G
+    valid = None if attention_mask is None else attention_mask.bool()
+
+    # 1. route: score every token (no autograd here), expert-choice top-K per unit, sorted by position
+    with torch.no_grad():
+        logits = torch.matmul(router, x.reshape(B * T, h).t()).view(E, B, T)  # (E, B, T)
+    idx, live = select_tokens(logits, sparsity, include_first, valid)  # (E, B, K)
+    K = idx.shape[-1]
+    if K == 0:
+        return x.new_zeros(B, T, h) if add_to is None else add_to
+
+    # 2. gather the selected tokens and project Q, K, V for them only (one batched matmul)
+    flat = (idx + T * torch.arange(B, device=x.device).view(1, B, 1)).view(-1)  # (E·B·K,) rows of x
+    xs, r = _GatherSelected.apply(x.reshape(B * T, h), router, logits, idx, flat)  # (E·B·K, h), (E, B, K)
+    xs = xs.view(E, B * K, h)
+    if b_qkv is None:
+        qkv = torch.bmm(xs, w_qkv)  # (E, B·K, (G+2)·d)
+    else:
+        qkv = torch.baddbmm(b_qkv.unsqueeze(1), xs, w_qkv)
+    # split (not slicing) so that backward concatenates the gradients instead of zero-filling
+    q, k, v = (
+        t.view(E, B, K, -1, d).permute(0, 1, 3, 2, 4).reshape(E * B, -1, K, d)  # views, no copies
+        for t in qkv.split([G * d, d, d], dim=-1)
+    )  # q (E·B, G, K, d), k and v (E·B, 1, K, d)
+    gate = router_gates(r, router_score)  # (E, B, K)
+    if live is not None:
+        gate = gate.masked_fill(~live, 0.0)
+    if q_norm is not None:
+        q, k = q_norm(q), k_norm(k)
+
+    # 3. RoPE at the tokens' original positions
+    if rope is not None:
+        cos, sin = rope(idx)  # (E, B, K, R)
+        cos, sin = cos.reshape(E * B, 1, K, -1), sin.reshape(E * B, 1, K, -1)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+    # 4. causal attention among the selected tokens (sorted indices => plain causal triangle)
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    if softcap is not None:
+        a = _causal_softcap_attention(q, k, v, scale, softcap, dropout_p)
+    else:
+        a = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, scale=scale, dropout_p=dropout_p, enable_gqa=G > 1
+        )  # (E·B, G, K, d)
+
+    # 5. scale each row by its router score, project out, scatter-add back to the sequence
+    a = a * gate.view(E * B, 1, K, 1).to(a.dtype)
+    a = a.transpose(1, 2).reshape(E, B * K, G * d)  # (E, B·K, G·d)
+    y = torch.bmm(a, w_o)  # (E, B·K, h)
+    y = y.view(E * B * K, h)
+    if add_to is None:  # in place into fresh zeros: no copy of a (B·T, h) buffer
+        return x.new_zeros(B * T, h).index_add_(0, flat, y).view(B, T, h)
+    return add_to.reshape(B * T, h).index_add(0, flat, y).view(B, T, h)
