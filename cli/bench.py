@@ -1,0 +1,98 @@
+"""``mosa-retrofit bench attention``: time MoSA layers against dense attention (ratios, FLOPs, memory)."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _positive_ints(text: str) -> tuple[int, ...]:
+    values = tuple(int(v) for v in text.split(","))
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1, got {text!r}")
+    return values
+
+
+def _sparsities(text: str) -> tuple[float, ...]:
+    values = tuple(float(v) for v in text.split(","))
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"sparsity must be >= 1, got {text!r}")
+    return values
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("bench", help="benchmarks (ratios against dense attention)",
+                       description="Benchmarks; every figure is a ratio against dense attention in the same run.")
+    bsub = p.add_subparsers(dest="bench", metavar="WHAT", required=True)
+    a = bsub.add_parser(
+        "attention",
+        help="one attention layer: all-MoSA and hybrid against dense causal SDPA",
+        description=(
+            "Times forward and forward+backward of a layer of MoSA heads and of a hybrid layer (some dense "
+            "heads kept) against a dense causal multi-head layer of the same width and head count, and "
+            "prints each time ratio beside its FLOP ratio and the peak memory. Pins torch to --threads."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    a.add_argument("--seq-lens", type=_positive_ints, default=None,
+                   help="comma-separated T values (default 1024,4096,8192; with --quick 256,512)")
+    a.add_argument("--sparsities", type=_sparsities, default=(4.0, 8.0, 16.0), help="comma-separated sparsities")
+    a.add_argument("--width", type=int, default=1024, help="model width h")
+    a.add_argument("--heads", type=int, default=16, help="heads in every layer")
+    a.add_argument("--head-dim", type=int, default=64, help="per-head width h'")
+    a.add_argument("--hybrid-dense-heads", type=int, default=4, help="dense heads kept in the hybrid layer")
+    a.add_argument("--batch", type=int, default=1)
+    a.add_argument("--reps", type=int, default=3, help="timed repetitions of the dense layer (MoSA: 2x+1)")
+    a.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    a.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    a.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 gives stable ratios)")
+    a.add_argument("--quick", action="store_true", help="smoke run in seconds: width 256, 4 heads, 1 rep")
+    a.add_argument("--profile", action="store_true", help="also print where an all-MoSA step spends its time")
+    a.add_argument("--output", help="also write the Markdown table to this file")
+    a.set_defaults(run=run_attention)
+
+
+def run_attention(args: argparse.Namespace) -> int:
+    from mosa_retrofit.bench.attention import bench_attention, format_table, profile_mosa
+
+    if args.hybrid_dense_heads >= args.heads or args.hybrid_dense_heads < 0:
+        raise ValueError(f"--hybrid-dense-heads must be in [0, --heads - 1 = {args.heads - 1}], got {args.hybrid_dense_heads}")
+    if args.width < 1 or args.heads < 1 or args.head_dim < 1 or args.batch < 1 or args.reps < 1:
+        raise ValueError("--width, --heads, --head-dim, --batch and --reps must be >= 1")
+    if args.quick:
+        args.seq_lens = args.seq_lens or (256, 512)
+        args.width, args.heads, args.head_dim, args.reps = 256, 4, 64, 1
+        args.hybrid_dense_heads = min(args.hybrid_dense_heads, 1)
+    args.seq_lens = args.seq_lens or (1024, 4096, 8192)
+    torch.set_num_threads(args.threads)
+    dtype = DTYPES[args.dtype]
+    rows = bench_attention(args.seq_lens, args.sparsities, args.width, args.heads, args.head_dim,
+                           args.hybrid_dense_heads, args.batch, args.reps, dtype, args.device)
+    cpu = _cpu_name()
+    header = (f"MoSA attention layer vs dense causal SDPA: h={args.width}, {args.heads} heads of {args.head_dim}, "
+              f"hybrid keeps {args.hybrid_dense_heads} dense, batch {args.batch}, {args.dtype}, "
+              f"torch {torch.__version__}, {args.threads} thread(s), device {args.device}{cpu}")
+    table = format_table(rows)
+    print(header + "\n\n" + table)
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(header + "\n\n" + table + "\n")
+    if args.profile:
+        T = max(args.seq_lens)
+        print(f"\nProfile of one all-MoSA forward+backward, T={T}, sparsity {args.sparsities[0]:g}:")
+        print(profile_mosa(T, args.sparsities[0], args.width, args.heads, args.head_dim, args.device))
+    return 0
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return f" ({line.split(':', 1)[1].strip()})"
+    except OSError:
+        pass
+    return ""

@@ -1,0 +1,34 @@
+"""Entry point of ``mosa-retrofit``: builds the parser from the subcommand modules and dispatches."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import bench
+
+COMMANDS = {"bench": bench}  # name -> module with add_parser(subparsers) and run(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mosa-retrofit",
+        description="Convert pretrained causal LMs to Mixture of Sparse Attention (MoSA), adapt and measure them.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for module in COMMANDS.values():
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except (ValueError, FileNotFoundError) as e:  # bad input: one clear line, no traceback
+        print(f"mosa-retrofit {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

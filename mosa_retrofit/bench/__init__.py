@@ -1,0 +1,1 @@
+"""Benchmarks (reached from the CLI as ``mosa-retrofit bench ...``)."""
