@@ -7,3 +7,8 @@ from .sparse import mosa_attention, select_tokens, tokens_per_head
 __version__ = "0.1.0"
 
 __all__ = ["MoSA", "PureMoSA", "load_reference_state_dict", "mosa_attention", "select_tokens", "tokens_per_head"]
+
+from .config import MoSAConfig  # noqa: E402
+from .surgery import convert_  # noqa: E402
+
+__all__ += ["MoSAConfig", "convert_"]

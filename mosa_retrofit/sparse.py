@@ -134,15 +134,27 @@ class _GatherSelected(torch.autograd.Function):
         return g_x, g_router, None, None, None
 
 
-def _causal_softcap_attention(
-    q: Tensor, k: Tensor, v: Tensor, scale: float, softcap: float, dropout_p: float
+def _window_mask(idx: Tensor, window: int) -> Tensor:
+    """(E·B, 1, K, K) bool: slot j is visible to slot i iff j <= i and I_i - I_j < window.
+
+    (Slot order, not only positions: dead slots sit after every live slot, so live queries never see them.)
+    """
+    E, B, K = idx.shape
+    gap = idx.view(E * B, 1, K, 1) - idx.view(E * B, 1, 1, K)  # I_i - I_j
+    slots = torch.ones(K, K, dtype=torch.bool, device=idx.device).tril()
+    return slots & (gap < window)
+
+
+def _softcap_attention(
+    q: Tensor, k: Tensor, v: Tensor, scale: float, softcap: float, dropout_p: float, mask: Tensor | None
 ) -> Tensor:
     # The SDPA kernels have no logit soft-capping (Gemma2), so spell it out.
     s = torch.matmul(q, k.transpose(-1, -2)) * scale  # (N, G, K, K)
     s = softcap * torch.tanh(s / softcap)
-    n = s.shape[-1]
-    future = torch.ones(n, n, dtype=torch.bool, device=s.device).triu(1)
-    p = s.float().masked_fill(future, -math.inf).softmax(-1).to(v.dtype)
+    if mask is None:
+        n = s.shape[-1]
+        mask = torch.ones(n, n, dtype=torch.bool, device=s.device).tril()
+    p = s.float().masked_fill(~mask, -math.inf).softmax(-1).to(v.dtype)
     p = F.dropout(p, dropout_p) if dropout_p > 0 else p
     return torch.matmul(p, v)
 
@@ -163,6 +175,7 @@ def mosa_attention(
     k_norm: Callable[[Tensor], Tensor] | None = None,
     scale: float | None = None,
     softcap: float | None = None,
+    sliding_window: int | None = None,
     dropout_p: float = 0.0,
     attention_mask: Tensor | None = None,
     add_to: Tensor | None = None,
@@ -181,6 +194,7 @@ def mosa_attention(
         rope: maps selected token indices (E, B, K) to cos, sin (E, B, K, R); None = no RoPE.
         q_norm, k_norm: optional per-head norms applied to (…, d) before RoPE (Qwen3, Gemma3).
         scale: attention scale, default 1/sqrt(d). softcap: tanh logit cap (Gemma2), default none.
+        sliding_window: a query at position i sees only keys with i - j < window (sliding-window layers).
         attention_mask: (B, T), nonzero/True for real tokens; padding is never selected.
         add_to: optional (B, T, h) tensor that the result is added to (e.g. the dense heads' output).
 
@@ -225,13 +239,15 @@ def mosa_attention(
         cos, sin = cos.reshape(E * B, 1, K, -1), sin.reshape(E * B, 1, K, -1)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
-    # 4. causal attention among the selected tokens (sorted indices => plain causal triangle)
+    # 4. causal attention among the selected tokens (sorted indices => plain causal triangle; only a
+    #    sliding window shorter than the sequence needs an explicit mask on original positions)
     scale = 1.0 / math.sqrt(d) if scale is None else scale
+    mask = _window_mask(idx, sliding_window) if sliding_window is not None and sliding_window < T else None
     if softcap is not None:
-        a = _causal_softcap_attention(q, k, v, scale, softcap, dropout_p)
+        a = _softcap_attention(q, k, v, scale, softcap, dropout_p, mask)
     else:
         a = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, scale=scale, dropout_p=dropout_p, enable_gqa=G > 1
+            q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale, dropout_p=dropout_p, enable_gqa=G > 1
         )  # (E·B, G, K, d)
 
     # 5. scale each row by its router score, project out, scatter-add back to the sequence

@@ -1,0 +1,229 @@
+"""The hybrid attention layer that ``convert_`` puts in place of a model's own attention.
+
+The module keeps its class (a subclass is swapped in), its parameters and their names: dense heads and MoSA
+heads both read the original q/k/v/o weights through per-head views (see families.py), so the checkpoint
+stays a superset of the base one and the only new parameter is ``mosa_router``. Dense heads run on the
+model's own attention backend (``ALL_ATTENTION_FUNCTIONS``: sdpa, eager, flash, ...); MoSA heads run
+``sparse.mosa_attention`` with the model's RoPE tables, q/k norms, scaling, biases and soft-capping.
+
+Shape legend: B batch, T tokens, D width, H query heads, KV key/value heads, d head dim, n dense heads,
+E routed units (MoSA heads, or KV groups with router_granularity='kv_group'), G query heads per unit.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .families import Family, HeadWeights, head_to_kv
+from .rope import apply_rope
+from .sparse import mosa_attention
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """How one attention layer is split."""
+
+    dense: tuple[int, ...]  # query heads kept dense/local
+    mosa: tuple[int, ...]  # query heads turned into MoSA heads
+    sparsity: float
+    include_first: bool
+    router_score: str
+    granularity: str  # 'head' | 'kv_group'
+    kept_heads: str  # 'dense' | 'local'
+    local_window: int
+    group_size: int = 1  # query heads per KV group of the model
+
+    @property
+    def heads_per_unit(self) -> int:
+        return 1 if self.granularity == "head" else self.group_size
+
+
+def key_padding(mask, q_len: int) -> Tensor | None:
+    """(B, T) bool, False for padded tokens, from whatever mask the model passes to attention; None if none.
+
+    A token is real iff it may attend to itself (the diagonal of the 4D mask), which holds for causal and
+    sliding-window masks alike; bool masks mean "may attend", float masks are additive (0 = attend).
+    """
+    if not isinstance(mask, Tensor):
+        return None  # None, or a flex BlockMask: no padding information we can use
+    if mask.dim() == 2:
+        valid = mask[:, -q_len:].bool()
+    else:
+        off = mask.shape[-1] - q_len
+        i = torch.arange(q_len, device=mask.device)
+        diag = mask[:, 0, i, i + off]  # (B, T)
+        valid = diag if diag.dtype == torch.bool else diag == 0
+    return None if bool(valid.all()) else valid
+
+
+class MoSAAttentionMixin:
+    """Forward of a converted attention layer; mixed in front of the family's attention class."""
+
+    mosa_plan: LayerPlan
+    mosa_family: Family
+    mosa_router: nn.Parameter  # (E, D)
+
+    def forward(self, *args, **kwargs):
+        p = self._mosa_bind(*args, **kwargs)
+        x = p["hidden_states"]  # (B, T, D)
+        mask = p.get("attention_mask")
+        cache = p.get("past_key_values", p.get("layer_past"))
+        pe = p.get("position_embeddings")
+        extra = p.get(self._mosa_var_kw, {})
+        fam, plan = self.mosa_family, self.mosa_plan
+        W = fam.head_weights(self)
+        cos, sin = pe if pe is not None else (None, None)
+
+        if plan.mosa and cache is not None and cache.get_seq_length(self.layer_idx) > 0:
+            raise ValueError(
+                "MoSA heads with expert-choice routing cannot decode token by token (top-k looks at the whole "
+                "sequence); run full forwards (use_cache=False) instead"
+            )
+        out = self._mosa_dense_heads(x, W, mask, cache, cos, sin, extra) if plan.dense else None
+        if out is None and W.bo is not None:
+            out = W.bo.expand_as(x)
+        if plan.mosa:
+            out = self._mosa_sparse_heads(x, W, mask, cos, sin, add_to=out)
+        return fam.output_dropout(self, out), None
+
+    # ------------------------------------------------------------------------------ argument plumbing
+
+    def _mosa_bind(self, *args, **kwargs) -> dict:
+        bound = self._mosa_signature.bind(self, *args, **kwargs)
+        return bound.arguments
+
+    @classmethod
+    def _mosa_setup_class(cls, base: type) -> None:
+        cls._mosa_eager = staticmethod(sys.modules[base.__module__].eager_attention_forward)  # family's own
+        cls._mosa_signature = inspect.signature(base.forward)
+        cls._mosa_var_kw = next((n for n, q in cls._mosa_signature.parameters.items()
+                                 if q.kind is inspect.Parameter.VAR_KEYWORD), "kwargs")
+
+    # ------------------------------------------------------------------------------ dense / local heads
+
+    def _mosa_dense_heads(self, x, W: HeadWeights, mask, cache, cos, sin, extra) -> Tensor:
+        fam, plan = self.mosa_family, self.mosa_plan
+        B, T, D = x.shape
+        d = W.head_dim
+        dense = torch.tensor(plan.dense, device=x.device)
+        kv_used, groups = self._mosa_dense_kv
+        kv_used = torch.tensor(kv_used, device=x.device)
+        q = F.linear(x, W.wq[dense].reshape(-1, D), None if W.bq is None else W.bq[dense].reshape(-1))
+        k = F.linear(x, W.wk[kv_used].reshape(-1, D), None if W.bk is None else W.bk[kv_used].reshape(-1))
+        v = F.linear(x, W.wv[kv_used].reshape(-1, D), None if W.bv is None else W.bv[kv_used].reshape(-1))
+        q = q.view(B, T, -1, d).transpose(1, 2)  # (B, n, T, d)
+        k, v = (t.view(B, T, -1, d).transpose(1, 2) for t in (k, v))  # (B, n_kv, T, d)
+        pre = fam.query_prescale(self)
+        q = q * pre if pre != 1.0 else q
+        q_norm, k_norm = fam.norms(self)
+        if q_norm is not None:
+            q, k = q_norm(q), k_norm(k)
+        if cos is not None:
+            q, k = apply_rope(q, cos[:, None], sin[:, None]), apply_rope(k, cos[:, None], sin[:, None])
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
+        dropout = fam.dropout(self) if self.training else 0.0
+        if plan.kept_heads == "local":
+            a = self._mosa_local(q, k, v, mask, dropout, groups)
+        else:
+            from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+            attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, self._mosa_eager)
+            opt = {k_: v_ for k_, v_ in (("sliding_window", fam.sliding_window(self)),
+                                         ("softcap", fam.softcap(self))) if v_ is not None}
+            a, _ = attend(self, q, k, v, mask, dropout=dropout, scaling=fam.scaling(self), **opt, **extra)
+        a = a.reshape(B, T, -1)  # (B, T, n·d)
+        return F.linear(a, W.wo[:, dense].reshape(D, -1), W.bo)
+
+    def _mosa_local(self, q, k, v, mask, dropout, groups) -> Tensor:
+        """Sliding-window heads: query t attends keys t - window + 1 .. t (and never padding)."""
+        T, S = q.shape[2], k.shape[2]
+        off = S - T
+        i = torch.arange(T, device=q.device)[:, None] + off
+        j = torch.arange(S, device=q.device)[None, :]
+        allowed = (j <= i) & (j > i - self.mosa_plan.local_window)  # (T, S)
+        valid = key_padding(mask, T) if mask is not None else None
+        if valid is not None:
+            keys = torch.ones(valid.shape[0], S, dtype=torch.bool, device=q.device)
+            keys[:, off:] = valid
+            allowed = (allowed & keys[:, None, None, :]) | (j == i)  # keep the diagonal: no empty rows
+        scale = self.mosa_family.scaling(self)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout, scale=scale,
+                                           enable_gqa=groups > 1)
+        return a.transpose(1, 2)  # (B, T, n, d)
+
+    # ------------------------------------------------------------------------------ MoSA heads
+
+    def _mosa_sparse_heads(self, x, W: HeadWeights, mask, cos, sin, add_to) -> Tensor:
+        fam, plan = self.mosa_family, self.mosa_plan
+        B, T, D = x.shape
+        G = plan.heads_per_unit
+        ids = torch.tensor(plan.mosa, device=x.device)  # (E·G,) query heads, grouped by unit
+        kv = head_to_kv(W.num_heads, W.num_kv_heads).to(x.device)[ids[::G]]  # (E,) K/V head of each unit
+        E, d = kv.shape[0], W.head_dim
+        wq = W.wq[ids].view(E, G * d, D)
+        w_qkv = torch.cat((wq, W.wk[kv], W.wv[kv]), dim=1).transpose(1, 2)  # (E, D, (G+2)·d)
+        b_qkv = None
+        if W.bq is not None or W.bk is not None or W.bv is not None:
+            z = x.new_zeros(E, d)
+            b_qkv = torch.cat((W.bq[ids].view(E, G * d) if W.bq is not None else x.new_zeros(E, G * d),
+                               W.bk[kv] if W.bk is not None else z, W.bv[kv] if W.bv is not None else z), dim=1)
+        w_o = W.wo[:, ids].permute(1, 2, 0).reshape(E, G * d, D)  # (E, G·d, D)
+
+        rope = None
+        if cos is not None:
+            R = cos.shape[-1]
+
+            def rope(idx: Tensor) -> tuple[Tensor, Tensor]:  # (E, B, K) -> 2 x (E, B, K, R)
+                at = idx.unsqueeze(-1).expand(*idx.shape, R)
+                return tuple(t.expand(B, T, R).unsqueeze(0).expand(E, B, T, R).gather(2, at) for t in (cos, sin))
+
+        q_norm, k_norm = fam.norms(self)
+        return mosa_attention(
+            x, self.mosa_router, w_qkv, w_o, sparsity=plan.sparsity, heads_per_unit=G, b_qkv=b_qkv,
+            include_first=plan.include_first, router_score=plan.router_score, rope=rope, q_norm=q_norm,
+            k_norm=k_norm, scale=fam.scaling(self) * fam.query_prescale(self), softcap=fam.softcap(self),
+            sliding_window=fam.sliding_window(self),
+            dropout_p=fam.dropout(self) if self.training else 0.0, attention_mask=key_padding(mask, T),
+            add_to=add_to,
+        )
+
+
+_CLASSES: dict[type, type] = {}
+
+
+def mosa_class(base: type) -> type:
+    """``MoSA<Base>``: the family's attention class with the MoSA forward in front (cached per class)."""
+    if base not in _CLASSES:
+        cls = type(f"MoSA{base.__name__}", (MoSAAttentionMixin, base), {})
+        cls._mosa_setup_class(base)
+        _CLASSES[base] = cls
+    return _CLASSES[base]
+
+
+def dense_kv_layout(dense: tuple[int, ...], num_heads: int, num_kv_heads: int) -> tuple[tuple[int, ...], int]:
+    """KV heads the dense heads read, and the query heads per KV head for the backend's ``repeat_kv``.
+
+    When every used KV head serves the same number g of dense heads (e.g. whole GQA groups), the cache keeps
+    one K/V per KV head (groups = g); otherwise each dense head gets its own copy (groups = 1).
+    """
+    kv_of = head_to_kv(num_heads, num_kv_heads)[list(dense)].tolist()
+    used = sorted(set(kv_of))
+    counts = {u: kv_of.count(u) for u in used}
+    g = counts[used[0]]
+    if all(c == g for c in counts.values()):
+        return tuple(used), g
+    return tuple(kv_of), 1
+
+
+def init_router_(router: nn.Parameter) -> None:
+    """Random router init: N(0, 1/D), logits of unit variance for unit-variance inputs."""
+    with torch.no_grad():
+        router.normal_(0.0, 1.0 / math.sqrt(router.shape[1]))

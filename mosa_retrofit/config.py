@@ -1,0 +1,173 @@
+"""What to convert: ``MoSAConfig``, a frozen, validated dataclass that round-trips to JSON.
+
+Which heads stay dense, per layer (first match wins):
+  1. ``dense_head_ids[str(layer)]``: an explicit list of head indices;
+  2. ``dense_heads_pattern``: ``{"3": n, "0-5": n, "re:<regex on the layer index>": n}`` overrides the count;
+  3. ``dense_heads``: the count for every other layer, an int or a fraction of the layer's heads.
+A count is turned into indices by ``head_choice``: ``first`` (heads 0..n-1), ``last``, or ``scored``
+(calibration ranks heads by how much of their attention top-k selection can keep; see calibration.py).
+With ``router_granularity="kv_group"`` (or ``head_choice`` first/last on a GQA model) whole KV groups are
+kept together where the count allows.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field, fields
+from numbers import Real
+from typing import Any
+
+CONFIG_VERSION = 1
+ROUTER_SCORES = ("sigmoid", "straight_through")
+ROUTER_INITS = ("random", "calibrated")
+GRANULARITIES = ("head", "kv_group")
+KEPT_HEADS = ("dense", "local")
+HEAD_CHOICES = ("first", "last", "scored")
+
+
+def _fail(name: str, value: Any, valid: str) -> None:
+    raise ValueError(f"MoSAConfig.{name} must be {valid}, got {value!r}")
+
+
+def _is_count(v: Any) -> bool:
+    return not isinstance(v, bool) and isinstance(v, Real) and v >= 0 and (float(v).is_integer() or v < 1)
+
+
+@dataclass(frozen=True)
+class MoSAConfig:
+    """Conversion of a model's attention into hybrid MoSA layers.
+
+    Example:
+        >>> MoSAConfig(sparsity=8, dense_heads=3)                      # 3 dense heads per layer, rest MoSA
+        >>> MoSAConfig(sparsity=16, dense_heads=0.25, layers=[4, 5, 6], kept_heads="local", local_window=128)
+    """
+
+    sparsity: float = 8
+    """Each MoSA head attends k = min(max(T // sparsity, 2), T) tokens."""
+    dense_heads: float = 0.25
+    """Heads kept dense (or local) per layer: an int, or a fraction in [0, 1) of the layer's query heads."""
+    dense_heads_pattern: dict = field(default_factory=dict)
+    """Per-layer overrides of ``dense_heads``: keys "3", "0-5" or "re:<regex on the layer index>"."""
+    dense_head_ids: dict = field(default_factory=dict)
+    """Explicit dense head indices per layer, e.g. {"0": [0, 4]}; wins over counts."""
+    head_choice: str = "first"
+    """Which heads a count keeps dense: 'first', 'last' or 'scored' (needs calibration text)."""
+    layers: Any = "all"
+    """Layers converted: 'all', a list of layer indices, or 're:<regex on the layer index>'."""
+    kept_heads: str = "dense"
+    """Kept heads are 'dense' (full causal attention) or 'local' (sliding window of ``local_window``)."""
+    local_window: int = 256
+    """Window of local kept heads: query t sees keys t-local_window+1 .. t."""
+    include_first: bool = True
+    """Every MoSA head always selects the first token (attention sinks live there)."""
+    router_score: str = "straight_through"
+    """'sigmoid' (paper: outputs scaled by σ(score)) or 'straight_through' (forward ×1, gradient of σ)."""
+    router_init: str = "random"
+    """'random' or 'calibrated' (fit routers to the dense heads' attention on calibration text)."""
+    router_granularity: str = "head"
+    """'head': every MoSA head routes its own tokens; 'kv_group': a GQA group shares one selection and K/V."""
+    base_model_name_or_path: str | None = None
+    """Provenance: the checkpoint that was converted (filled in by the CLI / loader)."""
+    version: int = CONFIG_VERSION
+    """Format version of this config."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, Real) or not self.sparsity >= 1:
+            _fail("sparsity", self.sparsity, "a number >= 1")
+        if not _is_count(self.dense_heads):
+            _fail("dense_heads", self.dense_heads, "an integer >= 0 or a fraction in [0, 1)")
+        if not isinstance(self.dense_heads_pattern, dict):
+            _fail("dense_heads_pattern", self.dense_heads_pattern, "a dict {layer key: count}")
+        for key, v in self.dense_heads_pattern.items():
+            _layer_key_matcher(str(key), "dense_heads_pattern")
+            if not _is_count(v):
+                _fail(f"dense_heads_pattern[{key!r}]", v, "an integer >= 0 or a fraction in [0, 1)")
+        if not isinstance(self.dense_head_ids, dict):
+            _fail("dense_head_ids", self.dense_head_ids, "a dict {layer index: [head indices]}")
+        for key, ids in self.dense_head_ids.items():
+            if not str(key).isdigit():
+                _fail("dense_head_ids", key, "keyed by layer indices like '0'")
+            if not isinstance(ids, (list, tuple)) or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in ids):
+                _fail(f"dense_head_ids[{key!r}]", ids, "a list of head indices >= 0")
+        for name, valid in (("head_choice", HEAD_CHOICES), ("kept_heads", KEPT_HEADS), ("router_score", ROUTER_SCORES),
+                            ("router_init", ROUTER_INITS), ("router_granularity", GRANULARITIES)):
+            if getattr(self, name) not in valid:
+                _fail(name, getattr(self, name), f"one of {valid}")
+        if self.layers != "all":
+            if isinstance(self.layers, str):
+                _layer_key_matcher(self.layers, "layers")
+            elif not isinstance(self.layers, (list, tuple)) or any(
+                    isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in self.layers):
+                _fail("layers", self.layers, "'all', a list of layer indices or 're:<regex>'")
+        if isinstance(self.local_window, bool) or not isinstance(self.local_window, int) or self.local_window < 1:
+            _fail("local_window", self.local_window, "an integer >= 1")
+        if not isinstance(self.include_first, bool):
+            _fail("include_first", self.include_first, "true or false")
+        if self.version > CONFIG_VERSION:
+            _fail("version", self.version, f"<= {CONFIG_VERSION} (this mosa_retrofit is older than the config)")
+        if isinstance(self.layers, tuple):  # keep JSON-friendly, comparable values
+            object.__setattr__(self, "layers", list(self.layers))
+
+    # ------------------------------------------------------------------------------------ per layer
+
+    def converts_layer(self, layer: int) -> bool:
+        if self.layers == "all":
+            return True
+        if isinstance(self.layers, str):
+            return _layer_key_matcher(self.layers, "layers")(layer)
+        return layer in self.layers
+
+    def dense_count(self, layer: int, num_heads: int) -> int:
+        """Number of dense heads in ``layer`` of ``num_heads`` query heads."""
+        if str(layer) in self.dense_head_ids:
+            return len(self.dense_head_ids[str(layer)])
+        value = self.dense_heads
+        for key, v in self.dense_heads_pattern.items():
+            if _layer_key_matcher(str(key), "dense_heads_pattern")(layer):
+                value = v
+                break
+        return int(round(value * num_heads)) if value < 1 and value != 0 else int(value)
+
+    # ------------------------------------------------------------------------------------ (de)serialise
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> MoSAConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown MoSAConfig keys {unknown}; valid keys: {sorted(known)}")
+        return cls(**data)
+
+    def to_json(self, path: str | None = None) -> str:
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=True)
+        if path is not None:
+            with open(path, "w") as f:
+                f.write(text + "\n")
+        return text
+
+    @classmethod
+    def from_json(cls, text_or_path: str) -> MoSAConfig:
+        text = text_or_path
+        if not text_or_path.lstrip().startswith("{"):
+            with open(text_or_path) as f:
+                text = f.read()
+        return cls.from_dict(json.loads(text))
+
+
+def _layer_key_matcher(key: str, name: str):
+    """'3' -> layer 3; '0-5' -> layers 0..5; 're:<regex>' -> layers whose index fullmatches."""
+    if key.startswith("re:"):
+        try:
+            rx = re.compile(key[3:])
+        except re.error as e:
+            raise ValueError(f"MoSAConfig.{name}: bad regex {key!r}: {e}") from None
+        return lambda layer: rx.fullmatch(str(layer)) is not None
+    m = re.fullmatch(r"(\d+)(?:-(\d+))?", key)
+    if not m:
+        _fail(name, key, "keyed by '3', '0-5' or 're:<regex>'")
+    lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+    return lambda layer: lo <= layer <= hi

@@ -1,0 +1,53 @@
+"""Tiny random-weight models of every supported family, built from configs (no downloads)."""
+
+import torch
+import transformers as tf
+
+VOCAB = 128
+
+# family -> (config class, kwargs): 4 query heads (2 KV heads where the family has GQA), 2 layers
+FAMILY_CONFIGS = {
+    "llama": (tf.LlamaConfig, dict(num_key_value_heads=2, attention_bias=True)),
+    "mistral": (tf.MistralConfig, dict(num_key_value_heads=2, sliding_window=None)),
+    "qwen2": (tf.Qwen2Config, dict(num_key_value_heads=2)),
+    "qwen3": (tf.Qwen3Config, dict(num_key_value_heads=2, head_dim=16)),
+    "gemma": (tf.GemmaConfig, dict(num_key_value_heads=1, head_dim=16)),
+    "gemma2": (tf.Gemma2Config, dict(num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=20,
+                                     attn_logit_softcapping=5.0, final_logit_softcapping=None,
+                                     sliding_window=8, layer_types=["sliding_attention", "full_attention"])),
+    "gemma3_text": (tf.Gemma3TextConfig, dict(num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16,
+                                              sliding_window=8, layer_types=["sliding_attention", "full_attention"])),
+    "phi3": (tf.Phi3Config, dict(num_key_value_heads=2, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                                       "partial_rotary_factor": 0.5},
+                                 pad_token_id=0)),
+    "gpt2": (tf.GPT2Config, dict(n_embd=64, n_head=4, n_layer=2, n_positions=128, vocab_size=VOCAB)),
+    "gpt_neox": (tf.GPTNeoXConfig, dict(rotary_pct=0.25, max_position_embeddings=128)),
+    "opt": (tf.OPTConfig, dict(ffn_dim=128, word_embed_proj_dim=64, max_position_embeddings=128, enable_bias=True)),
+}
+FAMILIES = sorted(FAMILY_CONFIGS)
+GQA_FAMILIES = [f for f in FAMILIES if FAMILY_CONFIGS[f][1].get("num_key_value_heads", 4) < 4]
+
+
+def tiny_config(family: str, attn_implementation: str = "sdpa"):
+    cls, extra = FAMILY_CONFIGS[family]
+    kwargs = dict(hidden_size=64, num_attention_heads=4, num_hidden_layers=2, intermediate_size=128,
+                  vocab_size=VOCAB, max_position_embeddings=128)
+    if family == "gpt2":
+        kwargs = {}
+    kwargs.update(extra)
+    cfg = cls(**kwargs)
+    cfg._attn_implementation = attn_implementation
+    return cfg
+
+
+def tiny_model(family: str, attn_implementation: str = "sdpa", seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = tiny_config(family, attn_implementation)
+    model = tf.AutoModelForCausalLM.from_config(cfg, attn_implementation=attn_implementation)
+    with torch.no_grad():  # larger weights than the default init, so heads differ visibly
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and "embed" not in name and "wte" not in name and "wpe" not in name:
+                p.normal_(0, 0.08)
+            elif p.dim() == 1 and "bias" in name:
+                p.normal_(0, 0.05)
+    return model.eval()
