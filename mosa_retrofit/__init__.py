@@ -9,6 +9,9 @@ __version__ = "0.1.0"
 __all__ = ["MoSA", "PureMoSA", "load_reference_state_dict", "mosa_attention", "select_tokens", "tokens_per_head"]
 
 from .config import MoSAConfig  # noqa: E402
+from .io import _warn_on_dense_load, load  # noqa: E402
 from .surgery import convert_  # noqa: E402
 
-__all__ += ["MoSAConfig", "convert_"]
+_warn_on_dense_load()
+
+__all__ += ["MoSAConfig", "convert_", "load"]

@@ -166,7 +166,8 @@ class MoSAAttentionMixin:
         B, T, D = x.shape
         G = plan.heads_per_unit
         ids = torch.tensor(plan.mosa, device=x.device)  # (E·G,) query heads, grouped by unit
-        kv = head_to_kv(W.num_heads, W.num_kv_heads).to(x.device)[ids[::G]]  # (E,) K/V head of each unit
+        kv_of = head_to_kv(W.num_heads, W.num_kv_heads)
+        kv = torch.tensor([kv_of[h] for h in plan.mosa[::G]], device=x.device)  # (E,) K/V head of each unit
         E, d = kv.shape[0], W.head_dim
         wq = W.wq[ids].view(E, G * d, D)
         w_qkv = torch.cat((wq, W.wk[kv], W.wv[kv]), dim=1).transpose(1, 2)  # (E, D, (G+2)·d)
@@ -214,7 +215,7 @@ def dense_kv_layout(dense: tuple[int, ...], num_heads: int, num_kv_heads: int) -
     When every used KV head serves the same number g of dense heads (e.g. whole GQA groups), the cache keeps
     one K/V per KV head (groups = g); otherwise each dense head gets its own copy (groups = 1).
     """
-    kv_of = head_to_kv(num_heads, num_kv_heads)[list(dense)].tolist()
+    kv_of = [head_to_kv(num_heads, num_kv_heads)[h] for h in dense]
     used = sorted(set(kv_of))
     counts = {u: kv_of.count(u) for u in used}
     g = counts[used[0]]

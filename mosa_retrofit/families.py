@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor, nn
 
 
@@ -197,6 +196,7 @@ def supported_families() -> list[str]:
     return sorted(FAMILIES)
 
 
-def head_to_kv(num_heads: int, num_kv_heads: int) -> torch.Tensor:
+def head_to_kv(num_heads: int, num_kv_heads: int) -> list[int]:
     """KV head of every query head (query heads are grouped by KV head, as ``repeat_kv`` lays them out)."""
-    return torch.arange(num_heads) // (num_heads // num_kv_heads)
+    group = num_heads // num_kv_heads
+    return [h // group for h in range(num_heads)]

@@ -1,0 +1,117 @@
+"""Save and load converted models.
+
+A converted model saves with the stock ``model.save_pretrained(dir)``: standard safetensors (the base
+weights under their own names plus ``*.mosa_router``) and the MoSA config inside ``config.json`` under
+``"mosa"``, with the resolved dense heads of every layer. ``load(dir)`` rebuilds the hybrid model through
+the stock ``from_pretrained`` (dtype, sharding, device_map keep working) by re-applying the surgery in
+``__init__``. ``load(base_dir, config=...)`` converts on load.
+
+Loading a converted checkpoint with plain ``AutoModelForCausalLM.from_pretrained`` would silently run it
+dense: transformers reports the routers as unexpected keys, nothing more. ``mosa_retrofit`` makes that loud:
+once it is imported, such a load logs a warning and raises a ``UserWarning`` that names ``mosa_retrofit.load``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import warnings
+
+from torch import Tensor, nn
+
+from .attention import init_router_
+from .config import MoSAConfig
+
+logger = logging.getLogger("mosa_retrofit")
+
+DENSE_LOAD_WARNING = (
+    "this checkpoint was converted to MoSA by mosa_retrofit (config.json has a 'mosa' block), but it is being "
+    "loaded as a plain dense model: the MoSA routers are dropped and every head runs dense. "
+    "Load it with mosa_retrofit.load(path) instead."
+)
+
+
+def _structure_config(config: MoSAConfig) -> MoSAConfig:
+    # Rebuilding needs no calibration: dense heads are stored per layer, routers come from the checkpoint.
+    return dataclasses.replace(config, head_choice="first", router_init="random")
+
+
+@functools.lru_cache(maxsize=None)
+def _mosa_model_class(base_cls: type) -> type:
+    """``MoSA<Base>``: the base model class whose ``__init__`` re-applies the surgery from ``config.mosa``."""
+    from .surgery import convert_
+
+    def __init__(self, config, *args, **kwargs):
+        base_cls.__init__(self, config, *args, **kwargs)
+        mosa = MoSAConfig.from_dict(config.mosa)
+        config.mosa = None  # convert_ refuses converted configs; it writes the resolved block back
+        convert_(self, _structure_config(mosa), progress=False)
+        config.mosa = dataclasses.replace(
+            MoSAConfig.from_dict(config.mosa), head_choice=mosa.head_choice, router_init=mosa.router_init,
+            base_model_name_or_path=mosa.base_model_name_or_path).to_dict()
+
+    return type(f"MoSA{base_cls.__name__}", (base_cls,), {"__init__": __init__, "_mosa_loader": True})
+
+
+def load(path: str, config: MoSAConfig | None = None, calibration: Tensor | None = None, **kwargs) -> nn.Module:
+    """Load a converted model (a folder or hub id), or convert a base model on load.
+
+    Args:
+        path: a folder written by ``save_pretrained`` of a converted model, or a base checkpoint with ``config``.
+        config: convert on load with this config (the checkpoint's own ``mosa`` block is used if omitted).
+        calibration: token ids (N, T) for ``router_init='calibrated'`` / ``head_choice='scored'`` on load.
+        **kwargs: passed to ``from_pretrained`` (``dtype``, ``device_map``, ``attn_implementation``, ...).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .surgery import convert_
+
+    hf_config = AutoConfig.from_pretrained(path)
+    saved = getattr(hf_config, "mosa", None)
+    if config is None and not saved:
+        raise ValueError(f"{path} is not a converted MoSA checkpoint (no 'mosa' block in config.json); "
+                         "pass config=MoSAConfig(...) to convert it on load")
+    mapping = AutoModelForCausalLM._model_mapping
+    if type(hf_config) not in mapping:
+        raise ValueError(f"{type(hf_config).__name__} has no causal-LM class in transformers")
+    base_cls = mapping[type(hf_config)]
+    if config is not None and not saved:  # convert on load: base weights + new routers
+        if config.base_model_name_or_path is None:
+            config = dataclasses.replace(config, base_model_name_or_path=str(path))
+        model = base_cls.from_pretrained(path, **kwargs)
+        return convert_(model, config, calibration=calibration)
+    if config is not None:
+        hf_config.mosa = config.to_dict()
+    model, info = _mosa_model_class(base_cls).from_pretrained(path, config=hf_config, output_loading_info=True,
+                                                             **kwargs)
+    missing_routers = [k for k in info.get("missing_keys", []) if k.endswith("mosa_router")]
+    if missing_routers:
+        logger.warning("routers missing from %s, initialised at random: %s", path, missing_routers)
+        for name, p in model.named_parameters():
+            if name in missing_routers:
+                init_router_(p)
+    return model
+
+
+def _warn_on_dense_load() -> None:
+    """Make a plain transformers load of a converted checkpoint loud (installed once, on import)."""
+    from transformers import PreTrainedModel
+
+    if getattr(PreTrainedModel.from_pretrained, "_mosa_guard", False):
+        return
+    original = PreTrainedModel.from_pretrained.__func__
+
+    @functools.wraps(original)
+    def from_pretrained(cls, *args, **kwargs):
+        model = original(cls, *args, **kwargs)
+        result = model[0] if isinstance(model, tuple) else model
+        if getattr(result.config, "mosa", None) and not getattr(cls, "_mosa_loader", False) \
+                and not any(hasattr(m, "mosa_plan") for m in result.modules()):
+            logger.warning(DENSE_LOAD_WARNING)
+            warnings.warn(DENSE_LOAD_WARNING, UserWarning, stacklevel=2)
+        return model
+
+    from_pretrained._mosa_guard = True
+    PreTrainedModel.from_pretrained = classmethod(from_pretrained)
+
