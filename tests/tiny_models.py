@@ -40,8 +40,9 @@ def tiny_config(family: str, attn_implementation: str = "sdpa"):
     return cfg
 
 
-def tiny_model(family: str, attn_implementation: str = "sdpa", seed: int = 0):
+def tiny_model(family: str, attn_implementation: str | None = None, seed: int = 0):
     torch.manual_seed(seed)
+    attn_implementation = attn_implementation or ("eager" if family == "gemma2" else "sdpa")  # gemma2: no sdpa
     cfg = tiny_config(family, attn_implementation)
     model = tf.AutoModelForCausalLM.from_config(cfg, attn_implementation=attn_implementation)
     with torch.no_grad():  # larger weights than the default init, so heads differ visibly
