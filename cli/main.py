@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import bench
+from . import bench, convert
 
-COMMANDS = {"bench": bench}  # name -> module with add_parser(subparsers) and run(args)
+COMMANDS = {"convert": convert, "bench": bench}  # name -> module with add_parser(subparsers) and run(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -16,7 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Convert pretrained causal LMs to Mixture of Sparse Attention (MoSA), adapt and measure them.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in COMMANDS.values():
+    for module in dict.fromkeys(COMMANDS.values()):
         module.add_parser(sub)
     return parser
 

@@ -45,3 +45,45 @@ def test_unparseable_arguments_exit_2_with_message(argv, needle, capsys):
 def test_inconsistent_arguments_exit_2_before_running(capsys):
     assert main(["bench", "attention", "--heads", "16", "--hybrid-dense-heads", "16"]) == 2
     assert "--hybrid-dense-heads must be in [0, --heads - 1 = 15], got 16" in capsys.readouterr().err
+
+
+def test_convert_and_inspect_a_local_checkpoint(tmp_path, capsys):
+    from tiny_models import tiny_model
+
+    import mosa_retrofit
+    from mosa_retrofit.surgery import mosa_layers
+
+    base = tmp_path / "base"
+    tiny_model("qwen3").save_pretrained(base)
+    cfg = tmp_path / "cfg.json"
+    mosa_retrofit.MoSAConfig(sparsity=4, dense_heads=2, local_window=7).to_json(str(cfg))
+    out = tmp_path / "out"
+    assert main(["convert", str(base), str(out), "--config", str(cfg), "--sparsity", "2", "--kept-heads", "local"]) == 0
+    model = mosa_retrofit.load(str(out))
+    plan = mosa_layers(model)[0].mosa_plan
+    assert plan.sparsity == 2 and plan.kept_heads == "local" and plan.local_window == 7 and plan.dense == (0, 1)
+    capsys.readouterr()
+    assert main(["inspect", str(out), "--seq-len", "64"]) == 0
+    text = capsys.readouterr().out
+    # layer row: 2 local + 2 MoSA heads of d=16, D=64 at T=64, k=32, window 7
+    D, d, T, k, w = 64, 16, 64, 32, 7
+    flops = (2 * (8 * D * d * T + 2 * d * T * w) + 2 * (8 * D * d * k + 2 * d * k * k + 2 * D * T)) / (
+        4 * (8 * D * d * T + 2 * d * T * T))
+    kv = (2 * w + 2 * k) / (4 * T)
+    assert f"| 0 | 0 | 2 | 2 | 32 | {flops:.3f} | {kv:.3f} |" in text
+    assert main(["convert", str(base), str(out), "--sparsity", "2"]) == 2  # exists, no --overwrite
+    assert "exists" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["convert", "no/such/model", "x", "--sparsity", "2"], "does not exist"),
+    (["convert", "m", "x", "--sparsity", "0.5"], "MoSAConfig.sparsity must be a number >= 1"),
+    (["convert", "m", "x", "--dense-heads", "2.5"], "integer >= 0 or a fraction"),
+    (["inspect", "no/such/dir"], "does not exist"),
+])
+def test_convert_and_inspect_errors(argv, needle, capsys):
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code
+    assert code == 2 and needle in capsys.readouterr().err

