@@ -104,9 +104,8 @@ def run_convert(args: argparse.Namespace) -> int:
         raise ValueError(f"{out} exists; choose another OUT or pass --overwrite")
     if args.calib_text and not Path(args.calib_text).is_file():
         raise FileNotFoundError(f"--calib-text {args.calib_text} does not exist")
+    _check_local(args.model)
     source = resolve_model(args.model)
-    if os.path.sep in args.model and not Path(args.model).exists():
-        raise FileNotFoundError(f"model folder {args.model} does not exist")
     config = dataclasses.replace(config, base_model_name_or_path=args.model)
     print(f"loading {args.model} ...", flush=True)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
@@ -133,6 +132,12 @@ def run_convert(args: argparse.Namespace) -> int:
     print(summary(model, 2048))
     print(f"\nsaved to {out}; load with mosa_retrofit.load({str(out)!r})")
     return 0
+
+
+def _check_local(name: str) -> None:
+    """A path-looking MODEL must exist (hub ids like org/name are left to transformers)."""
+    if name.startswith((".", "/", "~")) and not Path(name).expanduser().exists():
+        raise FileNotFoundError(f"{name} does not exist (give a local folder, a hub id or 'smollm2-135m')")
 
 
 def summary(model, T: int) -> str:
@@ -174,9 +179,8 @@ def run_inspect(args: argparse.Namespace) -> int:
 
     if args.seq_len < 1:
         raise ValueError(f"--seq-len must be >= 1, got {args.seq_len}")
+    _check_local(args.model)
     source = resolve_model(args.model)
-    if os.path.sep in args.model and not Path(args.model).exists():
-        raise FileNotFoundError(f"{args.model} does not exist")
     converted = bool(getattr(AutoConfig.from_pretrained(source), "mosa", None))
     model = mosa_retrofit.load(source) if converted else AutoModelForCausalLM.from_pretrained(source)
     print(("converted MoSA model" if converted else "original (unconverted) model") + f": {args.model}\n")

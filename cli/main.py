@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.run(args) or 0)
-    except (ValueError, FileNotFoundError) as e:  # bad input: one clear line, no traceback
+    except (ValueError, OSError) as e:  # bad input, missing files, unreachable hub: one clear line
         print(f"mosa-retrofit {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -76,10 +76,10 @@ def test_convert_and_inspect_a_local_checkpoint(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, needle", [
-    (["convert", "no/such/model", "x", "--sparsity", "2"], "does not exist"),
+    (["convert", "./no/such/model", "x", "--sparsity", "2"], "does not exist"),
     (["convert", "m", "x", "--sparsity", "0.5"], "MoSAConfig.sparsity must be a number >= 1"),
     (["convert", "m", "x", "--dense-heads", "2.5"], "integer >= 0 or a fraction"),
-    (["inspect", "no/such/dir"], "does not exist"),
+    (["inspect", "/no/such/dir"], "does not exist"),
 ])
 def test_convert_and_inspect_errors(argv, needle, capsys):
     try:
