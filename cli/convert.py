@@ -142,32 +142,16 @@ def _check_local(name: str) -> None:
 
 def summary(model, T: int) -> str:
     """Per-layer table: head split, k, attention FLOPs and KV entries relative to the original."""
-    from mosa_retrofit.bench.attention import dense_flops, mosa_flops
-    from mosa_retrofit.families import family_of
-    from mosa_retrofit.sparse import tokens_per_head
-    from mosa_retrofit.surgery import attention_layers
+    from mosa_retrofit.costs import attention_costs
 
-    fam = family_of(model)
     rows = ["| layer | dense | local | MoSA | k | attention FLOPs × | KV entries × |", "|---|---|---|---|---|---|---|"]
-    tot_f = tot_f0 = tot_kv = tot_kv0 = 0
-    for idx, (_, m) in sorted(attention_layers(model, fam).items()):
-        H, _, d = fam.dims(m)
-        D = fam.head_weights(m).wq.shape[2]
-        plan = getattr(m, "mosa_plan", None)
-        f0, kv0 = H * dense_flops(D, d, T), H * T
-        if plan is None:
-            f, kv, split, k = f0, kv0, (H, 0, 0), "-"
-        else:
-            k = tokens_per_head(T, plan.sparsity)
-            n_keep, n_mosa = len(plan.dense), len(plan.mosa)
-            w = min(plan.local_window, T)
-            keep_f = (8 * D * d * T + 2 * d * T * w) if plan.kept_heads == "local" else dense_flops(D, d, T)
-            f = n_keep * keep_f + n_mosa * mosa_flops(D, d, T, k)
-            kv = n_keep * (w if plan.kept_heads == "local" else T) + n_mosa * k
-            split = (n_keep, 0, n_mosa) if plan.kept_heads == "dense" else (0, n_keep, n_mosa)
-        tot_f, tot_f0, tot_kv, tot_kv0 = tot_f + f, tot_f0 + f0, tot_kv + kv, tot_kv0 + kv0
-        rows.append(f"| {idx} | {split[0]} | {split[1]} | {split[2]} | {k} | {f / f0:.3f} | {kv / kv0:.3f} |")
-    rows.append(f"| all | | | | | **{tot_f / tot_f0:.3f}** | **{tot_kv / tot_kv0:.3f}** |")
+    costs = attention_costs(model, T)
+    for c in costs:
+        rows.append(f"| {c.layer} | {c.dense} | {c.local} | {c.mosa} | {c.k or '-'} | {c.flops / c.flops_original:.3f} "
+                    f"| {c.kv / c.kv_original:.3f} |")
+    f = sum(c.flops for c in costs) / sum(c.flops_original for c in costs)
+    kv = sum(c.kv for c in costs) / sum(c.kv_original for c in costs)
+    rows.append(f"| all | | | | | **{f:.3f}** | **{kv:.3f}** |")
     return f"At T = {T} (FLOPs count the causal half; KV entries per query head):\n\n" + "\n".join(rows)
 
 

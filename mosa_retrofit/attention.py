@@ -69,6 +69,7 @@ class MoSAAttentionMixin:
     mosa_plan: LayerPlan
     mosa_family: Family
     mosa_router: nn.Parameter  # (E, D)
+    mosa_observer = None  # optional callable(module, x, W, mask, cos, sin), e.g. the router warm-up loss
 
     def forward(self, *args, **kwargs):
         p = self._mosa_bind(*args, **kwargs)
@@ -86,6 +87,8 @@ class MoSAAttentionMixin:
                 "MoSA heads with expert-choice routing cannot decode token by token (top-k looks at the whole "
                 "sequence); run full forwards (use_cache=False) instead"
             )
+        if plan.mosa and self.mosa_observer is not None:
+            self.mosa_observer(self, x, W, mask, cos, sin)
         out = self._mosa_dense_heads(x, W, mask, cache, cos, sin, extra) if plan.dense else None
         if out is None and W.bo is not None:
             out = W.bo.expand_as(x)

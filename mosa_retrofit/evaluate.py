@@ -10,20 +10,9 @@ from torch import Tensor, nn
 
 def token_blocks(tokenizer, texts: list[str], block: int, max_tokens: int | None = None) -> Tensor:
     """Concatenate ``texts`` (separated by EOS) and cut into non-overlapping (N, block) token blocks."""
-    sep = tokenizer.eos_token_id
-    ids: list[int] = []
-    for t in texts:
-        ids.extend(tokenizer(t, add_special_tokens=False)["input_ids"])
-        if sep is not None:
-            ids.append(sep)
-        if max_tokens is not None and len(ids) >= max_tokens:
-            break
-    if max_tokens is not None:
-        ids = ids[:max_tokens]
-    n = len(ids) // block
-    if n == 0:
-        raise ValueError(f"need at least {block} tokens of text, got {len(ids)}")
-    return torch.tensor(ids[: n * block]).view(n, block)
+    from .data import as_blocks, token_stream
+
+    return as_blocks(token_stream(tokenizer, texts, max_tokens), block)
 
 
 def split_articles(articles: list[str], validation: int = 10) -> tuple[list[str], list[str]]:
@@ -32,18 +21,26 @@ def split_articles(articles: list[str], validation: int = 10) -> tuple[list[str]
 
 
 @torch.no_grad()
-def perplexity(model: nn.Module, blocks: Tensor, batch_size: int = 4, progress: bool = False) -> float:
-    """exp(mean next-token loss) over (N, T) token blocks, each block scored independently."""
+def nll(model: nn.Module, blocks: Tensor, batch_size: int = 4, progress: bool = False) -> tuple[float, int]:
+    """(sum of next-token losses, number of predicted tokens) over (N, T) blocks, each scored independently."""
     from tqdm.auto import tqdm
 
+    was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     total, count = 0.0, 0
-    for i in tqdm(range(0, len(blocks), batch_size), desc="perplexity", disable=not progress):
+    for i in tqdm(range(0, len(blocks), batch_size), desc="perplexity", disable=not progress, leave=False):
         ids = blocks[i: i + batch_size].to(device)
         logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
         loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
                                            reduction="sum")
         total += loss.item()
         count += ids[:, 1:].numel()
+    model.train(was_training)
+    return total, count
+
+
+def perplexity(model: nn.Module, blocks: Tensor, batch_size: int = 4, progress: bool = False) -> float:
+    """exp(mean next-token loss) over (N, T) token blocks, each block scored independently."""
+    total, count = nll(model, blocks, batch_size, progress)
     return math.exp(total / count)

@@ -60,6 +60,20 @@ def family_of(model: nn.Module) -> Family:
     return FAMILIES[model_type]
 
 
+def weight_of(linear: nn.Module) -> Tensor:
+    """``linear.weight``, plus the active LoRA deltas when peft has wrapped the layer (differentiable)."""
+    base = getattr(linear, "base_layer", None)
+    if base is None or not hasattr(linear, "get_delta_weight"):
+        return linear.weight
+    w = base.weight
+    if getattr(linear, "disable_adapters", False) or getattr(linear, "merged", False):
+        return w
+    for name in linear.active_adapters:
+        if name in getattr(linear, "lora_A", {}):
+            w = w + linear.get_delta_weight(name)
+    return w
+
+
 def _bias(linear: nn.Module, shape: tuple[int, ...]) -> Tensor | None:
     return None if getattr(linear, "bias", None) is None else linear.bias.view(shape)
 
@@ -85,8 +99,8 @@ class Family:
         o = getattr(m, self.o_name)
         D = o.weight.shape[0]
         return HeadWeights(
-            wq=m.q_proj.weight.view(H, d, D), wk=m.k_proj.weight.view(KV, d, D), wv=m.v_proj.weight.view(KV, d, D),
-            wo=o.weight.view(D, H, d), bq=_bias(m.q_proj, (H, d)), bk=_bias(m.k_proj, (KV, d)),
+            wq=weight_of(m.q_proj).view(H, d, D), wk=weight_of(m.k_proj).view(KV, d, D),
+            wv=weight_of(m.v_proj).view(KV, d, D), wo=weight_of(o).view(D, H, d), bq=_bias(m.q_proj, (H, d)), bk=_bias(m.k_proj, (KV, d)),
             bv=_bias(m.v_proj, (KV, d)), bo=getattr(o, "bias", None),
         )
 
@@ -123,10 +137,10 @@ class Phi3(Family):
 
     def head_weights(self, m: nn.Module) -> HeadWeights:
         H, KV, d = self.dims(m)
-        w = m.qkv_proj.weight
+        w = weight_of(m.qkv_proj)
         D = w.shape[1]
         return HeadWeights(wq=w[: H * d].view(H, d, D), wk=w[H * d: (H + KV) * d].view(KV, d, D),
-                           wv=w[(H + KV) * d:].view(KV, d, D), wo=m.o_proj.weight.view(D, H, d),
+                           wv=w[(H + KV) * d:].view(KV, d, D), wo=weight_of(m.o_proj).view(D, H, d),
                            bo=getattr(m.o_proj, "bias", None))
 
 
@@ -142,11 +156,11 @@ class GPTNeoX(Family):
 
     def head_weights(self, m: nn.Module) -> HeadWeights:
         H, _, d = self.dims(m)
-        w = m.query_key_value.weight
+        w = weight_of(m.query_key_value)
         D = w.shape[1]
         w = w.view(H, 3, d, D)
         b = None if m.query_key_value.bias is None else m.query_key_value.bias.view(H, 3, d)
-        return HeadWeights(wq=w[:, 0], wk=w[:, 1], wv=w[:, 2], wo=m.dense.weight.view(D, H, d),
+        return HeadWeights(wq=w[:, 0], wk=w[:, 1], wv=w[:, 2], wo=weight_of(m.dense).view(D, H, d),
                            bq=None if b is None else b[:, 0], bk=None if b is None else b[:, 1],
                            bv=None if b is None else b[:, 2], bo=m.dense.bias)
 
@@ -160,11 +174,11 @@ class GPT2(Family):
 
     def head_weights(self, m: nn.Module) -> HeadWeights:
         H, _, d = self.dims(m)
-        w = m.c_attn.weight.t()  # (3D, D)
+        w = weight_of(m.c_attn).t()  # (3D, D)
         D = w.shape[1]
         b = m.c_attn.bias.view(3, H, d)
         return HeadWeights(wq=w[:D].view(H, d, D), wk=w[D: 2 * D].view(H, d, D), wv=w[2 * D:].view(H, d, D),
-                           wo=m.c_proj.weight.t().view(D, H, d), bq=b[0], bk=b[1], bv=b[2], bo=m.c_proj.bias)
+                           wo=weight_of(m.c_proj).t().view(D, H, d), bq=b[0], bk=b[1], bv=b[2], bo=m.c_proj.bias)
 
     def dropout(self, m: nn.Module) -> float:
         return m.attn_dropout.p

@@ -64,3 +64,34 @@ def plot_selection(model: nn.Module, tokenizer_source: str, path: str, layer: in
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return layer
+
+
+def plot_losses(metrics_jsonl, path) -> None:
+    """Training loss per stage and validation loss (from metrics.jsonl) against the optimizer step."""
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in open(metrics_jsonl) if line.strip()]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    stages = list(dict.fromkeys(r["stage"] for r in records if r["split"] == "train"))
+    for stage in stages:
+        pts = [(r["global_step"], r["loss"]) for r in records if r["split"] == "train" and r["stage"] == stage]
+        ax.plot(*zip(*pts), label=f"train: {stage}", linewidth=1.2)
+    val = [(r["global_step"], r["loss"]) for r in records if r["split"] == "validation"]
+    if val:
+        ax.plot(*zip(*val), "o--", color="black", label="validation (LM loss)", markersize=4)
+    for stage in stages[1:]:
+        first = min(r["global_step"] for r in records if r["split"] == "train" and r["stage"] == stage)
+        ax.axvline(first - 0.5, color="grey", linewidth=0.8, linestyle=":")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (warm-up: KL to dense attention mass)")
+    ax.set_title("mosa-retrofit train")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

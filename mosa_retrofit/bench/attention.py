@@ -22,14 +22,7 @@ from torch import nn
 
 from ..modules import DenseHeads, MoSA, PureMoSA
 from ..sparse import tokens_per_head
-
-
-def dense_flops(h: int, d: int, T: int) -> int:
-    return 8 * h * d * T + 2 * d * T * T
-
-
-def mosa_flops(h: int, d: int, T: int, k: int) -> int:
-    return 8 * h * d * k + 2 * d * k * k + 2 * h * T
+from ..costs import dense_flops, mosa_flops
 
 
 @dataclass(frozen=True)

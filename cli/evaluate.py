@@ -1,0 +1,97 @@
+"""``mosa-retrofit eval MODEL --data ...``: perplexity, tokens/s, attention FLOPs and KV-cache entries."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "eval", help="perplexity, tokens/s, attention FLOPs and KV entries of a model (and of its original)",
+        description="Measure MODEL (converted or not) on held-out text: perplexity over non-overlapping blocks, "
+                    "forward tokens/s, and attention FLOPs and KV-cache entries relative to the unconverted model. "
+                    "--baseline measures the original model beside it (default: the converted model's base).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("model", metavar="MODEL_OR_DIR")
+    p.add_argument("--data", default="wikipedia-offline",
+                   help="'wikipedia-offline', text/jsonl/parquet files or a hub dataset (validation documents)")
+    p.add_argument("--data-name", help="hub dataset configuration name")
+    p.add_argument("--split", default="train", help="hub split to read")
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--validation-documents", type=int, default=10,
+                   help="evaluate on the last N documents (the held-out split of the training recipes)")
+    p.add_argument("--block-size", type=int, default=512, help="tokens per block")
+    p.add_argument("--max-tokens", type=int, default=8192, help="validation tokens used")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--baseline", nargs="?", const="auto", metavar="BASE",
+                   help="also measure BASE (default: the converted model's base_model_name_or_path)")
+    p.add_argument("--cost-seq-len", type=int, default=8192, help="T at which FLOPs and KV entries are counted")
+    p.set_defaults(run=run)
+
+
+def _measure(model, blocks, batch_size: int) -> tuple[float, float]:
+    import math
+    import time
+
+    from mosa_retrofit.evaluate import nll
+
+    t0 = time.perf_counter()
+    total, count = nll(model, blocks, batch_size, progress=True)
+    return math.exp(total / count), blocks.numel() / (time.perf_counter() - t0)
+
+
+def _load(name: str):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    import mosa_retrofit
+    from mosa_retrofit.assets import resolve_model
+
+    source = resolve_model(name)
+    converted = bool(getattr(AutoConfig.from_pretrained(source), "mosa", None))
+    model = mosa_retrofit.load(source) if converted else AutoModelForCausalLM.from_pretrained(source)
+    return model, source
+
+
+def run(args: argparse.Namespace) -> int:
+    from transformers import AutoTokenizer
+
+    from mosa_retrofit.costs import cost_ratios
+    from mosa_retrofit.data import load_corpus
+    from mosa_retrofit.recipe import DataSpec
+
+    from .convert import _check_local
+
+    for name in ("block_size", "max_tokens", "batch_size", "cost_seq_len", "validation_documents"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    spec = DataSpec(source=args.data, name=args.data_name, split=args.split, text_field=args.text_field,
+                    block_size=args.block_size, validation_documents=args.validation_documents,
+                    validation_tokens=max(args.max_tokens, args.block_size), max_train_tokens=args.block_size)
+    _check_local(args.model)
+    model, source = _load(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    blocks = load_corpus(spec, tokenizer, progress=False).blocks("validation", args.block_size)
+    rows = []
+    ppl, tps = _measure(model, blocks, args.batch_size)
+    flops, kv = cost_ratios(model, args.cost_seq_len)
+    rows.append((args.model, ppl, tps, flops, kv))
+    base = args.baseline
+    if base == "auto":
+        base = (getattr(model.config, "mosa", None) or {}).get("base_model_name_or_path")
+        if base is None:
+            raise ValueError(f"{args.model} names no base model; give --baseline BASE")
+    if base is not None:
+        _check_local(base)
+        baseline, _ = _load(base)
+        b_ppl, b_tps = _measure(baseline, blocks, args.batch_size)
+        b_flops, b_kv = cost_ratios(baseline, args.cost_seq_len)
+        rows.append((base, b_ppl, b_tps, b_flops, b_kv))
+    print(f"{blocks.numel():,} held-out tokens in {len(blocks)} blocks of {args.block_size}; FLOPs and KV entries "
+          f"at T = {args.cost_seq_len} relative to the unconverted model\n")
+    print("| model | perplexity | tokens/s (forward) | attention FLOPs × | KV entries × |")
+    print("|---|---|---|---|---|")
+    for name, p, t, f, k in rows:
+        print(f"| {name} | {p:.2f} | {t:,.0f} | {f:.3f} | {k:.3f} |")
+    if len(rows) == 2:
+        print(f"\nperplexity ratio {rows[0][1] / rows[1][1]:.3f}, speed ratio {rows[0][2] / rows[1][2]:.2f}")
+    return 0

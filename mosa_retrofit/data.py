@@ -1,0 +1,170 @@
+"""Training data: documents from files, the hub or the embedded text, split by document, packed into blocks.
+
+Documents are tokenised, joined with EOS and cut into fixed-length blocks (the remainder is dropped).
+The validation documents never contribute a token to training: the split happens before packing.
+Sources (``DataSpec.source``):
+  * ``wikipedia-offline``: the embedded Wikipedia articles (assets.py);
+  * local files, comma-separated or a glob: ``.txt`` (blank-line separated paragraphs are documents),
+    ``.jsonl`` / ``.json`` / ``.parquet`` (one document per row, column ``text_field``);
+  * anything else is a hub dataset name for ``datasets.load_dataset`` (``name``, ``split``, ``streaming``).
+"""
+
+from __future__ import annotations
+
+import glob
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import torch
+from torch import Tensor
+
+from .recipe import DataSpec
+
+_EXTENSIONS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+def _wikipedia() -> list[str]:
+    from .assets import wikipedia_articles
+
+    return wikipedia_articles()
+
+
+BUILTIN_SOURCES: dict[str, Callable[[], list[str]]] = {"wikipedia-offline": _wikipedia}
+
+
+@dataclass
+class Corpus:
+    train: Tensor  # (N_train,) token ids, documents joined with EOS
+    validation: Tensor  # (N_val,)
+    train_documents: int
+    validation_documents: int
+
+    def blocks(self, split: str, block_size: int) -> Tensor:
+        """(N, block_size) non-overlapping blocks of ``split``."""
+        return as_blocks(getattr(self, split), block_size)
+
+
+def as_blocks(stream: Tensor, block_size: int) -> Tensor:
+    n = stream.numel() // block_size
+    if n == 0:
+        raise ValueError(f"need at least {block_size} tokens, got {stream.numel()}")
+    return stream[: n * block_size].view(n, block_size)
+
+
+def token_stream(tokenizer, texts: Iterable[str], max_tokens: int | None = None, progress: bool = False,
+                 desc: str = "tokenising") -> Tensor:
+    """Token ids of ``texts``, each followed by EOS, stopping once ``max_tokens`` are collected."""
+    from tqdm.auto import tqdm
+
+    sep = tokenizer.eos_token_id
+    ids: list[int] = []
+    it = iter(texts)
+    with tqdm(desc=desc, unit="tok", unit_scale=True, disable=not progress) as bar:
+        while max_tokens is None or len(ids) < max_tokens:
+            batch = [t for t in itertools.islice(it, 256) if t]
+            if not batch:
+                break
+            for row in tokenizer(batch, add_special_tokens=False)["input_ids"]:
+                ids.extend(row)
+                if sep is not None:
+                    ids.append(sep)
+                bar.update(len(row) + (sep is not None))
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def _local_files(source: str) -> list[str] | None:
+    parts = [p.strip() for p in source.split(",") if p.strip()]
+    files: list[str] = []
+    for p in parts:
+        if any(c in p for c in "*?["):
+            files.extend(sorted(glob.glob(p)))
+        elif Path(p).suffix in _EXTENSIONS or Path(p).exists():
+            files.append(p)
+        else:
+            return None  # not a file-looking source: a hub name
+    return files
+
+
+def _documents(spec: DataSpec) -> tuple[list[str] | None, Iterator[str] | None]:
+    """(all documents as a list) or (a stream of documents when streaming)."""
+    if spec.source in BUILTIN_SOURCES:
+        return BUILTIN_SOURCES[spec.source](), None
+    import datasets
+
+    files = _local_files(spec.source)
+    if files is not None:
+        missing = [f for f in files if not Path(f).is_file()]
+        if not files or missing:
+            raise FileNotFoundError(f"data.source {spec.source!r}: no such file {missing[0] if missing else spec.source}")
+        kinds = {_EXTENSIONS.get(Path(f).suffix) for f in files}
+        if None in kinds or len(kinds) > 1:
+            raise ValueError(f"data.source files must all be one of {sorted(_EXTENSIONS)}, got {files}")
+        kind = kinds.pop()
+        extra = {"sample_by": "paragraph"} if kind == "text" else {}
+        ds = datasets.load_dataset(kind, data_files=files, split="train", **extra)
+        field = "text" if kind == "text" else spec.text_field
+    else:
+        ds = datasets.load_dataset(spec.source, spec.name, split=spec.split, streaming=spec.streaming)
+        field = spec.text_field
+    columns = ds.column_names or []
+    if columns and field not in columns:
+        raise ValueError(f"data.text_field {field!r} is not a column of {spec.source}; columns: {columns}")
+    texts = (row[field] for row in ds)
+    if spec.streaming and files is None:
+        return None, texts
+    return list(texts), None
+
+
+def load_corpus(spec: DataSpec, tokenizer, progress: bool = True) -> Corpus:
+    """Read, split by document and tokenise ``spec``'s data."""
+    docs, stream = _documents(spec)
+    V = spec.validation_documents
+    if docs is not None:
+        if len(docs) <= V:
+            raise ValueError(f"data.validation_documents = {V} leaves no training documents ({len(docs)} in all)")
+        train_docs, val_docs = docs[:-V], docs[-V:]
+        n_train = len(train_docs)
+    else:  # streaming: the first V documents are held out, the rest stream into training
+        val_docs = list(itertools.islice(stream, V))
+        train_docs = stream
+        n_train = -1
+    validation = token_stream(tokenizer, val_docs, spec.validation_tokens, progress, "tokenising validation")
+    train = token_stream(tokenizer, train_docs, spec.max_train_tokens, progress, "tokenising train")
+    for name, t in (("training", train), ("validation", validation)):
+        if t.numel() < spec.block_size + 1:
+            raise ValueError(f"{name} text has {t.numel()} tokens, fewer than one block of data.block_size = "
+                             f"{spec.block_size}")
+    return Corpus(train, validation, n_train, len(val_docs))
+
+
+class BlockSchedule:
+    """Which training blocks every process reads at every step: a pure function of the position.
+
+    Sample g of the run (counted over all stages) is block ``perm_e[g % N]`` of epoch e = g // N, where
+    perm_e is a permutation seeded by (seed, e). A step takes the next micro × processes × accumulation
+    samples; micro-batch m of process r reads samples  start + (m · processes + r) · micro + [0, micro).
+    Resuming at a sample position, or changing processes at equal global batch, reads the same data.
+    """
+
+    def __init__(self, num_blocks: int, seed: int):
+        self.num_blocks, self.seed = num_blocks, seed
+        self._perms: dict[int, Tensor] = {}
+
+    def _perm(self, epoch: int) -> Tensor:
+        if epoch not in self._perms:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            self._perms = {epoch: torch.randperm(self.num_blocks, generator=g)}
+        return self._perms[epoch]
+
+    def indices(self, start: int, count: int) -> Tensor:
+        out = []
+        for g in range(start, start + count):
+            out.append(self._perm(g // self.num_blocks)[g % self.num_blocks])
+        return torch.stack(out)
+
+    def micro_batch(self, start: int, micro: int, m: int, rank: int, processes: int) -> Tensor:
+        return self.indices(start + (m * processes + rank) * micro, micro)

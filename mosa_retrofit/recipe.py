@@ -1,0 +1,414 @@
+"""Recipes: a YAML file that maps one-to-one onto the frozen dataclasses below.
+
+Every section of the YAML is one dataclass, every key one field; unknown keys and bad values are rejected
+with the dotted path of the key (``stages[1].lr``) and what would be valid. ``key=value`` overrides use the
+same dotted paths (``stages.adaptation.steps=50``, ``conversion.mosa.sparsity=4``; a stage can be named by
+its index or its name). ``Recipe.to_yaml`` writes a recipe that loads back to an equal object.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .config import MoSAConfig
+
+STAGE_KINDS = ("router_warmup", "adaptation")
+TRAINABLE = ("routers", "mosa", "attention", "all")
+PRECISIONS = ("no", "bf16", "fp16")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _check(ok: bool, name: str, value: Any, valid: str) -> None:
+    if not ok:
+        raise ValueError(f"{name} must be {valid}, got {value!r}")
+
+
+def _positive_int(name: str, v: Any, minimum: int = 1) -> None:
+    _check(isinstance(v, int) and not isinstance(v, bool) and v >= minimum, name, v, f"an integer >= {minimum}")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name_or_path: str = "smollm2-135m"
+    """A local folder, a hub id or 'smollm2-135m' (the embedded default). Give the *original* model when the
+    recipe has a ``conversion`` section; an already converted folder (conversion: null) is adapted as is and
+    its ``base_model_name_or_path`` is the teacher."""
+    dtype: str = "float32"
+    """Weights dtype of student and teacher: float32, bfloat16 or float16."""
+    attn_implementation: str = "sdpa"
+    """Backend of the dense heads: sdpa, eager, flash_attention_2, ..."""
+
+    def __post_init__(self):
+        _check(isinstance(self.name_or_path, str) and bool(self.name_or_path), "name_or_path", self.name_or_path,
+               "a non-empty string")
+        _check(self.dtype in DTYPES, "dtype", self.dtype, f"one of {DTYPES}")
+
+
+@dataclass(frozen=True)
+class ConversionSpec:
+    mosa: MoSAConfig = field(default_factory=MoSAConfig)
+    """The surgery (see MoSAConfig): sparsity, dense heads, head choice, router init, ..."""
+    calibration_sequences: int = 16
+    """Training-split sequences used by head_choice='scored' / router_init='calibrated'."""
+    calibration_length: int = 512
+    """Tokens per calibration sequence."""
+
+    def __post_init__(self):
+        _positive_int("calibration_sequences", self.calibration_sequences)
+        _positive_int("calibration_length", self.calibration_length, 2)
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    source: str = "wikipedia-offline"
+    """'wikipedia-offline' (embedded articles), local .txt/.jsonl/.json/.parquet files (comma-separated or a
+    glob), or a hub dataset name."""
+    name: str | None = None
+    """Hub dataset configuration name (e.g. 'wikitext-103-raw-v1')."""
+    split: str = "train"
+    """Hub split to read."""
+    text_field: str = "text"
+    """Column holding the text (jsonl / parquet / hub)."""
+    streaming: bool = False
+    """Stream a hub dataset instead of downloading it whole (then max_train_tokens bounds what is read)."""
+    block_size: int = 256
+    """Tokens per training / validation sequence; documents are joined with EOS and packed."""
+    validation_documents: int = 10
+    """Documents held out for validation: the last N (the first N when streaming)."""
+    validation_tokens: int | None = 8192
+    """Cap on validation tokens (None: all of the held-out documents)."""
+    max_train_tokens: int | None = None
+    """Cap on training tokens read (None: everything)."""
+
+    def __post_init__(self):
+        _check(isinstance(self.source, str) and bool(self.source), "source", self.source, "a non-empty string")
+        _positive_int("block_size", self.block_size, 2)
+        _positive_int("validation_documents", self.validation_documents)
+        for name in ("validation_tokens", "max_train_tokens"):
+            if getattr(self, name) is not None:
+                _positive_int(name, getattr(self, name), self.block_size)
+
+
+@dataclass(frozen=True)
+class LoRASpec:
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    target_modules: list = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    """Module names (peft's target_modules); attention projections and MLP layers both work."""
+
+    def __post_init__(self):
+        _positive_int("r", self.r)
+        _check(self.alpha > 0, "alpha", self.alpha, "> 0")
+        _check(0 <= self.dropout < 1, "dropout", self.dropout, "in [0, 1)")
+        _check(isinstance(self.target_modules, list) and bool(self.target_modules)
+               and all(isinstance(t, str) for t in self.target_modules), "target_modules", self.target_modules,
+               "a non-empty list of module names")
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str
+    """Unique name; checkpoints, logs and overrides refer to it."""
+    kind: str
+    """'router_warmup': only routers train, to match each head's dense attention mass (KL);
+    'adaptation': LM loss + optional KL distillation to the original model's logits."""
+    steps: int
+    """Optimizer steps of this stage."""
+    lr: float | None = None
+    """Peak learning rate (None: optimizer.lr)."""
+    trainable: str = "routers"
+    """Full-weight parameters that train: 'routers', 'mosa' (routers + the MoSA heads' own weight slices),
+    'attention' (routers + every weight of converted attention layers) or 'all'."""
+    lora: LoRASpec | None = None
+    """Add LoRA adapters (peft) on these modules; merged into the weights at the end of the stage."""
+    lm_weight: float = 1.0
+    """Weight of the next-token loss (adaptation)."""
+    kd_weight: float = 0.0
+    """Weight of KL(teacher || student) on the logits (adaptation); the teacher is the unconverted model."""
+    kd_temperature: float = 1.0
+
+    def __post_init__(self):
+        _check(isinstance(self.name, str) and self.name.isidentifier(), "name", self.name,
+               "an identifier such as 'router_warmup'")
+        _check(self.kind in STAGE_KINDS, "kind", self.kind, f"one of {STAGE_KINDS}")
+        _positive_int("steps", self.steps)
+        if self.lr is not None:
+            _check(self.lr > 0, "lr", self.lr, "> 0")
+        _check(self.trainable in TRAINABLE, "trainable", self.trainable, f"one of {TRAINABLE}")
+        for name in ("lm_weight", "kd_weight"):
+            _check(getattr(self, name) >= 0, name, getattr(self, name), ">= 0")
+        _check(self.kd_temperature > 0, "kd_temperature", self.kd_temperature, "> 0")
+        if self.kind == "router_warmup":
+            _check(self.trainable == "routers", "trainable", self.trainable, "'routers' in a router_warmup stage")
+            _check(self.lora is None, "lora", self.lora, "null in a router_warmup stage")
+            _check(self.kd_weight == 0, "kd_weight", self.kd_weight, "0 in a router_warmup stage")
+        else:
+            _check(self.lm_weight + self.kd_weight > 0, "lm_weight + kd_weight", self.lm_weight + self.kd_weight,
+                   "> 0")
+        if self.lora is not None:
+            _check(self.trainable == "routers", "trainable", self.trainable,
+                   "'routers' when lora is set (LoRA trains the adapters, plus the routers)")
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    lr: float = 3e-4
+    """Default peak learning rate of every stage (AdamW)."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay; never applied to partially trainable tensors (their frozen slices stay exact)."""
+    betas: list = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    grad_clip: float | None = 1.0
+    """Clip the global gradient norm (None: no clipping)."""
+
+    def __post_init__(self):
+        _check(self.lr > 0, "lr", self.lr, "> 0")
+        _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, ">= 0")
+        _check(isinstance(self.betas, list) and len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+               "betas", self.betas, "two numbers in [0, 1)")
+        _check(self.eps > 0, "eps", self.eps, "> 0")
+        if self.grad_clip is not None:
+            _check(self.grad_clip > 0, "grad_clip", self.grad_clip, "> 0 or null")
+
+
+@dataclass(frozen=True)
+class ScheduleSpec:
+    warmup_fraction: float = 0.1
+    """Linear LR warm-up over this fraction of each stage's steps, then cosine decay."""
+    min_lr_ratio: float = 0.1
+    """The cosine ends at min_lr_ratio × peak."""
+
+    def __post_init__(self):
+        _check(0 <= self.warmup_fraction < 1, "warmup_fraction", self.warmup_fraction, "in [0, 1)")
+        _check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", self.min_lr_ratio, "in [0, 1]")
+
+
+@dataclass(frozen=True)
+class TrainingSpec:
+    micro_batch_size: int = 4
+    """Sequences per process per forward."""
+    gradient_accumulation_steps: int = 1
+    """Global batch = micro_batch_size × processes × gradient_accumulation_steps sequences."""
+    mixed_precision: str = "no"
+    """'no', 'bf16' or 'fp16' (accelerate autocast)."""
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self):
+        _positive_int("micro_batch_size", self.micro_batch_size)
+        _positive_int("gradient_accumulation_steps", self.gradient_accumulation_steps)
+        _check(self.mixed_precision in PRECISIONS, "mixed_precision", self.mixed_precision, f"one of {PRECISIONS}")
+
+
+@dataclass(frozen=True)
+class CheckpointSpec:
+    every: int = 100
+    """Write a checkpoint every N optimizer steps (and at the end of every stage)."""
+    keep_last: int = 2
+    """Keep the newest K checkpoints."""
+
+    def __post_init__(self):
+        _positive_int("every", self.every)
+        _positive_int("keep_last", self.keep_last)
+
+
+@dataclass(frozen=True)
+class LoggingSpec:
+    every: int = 10
+    """Write a metrics record every N steps (metrics.jsonl, TensorBoard when installed)."""
+    tensorboard: bool = True
+    plot: bool = True
+    """Draw loss.png (training and validation loss) at the end."""
+
+    def __post_init__(self):
+        _positive_int("every", self.every)
+
+
+@dataclass(frozen=True)
+class EvaluationSpec:
+    every: int = 0
+    """Validation perplexity every N steps (0: only before conversion, after conversion and after each stage)."""
+    batch_size: int = 4
+    before_conversion: bool = True
+    """Also measure the original (unconverted) model."""
+
+    def __post_init__(self):
+        _positive_int("every", self.every, 0)
+        _positive_int("batch_size", self.batch_size)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    output_dir: str
+    """Checkpoints, metrics.jsonl, loss.png, summary.json and the final model (output_dir/final)."""
+    seed: int = 0
+    model: ModelSpec = field(default_factory=ModelSpec)
+    conversion: ConversionSpec | None = field(default_factory=ConversionSpec)
+    data: DataSpec = field(default_factory=DataSpec)
+    stages: list = field(default_factory=list)
+    """StageSpec list, run in order."""
+    optimizer: OptimizerSpec = field(default_factory=OptimizerSpec)
+    schedule: ScheduleSpec = field(default_factory=ScheduleSpec)
+    training: TrainingSpec = field(default_factory=TrainingSpec)
+    checkpointing: CheckpointSpec = field(default_factory=CheckpointSpec)
+    logging: LoggingSpec = field(default_factory=LoggingSpec)
+    evaluation: EvaluationSpec = field(default_factory=EvaluationSpec)
+
+    def __post_init__(self):
+        _check(isinstance(self.output_dir, str) and bool(self.output_dir), "output_dir", self.output_dir,
+               "a non-empty path")
+        _positive_int("seed", self.seed, 0)
+        _check(isinstance(self.stages, list) and all(isinstance(s, StageSpec) for s in self.stages), "stages",
+               self.stages, "a list of stages")
+        names = [s.name for s in self.stages]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        _check(not dup, "stages", dup, "uniquely named (duplicate names)")
+
+    # ------------------------------------------------------------------------------------ (de)serialise
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self, path: str | Path | None = None) -> str:
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    @classmethod
+    def from_dict(cls, data: dict, overrides: list[str] = ()) -> Recipe:
+        data = apply_overrides(data, overrides)
+        return _build(cls, data, "recipe")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: list[str] = ()) -> Recipe:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"recipe {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise ValueError(f"recipe {path} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"recipe {path} must be a mapping of sections, got {type(data).__name__}")
+        return cls.from_dict(data, overrides)
+
+
+# ---------------------------------------------------------------------------------------- building
+
+def _build(tp: Any, value: Any, path: str) -> Any:
+    """Turn plain YAML data into ``tp`` (dataclasses, lists, optionals, scalars), naming ``path`` on errors."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _build(args[0], value, path)
+    if tp is MoSAConfig and isinstance(value, dict):
+        try:
+            return MoSAConfig.from_dict(value)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{path}: {str(e).removeprefix('MoSAConfig.')}") from None
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ValueError(f"{path} must be a mapping, got {value!r}")
+        hints = typing.get_type_hints(tp)
+        known = [f.name for f in fields(tp) if f.init]
+        unknown = sorted(set(value) - set(known))
+        if unknown:
+            raise ValueError(f"unknown key {path}.{unknown[0]}; valid keys of {path}: {known}")
+        kwargs = {}
+        for name in known:
+            if name in value:
+                sub = f"{path}.{name}"
+                hint = StageSpec if (tp is Recipe and name == "stages") else hints[name]
+                if tp is Recipe and name == "stages":
+                    if not isinstance(value[name], list):
+                        raise ValueError(f"{sub} must be a list of stages, got {value[name]!r}")
+                    kwargs[name] = [_build(StageSpec, s, f"{sub}[{i}]") for i, s in enumerate(value[name])]
+                else:
+                    kwargs[name] = _build(hint, value[name], sub)
+        missing = [f.name for f in fields(tp) if f.init and f.default is dataclasses.MISSING
+                   and f.default_factory is dataclasses.MISSING and f.name not in kwargs]
+        if missing:
+            raise ValueError(f"{path}.{missing[0]} is required")
+        try:
+            return tp(**kwargs)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{path}.{e}") from None
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{path} must be a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{path} must be an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{path} must be true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{path} must be a string, got {value!r}")
+        return value
+    return value  # list / dict / Any: validated by the dataclass itself
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``a.b.c=value`` overrides (value parsed as YAML) to a copy of ``data``."""
+    import copy
+
+    data = copy.deepcopy(data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {item!r} must look like section.key=value")
+        value = yaml.safe_load(raw) if raw else None
+        parts = key.split(".")
+        node: Any = data
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            where = ".".join(parts[: i + 1])
+            if isinstance(node, list):
+                idx = _list_index(node, part, where)
+                if last:
+                    node[idx] = value
+                else:
+                    node = node[idx]
+            else:
+                if not isinstance(node, dict):
+                    raise ValueError(f"override {key}: {'.'.join(parts[:i])} is not a section")
+                if last:
+                    node[part] = value
+                else:
+                    if node.get(part) is None:
+                        node[part] = {}
+                    node = node[part]
+    return data
+
+
+def _list_index(node: list, part: str, where: str) -> int:
+    if part.isdigit() and int(part) < len(node):
+        return int(part)
+    for i, item in enumerate(node):
+        if isinstance(item, dict) and item.get("name") == part:
+            return i
+    names = [item.get("name") for item in node if isinstance(item, dict)]
+    raise ValueError(f"override {where}: no stage {part!r}; stages are {names} (or indices 0..{len(node) - 1})")

@@ -1,0 +1,408 @@
+"""Recipe-driven continued pretraining of a converted model, on accelerate.
+
+``train(recipe)`` loads the original model (the teacher: frozen, no gradients, loaded once), converts a copy
+(the student) as ``recipe.conversion`` says, and runs ``recipe.stages`` in order:
+  * ``router_warmup``: the model runs without autograd; each router learns its layer's dense attention
+    mass (warmup.py). With several processes the router gradients are averaged with ``accelerator.reduce``.
+  * ``adaptation``: LM loss + optional KL distillation to the teacher's logits; the model is wrapped by
+    ``accelerator.prepare`` (DDP with several processes; ``accelerate launch`` starts them).
+Every step reads a global batch of micro × processes × accumulation blocks fixed by data.BlockSchedule.
+Checkpoints (checkpoint.py) hold everything a step depends on, so ``resume=True`` continues bit-exactly.
+Outputs in ``recipe.output_dir``: checkpoints, metrics.jsonl, TensorBoard events (when installed),
+loss.png, summary.json / summary.md and the final converted model in ``final/`` (``mosa_retrofit.load``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import checkpoint as ckpt
+from .config import MoSAConfig
+from .recipe import Recipe, StageSpec
+
+
+def lr_factor(step: int, steps: int, warmup_fraction: float, min_ratio: float) -> float:
+    """Linear warm-up over ``warmup_fraction`` of the steps, then cosine from 1 to ``min_ratio``."""
+    warm = int(round(warmup_fraction * steps))
+    if step < warm:
+        return (step + 1) / warm
+    progress = (step - warm) / max(1, steps - warm)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def train(recipe: Recipe, resume: bool = False, progress: bool = True,
+          interrupt: Callable[[str, int], None] | None = None) -> dict:
+    """Run ``recipe``; returns the summary. ``interrupt(stage, step)`` is called mid-step (tests use it to
+    simulate a crash after the backward pass and before the optimizer step)."""
+    return Trainer(recipe, resume=resume, progress=progress, interrupt=interrupt).run()
+
+
+class Trainer:
+    def __init__(self, recipe: Recipe, resume: bool = False, progress: bool = True,
+                 interrupt: Callable[[str, int], None] | None = None):
+        from accelerate import Accelerator
+
+        self.recipe, self.progress, self.interrupt = recipe, progress, interrupt
+        self.out = Path(recipe.output_dir)
+        self.resume_from = ckpt.latest(self.out) if resume else None
+        if not resume and (ckpt.checkpoints(self.out) or (self.out / "final").exists()):
+            raise ValueError(f"output_dir {self.out} already holds a run; resume it with --resume or choose "
+                             "another output_dir")
+        # accelerate runs several CPU processes (gloo) only when told it is on CPU
+        multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+        self.acc = Accelerator(mixed_precision=recipe.training.mixed_precision, cpu=multi_cpu)
+        self.log_file = self.out / "metrics.jsonl"
+        self.tb = None
+
+    # ------------------------------------------------------------------------------------ plumbing
+
+    def say(self, text: str) -> None:
+        if self.acc.is_main_process and self.progress:
+            from tqdm.auto import tqdm
+
+            tqdm.write(text)
+
+    def log(self, record: dict) -> None:
+        if not self.acc.is_main_process:
+            return
+        with open(self.log_file, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key not in ("step", "global_step"):
+                    self.tb.add_scalar(f"{record.get('split', 'train')}/{key}", value, record["global_step"])
+
+    def _open_logs(self, global_step: int) -> None:
+        if not self.acc.is_main_process:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        if self.log_file.exists():  # drop records written after the checkpoint we resume from
+            kept = [line for line in self.log_file.read_text().splitlines()
+                    if line and json.loads(line)["global_step"] <= global_step]
+            self.log_file.write_text("".join(line + "\n" for line in kept))
+        if self.recipe.logging.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(self.out / "tensorboard"), purge_step=global_step + 1)
+            except ImportError:
+                self.say("TensorBoard is not installed: logging to metrics.jsonl only")
+
+    # ------------------------------------------------------------------------------------ models and data
+
+    def _load_models(self):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from .assets import resolve_model
+        from .io import load
+
+        r = self.recipe
+        dtype = getattr(torch, r.model.dtype)
+        source = resolve_model(r.model.name_or_path)
+        opts = dict(dtype=dtype, attn_implementation=r.model.attn_implementation)
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        if r.conversion is None:  # an already converted model; its base is the teacher
+            student = load(source, **opts)
+            base = student.config.mosa.get("base_model_name_or_path")
+            if base is None:
+                raise ValueError(f"{r.model.name_or_path} has no base_model_name_or_path to use as teacher")
+            teacher = AutoModelForCausalLM.from_pretrained(resolve_model(base), **opts)
+        else:
+            teacher = AutoModelForCausalLM.from_pretrained(source, **opts)
+            if getattr(teacher.config, "mosa", None):
+                raise ValueError(f"{r.model.name_or_path} is already converted; set conversion: null to adapt it")
+            student = None
+        teacher.requires_grad_(False).eval()
+        return tokenizer, teacher, student
+
+    def _convert(self, teacher: nn.Module, corpus, mosa: MoSAConfig | None) -> nn.Module:
+        """A converted copy of the teacher: with calibration (fresh run) or from a resolved structure (resume)."""
+        from .data import as_blocks
+        from .io import _structure_config
+        from .surgery import convert_
+
+        student = copy.deepcopy(teacher).requires_grad_(True).train()
+        if mosa is not None:
+            return convert_(student, _structure_config(mosa), progress=False)
+        conv = self.recipe.conversion
+        config = dataclasses.replace(conv.mosa, base_model_name_or_path=self.recipe.model.name_or_path)
+        calibration = None
+        if config.head_choice == "scored" or config.router_init == "calibrated":
+            n = conv.calibration_sequences * conv.calibration_length
+            calibration = as_blocks(corpus.train[:n], conv.calibration_length)
+        return convert_(student, config, calibration=calibration, progress=self.progress and self.acc.is_main_process)
+
+    def evaluate(self, model: nn.Module) -> float:
+        """Validation perplexity, the blocks sharded over processes."""
+        from .evaluate import nll
+
+        world, rank = self.acc.num_processes, self.acc.process_index
+        with self.acc.autocast():
+            total, count = nll(model, self.val_blocks[rank::world], self.recipe.evaluation.batch_size)
+        t = self.acc.reduce(torch.tensor([total, float(count)], dtype=torch.float64, device=self.acc.device), "sum")
+        return math.exp(t[0].item() / t[1].item())
+
+    # ------------------------------------------------------------------------------------ the run
+
+    def run(self) -> dict:
+        from accelerate.utils import set_seed
+
+        from .data import BlockSchedule, load_corpus
+
+        r, acc = self.recipe, self.acc
+        start = time.perf_counter()
+        set_seed(r.seed)
+        tokenizer, teacher, student = self._load_models()
+        self.tokenizer = tokenizer
+        corpus = load_corpus(r.data, tokenizer, progress=self.progress and acc.is_main_process)
+        self.train_blocks = corpus.blocks("train", r.data.block_size)
+        self.val_blocks = corpus.blocks("validation", r.data.block_size)
+        self.schedule = BlockSchedule(len(self.train_blocks), r.seed)
+        self.say(f"data: {len(self.train_blocks)} training blocks and {len(self.val_blocks)} validation blocks of "
+                 f"{r.data.block_size} tokens ({corpus.train_documents} / {corpus.validation_documents} documents)")
+        teacher.to(acc.device)
+
+        if self.resume_from is not None:
+            state = ckpt.read_state(self.resume_from)
+            names = [s["name"] for s in state["stages"]]
+            if names != [s.name for s in r.stages[: len(names)]] or len(names) != len(r.stages):
+                raise ValueError(f"{self.resume_from} was written by a recipe with stages {names}; this recipe has "
+                                 f"{[s.name for s in r.stages]}")
+            if student is None:
+                student = self._convert(teacher, corpus, MoSAConfig.from_dict(state["mosa"]))
+            if state["peft"]:
+                from .trainable import apply_lora
+
+                student = apply_lora(student, r.stages[state["stage"]].lora)
+            ckpt.load_model(self.resume_from, student)
+            self.say(f"resuming from {self.resume_from} (stage {r.stages[state['stage']].name if state['stage'] < len(r.stages) else 'done'}, "
+                     f"step {state['step']})")
+        else:
+            if self.out.exists() and not ckpt.checkpoints(self.out):
+                (self.out / "metrics.jsonl").unlink(missing_ok=True)
+            state = {"stage": 0, "step": 0, "samples": 0, "global_step": 0, "elapsed": 0.0, "peft": False,
+                     "stages": [{"name": s.name, "kind": s.kind} for s in r.stages], "evals": [], "stage_log": {}}
+            if r.evaluation.before_conversion:
+                self.say("measuring the original model ...")
+                state["evals"].append({"name": "original model", "ppl": self.evaluate(teacher), "global_step": 0})
+            if student is None:
+                student = self._convert(teacher, corpus, None)
+            state["mosa"] = student.config.mosa
+            student.to(acc.device)
+            state["evals"].append({"name": "after conversion", "ppl": self.evaluate(student), "global_step": 0})
+        student.to(acc.device)
+        if r.training.gradient_checkpointing:
+            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if not any(s.kd_weight > 0 for s in r.stages[state["stage"]:]):
+            teacher = None  # no longer needed: free it
+        self.teacher, self.student, self.state = teacher, student, state
+        self._open_logs(state["global_step"])
+        if self.resume_from is None:
+            for e in state["evals"]:
+                self.log({"split": "validation", "stage": e["name"], "step": 0, "global_step": 0,
+                          "loss": math.log(e["ppl"]), "ppl": e["ppl"], "tokens": 0})
+        for e in state["evals"]:
+            self.say(f"perplexity {e['name']}: {e['ppl']:.2f}")
+        if self.resume_from is None:
+            self._save(None, None)
+        self.state["elapsed"] += time.perf_counter() - start
+
+        for i in range(state["stage"], len(r.stages)):
+            self._run_stage(i, r.stages[i])
+        return self._finish()
+
+    def _save(self, optimizer, scheduler) -> None:
+        s = self.state
+        ckpt.save(self.acc, self.out, s["global_step"], self.student, optimizer, scheduler, s,
+                  self.recipe.checkpointing.keep_last)
+
+    def _run_stage(self, i: int, stage: StageSpec) -> None:
+        from tqdm.auto import tqdm
+
+        from .surgery import mosa_layers
+        from .trainable import apply_lora, remove_hooks, select_trainable
+        from .warmup import RouterWarmup
+
+        r, acc, s = self.recipe, self.acc, self.state
+        start_step = s["step"] if s["stage"] == i else 0
+        s["stage"], s["step"] = i, start_step
+        if start_step >= stage.steps:  # the checkpoint was written at the end of this stage
+            s["stage"], s["step"] = i + 1, 0
+            return
+        t_stage = time.perf_counter()
+        if stage.lora is not None and not s["peft"]:
+            self.student = apply_lora(self.student, stage.lora)
+            s["peft"] = True
+        model = self.student
+        plain, masked = select_trainable(model, stage.trainable, lora=stage.lora is not None)
+        params = plain + [p for p, _ in masked]
+        decay = r.optimizer.weight_decay
+        groups = [{"params": plain, "weight_decay": decay}, {"params": [p for p, _ in masked], "weight_decay": 0.0}]
+        peak = stage.lr if stage.lr is not None else r.optimizer.lr
+        opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=peak, betas=tuple(r.optimizer.betas),
+                                eps=r.optimizer.eps)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda k: lr_factor(k, stage.steps, r.schedule.warmup_fraction, r.schedule.min_lr_ratio))
+        warmup = stage.kind == "router_warmup"
+        net = model if warmup else acc.prepare_model(model)
+        opt = acc.prepare_optimizer(opt)
+        if self.resume_from is not None:  # optimizer/scheduler mid-stage; RNG of every process
+            ckpt.load_training(self.resume_from, opt if start_step > 0 else None, sched, acc.process_index)
+            self.resume_from = None
+        tc = r.training
+        world = acc.num_processes
+        batch = tc.micro_batch_size * world * tc.gradient_accumulation_steps
+        tokens_per_step = batch * r.data.block_size
+        n_trainable = sum(int(p.numel()) for p in plain) + sum(int(m.sum()) for _, m in masked)
+        self.say(f"stage {stage.name} ({stage.kind}): {stage.steps} steps, global batch {batch} x "
+                 f"{r.data.block_size} tokens, {n_trainable:,} trainable parameters, peak lr {peak:g}")
+        observer = RouterWarmup(mosa_layers(model)) if warmup else contextlib.nullcontext()
+        bar = tqdm(total=stage.steps, initial=start_step, desc=stage.name, unit="step",
+                   disable=not (self.progress and acc.is_main_process), dynamic_ncols=True)
+        net.train()
+        with observer:
+            for step in range(start_step, stage.steps):
+                t0 = time.perf_counter()
+                totals: dict[str, Tensor] = {}
+                for m in range(tc.gradient_accumulation_steps):
+                    idx = self.schedule.micro_batch(s["samples"], tc.micro_batch_size, m, acc.process_index, world)
+                    ids = self.train_blocks[idx].to(acc.device)
+                    last = m == tc.gradient_accumulation_steps - 1
+                    sync = contextlib.nullcontext() if (warmup or last) else acc.no_sync(net)
+                    with sync:
+                        loss, parts = self._loss(stage, net, observer, ids)
+                        acc.backward(loss / tc.gradient_accumulation_steps)
+                    for k, v in parts.items():
+                        totals[k] = totals.get(k, 0) + v / tc.gradient_accumulation_steps
+                if warmup and world > 1:
+                    for p in params:
+                        p.grad = acc.reduce(p.grad, "mean")
+                if self.interrupt is not None:
+                    self.interrupt(stage.name, step)
+                if r.optimizer.grad_clip is not None:
+                    grad_norm = acc.clip_grad_norm_(params, r.optimizer.grad_clip)
+                else:
+                    grad_norm = torch.tensor(float("nan"))
+                lr = sched.get_last_lr()[0]
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+                s["samples"] += batch
+                s["step"] = step + 1
+                s["global_step"] += 1
+                dt = time.perf_counter() - t0
+                s["elapsed"] += dt
+                log = s["stage_log"].setdefault(stage.name, {"tokens": 0, "time": 0.0})
+                log["tokens"] += tokens_per_step
+                log["time"] += dt
+                values = {k: acc.reduce(v.detach(), "mean").item() for k, v in totals.items()}
+                bar.update(1)
+                bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_step / dt:,.0f}")
+                g = s["global_step"]
+                if (step + 1) % r.logging.every == 0 or step == start_step or step + 1 == stage.steps:
+                    self.log({"split": "train", "stage": stage.name, "step": step + 1, "global_step": g, **values,
+                              "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": tokens_per_step / dt,
+                              "tokens": s["samples"] * r.data.block_size, "elapsed": s["elapsed"]})
+                if r.evaluation.every and (step + 1) % r.evaluation.every == 0 and step + 1 < stage.steps:
+                    self._eval_record(stage.name, step + 1, None)
+                if g % r.checkpointing.every == 0 and step + 1 < stage.steps:
+                    self._save(opt, sched)
+        bar.close()
+        remove_hooks(masked)
+        if stage.lora is not None:
+            self.student = self.student.merge_and_unload()
+            s["peft"] = False
+        self.student.requires_grad_(True)
+        s["step"] = stage.steps
+        self._eval_record(stage.name, stage.steps, f"after {stage.name}")
+        self._save(None, None)
+        self.say(f"stage {stage.name} done in {time.perf_counter() - t_stage:.0f} s")
+        s["stage"], s["step"] = i + 1, 0
+
+    def _eval_record(self, stage: str, step: int, name: str | None) -> None:
+        s = self.state
+        ppl = self.evaluate(self.student)
+        self.log({"split": "validation", "stage": stage, "step": step, "global_step": s["global_step"],
+                  "loss": math.log(ppl), "ppl": ppl, "tokens": s["samples"] * self.recipe.data.block_size})
+        if name is not None:
+            s["evals"].append({"name": name, "ppl": ppl, "global_step": s["global_step"],
+                               "tokens": s["stage_log"].get(stage, {}).get("tokens", 0),
+                               "time": s["stage_log"].get(stage, {}).get("time", 0.0)})
+        self.say(f"validation perplexity ({stage}, step {step}): {ppl:.2f}")
+
+    def _loss(self, stage: StageSpec, net: nn.Module, observer, ids: Tensor) -> tuple[Tensor, dict]:
+        acc = self.acc
+        if stage.kind == "router_warmup":
+            with torch.no_grad(), acc.autocast():
+                net(input_ids=ids, use_cache=False)
+            loss = observer.pop_loss()
+            return loss, {"loss": loss.detach()}
+        with acc.autocast():
+            logits = net(input_ids=ids, use_cache=False).logits[:, :-1].float()  # (B, T-1, V)
+        V = logits.shape[-1]
+        lm = F.cross_entropy(logits.reshape(-1, V), ids[:, 1:].reshape(-1))
+        loss = stage.lm_weight * lm
+        parts = {"lm": lm.detach()}
+        if stage.kd_weight > 0:
+            tau = stage.kd_temperature
+            with torch.no_grad(), acc.autocast():
+                t_logits = self.teacher(input_ids=ids, use_cache=False).logits[:, :-1].float()
+            log_t = F.log_softmax(t_logits / tau, -1)
+            log_s = F.log_softmax(logits / tau, -1)
+            kd = (log_t.exp() * (log_t - log_s)).sum(-1).mean() * tau * tau  # KL(teacher ‖ student)
+            loss = loss + stage.kd_weight * kd
+            parts["kd"] = kd.detach()
+        parts["loss"] = loss.detach()
+        return loss, parts
+
+    # ------------------------------------------------------------------------------------ the end
+
+    def _finish(self) -> dict:
+        acc, s, r = self.acc, self.state, self.recipe
+        acc.wait_for_everyone()
+        summary = {"output_dir": str(self.out), "evals": s["evals"], "elapsed_s": s["elapsed"],
+                   "tokens": s["samples"] * r.data.block_size, "processes": acc.num_processes}
+        if acc.is_main_process:
+            final = self.out / "final"
+            tmp = Path(tempfile.mkdtemp(dir=self.out, prefix=".tmp-final-"))
+            model = acc.unwrap_model(self.student)
+            model.save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
+            table = summary_table(summary)
+            (self.out / "summary.md").write_text(table + "\n")
+            if r.logging.plot:
+                from .plots import plot_losses
+
+                plot_losses(self.log_file, self.out / "loss.png")
+            if self.tb is not None:
+                self.tb.close()
+            self.say("\n" + table + f"\n\nfinal model: {final} (load with mosa_retrofit.load)")
+        acc.wait_for_everyone()
+        return summary
+
+
+def summary_table(summary: dict) -> str:
+    rows = ["| model | validation ppl | training tokens | wall time |", "|---|---|---|---|"]
+    for e in summary["evals"]:
+        tokens = f"{e['tokens']:,}" if e.get("tokens") else "-"
+        wall = f"{e['time']:.0f} s" if e.get("time") else "-"
+        rows.append(f"| {e['name']} | {e['ppl']:.2f} | {tokens} | {wall} |")
+    return "\n".join(rows)
