@@ -66,11 +66,11 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     spec = DataSpec(source=args.data, name=args.data_name, split=args.split, text_field=args.text_field,
                     block_size=args.block_size, validation_documents=args.validation_documents,
-                    validation_tokens=max(args.max_tokens, args.block_size), max_train_tokens=args.block_size)
+                    validation_tokens=max(args.max_tokens, args.block_size))
     _check_local(args.model)
     model, source = _load(args.model)
     tokenizer = AutoTokenizer.from_pretrained(source)
-    blocks = load_corpus(spec, tokenizer, progress=False).blocks("validation", args.block_size)
+    blocks = load_corpus(spec, tokenizer, progress=False, validation_only=True).blocks("validation", args.block_size)
     rows = []
     ppl, tps = _measure(model, blocks, args.batch_size)
     flops, kv = cost_ratios(model, args.cost_seq_len)

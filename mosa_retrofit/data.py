@@ -36,8 +36,8 @@ BUILTIN_SOURCES: dict[str, Callable[[], list[str]]] = {"wikipedia-offline": _wik
 
 @dataclass
 class Corpus:
-    train: Tensor  # (N_train,) token ids, documents joined with EOS
-    validation: Tensor  # (N_val,)
+    train: Tensor  # (N_train,) int32 token ids, documents joined with EOS
+    validation: Tensor  # (N_val,) int32
     train_documents: int
     validation_documents: int
 
@@ -55,25 +55,28 @@ def as_blocks(stream: Tensor, block_size: int) -> Tensor:
 
 def token_stream(tokenizer, texts: Iterable[str], max_tokens: int | None = None, progress: bool = False,
                  desc: str = "tokenising") -> Tensor:
-    """Token ids of ``texts``, each followed by EOS, stopping once ``max_tokens`` are collected."""
+    """Token ids (int32) of ``texts``, each followed by EOS, stopping once ``max_tokens`` are collected."""
+    import numpy as np
     from tqdm.auto import tqdm
 
-    sep = tokenizer.eos_token_id
-    ids: list[int] = []
+    sep = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+    chunks: list[np.ndarray] = []
+    count = 0
     it = iter(texts)
     with tqdm(desc=desc, unit="tok", unit_scale=True, disable=not progress) as bar:
-        while max_tokens is None or len(ids) < max_tokens:
+        while max_tokens is None or count < max_tokens:
             batch = [t for t in itertools.islice(it, 256) if t]
             if not batch:
                 break
-            for row in tokenizer(batch, add_special_tokens=False)["input_ids"]:
-                ids.extend(row)
-                if sep is not None:
-                    ids.append(sep)
-                bar.update(len(row) + (sep is not None))
+            rows = [row + sep for row in tokenizer(batch, add_special_tokens=False)["input_ids"]]
+            chunk = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int32)
+            chunks.append(chunk)
+            count += len(chunk)
+            bar.update(len(chunk))
+    ids = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int32)
     if max_tokens is not None:
         ids = ids[:max_tokens]
-    return torch.tensor(ids, dtype=torch.long)
+    return torch.from_numpy(ids)
 
 
 def _local_files(source: str) -> list[str] | None:
@@ -119,8 +122,8 @@ def _documents(spec: DataSpec) -> tuple[list[str] | None, Iterator[str] | None]:
     return list(texts), None
 
 
-def load_corpus(spec: DataSpec, tokenizer, progress: bool = True) -> Corpus:
-    """Read, split by document and tokenise ``spec``'s data."""
+def load_corpus(spec: DataSpec, tokenizer, progress: bool = True, validation_only: bool = False) -> Corpus:
+    """Read, split by document and tokenise ``spec``'s data (only the held-out part with ``validation_only``)."""
     docs, stream = _documents(spec)
     V = spec.validation_documents
     if docs is not None:
@@ -133,8 +136,11 @@ def load_corpus(spec: DataSpec, tokenizer, progress: bool = True) -> Corpus:
         train_docs = stream
         n_train = -1
     validation = token_stream(tokenizer, val_docs, spec.validation_tokens, progress, "tokenising validation")
-    train = token_stream(tokenizer, train_docs, spec.max_train_tokens, progress, "tokenising train")
+    train = token_stream(tokenizer, [] if validation_only else train_docs, spec.max_train_tokens, progress,
+                         "tokenising train")
     for name, t in (("training", train), ("validation", validation)):
+        if validation_only and name == "training":
+            continue
         if t.numel() < spec.block_size + 1:
             raise ValueError(f"{name} text has {t.numel()} tokens, fewer than one block of data.block_size = "
                              f"{spec.block_size}")

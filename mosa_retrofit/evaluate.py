@@ -12,7 +12,7 @@ def token_blocks(tokenizer, texts: list[str], block: int, max_tokens: int | None
     """Concatenate ``texts`` (separated by EOS) and cut into non-overlapping (N, block) token blocks."""
     from .data import as_blocks, token_stream
 
-    return as_blocks(token_stream(tokenizer, texts, max_tokens), block)
+    return as_blocks(token_stream(tokenizer, texts, max_tokens), block).long()
 
 
 def split_articles(articles: list[str], validation: int = 10) -> tuple[list[str], list[str]]:
@@ -30,7 +30,7 @@ def nll(model: nn.Module, blocks: Tensor, batch_size: int = 4, progress: bool = 
     device = next(model.parameters()).device
     total, count = 0.0, 0
     for i in tqdm(range(0, len(blocks), batch_size), desc="perplexity", disable=not progress, leave=False):
-        ids = blocks[i: i + batch_size].to(device)
+        ids = blocks[i: i + batch_size].to(device).long()
         logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
         loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
                                            reduction="sum")

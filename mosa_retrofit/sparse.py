@@ -125,12 +125,12 @@ class _GatherSelected(torch.autograd.Function):
             g_r = g_r.reshape(E, -1)  # (E, B·K)
             if ctx.needs_input_grad[0]:
                 g_tok = g_r.new_zeros(E, ctx.n_rows).scatter_add_(1, flat.view(E, -1), g_r)  # (E, B·T)
-                g_x = torch.mm(g_tok.t(), router)  # (B·T, h)
+                g_x = torch.mm(g_tok.t(), router.to(g_tok.dtype)).to(xs.dtype)  # (B·T, h); autocast: mixed dtypes
             if ctx.needs_input_grad[1]:
-                g_router = torch.bmm(g_r.unsqueeze(1), xs.view(E, -1, h)).squeeze(1)  # (E, h)
+                g_router = torch.bmm(g_r.unsqueeze(1), xs.view(E, -1, h).to(g_r.dtype)).squeeze(1).to(router.dtype)
         if g_xs is not None and ctx.needs_input_grad[0]:
             g_x = xs.new_zeros(ctx.n_rows, h) if g_x is None else g_x
-            g_x.index_add_(0, flat, g_xs)
+            g_x.index_add_(0, flat, g_xs.to(g_x.dtype))
         return g_x, g_router, None, None, None
 
 

@@ -55,6 +55,7 @@ class Trainer:
     def __init__(self, recipe: Recipe, resume: bool = False, progress: bool = True,
                  interrupt: Callable[[str, int], None] | None = None):
         from accelerate import Accelerator
+        from accelerate.state import AcceleratorState
 
         self.recipe, self.progress, self.interrupt = recipe, progress, interrupt
         self.out = Path(recipe.output_dir)
@@ -64,6 +65,10 @@ class Trainer:
                              "another output_dir")
         # accelerate runs several CPU processes (gloo) only when told it is on CPU
         multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+        state = AcceleratorState._shared_state
+        if state and state.get("_mixed_precision") != recipe.training.mixed_precision and int(
+                os.environ.get("WORLD_SIZE", "1")) == 1:
+            AcceleratorState._reset_state()  # a second run in this process with another precision
         self.acc = Accelerator(mixed_precision=recipe.training.mixed_precision, cpu=multi_cpu)
         self.log_file = self.out / "metrics.jsonl"
         self.tb = None
@@ -143,7 +148,7 @@ class Trainer:
         calibration = None
         if config.head_choice == "scored" or config.router_init == "calibrated":
             n = conv.calibration_sequences * conv.calibration_length
-            calibration = as_blocks(corpus.train[:n], conv.calibration_length)
+            calibration = as_blocks(corpus.train[:n], conv.calibration_length).long()
         return convert_(student, config, calibration=calibration, progress=self.progress and self.acc.is_main_process)
 
     def evaluate(self, model: nn.Module) -> float:
@@ -280,7 +285,7 @@ class Trainer:
                 totals: dict[str, Tensor] = {}
                 for m in range(tc.gradient_accumulation_steps):
                     idx = self.schedule.micro_batch(s["samples"], tc.micro_batch_size, m, acc.process_index, world)
-                    ids = self.train_blocks[idx].to(acc.device)
+                    ids = self.train_blocks[idx].to(acc.device).long()
                     last = m == tc.gradient_accumulation_steps - 1
                     sync = contextlib.nullcontext() if (warmup or last) else acc.no_sync(net)
                     with sync:

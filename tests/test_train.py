@@ -1,0 +1,229 @@
+"""End-to-end recipe runs on a tiny random-config model: learning, exact resume, 2 processes, LoRA, warm-up."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+import mosa_retrofit
+from mosa_retrofit.data import as_blocks
+from mosa_retrofit.recipe import Recipe
+from mosa_retrofit.train import lr_factor, train
+from train_fixtures import make_world, recipe_dict
+
+ROOT = Path(__file__).parent.parent
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return make_world(tmp_path_factory.mktemp("world"))
+
+
+def run(world, out, overrides=(), resume=False, interrupt=None, **sections):
+    model_dir, data = world
+    recipe = Recipe.from_dict(recipe_dict(model_dir, data, out, **sections), list(overrides))
+    return train(recipe, resume=resume, progress=False, interrupt=interrupt)
+
+
+def records(out, split="train"):
+    return [r for r in map(json.loads, (Path(out) / "metrics.jsonl").read_text().splitlines()) if r["split"] == split]
+
+
+def weights(path):
+    return load_file(str(Path(path) / "model.safetensors"))
+
+
+def held_out_ppl(model_dir_or_model, world, block=32, tokens=256):
+    """Perplexity of the last 6 paragraphs, computed here from scratch (no mosa_retrofit helpers)."""
+    from transformers import AutoTokenizer
+
+    model_dir, data = world
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    docs = data.read_text().strip().split("\n\n")[-6:]
+    ids = []
+    for d in docs:
+        ids += tok(d, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    blocks = as_blocks(torch.tensor(ids[:tokens]), block)
+    model = model_dir_or_model
+    with torch.no_grad():
+        logits = model(input_ids=blocks).logits[:, :-1]
+        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), blocks[:, 1:].reshape(-1))
+    return math.exp(nll.item())
+
+
+def test_loss_decreases_and_the_final_model_loads(world, tmp_path):
+    out = tmp_path / "run"
+    summary = run(world, out, ["stages.adaptation.steps=12", "logging.plot=true", "checkpointing.every=100"])
+    warm = [r["loss"] for r in records(out) if r["stage"] == "router_warmup"]
+    lm = [r["lm"] for r in records(out) if r["stage"] == "adaptation"]
+    assert len(warm) == 4 and len(lm) == 12
+    assert sum(lm[-3:]) / 3 < lm[0] - 0.5  # the LM loss goes down
+    ppl = {e["name"]: e["ppl"] for e in summary["evals"]}
+    assert list(ppl) == ["original model", "after conversion", "after router_warmup", "after adaptation"]
+    assert ppl["after adaptation"] < 0.7 * ppl["after conversion"]
+    model = mosa_retrofit.load(str(out / "final"))
+    assert model.config.mosa["sparsity"] == 4 and model.config.mosa["base_model_name_or_path"] == str(world[0])
+    assert abs(held_out_ppl(model, world) / ppl["after adaptation"] - 1) < 1e-4  # what was measured is what was saved
+    assert (out / "loss.png").stat().st_size > 10_000 and (out / "summary.md").read_text().count("|") > 10
+    assert summary["tokens"] == (4 + 12) * 4 * 32
+
+
+@pytest.mark.parametrize("crash_at, extra", [
+    (("router_warmup", 2), []),
+    (("adaptation", 4), []),
+    (("adaptation", 1), ["stages.adaptation.trainable=mosa", "optimizer.weight_decay=0.1"]),
+    (("adaptation", 4), ["stages.adaptation.trainable=routers", "stages.adaptation.lora={r: 4, target_modules: "
+                         "[q_proj, v_proj, gate_proj]}", "stages.adaptation.lr=0.01"]),
+])
+def test_kill_and_resume_is_bitwise(world, tmp_path, crash_at, extra):
+    ref = tmp_path / "ref"
+    run(world, ref, extra)
+
+    class Killed(Exception):
+        pass
+
+    def crash(stage, step):
+        if (stage, step) == crash_at:
+            raise Killed  # after the backward pass, before the optimizer step
+
+    out = tmp_path / "crashed"
+    with pytest.raises(Killed):
+        run(world, out, extra, interrupt=crash)
+    assert not (out / "final").exists()
+    with pytest.raises(ValueError, match="--resume"):
+        run(world, out, extra)  # never silently restarts over an existing run
+    run(world, out, extra, resume=True)
+    a, b = weights(ref / "final"), weights(out / "final")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert records(ref) == [{**r, "elapsed": x["elapsed"], "tokens_per_s": x["tokens_per_s"]}
+                            for r, x in zip(records(out), records(ref))]  # same losses, lr, grad norms, in order
+    assert [e["ppl"] for e in json.loads((ref / "summary.json").read_text())["evals"]] == \
+           [e["ppl"] for e in json.loads((out / "summary.json").read_text())["evals"]]
+
+
+def test_crash_loses_only_steps_since_the_last_checkpoint(world, tmp_path):
+    out = tmp_path / "run"
+
+    def crash(stage, step):
+        if (stage, step) == ("adaptation", 4):  # global step 9 in progress; checkpoints every 3 steps
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run(world, out, interrupt=crash)
+    names = sorted(p.name for p in out.iterdir() if p.name.startswith(("checkpoint", ".tmp")))
+    assert names == ["checkpoint-0000004", "checkpoint-0000006"]  # end of warm-up, step 6; keep_last = 2
+    state = json.loads((out / "checkpoint-0000006" / "state.json").read_text())
+    assert (state["stage"], state["step"], state["samples"]) == (1, 2, 6 * 4)
+
+
+def test_router_warmup_changes_only_routers(world, tmp_path):
+    out = tmp_path / "run"
+    run(world, out, ["stages=[{name: w, kind: router_warmup, steps: 20, lr: 0.02}]", "checkpointing.keep_last=50",
+                     "checkpointing.every=100"])
+    before, after = weights(out / "checkpoint-0000000"), weights(out / "checkpoint-0000020")
+    routers = [k for k in before if "mosa_router" in k]
+    assert len(routers) == 2 and all(not torch.equal(before[k], after[k]) for k in routers)
+    assert all(torch.equal(before[k], after[k]) for k in before if k not in routers)
+    kl = [r["loss"] for r in records(out)]
+    assert sum(kl[-5:]) / 5 < 0.8 * sum(kl[:5]) / 5  # the routers learn the dense attention mass
+
+
+def test_lora_stage_saves_merged_and_reloads(world, tmp_path):
+    out = tmp_path / "run"
+    summary = run(world, out, ["stages.adaptation.trainable=routers", "stages.adaptation.lr=0.01",
+                               "stages.adaptation.lora={r: 4, target_modules: [q_proj, o_proj, up_proj]}"])
+    original = load_file(str(world[0] / "model.safetensors"))
+    final = weights(out / "final")
+    assert not any("lora" in k for k in final)  # merged: a plain converted checkpoint
+    for k, v in original.items():
+        if any(t in k for t in ("q_proj.weight", "o_proj.weight", "up_proj.weight")):
+            assert not torch.equal(v, final[k]), k
+        else:
+            assert torch.equal(v, final[k]), k  # untouched by LoRA
+    model = mosa_retrofit.load(str(out / "final"))
+    after = summary["evals"][-1]["ppl"]
+    assert abs(held_out_ppl(model, world) / after - 1) < 1e-4
+    assert after < summary["evals"][1]["ppl"]
+
+
+def test_two_processes_match_one(world, tmp_path):
+    """torchrun, 2 CPU processes (gloo, DDP) at micro-batch 2 == 1 process at micro-batch 4 (same global batch)."""
+    model_dir, data = world
+    path = tmp_path / "recipe.yaml"
+    yaml.safe_dump(recipe_dict(model_dir, data, tmp_path / "two"), path.open("w"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533", "-m",
+           "mosa_retrofit", "train", str(path), "training.micro_batch_size=2", "--quiet"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((tmp_path / "two" / "summary.json").read_text())["processes"] == 2
+    one = run(world, tmp_path / "one")
+    a, b = weights(tmp_path / "one" / "final"), weights(tmp_path / "two" / "final")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    two = json.loads((tmp_path / "two" / "summary.json").read_text())
+    for x, y in zip(one["evals"], two["evals"]):
+        assert abs(x["ppl"] / y["ppl"] - 1) < 1e-5
+
+
+def test_gradient_checkpointing_and_bf16_autocast(world, tmp_path):
+    plain = tmp_path / "plain"
+    run(world, plain)
+    ckpt = tmp_path / "ckpt"
+    run(world, ckpt, ["training.gradient_checkpointing=true"])
+    a, b = weights(plain / "final"), weights(ckpt / "final")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+    bf16 = run(world, tmp_path / "bf16", ["training.mixed_precision=bf16"])
+    assert bf16["evals"][-1]["ppl"] < bf16["evals"][1]["ppl"]
+
+
+def test_lr_schedule():
+    steps, warm, floor = 20, 0.25, 0.1
+    got = [lr_factor(k, steps, warm, floor) for k in range(steps)]
+    assert got[:5] == [0.2, 0.4, 0.6, 0.8, 1.0]  # 5 linear warm-up steps
+    for k in range(5, steps):
+        expect = floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * (k - 5) / 15))
+        assert abs(got[k] - expect) < 1e-12
+    assert lr_factor(0, 10, 0.0, 0.0) == 1.0
+
+
+def test_cli_train_check_overrides_and_errors(world, tmp_path):
+    from mosa_retrofit.cli.main import main
+
+    model_dir, data = world
+    path = tmp_path / "r.yaml"
+    yaml.safe_dump(recipe_dict(model_dir, data, tmp_path / "out"), path.open("w"))
+    assert main(["train", str(path), "stages.adaptation.steps=2", "--check"]) == 0
+    assert main(["train", str(path), "stages.adaptation.stepz=2", "--check"]) == 2
+    assert main(["train", str(tmp_path / "missing.yaml")]) == 2
+    assert not (tmp_path / "out").exists()  # nothing ran
+
+
+def test_cli_eval_reports_model_and_baseline(world, tmp_path, capsys):
+    from mosa_retrofit.cli.main import main
+
+    out = tmp_path / "run"
+    run(world, out)
+    model_dir, data = world
+    assert main(["eval", str(out / "final"), "--data", str(data), "--validation-documents", "6", "--block-size", "32",
+                 "--max-tokens", "256", "--baseline", "--cost-seq-len", "64"]) == 0
+    text = capsys.readouterr().out
+    rows = [line for line in text.splitlines() if line.startswith(f"| {out}") or line.startswith(f"| {model_dir}")]
+    assert len(rows) == 2
+    ppl_model, ppl_base = (float(r.split("|")[2]) for r in rows)
+    from transformers import AutoModelForCausalLM
+
+    assert abs(ppl_model - held_out_ppl(mosa_retrofit.load(str(out / "final")), world)) < 0.01
+    assert abs(ppl_base - held_out_ppl(AutoModelForCausalLM.from_pretrained(model_dir), world)) < 0.01
+    flops, kv = (float(x) for x in rows[0].split("|")[4:6])
+    # 1 dense + 3 MoSA heads of d=16, D=64, T=64, k=16 against 4 dense heads, per layer
+    dense = 8 * 64 * 16 * 64 + 2 * 16 * 64 * 64
+    mosa = 8 * 64 * 16 * 16 + 2 * 16 * 16 * 16 + 2 * 64 * 64
+    assert abs(flops - (dense + 3 * mosa) / (4 * dense)) < 1e-3 and abs(kv - (64 + 3 * 16) / (4 * 64)) < 1e-3
+    assert main(["eval", str(out / "final"), "--block-size", "0"]) == 2
