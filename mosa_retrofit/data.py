@@ -108,7 +108,7 @@ def _documents(spec: DataSpec) -> tuple[list[str] | None, Iterator[str] | None]:
             raise ValueError(f"data.source files must all be one of {sorted(_EXTENSIONS)}, got {files}")
         kind = kinds.pop()
         extra = {"sample_by": "paragraph"} if kind == "text" else {}
-        ds = datasets.load_dataset(kind, data_files=files, split="train", **extra)
+        ds = datasets.load_dataset(kind, data_files=files, split="train", streaming=spec.streaming, **extra)
         field = "text" if kind == "text" else spec.text_field
     else:
         ds = datasets.load_dataset(spec.source, spec.name, split=spec.split, streaming=spec.streaming)
@@ -117,7 +117,7 @@ def _documents(spec: DataSpec) -> tuple[list[str] | None, Iterator[str] | None]:
     if columns and field not in columns:
         raise ValueError(f"data.text_field {field!r} is not a column of {spec.source}; columns: {columns}")
     texts = (row[field] for row in ds)
-    if spec.streaming and files is None:
+    if spec.streaming:
         return None, texts
     return list(texts), None
 

@@ -77,7 +77,7 @@ class DataSpec:
     text_field: str = "text"
     """Column holding the text (jsonl / parquet / hub)."""
     streaming: bool = False
-    """Stream a hub dataset instead of downloading it whole (then max_train_tokens bounds what is read)."""
+    """Stream the documents (hub or files) instead of loading them whole; max_train_tokens bounds what is read."""
     block_size: int = 256
     """Tokens per training / validation sequence; documents are joined with EOS and packed."""
     validation_documents: int = 10

@@ -46,6 +46,15 @@ def test_split_by_document_then_pack(tmp_path, tok, fmt):
     assert blocks.shape == (len(c.train) // 16, 16) and torch.equal(blocks.reshape(-1), c.train[: blocks.numel()])
 
 
+def test_streaming_holds_out_the_first_documents(tmp_path, tok):
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS))
+    c = load_corpus(DataSpec(source=str(path), streaming=True, block_size=16, validation_documents=3,
+                             validation_tokens=None, max_train_tokens=200), tok, progress=False)
+    assert torch.equal(c.validation.long(), _expected(tok, DOCS[:3]))
+    assert torch.equal(c.train.long(), _expected(tok, DOCS[3:])[:200])
+
+
 def test_caps_and_errors(tmp_path, tok):
     path = tmp_path / "a.txt"
     path.write_text(TEXT)
