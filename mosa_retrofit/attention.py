@@ -39,6 +39,8 @@ class LayerPlan:
     kept_heads: str  # 'dense' | 'local'
     local_window: int
     group_size: int = 1  # query heads per KV group of the model
+    routing: str = "expert_choice"  # 'expert_choice' | 'causal'
+    threshold_momentum: float = 0.05
 
     @property
     def heads_per_unit(self) -> int:
@@ -82,18 +84,24 @@ class MoSAAttentionMixin:
         W = fam.head_weights(self)
         cos, sin = pe if pe is not None else (None, None)
 
-        if plan.mosa and cache is not None and cache.get_seq_length(self.layer_idx) > 0:
-            raise ValueError(
-                "MoSA heads with expert-choice routing cannot decode token by token (top-k looks at the whole "
-                "sequence); run full forwards (use_cache=False) instead"
-            )
+        store = None
+        if plan.mosa and cache is not None:
+            if plan.routing == "causal":
+                from .cache import mosa_cache_layer
+
+                store = mosa_cache_layer(cache, self.layer_idx)  # before the dense heads touch the cache
+            elif cache.get_seq_length(self.layer_idx) > 0:
+                raise ValueError(
+                    "MoSA heads with expert-choice routing cannot decode token by token (top-k looks at the whole "
+                    "sequence); convert with MoSAConfig(routing='causal') to generate, or run full forwards "
+                    "(use_cache=False)")
         if plan.mosa and self.mosa_observer is not None:
             self.mosa_observer(self, x, W, mask, cos, sin)
         out = self._mosa_dense_heads(x, W, mask, cache, cos, sin, extra) if plan.dense else None
         if out is None and W.bo is not None:
             out = W.bo.expand_as(x)
         if plan.mosa:
-            out = self._mosa_sparse_heads(x, W, mask, cos, sin, add_to=out)
+            out = self._mosa_sparse_heads(x, W, mask, cos, sin, add_to=out, store=store)
         return fam.output_dropout(self, out), None
 
     # ------------------------------------------------------------------------------ argument plumbing
@@ -164,7 +172,7 @@ class MoSAAttentionMixin:
 
     # ------------------------------------------------------------------------------ MoSA heads
 
-    def _mosa_sparse_heads(self, x, W: HeadWeights, mask, cos, sin, add_to) -> Tensor:
+    def _mosa_sparse_heads(self, x, W: HeadWeights, mask, cos, sin, add_to, store=None) -> Tensor:
         fam, plan = self.mosa_family, self.mosa_plan
         B, T, D = x.shape
         G = plan.heads_per_unit
@@ -190,14 +198,31 @@ class MoSAAttentionMixin:
                 return tuple(t.expand(B, T, R).unsqueeze(0).expand(E, B, T, R).gather(2, at) for t in (cos, sin))
 
         q_norm, k_norm = fam.norms(self)
-        return mosa_attention(
-            x, self.mosa_router, w_qkv, w_o, sparsity=plan.sparsity, heads_per_unit=G, b_qkv=b_qkv,
-            include_first=plan.include_first, router_score=plan.router_score, rope=rope, q_norm=q_norm,
-            k_norm=k_norm, scale=fam.scaling(self) * fam.query_prescale(self), softcap=fam.softcap(self),
-            sliding_window=fam.sliding_window(self),
-            dropout_p=fam.dropout(self) if self.training else 0.0, attention_mask=key_padding(mask, T),
-            add_to=add_to,
-        )
+        opts = dict(heads_per_unit=G, b_qkv=b_qkv, include_first=plan.include_first, router_score=plan.router_score,
+                    rope=rope, q_norm=q_norm, k_norm=k_norm, scale=fam.scaling(self) * fam.query_prescale(self),
+                    softcap=fam.softcap(self), sliding_window=fam.sliding_window(self), add_to=add_to)
+        valid = key_padding(mask, T)
+        causal = plan.routing == "causal"
+        if causal and store is not None:
+            from .cache import mosa_attention_cached
+
+            return mosa_attention_cached(x, self.mosa_router, w_qkv, w_o, store, threshold=self.mosa_threshold,
+                                         valid=valid, **opts)
+        y = mosa_attention(x, self.mosa_router, w_qkv, w_o, sparsity=plan.sparsity, attention_mask=valid,
+                           dropout_p=fam.dropout(self) if self.training else 0.0,
+                           threshold=self.mosa_threshold if causal else None, **opts)
+        if causal and self.training and plan.sparsity > 1 and plan.threshold_momentum > 0:
+            self._mosa_track_threshold(x, valid)
+        return y
+
+    @torch.no_grad()
+    def _mosa_track_threshold(self, x: Tensor, valid: Tensor | None) -> None:
+        """Move each unit's threshold toward the batch's (1 - 1/sparsity) quantile of its router logits."""
+        from .causal import logit_quantile
+
+        target = logit_quantile(self.mosa_router, x, valid, self.mosa_plan)  # (E,)
+        m = self.mosa_plan.threshold_momentum
+        self.mosa_threshold.mul_(1 - m).add_(m * target.to(self.mosa_threshold.dtype))
 
 
 _CLASSES: dict[type, type] = {}
@@ -225,6 +250,14 @@ def dense_kv_layout(dense: tuple[int, ...], num_heads: int, num_kv_heads: int) -
     if all(c == g for c in counts.values()):
         return tuple(used), g
     return tuple(kv_of), 1
+
+
+def init_threshold_(threshold: Tensor, sparsity: float) -> None:
+    """Causal-routing threshold for unit-RMS logits: the (1 - 1/sparsity) normal quantile (-inf at sparsity 1)."""
+    from statistics import NormalDist
+
+    with torch.no_grad():
+        threshold.fill_(-math.inf if sparsity <= 1 else NormalDist().inv_cdf(1 - 1 / sparsity))
 
 
 def init_router_(router: nn.Parameter) -> None:

@@ -24,6 +24,7 @@ ROUTER_INITS = ("random", "calibrated")
 GRANULARITIES = ("head", "kv_group")
 KEPT_HEADS = ("dense", "local")
 HEAD_CHOICES = ("first", "last", "scored")
+ROUTINGS = ("expert_choice", "causal")
 
 
 def _fail(name: str, value: Any, valid: str) -> None:
@@ -67,6 +68,13 @@ class MoSAConfig:
     """'random' or 'calibrated' (fit routers to the dense heads' attention on calibration text)."""
     router_granularity: str = "head"
     """'head': every MoSA head routes its own tokens; 'kv_group': a GQA group shares one selection and K/V."""
+    routing: str = "expert_choice"
+    """'expert_choice' (paper: top-k over the whole sequence, exact budget, sees future tokens) or 'causal'
+    (token t is selected iff its router logit exceeds the unit's threshold: depends on t alone, so the model
+    generates token by token with a sparse KV cache; the selection rate is 1/sparsity on average)."""
+    threshold_momentum: float = 0.05
+    """Causal routing: in training, each unit's threshold moves this fraction of the way to the batch's
+    (1 - 1/sparsity) quantile of its router logits after every forward."""
     base_model_name_or_path: str | None = None
     """Provenance: the checkpoint that was converted (filled in by the CLI / loader)."""
     version: int = CONFIG_VERSION
@@ -91,7 +99,8 @@ class MoSAConfig:
             if not isinstance(ids, (list, tuple)) or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in ids):
                 _fail(f"dense_head_ids[{key!r}]", ids, "a list of head indices >= 0")
         for name, valid in (("head_choice", HEAD_CHOICES), ("kept_heads", KEPT_HEADS), ("router_score", ROUTER_SCORES),
-                            ("router_init", ROUTER_INITS), ("router_granularity", GRANULARITIES)):
+                            ("router_init", ROUTER_INITS), ("router_granularity", GRANULARITIES),
+                           ("routing", ROUTINGS)):
             if getattr(self, name) not in valid:
                 _fail(name, getattr(self, name), f"one of {valid}")
         if self.layers != "all":
@@ -102,6 +111,9 @@ class MoSAConfig:
                 _fail("layers", self.layers, "'all', a list of layer indices or 're:<regex>'")
         if isinstance(self.local_window, bool) or not isinstance(self.local_window, int) or self.local_window < 1:
             _fail("local_window", self.local_window, "an integer >= 1")
+        if isinstance(self.threshold_momentum, bool) or not isinstance(self.threshold_momentum, Real) or not (
+                0 <= self.threshold_momentum <= 1):
+            _fail("threshold_momentum", self.threshold_momentum, "a number in [0, 1]")
         if not isinstance(self.include_first, bool):
             _fail("include_first", self.include_first, "true or false")
         if self.version > CONFIG_VERSION:

@@ -85,6 +85,40 @@ def select_tokens(
     return Selection(key.remainder(T), key < T)
 
 
+def select_tokens_causal(
+    logits: Tensor, threshold: Tensor, include_first: bool = False, valid: Tensor | None = None,
+    first: Tensor | None = None,
+) -> Selection:
+    """Causal routing: unit e selects token t iff its router logit exceeds the unit's threshold.
+
+    Whether t is selected depends on x_t alone (and on whether t is the row's first real token), never on
+    other tokens, so prefill + token-by-token decoding selects exactly what a full forward selects.
+    The number of selected tokens varies per unit and row; K is the largest, shorter rows get dead slots
+    (sorted after every live slot, as in :func:`select_tokens`).
+
+    Args:
+        logits: (E, B, T) router logits. threshold: (E,) per-unit thresholds (-inf selects everything).
+        include_first: always select the row's first real token. valid: (B, T) bool, False for padding.
+        first: (B, T) bool marking first real tokens (default: the first True of ``valid`` per row).
+    """
+    E, B, T = logits.shape
+    chosen = logits.detach() > threshold.view(E, 1, 1).to(logits.dtype)  # (E, B, T)
+    if valid is not None:
+        chosen = chosen & valid
+    if include_first:
+        if first is None:
+            v = valid if valid is not None else torch.ones(B, T, dtype=torch.bool, device=logits.device)
+            first = v & (v.int().cumsum(-1) == 1)
+        chosen = chosen | first
+    count = chosen.sum(-1)  # (E, B)
+    K = int(count.max()) if count.numel() else 0
+    pos = torch.arange(T, device=logits.device)
+    key = torch.where(chosen, pos, pos + T)  # chosen tokens first, in position order
+    key = key.sort(dim=-1).values[..., :K]  # (E, B, K)
+    live = key < T
+    return Selection(key.remainder(T), None if bool(live.all()) else live)
+
+
 def router_gates(selected_logits: Tensor, router_score: str) -> Tensor:
     """Multiplier for each selected output row.
 
@@ -179,6 +213,7 @@ def mosa_attention(
     dropout_p: float = 0.0,
     attention_mask: Tensor | None = None,
     add_to: Tensor | None = None,
+    threshold: Tensor | None = None,
 ) -> Tensor:
     """All MoSA units of one layer, batched (no loop over heads).
 
@@ -197,6 +232,8 @@ def mosa_attention(
         sliding_window: a query at position i sees only keys with i - j < window (sliding-window layers).
         attention_mask: (B, T), nonzero/True for real tokens; padding is never selected.
         add_to: optional (B, T, h) tensor that the result is added to (e.g. the dense heads' output).
+        threshold: (E,) per-unit thresholds: causal routing (:func:`select_tokens_causal`) instead of
+            expert-choice top-K; ``sparsity`` is then only the target rate the thresholds are set for.
 
     Returns:
         (B, T, h): the sum over units of their scattered outputs (+ ``add_to``).
@@ -209,7 +246,10 @@ def mosa_attention(
     # 1. route: score every token (no autograd here), expert-choice top-K per unit, sorted by position
     with torch.no_grad():
         logits = torch.matmul(router, x.reshape(B * T, h).t()).view(E, B, T)  # (E, B, T)
-    idx, live = select_tokens(logits, sparsity, include_first, valid)  # (E, B, K)
+    if threshold is None:
+        idx, live = select_tokens(logits, sparsity, include_first, valid)  # (E, B, K)
+    else:
+        idx, live = select_tokens_causal(logits, threshold, include_first, valid)
     K = idx.shape[-1]
     if K == 0:
         return x.new_zeros(B, T, h) if add_to is None else add_to

@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from .attention import LayerPlan, dense_kv_layout, init_router_, mosa_class
+from .attention import LayerPlan, dense_kv_layout, init_router_, init_threshold_, mosa_class
 from .calibration import LayerStats, collect_stats
 from .config import MoSAConfig
 from .families import Family, family_of
@@ -80,7 +80,8 @@ def plan_layers(model: nn.Module, config: MoSAConfig, stats: dict[int, LayerStat
         plans[idx] = LayerPlan(
             dense=tuple(dense), mosa=tuple(mosa), sparsity=config.sparsity, include_first=config.include_first,
             router_score=config.router_score, granularity=config.router_granularity if G > 1 else "head",
-            kept_heads=config.kept_heads, local_window=config.local_window, group_size=G,
+            kept_heads=config.kept_heads, local_window=config.local_window, group_size=G, routing=config.routing,
+            threshold_momentum=config.threshold_momentum,
         )
     return plans
 
@@ -139,7 +140,14 @@ def convert_(model: nn.Module, config: MoSAConfig, calibration: Tensor | None = 
                 m.mosa_router.copy_(stats[idx].fit_router(units).to(ref.dtype))
         else:
             init_router_(m.mosa_router)
+        if plan.routing == "causal":
+            m.register_buffer("mosa_threshold", torch.empty(len(units), device=ref.device, dtype=torch.float32))
+            init_threshold_(m.mosa_threshold, plan.sparsity)
 
+    if config.routing == "causal" and calibration is not None:
+        from .causal import calibrate_thresholds_
+
+        calibrate_thresholds_(model, calibration)
     resolved = dataclasses.replace(config, dense_head_ids={str(i): list(p.dense) for i, p in plans.items()},
                                    layers=sorted(plans))
     model.config.mosa = resolved.to_dict()

@@ -1,0 +1,74 @@
+"""Causal routing: per-unit router thresholds, set on calibration text and tracked during training.
+
+Rule: MoSA unit e selects token t iff  x_t · w_e > τ_e  (or t is the row's first real token, when
+``include_first``). The decision reads x_t only, and x_t depends only on tokens ≤ t, so whether t is selected
+never depends on the future: a full forward, a prefill and token-by-token decoding select the same tokens.
+τ_e is set so that a fraction 1/sparsity of tokens passes on average: on calibration text at conversion
+(the (1 - 1/sparsity) quantile of the unit's logits on the converted model's own hidden states, layer after
+layer), and in training by an exponential moving average toward each batch's quantile (the selection of a
+step uses the threshold from before it, so training runs exactly the rule inference runs). Unlike
+expert-choice top-k the number of tokens per unit varies from row to row; only its mean is 1/sparsity.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+def logit_quantile(router: Tensor, x: Tensor, valid: Tensor | None, plan) -> Tensor:
+    """(E,) (1 - 1/sparsity) quantile of each unit's router logits over the real tokens of x (B, T, h)."""
+    B, T, h = x.shape
+    logits = (x.reshape(B * T, h).float() @ router.float().t())  # (B·T, E)
+    keep = torch.ones(B, T, dtype=torch.bool, device=x.device) if valid is None else valid.clone()
+    if plan.include_first:  # the first token is always selected: it does not count against the budget
+        keep = keep & (keep.int().cumsum(-1) > 1)
+    logits = logits[keep.reshape(-1)]
+    if logits.shape[0] == 0:
+        return torch.full((router.shape[0],), float("nan"), device=x.device)
+    level = 1.0 - 1.0 / plan.sparsity
+    if logits.shape[0] > 1 << 20:  # torch.quantile's input limit; a strided subsample is plenty
+        logits = logits[:: logits.shape[0] // (1 << 20) + 1]
+    return torch.quantile(logits, level, dim=0)
+
+
+class _Done(Exception):
+    pass
+
+
+@torch.no_grad()
+def calibrate_thresholds_(model: nn.Module, calibration: Tensor | None) -> None:
+    """Set every causal MoSA unit's threshold from calibration token ids (N, T) in one forward pass.
+
+    Layer l's threshold is set from its input before its MoSA heads run, so later layers see inputs made
+    with the thresholds already in place; the pass stops after the last converted layer.
+    """
+    from .surgery import mosa_layers
+
+    layers = {i: m for i, m in mosa_layers(model).items() if m.mosa_plan.routing == "causal"}
+    if not layers or calibration is None:
+        return
+    last = max(layers)
+
+    def observe(module, x, W, mask, cos, sin):
+        plan = module.mosa_plan
+        if plan.sparsity > 1:
+            from .attention import key_padding
+
+            tau = logit_quantile(module.mosa_router, x, key_padding(mask, x.shape[1]), plan)
+            module.mosa_threshold.copy_(tau.to(module.mosa_threshold.dtype))
+        if module.layer_idx == last:
+            raise _Done
+
+    was_training = model.training
+    model.eval()
+    for m in layers.values():
+        m.mosa_observer = observe
+    try:
+        model(input_ids=calibration.to(next(model.parameters()).device), use_cache=False)
+    except _Done:
+        pass
+    finally:
+        for m in layers.values():
+            m.__dict__.pop("mosa_observer", None)
+        model.train(was_training)
