@@ -54,6 +54,22 @@ def add_parser(sub) -> None:
     a.add_argument("--output", help="also write the Markdown table to this file")
     a.set_defaults(run=run_attention)
 
+    g = bsub.add_parser(
+        "generate", help="a converted causal-routing model against its original: KV-cache bytes and decode speed",
+        description="Prefill the same text into MODEL (converted, routing='causal') and into its original, measure "
+                    "the KV cache each holds at every --contexts length, and time greedy decoding one token at a "
+                    "time after --decode-context tokens. Prints ratios against the original. Text: the embedded "
+                    "Wikipedia articles, repeated as needed.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g.add_argument("model", metavar="MODEL_OR_DIR", help="a converted model with routing='causal'")
+    g.add_argument("--baseline", help="the original model (default: the converted model's base)")
+    g.add_argument("--contexts", type=_positive_ints, default=(2048, 8192), help="prefill lengths for KV bytes")
+    g.add_argument("--decode-context", type=int, default=4096, help="context length at which decoding is timed")
+    g.add_argument("--decode-tokens", type=int, default=32, help="decode steps timed")
+    g.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 gives stable ratios)")
+    g.add_argument("--output", help="also write the Markdown table to this file")
+    g.set_defaults(run=run_generate)
+
 
 def run_attention(args: argparse.Namespace) -> int:
     from mosa_retrofit.bench.attention import bench_attention, format_table, profile_mosa
@@ -84,6 +100,47 @@ def run_attention(args: argparse.Namespace) -> int:
         T = max(args.seq_lens)
         print(f"\nProfile of one all-MoSA forward+backward, T={T}, sparsity {args.sparsities[0]:g}:")
         print(profile_mosa(T, args.sparsities[0], args.width, args.heads, args.head_dim, args.device))
+    return 0
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from transformers import AutoTokenizer
+
+    from mosa_retrofit.bench.generate import bench_generate, format_rows
+    from mosa_retrofit.data import token_stream
+
+    from .convert import _check_local
+    from .evaluate import _load
+
+    if args.decode_context < 2 or args.decode_tokens < 1 or args.threads < 1:
+        raise ValueError("--decode-context must be >= 2, --decode-tokens and --threads >= 1")
+    _check_local(args.model)
+    model, source = _load(args.model)
+    mosa = getattr(model.config, "mosa", None) or {}
+    if mosa.get("routing") != "causal":
+        raise ValueError(f"{args.model} is not a converted model with routing='causal' (it cannot decode with a cache)")
+    base = args.baseline or mosa.get("base_model_name_or_path")
+    if base is None:
+        raise ValueError(f"{args.model} names no base model; give --baseline")
+    _check_local(base)
+    original, _ = _load(base)
+    torch.set_num_threads(args.threads)
+    from mosa_retrofit.assets import wikipedia_articles
+
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    need = max(max(args.contexts), args.decode_context) + 1
+    ids = token_stream(tokenizer, wikipedia_articles(), need).long()
+    while ids.numel() < need:
+        ids = torch.cat([ids, ids])
+    rows = bench_generate(model, original, ids[None, :need], list(args.contexts), args.decode_context,
+                          args.decode_tokens)
+    header = (f"Decoding: {args.model} (MoSA, causal routing) vs {base}; greedy, batch 1, "
+              f"{next(model.parameters()).dtype}, torch {torch.__version__}, {args.threads} thread(s){_cpu_name()}")
+    table = format_rows(rows)
+    print(header + "\n\n" + table)
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(header + "\n\n" + table + "\n")
     return 0
 
 

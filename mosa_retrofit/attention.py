@@ -222,6 +222,7 @@ class MoSAAttentionMixin:
 
         target = logit_quantile(self.mosa_router, x, valid, self.mosa_plan)  # (E,)
         m = self.mosa_plan.threshold_momentum
+        target = torch.where(torch.isnan(target), self.mosa_threshold.float(), target)  # rows of only padding
         self.mosa_threshold.mul_(1 - m).add_(m * target.to(self.mosa_threshold.dtype))
 
 

@@ -26,10 +26,18 @@ def logit_quantile(router: Tensor, x: Tensor, valid: Tensor | None, plan) -> Ten
     logits = logits[keep.reshape(-1)]
     if logits.shape[0] == 0:
         return torch.full((router.shape[0],), float("nan"), device=x.device)
-    level = 1.0 - 1.0 / plan.sparsity
-    if logits.shape[0] > 1 << 20:  # torch.quantile's input limit; a strided subsample is plenty
-        logits = logits[:: logits.shape[0] // (1 << 20) + 1]
-    return torch.quantile(logits, level, dim=0)
+    n = logits.shape[0]
+    k = min(max(int(round(n / plan.sparsity)), 1), n)  # tokens to pass
+    v = logits.sort(dim=0, descending=True).values  # (n, E)
+    # halfway between the k-th largest logit and the next smaller distinct one: no calibration logit sits on
+    # the threshold (repeated tokens give equal logits in the first layer), so float noise from another
+    # kernel or batch shape cannot flip a token seen in calibration
+    out = []
+    for e in range(v.shape[1]):
+        above = v[k - 1, e]
+        below = v[k:, e][v[k:, e] < above]
+        out.append((above + below[0]) / 2 if below.numel() else above - 1.0)
+    return torch.stack(out)
 
 
 class _Done(Exception):
@@ -72,3 +80,26 @@ def calibrate_thresholds_(model: nn.Module, calibration: Tensor | None) -> None:
         for m in layers.values():
             m.__dict__.pop("mosa_observer", None)
         model.train(was_training)
+
+
+def make_causal_(model: nn.Module, calibration: Tensor | None, momentum: float = 0.05) -> nn.Module:
+    """Switch an expert-choice converted model (e.g. one adapted that way) to causal routing, in place.
+
+    Routers are kept; thresholds are set on ``calibration`` token ids (N, T) (or the normal quantile if None).
+    """
+    import dataclasses
+
+    from .attention import init_threshold_
+    from .surgery import mosa_layers
+
+    layers = mosa_layers(model)
+    if not layers:
+        raise ValueError("the model has no MoSA layers; convert it first")
+    for m in layers.values():
+        m.mosa_plan = dataclasses.replace(m.mosa_plan, routing="causal", threshold_momentum=momentum)
+        if not hasattr(m, "mosa_threshold"):
+            m.register_buffer("mosa_threshold", torch.empty(m.mosa_router.shape[0], device=m.mosa_router.device))
+        init_threshold_(m.mosa_threshold, m.mosa_plan.sparsity)
+    model.config.mosa = {**model.config.mosa, "routing": "causal", "threshold_momentum": momentum}
+    calibrate_thresholds_(model, calibration)
+    return model

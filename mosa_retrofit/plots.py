@@ -67,7 +67,10 @@ def plot_selection(model: nn.Module, tokenizer_source: str, path: str, layer: in
 
 
 def plot_losses(metrics_jsonl, path) -> None:
-    """Training loss per stage and validation loss (from metrics.jsonl) against the optimizer step."""
+    """Training loss per stage and validation LM loss (from metrics.jsonl) against the optimizer step.
+
+    Adaptation stages are drawn with their LM part (comparable with validation); warm-up with its KL.
+    """
     import json
 
     import matplotlib
@@ -76,19 +79,25 @@ def plot_losses(metrics_jsonl, path) -> None:
     import matplotlib.pyplot as plt
 
     records = [json.loads(line) for line in open(metrics_jsonl) if line.strip()]
+    train = [r for r in records if r["split"] == "train"]
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    stages = list(dict.fromkeys(r["stage"] for r in records if r["split"] == "train"))
+    stages = list(dict.fromkeys(r["stage"] for r in train))
     for stage in stages:
-        pts = [(r["global_step"], r["loss"]) for r in records if r["split"] == "train" and r["stage"] == stage]
-        ax.plot(*zip(*pts), label=f"train: {stage}", linewidth=1.2)
-    val = [(r["global_step"], r["loss"]) for r in records if r["split"] == "validation"]
+        pts = [(r["global_step"], r.get("lm", r["loss"])) for r in train if r["stage"] == stage]
+        kind = "LM loss" if "lm" in train[[r["stage"] for r in train].index(stage)] else "warm-up KL"
+        ax.plot(*zip(*pts), label=f"train {kind}: {stage}", linewidth=1.2)
+    val = [r for r in records if r["split"] == "validation" and r["stage"] != "original model"]
     if val:
-        ax.plot(*zip(*val), "o--", color="black", label="validation (LM loss)", markersize=4)
+        ax.plot([r["global_step"] for r in val], [r["loss"] for r in val], "o--", color="black",
+                label="validation LM loss", markersize=4)
+    original = [r for r in records if r["split"] == "validation" and r["stage"] == "original model"]
+    if original:
+        ax.axhline(original[0]["loss"], color="green", linestyle=":", label="validation LM loss, original model")
     for stage in stages[1:]:
-        first = min(r["global_step"] for r in records if r["split"] == "train" and r["stage"] == stage)
+        first = min(r["global_step"] for r in train if r["stage"] == stage)
         ax.axvline(first - 0.5, color="grey", linewidth=0.8, linestyle=":")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (warm-up: KL to dense attention mass)")
+    ax.set_ylabel("loss (nats / token)")
     ax.set_title("mosa-retrofit train")
     ax.legend()
     ax.grid(alpha=0.3)

@@ -1,0 +1,86 @@
+"""``mosa-retrofit generate MODEL "prompt"``: stream text and report the KV cache against the original."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "generate", help="generate text token by token (causal routing + sparse KV cache) and report KV bytes",
+        description="Stream a continuation of PROMPT from MODEL_OR_DIR (a converted model with routing='causal' decodes "
+                    "with its sparse KV cache; original models work too), then print the KV-cache bytes used against "
+                    "what the unconverted model caches at the same length.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("model", metavar="MODEL_OR_DIR")
+    p.add_argument("prompt", metavar="PROMPT")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=0.8, help="with --sample")
+    p.add_argument("--top-p", type=float, default=0.95, help="with --sample")
+    p.add_argument("--num-beams", type=int, default=1, help="beam search width (1: no beam search)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-cache", action="store_true",
+                   help="recompute the whole sequence for every token (the only way an expert-choice model generates)")
+    p.set_defaults(run=run)
+
+
+def original_kv_bytes(model, tokens: int, batch: int = 1) -> int:
+    """Bytes of K/V the unconverted model would cache for ``tokens`` tokens (sliding layers keep their window)."""
+    from mosa_retrofit.families import family_of
+    from mosa_retrofit.surgery import attention_layers
+
+    fam = family_of(model)
+    size = next(model.parameters()).element_size()
+    total = 0
+    for _, m in attention_layers(model, fam).values():
+        H, KV, d = fam.dims(m)
+        window = fam.sliding_window(m)
+        kept = tokens if window is None else min(tokens, window)
+        total += 2 * batch * KV * kept * d * size
+    return total
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    from transformers import AutoTokenizer, TextStreamer
+
+    from mosa_retrofit.cache import cache_bytes
+
+    from .evaluate import _load
+
+    if args.max_new_tokens < 1 or args.num_beams < 1:
+        raise ValueError("--max-new-tokens and --num-beams must be >= 1")
+    from .convert import _check_local
+
+    _check_local(args.model)
+    model, source = _load(args.model)
+    mosa = getattr(model.config, "mosa", None) or {}
+    if mosa and mosa.get("routing", "expert_choice") != "causal" and not args.no_cache:
+        raise ValueError(f"{args.model} uses expert-choice routing, which cannot decode with a cache (top-k looks at "
+                         "the whole sequence); convert or train with routing='causal', or pass --no-cache")
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    ids = tokenizer(args.prompt, return_tensors="pt")
+    torch.manual_seed(args.seed)
+    streamer = TextStreamer(tokenizer, skip_prompt=False) if args.num_beams == 1 else None
+    opts = dict(max_new_tokens=args.max_new_tokens, do_sample=args.sample, num_beams=args.num_beams,
+                use_cache=not args.no_cache, return_dict_in_generate=True, streamer=streamer,
+                pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+    if args.sample:
+        opts.update(temperature=args.temperature, top_p=args.top_p)
+    with torch.no_grad():
+        out = model.generate(**ids, **opts)
+    if streamer is None:
+        print(tokenizer.decode(out.sequences[0], skip_special_tokens=True))
+    length = out.sequences.shape[1]
+    cache = getattr(out, "past_key_values", None)
+    if cache is None or args.no_cache:
+        print(f"\n{length} tokens (no cache)")
+        return 0
+    dense, sparse = cache_bytes(cache)
+    rows = out.sequences.shape[0]
+    original = original_kv_bytes(model, length - 1, rows)  # the last token is never cached
+    print(f"\nKV cache after {length - 1} tokens: {(dense + sparse) / 1024:,.1f} KiB (dense heads {dense / 1024:,.1f} KiB, "
+          f"MoSA heads {sparse / 1024:,.1f} KiB); the original model caches {original / 1024:,.1f} KiB: "
+          f"{(dense + sparse) / original:.3f}x")
+    return 0

@@ -1,0 +1,198 @@
+"""Causal routing and the sparse KV cache: causality, incremental == full forward, generate() exactness."""
+
+import copy
+
+import pytest
+import torch
+from tiny_models import FAMILIES, tiny_model
+from transformers import DynamicCache
+
+import mosa_retrofit
+from mosa_retrofit import MoSAConfig, convert_
+from mosa_retrofit.cache import cache_bytes
+from mosa_retrofit.sparse import select_tokens_causal
+from mosa_retrofit.surgery import mosa_layers
+
+CAUSAL = dict(sparsity=4, dense_heads=1, routing="causal")
+
+
+def causal_model(family, seed=0, **over):
+    model = tiny_model(family, seed=seed)
+    g = torch.Generator().manual_seed(seed + 7)
+    convert_(model, MoSAConfig(**{**CAUSAL, **over}), calibration=torch.randint(1, 128, (4, 32), generator=g))
+    return model
+
+
+def ids(B=2, T=24, seed=0):
+    return torch.randint(1, 128, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def test_select_tokens_causal_against_a_loop():
+    torch.manual_seed(0)
+    E, B, T = 3, 2, 11
+    logits, tau = torch.randn(E, B, T), torch.tensor([0.0, 0.5, -0.3])
+    valid = torch.ones(B, T, dtype=torch.bool)
+    valid[1, :3] = False
+    for include_first in (False, True):
+        idx, live = select_tokens_causal(logits, tau, include_first, valid)
+        for e in range(E):
+            for b in range(B):
+                real = [t for t in range(T) if valid[b, t]]
+                want = [t for t in real if logits[e, b, t] > tau[e] or (include_first and t == real[0])]
+                got = idx[e, b][live[e, b]].tolist() if live is not None else idx[e, b].tolist()
+                assert got == want
+                if live is not None:
+                    assert live[e, b].tolist() == [True] * len(want) + [False] * (idx.shape[-1] - len(want))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_future_tokens_never_change_earlier_outputs(family):
+    model = causal_model(family)
+    a = ids()
+    b = a.clone()
+    b[:, 12:] = torch.randint(1, 128, (2, 12), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        la, lb = model(a).logits, model(b).logits
+    torch.testing.assert_close(la[:, :12], lb[:, :12], atol=1e-6, rtol=0)
+
+
+def test_expert_choice_leaks_the_future():
+    """The paper's routing: top-k over the whole sequence, so later tokens change which earlier tokens a head
+    keeps, and with them earlier outputs (the leak the causal mode removes)."""
+    model = tiny_model("llama")
+    convert_(model, MoSAConfig(sparsity=4, dense_heads=1))
+    a = ids(T=32)
+    b = a.clone()
+    b[:, 16:] = torch.randint(1, 128, (2, 16), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        la, lb = model(a).logits, model(b).logits
+    assert (la[:, :16] - lb[:, :16]).abs().max() > 1e-3
+
+
+def _incremental(model, x, mask=None, prefill=10):
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        m = None if mask is None else mask[:, :prefill]
+        out = [model(x[:, :prefill], attention_mask=m, past_key_values=cache, use_cache=True).logits]
+        for t in range(prefill, x.shape[1]):
+            m = None if mask is None else mask[:, : t + 1]
+            out.append(model(x[:, t: t + 1], attention_mask=m, past_key_values=cache, use_cache=True).logits)
+    return torch.cat(out, 1), cache
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_incremental_decode_equals_full_forward(family):
+    model = causal_model(family)
+    x = ids(T=24)
+    mask = torch.ones_like(x)
+    mask[1, :5] = 0  # left padding
+    with torch.no_grad():
+        full = model(x, attention_mask=mask, use_cache=False).logits
+    inc, cache = _incremental(model, x, mask)
+    real = mask.bool()
+    torch.testing.assert_close(inc[real], full[real], atol=1e-4, rtol=0)
+    layers = [layer for layer in cache.layers if type(layer).__name__.startswith("MoSA")]
+    assert len(layers) == 2 and all(layer.get_seq_length() == 24 for layer in layers)
+    counts = torch.stack([layer.mosa_count for layer in layers])  # (layers, E, B): tokens each unit keeps
+    assert 0 < counts.float().mean() < 24  # sparse: not everything is cached
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma2", "qwen3", "phi3"])
+def test_generate_with_cache_equals_without(family):
+    model = causal_model(family)
+    prompt = ids(T=9)
+    mask = torch.ones_like(prompt)
+    mask[0, :3] = 0  # batched, left padding
+    opts = dict(attention_mask=mask, max_new_tokens=12, pad_token_id=0, do_sample=False)
+    with torch.no_grad():
+        greedy = model.generate(prompt, use_cache=True, **opts)
+        greedy_nc = model.generate(prompt, use_cache=False, **opts)
+        beam = model.generate(prompt, use_cache=True, num_beams=3, **opts)
+        beam_nc = model.generate(prompt, use_cache=False, num_beams=3, **opts)
+        torch.manual_seed(3)
+        sample = model.generate(prompt, use_cache=True, **{**opts, "do_sample": True, "top_k": 20})
+        torch.manual_seed(3)
+        sample_nc = model.generate(prompt, use_cache=False, **{**opts, "do_sample": True, "top_k": 20})
+    assert torch.equal(greedy, greedy_nc) and torch.equal(beam, beam_nc) and torch.equal(sample, sample_nc)
+    assert greedy.shape == (2, 21)
+
+
+def test_identity_at_sparsity_one_including_decode():
+    model = tiny_model("llama")
+    x = ids(T=20)
+    with torch.no_grad():
+        ref = model(x).logits
+    convert_(model, MoSAConfig(sparsity=1, dense_heads=1, routing="causal", include_first=False))
+    assert all(torch.isinf(m.mosa_threshold).all() for m in mosa_layers(model).values())
+    with torch.no_grad():
+        full = model(x, use_cache=False).logits
+    inc, _ = _incremental(model, x)
+    torch.testing.assert_close(full, ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(inc, ref, atol=1e-5, rtol=0)
+
+
+def test_thresholds_calibrated_then_tracked_in_training():
+    model = causal_model("llama", sparsity=4, threshold_momentum=0.5)
+    x = ids(B=4, T=64, seed=3)
+    rates = {}
+
+    def rate():
+        seen = []
+        for m in mosa_layers(model).values():
+            m.mosa_observer = lambda mod, h, W, mask, cos, sin: seen.append(
+                ((h @ mod.mosa_router.t())[:, 1:] > mod.mosa_threshold).float().mean().item())
+        with torch.no_grad():
+            model(x, use_cache=False)
+        for m in mosa_layers(model).values():
+            m.__dict__.pop("mosa_observer")
+        return sum(seen) / len(seen)
+
+    rates["calibrated"] = rate()
+    model.train()
+    for _ in range(30):  # each forward moves the thresholds halfway to this batch's 75% quantile
+        with torch.no_grad():
+            model(x, use_cache=False)
+    model.eval()
+    rates["tracked"] = rate()
+    assert abs(rates["tracked"] - 0.25) < 0.03, rates
+    assert abs(rates["calibrated"] - 0.25) < 0.15, rates  # calibrated on other (random) text
+
+
+def test_cache_bytes_and_unsupported_operations(tmp_path):
+    model = causal_model("llama")
+    x = ids(T=16)
+    _, cache = _incremental(model, x, prefill=8)
+    dense, mosa = cache_bytes(cache)
+    # 1 dense head per layer reads KV head 0 only: 2 layers x (K and V) x B=2 x 1 x 16 tokens x d=16 x 4 bytes
+    assert dense == 2 * 2 * 2 * 1 * 16 * 16 * 4
+    kept = sum(int(layer.mosa_count.sum()) for layer in cache.layers)
+    assert mosa == kept * 2 * 16 * 4 and 0 < kept < 2 * 3 * 2 * 16
+    with pytest.raises(NotImplementedError, match="cannot be cropped"):
+        cache.crop(-1)
+    with pytest.raises(ValueError, match="dynamic cache"):
+        model.generate(ids(T=4), max_new_tokens=2, cache_implementation="static", pad_token_id=0)
+    expert = tiny_model("llama")
+    convert_(expert, MoSAConfig(sparsity=4, dense_heads=1))
+    with pytest.raises(ValueError, match="routing='causal'"):
+        expert.generate(ids(T=4), max_new_tokens=2, pad_token_id=0)
+
+
+def test_causal_model_saves_and_loads_with_thresholds(tmp_path):
+    model = causal_model("qwen3")
+    for m in mosa_layers(model).values():
+        m.mosa_threshold.add_(0.123)  # trained thresholds must survive the round trip
+    model.save_pretrained(tmp_path / "m")
+    loaded = mosa_retrofit.load(str(tmp_path / "m"))
+    assert loaded.config.mosa["routing"] == "causal"
+    x = ids()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, model(x).logits, atol=0, rtol=0)
+    for a, b in zip(mosa_layers(model).values(), mosa_layers(loaded).values()):
+        assert torch.equal(a.mosa_threshold, b.mosa_threshold)
+
+
+def test_bad_routing_config():
+    with pytest.raises(ValueError, match="routing.*causal"):
+        MoSAConfig(routing="sometimes")
+    with pytest.raises(ValueError, match="threshold_momentum"):
+        MoSAConfig(threshold_momentum=2)
