@@ -60,3 +60,31 @@ def test_perplexity_before_and_after_conversion(smollm2):
     assert all(v > original for v in results.values())  # unadapted conversion loses quality ...
     assert results["calibrated routers"] < results["random routers"]  # ... calibration recovers part of it
     assert results["scored heads + calibrated routers"] < results["calibrated routers"]
+
+
+def test_causal_decode_and_generate_on_smollm2(smollm2):
+    """Causal routing on the real model: prefill + token-by-token decode equals the full forward, greedy
+    generate() with the sparse cache equals generate() without a cache, and the cache is sparse."""
+    from transformers import DynamicCache
+
+    from mosa_retrofit import MoSAConfig, convert_
+    from mosa_retrofit.cache import cache_bytes
+
+    base, calib, val = smollm2
+    model = convert_(copy.deepcopy(base), MoSAConfig(sparsity=8, dense_heads=3, routing="causal",
+                                                     router_init="calibrated"), calibration=calib[:8], progress=False)
+    ids = val[:1, :96]
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+        cache = DynamicCache(config=model.config)
+        steps = [model(ids[:, :64], past_key_values=cache, use_cache=True).logits]
+        for t in range(64, 96):
+            steps.append(model(ids[:, t: t + 1], past_key_values=cache, use_cache=True).logits)
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-4, rtol=0)
+    dense, sparse = cache_bytes(cache)
+    original = 30 * 2 * 3 * 96 * 64 * 4  # 30 layers, K and V, 3 KV heads, 96 tokens, d = 64, fp32
+    assert (dense + sparse) / original < 0.6
+    with torch.no_grad():
+        a = model.generate(ids[:, :32], max_new_tokens=16, do_sample=False, use_cache=True)
+        b = model.generate(ids[:, :32], max_new_tokens=16, do_sample=False, use_cache=False)
+    assert torch.equal(a, b)

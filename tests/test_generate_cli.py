@@ -1,0 +1,61 @@
+"""``mosa-retrofit generate`` and ``mosa-retrofit bench generate`` on a tiny causal-routing model."""
+
+import re
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from mosa_retrofit import MoSAConfig, convert_
+from mosa_retrofit.cli.main import main
+from train_fixtures import make_world
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gen")
+    base, _ = make_world(root)
+    tok = AutoTokenizer.from_pretrained(base)
+    out = {}
+    for routing in ("causal", "expert_choice"):
+        model = AutoModelForCausalLM.from_pretrained(base)
+        calib = torch.randint(1, len(tok), (4, 32), generator=torch.Generator().manual_seed(0))
+        convert_(model, MoSAConfig(sparsity=4, dense_heads=1, routing=routing, base_model_name_or_path=str(base)),
+                 calibration=calib)
+        model.save_pretrained(root / routing)
+        tok.save_pretrained(root / routing)
+        out[routing] = root / routing
+    out["base"] = base
+    return out
+
+
+def test_generate_streams_and_reports_kv_bytes(models, capsys):
+    assert main(["generate", str(models["causal"]), "the cat sees", "--max-new-tokens", "6"]) == 0
+    text = capsys.readouterr().out
+    m = re.search(r"KV cache after (\d+) tokens: ([\d,.]+) KiB .* caches ([\d,.]+) KiB: ([\d.]+)x", text)
+    assert m, text
+    n, used, original, ratio = int(m.group(1)), *(float(g.replace(",", "")) for g in m.groups()[1:])
+    # original: 2 layers x (K and V) x 2 KV heads x n tokens x 16 dims x 4 bytes
+    assert abs(original * 1024 - 2 * 2 * 2 * n * 16 * 4) < 1
+    assert abs(ratio - used / original) < 0.05 / original + 1e-3  # KiB printed to 0.1
+    assert "the cat sees" in text
+
+
+def test_generate_refuses_expert_choice_with_cache(models, capsys):
+    assert main(["generate", str(models["expert_choice"]), "the cat", "--max-new-tokens", "3"]) == 2
+    assert "routing='causal'" in capsys.readouterr().err
+    assert main(["generate", str(models["expert_choice"]), "the cat", "--max-new-tokens", "3", "--no-cache"]) == 0
+
+
+def test_bench_generate_prints_ratios(models, capsys, tmp_path):
+    out = tmp_path / "gen.md"
+    assert main(["bench", "generate", str(models["causal"]), "--contexts", "32,64", "--decode-context", "48",
+                 "--decode-tokens", "2", "--output", str(out)]) == 0
+    text = capsys.readouterr().out
+    rows = [line for line in text.splitlines() if re.match(r"\| \d+ \|", line)]
+    assert [int(r.split("|")[1]) for r in rows] == [32, 48, 64]
+    for r in rows:
+        kv = float(r.split("|")[4])
+        assert 0 < kv < 1
+    assert float(rows[1].split("|")[7]) > 0 and out.read_text().count("|") > 20
+    assert main(["bench", "generate", str(models["expert_choice"])]) == 2
