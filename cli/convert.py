@@ -9,7 +9,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from mosa_retrofit.config import GRANULARITIES, HEAD_CHOICES, KEPT_HEADS, ROUTER_INITS, ROUTER_SCORES
+from mosa_retrofit.config import GRANULARITIES, HEAD_CHOICES, KEPT_HEADS, ROUTER_INITS, ROUTER_SCORES, ROUTINGS
 
 
 def _count(text: str) -> float:
@@ -47,6 +47,8 @@ def add_parser(sub) -> None:
     p.add_argument("--router-score", choices=ROUTER_SCORES)
     p.add_argument("--router-init", choices=ROUTER_INITS)
     p.add_argument("--router-granularity", choices=GRANULARITIES)
+    p.add_argument("--routing", choices=ROUTINGS,
+                   help="expert_choice (paper, top-k over the sequence) or causal (thresholds; can generate)")
     p.add_argument("--include-first", action=argparse.BooleanOptionalAction, default=None,
                    help="MoSA heads always select the first token")
     p.add_argument("--calib-text", help="text file for calibration (default: the offline Wikipedia articles)")
@@ -76,7 +78,7 @@ def build_config(args: argparse.Namespace):
     flags = dict(sparsity=args.sparsity, dense_heads=args.dense_heads, head_choice=args.head_choice,
                  layers=args.layers, kept_heads=args.kept_heads, local_window=args.local_window,
                  router_score=args.router_score, router_init=args.router_init,
-                 router_granularity=args.router_granularity, include_first=args.include_first)
+                 router_granularity=args.router_granularity, include_first=args.include_first, routing=args.routing)
     return dataclasses.replace(base, **{k: v for k, v in flags.items() if v is not None})
 
 
@@ -115,7 +117,7 @@ def run_convert(args: argparse.Namespace) -> int:
         tokenizer = None  # a bare checkpoint: fine unless calibration needs to tokenize text
     family_of(model)  # unsupported families fail here, before any work
     calibration = None
-    if config.head_choice == "scored" or config.router_init == "calibrated":
+    if config.head_choice == "scored" or config.router_init == "calibrated" or config.routing == "causal":
         if tokenizer is None:
             raise ValueError(f"{args.model} has no tokenizer, which calibration needs")
         texts = _calibration_texts(args.calib_text)

@@ -26,6 +26,8 @@ def add_parser(sub) -> None:
     p.add_argument("--baseline", nargs="?", const="auto", metavar="BASE",
                    help="also measure BASE (default: the converted model's base_model_name_or_path)")
     p.add_argument("--cost-seq-len", type=int, default=8192, help="T at which FLOPs and KV entries are counted")
+    p.add_argument("--causal", action="store_true",
+                   help="switch an expert-choice model to causal routing first (thresholds set on 16 training blocks)")
     p.set_defaults(run=run)
 
 
@@ -66,15 +68,21 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     spec = DataSpec(source=args.data, name=args.data_name, split=args.split, text_field=args.text_field,
                     block_size=args.block_size, validation_documents=args.validation_documents,
-                    validation_tokens=max(args.max_tokens, args.block_size))
+                    validation_tokens=max(args.max_tokens, args.block_size),
+                    max_train_tokens=16 * args.block_size + 1)  # read only for --causal calibration
     _check_local(args.model)
     model, source = _load(args.model)
     tokenizer = AutoTokenizer.from_pretrained(source)
-    blocks = load_corpus(spec, tokenizer, progress=False, validation_only=True).blocks("validation", args.block_size)
+    corpus = load_corpus(spec, tokenizer, progress=False, validation_only=not args.causal)
+    blocks = corpus.blocks("validation", args.block_size)
+    if args.causal:
+        from mosa_retrofit.causal import make_causal_
+
+        make_causal_(model, corpus.blocks("train", args.block_size)[:16].long())
     rows = []
     ppl, tps = _measure(model, blocks, args.batch_size)
     flops, kv = cost_ratios(model, args.cost_seq_len)
-    rows.append((args.model, ppl, tps, flops, kv))
+    rows.append((args.model + (" (causal routing)" if args.causal else ""), ppl, tps, flops, kv))
     base = args.baseline
     if base == "auto":
         base = (getattr(model.config, "mosa", None) or {}).get("base_model_name_or_path")

@@ -11,7 +11,7 @@ from mosa_retrofit.cli.main import main
 
 def test_help_lists_commands():
     out = subprocess.run([sys.executable, "-m", "mosa_retrofit", "--help"], capture_output=True, text=True)
-    assert out.returncode == 0 and all(c in out.stdout for c in ("convert", "train", "eval", "bench"))
+    assert out.returncode == 0 and all(c in out.stdout for c in ("convert", "train", "eval", "generate", "bench"))
     for command in ("train", "eval"):
         sub = subprocess.run([sys.executable, "-m", "mosa_retrofit", command, "--help"], capture_output=True, text=True)
         assert sub.returncode == 0 and ("RECIPE" in sub.stdout if command == "train" else "--baseline" in sub.stdout)

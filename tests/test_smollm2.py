@@ -83,7 +83,8 @@ def test_causal_decode_and_generate_on_smollm2(smollm2):
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-4, rtol=0)
     dense, sparse = cache_bytes(cache)
     original = 30 * 2 * 3 * 96 * 64 * 4  # 30 layers, K and V, 3 KV heads, 96 tokens, d = 64, fp32
-    assert (dense + sparse) / original < 0.6
+    # dense heads 0-2 share KV head 0 (one cached copy: 1/3); 6 MoSA heads keep ~1/8 each (6/8/3 = 1/4)
+    assert (dense + sparse) / original < 0.65
     with torch.no_grad():
         a = model.generate(ids[:, :32], max_new_tokens=16, do_sample=False, use_cache=True)
         b = model.generate(ids[:, :32], max_new_tokens=16, do_sample=False, use_cache=False)
