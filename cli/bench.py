@@ -91,11 +91,7 @@ def run_attention(args: argparse.Namespace) -> int:
     header = (f"MoSA attention layer vs dense causal SDPA: h={args.width}, {args.heads} heads of {args.head_dim}, "
               f"hybrid keeps {args.hybrid_dense_heads} dense, batch {args.batch}, {args.dtype}, "
               f"torch {torch.__version__}, {args.threads} thread(s), device {args.device}{cpu}")
-    table = format_table(rows)
-    print(header + "\n\n" + table)
-    if args.output:
-        with open(args.output, "w") as f:
-            f.write(header + "\n\n" + table + "\n")
+    _emit(header, format_table(rows), args.output)
     if args.profile:
         T = max(args.seq_lens)
         print(f"\nProfile of one all-MoSA forward+backward, T={T}, sparsity {args.sparsities[0]:g}:")
@@ -136,12 +132,16 @@ def run_generate(args: argparse.Namespace) -> int:
                           args.decode_tokens)
     header = (f"Decoding: {args.model} (MoSA, causal routing) vs {base}; greedy, batch 1, "
               f"{next(model.parameters()).dtype}, torch {torch.__version__}, {args.threads} thread(s){_cpu_name()}")
-    table = format_rows(rows)
-    print(header + "\n\n" + table)
-    if args.output:
-        with open(args.output, "w") as f:
-            f.write(header + "\n\n" + table + "\n")
+    _emit(header, format_rows(rows), args.output)
     return 0
+
+
+def _emit(header: str, table: str, output: str | None) -> None:
+    """Print the header and table; also write them to ``output`` when given."""
+    print(header + "\n\n" + table)
+    if output:
+        with open(output, "w") as f:
+            f.write(header + "\n\n" + table + "\n")
 
 
 def _cpu_name() -> str:

@@ -121,6 +121,11 @@ def test_crash_loses_only_steps_since_the_last_checkpoint(world, tmp_path):
     assert names == ["checkpoint-0000004", "checkpoint-0000006"]  # end of warm-up, step 6; keep_last = 2
     state = json.loads((out / "checkpoint-0000006" / "state.json").read_text())
     assert (state["stage"], state["step"], state["samples"]) == (1, 2, 6 * 4)
+    # a kill during a checkpoint write leaves only a temporary folder: never read, removed by the next save
+    (out / ".tmp-checkpoint-0000009").mkdir()
+    (out / ".tmp-checkpoint-0000009" / "model.safetensors").write_bytes(b"half-written")
+    summary = run(world, out, resume=True)
+    assert not list(out.glob(".tmp-*")) and summary["evals"][-1]["global_step"] == 10
 
 
 def test_router_warmup_changes_only_routers(world, tmp_path):
