@@ -123,12 +123,9 @@ class MoSAAttentionMixin:
         fam, plan = self.mosa_family, self.mosa_plan
         B, T, D = x.shape
         d = W.head_dim
-        dense = torch.tensor(plan.dense, device=x.device)
-        kv_used, groups = self._mosa_dense_kv
-        kv_used = torch.tensor(kv_used, device=x.device)
-        q = F.linear(x, W.wq[dense].reshape(-1, D), None if W.bq is None else W.bq[dense].reshape(-1))
-        k = F.linear(x, W.wk[kv_used].reshape(-1, D), None if W.bk is None else W.bk[kv_used].reshape(-1))
-        v = F.linear(x, W.wv[kv_used].reshape(-1, D), None if W.bv is None else W.bv[kv_used].reshape(-1))
+        groups = self._mosa_dense_kv[1]
+        wq, bq, wk, bk, wv, bv, wo = self._mosa_memo("dense", lambda: self._mosa_dense_weights(W))
+        q, k, v = F.linear(x, wq, bq), F.linear(x, wk, bk), F.linear(x, wv, bv)
         q = q.view(B, T, -1, d).transpose(1, 2)  # (B, n, T, d)
         k, v = (t.view(B, T, -1, d).transpose(1, 2) for t in (k, v))  # (B, n_kv, T, d)
         pre = fam.query_prescale(self)
@@ -151,7 +148,33 @@ class MoSAAttentionMixin:
                                          ("softcap", fam.softcap(self))) if v_ is not None}
             a, _ = attend(self, q, k, v, mask, dropout=dropout, scaling=fam.scaling(self), **opt, **extra)
         a = a.reshape(B, T, -1)  # (B, T, n·d)
-        return F.linear(a, W.wo[:, dense].reshape(D, -1), W.bo)
+        return F.linear(a, wo, W.bo)
+
+    def _mosa_dense_weights(self, W: HeadWeights) -> tuple:
+        """The dense heads' rows of q/k/v (and their KV heads') and columns of o, as matrices for F.linear."""
+        D = W.wq.shape[2]
+        dense = torch.tensor(self.mosa_plan.dense, device=W.wq.device)
+        kv = torch.tensor(self._mosa_dense_kv[0], device=W.wq.device)
+        pick = lambda t, i: None if t is None else t[i].reshape(-1)
+        return (W.wq[dense].reshape(-1, D), pick(W.bq, dense), W.wk[kv].reshape(-1, D), pick(W.bk, kv),
+                W.wv[kv].reshape(-1, D), pick(W.bv, kv), W.wo[:, dense].reshape(D, -1))
+
+    def _mosa_memo(self, name: str, build):
+        """``build()``, reused across calls while no parameter of the layer changed and autograd is off.
+
+        Gathering per-head rows copies weights; in training that is amortised over many tokens, but a decode
+        step processes one token, so inference keeps the gathered copies (keyed by every parameter's storage
+        and version counter: optimizer steps, loads and moves all invalidate them).
+        """
+        if torch.is_grad_enabled() or any(hasattr(m, "base_layer") for m in self.children()):
+            return build()  # (LoRA-wrapped projections can be switched on and off without touching parameters)
+        key = tuple((p.data_ptr(), p._version) for p in self.parameters())
+        memo = self.__dict__.setdefault("_mosa_cache_weights", {})
+        if name in memo and memo[name][0] == key:
+            return memo[name][1]
+        value = build()
+        memo[name] = (key, value)
+        return value
 
     def _mosa_local(self, q, k, v, mask, dropout, groups) -> Tensor:
         """Sliding-window heads: query t attends keys t - window + 1 .. t (and never padding)."""
@@ -176,18 +199,8 @@ class MoSAAttentionMixin:
         fam, plan = self.mosa_family, self.mosa_plan
         B, T, D = x.shape
         G = plan.heads_per_unit
-        ids = torch.tensor(plan.mosa, device=x.device)  # (E·G,) query heads, grouped by unit
-        kv_of = head_to_kv(W.num_heads, W.num_kv_heads)
-        kv = torch.tensor([kv_of[h] for h in plan.mosa[::G]], device=x.device)  # (E,) K/V head of each unit
-        E, d = kv.shape[0], W.head_dim
-        wq = W.wq[ids].view(E, G * d, D)
-        w_qkv = torch.cat((wq, W.wk[kv], W.wv[kv]), dim=1).transpose(1, 2)  # (E, D, (G+2)·d)
-        b_qkv = None
-        if W.bq is not None or W.bk is not None or W.bv is not None:
-            z = x.new_zeros(E, d)
-            b_qkv = torch.cat((W.bq[ids].view(E, G * d) if W.bq is not None else x.new_zeros(E, G * d),
-                               W.bk[kv] if W.bk is not None else z, W.bv[kv] if W.bv is not None else z), dim=1)
-        w_o = W.wo[:, ids].permute(1, 2, 0).reshape(E, G * d, D)  # (E, G·d, D)
+        w_qkv, b_qkv, w_o = self._mosa_memo("mosa", lambda: self._mosa_sparse_weights(W))
+        E = w_qkv.shape[0]
 
         rope = None
         if cos is not None:
@@ -214,6 +227,24 @@ class MoSAAttentionMixin:
         if causal and self.training and plan.sparsity > 1 and plan.threshold_momentum > 0:
             self._mosa_track_threshold(x, valid)
         return y
+
+    def _mosa_sparse_weights(self, W: HeadWeights) -> tuple:
+        """Per unit: fused (E, D, (G+2)·d) Q/K/V projection, its bias (or None) and (E, G·d, D) output."""
+        plan = self.mosa_plan
+        G, D, d = plan.heads_per_unit, W.wq.shape[2], W.head_dim
+        ids = torch.tensor(plan.mosa, device=W.wq.device)  # (E·G,) query heads, grouped by unit
+        kv_of = head_to_kv(W.num_heads, W.num_kv_heads)
+        kv = torch.tensor([kv_of[h] for h in plan.mosa[::G]], device=W.wq.device)  # (E,) K/V head of each unit
+        E = kv.shape[0]
+        wq = W.wq[ids].view(E, G * d, D)
+        w_qkv = torch.cat((wq, W.wk[kv], W.wv[kv]), dim=1).transpose(1, 2)  # (E, D, (G+2)·d)
+        b_qkv = None
+        if W.bq is not None or W.bk is not None or W.bv is not None:
+            z = W.wq.new_zeros(E, d)
+            b_qkv = torch.cat((W.bq[ids].view(E, G * d) if W.bq is not None else W.wq.new_zeros(E, G * d),
+                               W.bk[kv] if W.bk is not None else z, W.bv[kv] if W.bv is not None else z), dim=1)
+        w_o = W.wo[:, ids].permute(1, 2, 0).reshape(E, G * d, D)  # (E, G·d, D)
+        return w_qkv, b_qkv, w_o
 
     @torch.no_grad()
     def _mosa_track_threshold(self, x: Tensor, valid: Tensor | None) -> None:
