@@ -144,31 +144,26 @@ def _check_local(name: str) -> None:
 
 def summary(model, T: int) -> str:
     """Per-layer table: head split, k, attention FLOPs and KV entries relative to the original."""
-    from mosa_retrofit.costs import attention_costs
+    from mosa_retrofit.costs import attention_costs, ratios
 
     rows = ["| layer | dense | local | MoSA | k | attention FLOPs × | KV entries × |", "|---|---|---|---|---|---|---|"]
     costs = attention_costs(model, T)
     for c in costs:
         rows.append(f"| {c.layer} | {c.dense} | {c.local} | {c.mosa} | {c.k or '-'} | {c.flops / c.flops_original:.3f} "
                     f"| {c.kv / c.kv_original:.3f} |")
-    f = sum(c.flops for c in costs) / sum(c.flops_original for c in costs)
-    kv = sum(c.kv for c in costs) / sum(c.kv_original for c in costs)
+    f, kv = ratios(costs)
     rows.append(f"| all | | | | | **{f:.3f}** | **{kv:.3f}** |")
     return f"At T = {T} (FLOPs count the causal half; KV entries per query head):\n\n" + "\n".join(rows)
 
 
 def run_inspect(args: argparse.Namespace) -> int:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    import mosa_retrofit
-    from mosa_retrofit.assets import resolve_model
+    from mosa_retrofit.io import load_any
 
     if args.seq_len < 1:
         raise ValueError(f"--seq-len must be >= 1, got {args.seq_len}")
     _check_local(args.model)
-    source = resolve_model(args.model)
-    converted = bool(getattr(AutoConfig.from_pretrained(source), "mosa", None))
-    model = mosa_retrofit.load(source) if converted else AutoModelForCausalLM.from_pretrained(source)
+    model, source = load_any(args.model)
+    converted = bool(getattr(model.config, "mosa", None))
     print(("converted MoSA model" if converted else "original (unconverted) model") + f": {args.model}\n")
     print(summary(model, args.seq_len))
     if args.plot:

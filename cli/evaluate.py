@@ -42,22 +42,11 @@ def _measure(model, blocks, batch_size: int) -> tuple[float, float]:
     return math.exp(total / count), blocks.numel() / (time.perf_counter() - t0)
 
 
-def _load(name: str):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    import mosa_retrofit
-    from mosa_retrofit.assets import resolve_model
-
-    source = resolve_model(name)
-    converted = bool(getattr(AutoConfig.from_pretrained(source), "mosa", None))
-    model = mosa_retrofit.load(source) if converted else AutoModelForCausalLM.from_pretrained(source)
-    return model, source
-
-
 def run(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
     from mosa_retrofit.costs import cost_ratios
+    from mosa_retrofit.io import load_any
     from mosa_retrofit.data import load_corpus
     from mosa_retrofit.recipe import DataSpec
 
@@ -71,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
                     validation_tokens=max(args.max_tokens, args.block_size),
                     max_train_tokens=16 * args.block_size + 1)  # read only for --causal calibration
     _check_local(args.model)
-    model, source = _load(args.model)
+    model, source = load_any(args.model)
     tokenizer = AutoTokenizer.from_pretrained(source)
     corpus = load_corpus(spec, tokenizer, progress=False, validation_only=not args.causal)
     blocks = corpus.blocks("validation", args.block_size)
@@ -90,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"{args.model} names no base model; give --baseline BASE")
     if base is not None:
         _check_local(base)
-        baseline, _ = _load(base)
+        baseline, _ = load_any(base)
         b_ppl, b_tps = _measure(baseline, blocks, args.batch_size)
         b_flops, b_kv = cost_ratios(baseline, args.cost_seq_len)
         rows.append((base, b_ppl, b_tps, b_flops, b_kv))

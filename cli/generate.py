@@ -47,14 +47,14 @@ def run(args: argparse.Namespace) -> int:
 
     from mosa_retrofit.cache import cache_bytes
 
-    from .evaluate import _load
+    from mosa_retrofit.io import load_any
 
     if args.max_new_tokens < 1 or args.num_beams < 1:
         raise ValueError("--max-new-tokens and --num-beams must be >= 1")
     from .convert import _check_local
 
     _check_local(args.model)
-    model, source = _load(args.model)
+    model, source = load_any(args.model)
     mosa = getattr(model.config, "mosa", None) or {}
     if mosa and mosa.get("routing", "expert_choice") != "causal" and not args.no_cache:
         raise ValueError(f"{args.model} uses expert-choice routing, which cannot decode with a cache (top-k looks at "

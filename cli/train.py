@@ -11,7 +11,8 @@ def add_parser(sub) -> None:
         description="Run RECIPE (a YAML file, see recipes/): load the original model, convert it, run the recipe's "
                     "stages with checkpoints, and save the adapted model to OUTPUT_DIR/final. Overrides use dotted "
                     "keys, e.g. stages.adaptation.steps=50 conversion.mosa.sparsity=4 training.micro_batch_size=2. "
-                    "Several processes: accelerate launch --num_processes N -m mosa_retrofit train RECIPE.",
+                    "Several processes: torchrun --nproc_per_node N -m mosa_retrofit train RECIPE (CPU: gloo; GPUs: "
+                    "NCCL), or accelerate launch --multi_gpu --num_processes N -m mosa_retrofit train RECIPE.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("recipe", metavar="RECIPE", help="a recipe YAML file")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides with dotted keys")

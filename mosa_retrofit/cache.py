@@ -24,8 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .rope import apply_rope
-from .sparse import router_gates, select_tokens_causal
+from .sparse import gated_output, project_selected, router_gates, select_tokens_causal
 
 
 class MoSACacheLayerMixin:
@@ -179,17 +178,9 @@ def mosa_attention_cached(
 
     flat = (idx + T * torch.arange(B, device=x.device).view(1, B, 1)).reshape(-1)  # (E·B·K,)
     xs = x.reshape(B * T, h).index_select(0, flat).view(E, B * K, h)
-    qkv = torch.bmm(xs, w_qkv) if b_qkv is None else torch.baddbmm(b_qkv.unsqueeze(1), xs, w_qkv)
-    q, k, v = (t.view(E, B, K, -1, d).permute(0, 1, 3, 2, 4) for t in qkv.split([G * d, d, d], dim=-1))
-    # q (E, B, G, K, d); k, v (E, B, 1, K, d)
-    if q_norm is not None:
-        q, k = q_norm(q), k_norm(k)
-    if rope is not None:
-        cos, sin = rope(idx)  # (E, B, K, R)
-        cos, sin = cos[:, :, None], sin[:, :, None]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    qf, k, v = project_selected(xs, w_qkv, b_qkv, idx, G, q_norm, k_norm, rope)  # (E·B, G|1, K, d)
     pos = idx + offset  # (E, B, K) cache positions
-    before, after = store.mosa_append(k[:, :, 0], v[:, :, 0], pos, live)
+    before, after = store.mosa_append(k.reshape(E, B, K, d), v.reshape(E, B, K, d), pos, live)
     L = int(after.max())
     keys, values = store.mosa_k[:, :, :L], store.mosa_v[:, :, :L]  # (E, B, L, d)
     slot = torch.arange(L, device=x.device)  # (L,)
@@ -202,7 +193,6 @@ def mosa_attention_cached(
         kpos = store.mosa_pos[:, :, :L]
         allowed = allowed & (pos[..., None] - kpos[:, :, None, :] < sliding_window)
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    qf = q.reshape(E * B, G, K, d)
     kf, vf = keys.reshape(E * B, 1, L, d), values.reshape(E * B, 1, L, d)
     mask = allowed.reshape(E * B, 1, K, L)
     if softcap is not None:
@@ -215,7 +205,5 @@ def mosa_attention_cached(
     gate = router_gates(logits.gather(-1, idx), router_score)  # (E, B, K)
     if live is not None:
         gate = gate.masked_fill(~live, 0.0)
-    a = a.nan_to_num(0.0) * gate.view(E * B, 1, K, 1).to(a.dtype)  # dead slots: fully masked rows -> 0
-    a = a.view(E, B, G, K, d).permute(0, 1, 3, 2, 4).reshape(E, B * K, G * d)
-    y = torch.bmm(a, w_o).view(E * B * K, h)
+    y = gated_output(a.nan_to_num(0.0), gate, w_o)  # dead slots: fully masked rows -> 0, then gate 0
     return out.view(B * T, h).index_add_(0, flat, y).view(B, T, h)

@@ -32,12 +32,13 @@ def logit_quantile(router: Tensor, x: Tensor, valid: Tensor | None, plan) -> Ten
     # halfway between the k-th largest logit and the next smaller distinct one: no calibration logit sits on
     # the threshold (repeated tokens give equal logits in the first layer), so float noise from another
     # kernel or batch shape cannot flip a token seen in calibration
-    out = []
-    for e in range(v.shape[1]):
-        above = v[k - 1, e]
-        below = v[k:, e][v[k:, e] < above]
-        out.append((above + below[0]) / 2 if below.numel() else above - 1.0)
-    return torch.stack(out)
+    above = v[k - 1]  # (E,)
+    smaller = v[k:] < above  # (n-k, E), descending: the first True is the next smaller distinct value
+    if smaller.shape[0] == 0:
+        return above - 1.0
+    first = smaller.int().argmax(0)  # (E,)
+    below = v[k:].gather(0, first[None])[0]
+    return torch.where(smaller.any(0), (above + below) / 2, above - 1.0)
 
 
 class _Done(Exception):

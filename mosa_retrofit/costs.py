@@ -60,8 +60,12 @@ def attention_costs(model: nn.Module, T: int) -> list[LayerCost]:
     return rows
 
 
-def cost_ratios(model: nn.Module, T: int) -> tuple[float, float]:
-    """(attention FLOPs, KV-cache entries) of ``model`` relative to its unconverted original at T tokens."""
-    rows = attention_costs(model, T)
+def ratios(rows: list[LayerCost]) -> tuple[float, float]:
+    """(attention FLOPs, KV-cache entries) of all ``rows`` relative to the unconverted original."""
     return (sum(r.flops for r in rows) / sum(r.flops_original for r in rows),
             sum(r.kv for r in rows) / sum(r.kv_original for r in rows))
+
+
+def cost_ratios(model: nn.Module, T: int) -> tuple[float, float]:
+    """(attention FLOPs, KV-cache entries) of ``model`` relative to its unconverted original at T tokens."""
+    return ratios(attention_costs(model, T))

@@ -115,3 +115,16 @@ def _warn_on_dense_load() -> None:
     from_pretrained._mosa_guard = True
     PreTrainedModel.from_pretrained = classmethod(from_pretrained)
 
+
+
+def load_any(name_or_path: str, **kwargs) -> tuple[nn.Module, str]:
+    """(model, resolved source) for a converted checkpoint (``load``) or an original one (plain transformers);
+    ``name_or_path`` may also be 'smollm2-135m', the embedded default."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .assets import resolve_model
+
+    source = resolve_model(name_or_path)
+    if getattr(AutoConfig.from_pretrained(source), "mosa", None):
+        return load(source, **kwargs), source
+    return AutoModelForCausalLM.from_pretrained(source, **kwargs), source

@@ -193,6 +193,41 @@ def _softcap_attention(
     return torch.matmul(p, v)
 
 
+def project_selected(xs: Tensor, w_qkv: Tensor, b_qkv: Tensor | None, idx: Tensor, G: int, q_norm=None,
+                     k_norm=None, rope: RopeFn | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Q, K, V of the gathered tokens ``xs`` (E, B·K, h) at positions ``idx`` (E, B, K), normed and rotated.
+
+    Returns q (E·B, G, K, d), k and v (E·B, 1, K, d).
+    """
+    E, B, K = idx.shape
+    d = w_qkv.shape[-1] // (G + 2)
+    if b_qkv is None:
+        qkv = torch.bmm(xs, w_qkv)  # (E, B·K, (G+2)·d)
+    else:
+        qkv = torch.baddbmm(b_qkv.unsqueeze(1), xs, w_qkv)
+    # split (not slicing) so that backward concatenates the gradients instead of zero-filling
+    q, k, v = (
+        t.view(E, B, K, -1, d).permute(0, 1, 3, 2, 4).reshape(E * B, -1, K, d)  # views, no copies
+        for t in qkv.split([G * d, d, d], dim=-1)
+    )
+    if q_norm is not None:
+        q, k = q_norm(q), k_norm(k)
+    if rope is not None:
+        cos, sin = rope(idx)  # (E, B, K, R)
+        cos, sin = cos.reshape(E * B, 1, K, -1), sin.reshape(E * B, 1, K, -1)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    return q, k, v
+
+
+def gated_output(a: Tensor, gate: Tensor, w_o: Tensor) -> Tensor:
+    """Scale attended rows a (E·B, G, K, d) by their gates (E, B, K) and project out: (E·B·K, h) rows."""
+    EB, G, K, d = a.shape
+    E = w_o.shape[0]
+    a = a * gate.reshape(EB, 1, K, 1).to(a.dtype)
+    a = a.transpose(1, 2).reshape(E, -1, G * d)  # (E, B·K, G·d)
+    return torch.bmm(a, w_o).view(-1, w_o.shape[-1])  # (E·B·K, h)
+
+
 def mosa_attention(
     x: Tensor,
     router: Tensor,
@@ -257,27 +292,11 @@ def mosa_attention(
     # 2. gather the selected tokens and project Q, K, V for them only (one batched matmul)
     flat = (idx + T * torch.arange(B, device=x.device).view(1, B, 1)).view(-1)  # (E·B·K,) rows of x
     xs, r = _GatherSelected.apply(x.reshape(B * T, h), router, logits, idx, flat)  # (E·B·K, h), (E, B, K)
-    xs = xs.view(E, B * K, h)
-    if b_qkv is None:
-        qkv = torch.bmm(xs, w_qkv)  # (E, B·K, (G+2)·d)
-    else:
-        qkv = torch.baddbmm(b_qkv.unsqueeze(1), xs, w_qkv)
-    # split (not slicing) so that backward concatenates the gradients instead of zero-filling
-    q, k, v = (
-        t.view(E, B, K, -1, d).permute(0, 1, 3, 2, 4).reshape(E * B, -1, K, d)  # views, no copies
-        for t in qkv.split([G * d, d, d], dim=-1)
-    )  # q (E·B, G, K, d), k and v (E·B, 1, K, d)
+    # 3. ... with q/k norms and RoPE at the tokens' original positions
+    q, k, v = project_selected(xs.view(E, B * K, h), w_qkv, b_qkv, idx, G, q_norm, k_norm, rope)
     gate = router_gates(r, router_score)  # (E, B, K)
     if live is not None:
         gate = gate.masked_fill(~live, 0.0)
-    if q_norm is not None:
-        q, k = q_norm(q), k_norm(k)
-
-    # 3. RoPE at the tokens' original positions
-    if rope is not None:
-        cos, sin = rope(idx)  # (E, B, K, R)
-        cos, sin = cos.reshape(E * B, 1, K, -1), sin.reshape(E * B, 1, K, -1)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
     # 4. causal attention among the selected tokens (sorted indices => plain causal triangle; only a
     #    sliding window shorter than the sequence needs an explicit mask on original positions)
@@ -291,10 +310,7 @@ def mosa_attention(
         )  # (E·B, G, K, d)
 
     # 5. scale each row by its router score, project out, scatter-add back to the sequence
-    a = a * gate.view(E * B, 1, K, 1).to(a.dtype)
-    a = a.transpose(1, 2).reshape(E, B * K, G * d)  # (E, B·K, G·d)
-    y = torch.bmm(a, w_o)  # (E, B·K, h)
-    y = y.view(E * B * K, h)
+    y = gated_output(a, gate, w_o)  # (E·B·K, h)
     if add_to is None:  # in place into fresh zeros: no copy of a (B·T, h) buffer
         return x.new_zeros(B * T, h).index_add_(0, flat, y).view(B, T, h)
     return add_to.reshape(B * T, h).index_add(0, flat, y).view(B, T, h)

@@ -63,11 +63,10 @@ class Trainer:
         if not resume and (ckpt.checkpoints(self.out) or (self.out / "final").exists()):
             raise ValueError(f"output_dir {self.out} already holds a run; resume it with --resume or choose "
                              "another output_dir")
-        # accelerate runs several CPU processes (gloo) only when told it is on CPU
-        multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        multi_cpu = world > 1 and not torch.cuda.is_available()  # accelerate runs CPU processes (gloo) only if told
         state = AcceleratorState._shared_state
-        if state and state.get("_mixed_precision") != recipe.training.mixed_precision and int(
-                os.environ.get("WORLD_SIZE", "1")) == 1:
+        if state and state.get("_mixed_precision") != recipe.training.mixed_precision and world == 1:
             AcceleratorState._reset_state()  # a second run in this process with another precision
         self.acc = Accelerator(mixed_precision=recipe.training.mixed_precision, cpu=multi_cpu)
         self.log_file = self.out / "metrics.jsonl"
