@@ -97,7 +97,7 @@ def test_incremental_decode_equals_full_forward(family):
     assert 0 < counts.float().mean() < 24  # sparse: not everything is cached
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma2", "qwen3", "phi3"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_generate_with_cache_equals_without(family):
     model = causal_model(family)
     prompt = ids(T=9)
