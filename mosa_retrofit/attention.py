@@ -41,6 +41,7 @@ class LayerPlan:
     group_size: int = 1  # query heads per KV group of the model
     routing: str = "expert_choice"  # 'expert_choice' | 'causal'
     threshold_momentum: float = 0.05
+    sparse_heads: str = "mosa"  # what the heads in ``mosa`` run: 'mosa' | 'local' | 'pruned' (baselines)
 
     @property
     def heads_per_unit(self) -> int:
@@ -85,7 +86,11 @@ class MoSAAttentionMixin:
         cos, sin = pe if pe is not None else (None, None)
 
         store = None
-        if plan.mosa and cache is not None:
+        routed = plan.mosa and plan.sparse_heads == "mosa"
+        if plan.sparse_heads == "local" and cache is not None and cache.get_seq_length(self.layer_idx) > 0:
+            raise ValueError("layers with sparse_heads='local' (a study baseline) do not decode token by token; "
+                             "run full forwards (use_cache=False)")
+        if routed and cache is not None:
             if plan.routing == "causal":
                 from .cache import mosa_cache_layer
 
@@ -95,13 +100,21 @@ class MoSAAttentionMixin:
                     "MoSA heads with expert-choice routing cannot decode token by token (top-k looks at the whole "
                     "sequence); convert with MoSAConfig(routing='causal') to generate, or run full forwards "
                     "(use_cache=False)")
-        if plan.mosa and self.mosa_observer is not None:
+        if routed and self.mosa_observer is not None:
             self.mosa_observer(self, x, W, mask, cos, sin)
-        out = self._mosa_dense_heads(x, W, mask, cache, cos, sin, extra) if plan.dense else None
+        out = None
+        if plan.dense:
+            window = plan.local_window if plan.kept_heads == "local" else None
+            out = self._mosa_kept_heads(x, W, mask, cache, cos, sin, extra, "dense", window, W.bo)
         if out is None and W.bo is not None:
             out = W.bo.expand_as(x)
-        if plan.mosa:
+        if routed:
             out = self._mosa_sparse_heads(x, W, mask, cos, sin, add_to=out, store=store)
+        elif plan.mosa and plan.sparse_heads == "local":
+            y = self._mosa_kept_heads(x, W, mask, None, cos, sin, extra, "local", plan.local_window, None)
+            out = y if out is None else out + y
+        if out is None:  # every head pruned, no output bias
+            out = torch.zeros_like(x)
         return fam.output_dropout(self, out), None
 
     # ------------------------------------------------------------------------------ argument plumbing
@@ -119,12 +132,17 @@ class MoSAAttentionMixin:
 
     # ------------------------------------------------------------------------------ dense / local heads
 
-    def _mosa_dense_heads(self, x, W: HeadWeights, mask, cache, cos, sin, extra) -> Tensor:
-        fam, plan = self.mosa_family, self.mosa_plan
+    def _mosa_kept_heads(self, x, W: HeadWeights, mask, cache, cos, sin, extra, which: str, window: int | None,
+                         bias) -> Tensor:
+        """Full-attention (``window`` None) or sliding-window heads: ``which`` is 'dense' (plan.dense, cached
+        in the model's KV cache) or 'local' (plan.mosa of a sparse_heads='local' baseline, never cached)."""
+        fam = self.mosa_family
         B, T, D = x.shape
         d = W.head_dim
-        groups = self._mosa_dense_kv[1]
-        wq, bq, wk, bk, wv, bv, wo = self._mosa_memo("dense", lambda: self._mosa_dense_weights(W))
+        heads = self.mosa_plan.dense if which == "dense" else self.mosa_plan.mosa
+        kv_heads, groups = (self._mosa_dense_kv if which == "dense"
+                            else dense_kv_layout(heads, W.num_heads, W.num_kv_heads))
+        wq, bq, wk, bk, wv, bv, wo = self._mosa_memo(which, lambda: self._mosa_head_weights(W, heads, kv_heads))
         q, k, v = F.linear(x, wq, bq), F.linear(x, wk, bk), F.linear(x, wv, bv)
         q = q.view(B, T, -1, d).transpose(1, 2)  # (B, n, T, d)
         k, v = (t.view(B, T, -1, d).transpose(1, 2) for t in (k, v))  # (B, n_kv, T, d)
@@ -138,8 +156,8 @@ class MoSAAttentionMixin:
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
         dropout = fam.dropout(self) if self.training else 0.0
-        if plan.kept_heads == "local":
-            a = self._mosa_local(q, k, v, mask, dropout, groups)
+        if window is not None:
+            a = self._mosa_local(q, k, v, mask, dropout, groups, window)
         else:
             from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -148,13 +166,14 @@ class MoSAAttentionMixin:
                                          ("softcap", fam.softcap(self))) if v_ is not None}
             a, _ = attend(self, q, k, v, mask, dropout=dropout, scaling=fam.scaling(self), **opt, **extra)
         a = a.reshape(B, T, -1)  # (B, T, n·d)
-        return F.linear(a, wo, W.bo)
+        return F.linear(a, wo, bias)
 
-    def _mosa_dense_weights(self, W: HeadWeights) -> tuple:
-        """The dense heads' rows of q/k/v (and their KV heads') and columns of o, as matrices for F.linear."""
+    @staticmethod
+    def _mosa_head_weights(W: HeadWeights, heads: tuple[int, ...], kv_heads: tuple[int, ...]) -> tuple:
+        """Rows of q/k/v of ``heads`` (and of their ``kv_heads``) and columns of o, as matrices for F.linear."""
         D = W.wq.shape[2]
-        dense = torch.tensor(self.mosa_plan.dense, device=W.wq.device)
-        kv = torch.tensor(self._mosa_dense_kv[0], device=W.wq.device)
+        dense = torch.tensor(heads, device=W.wq.device)
+        kv = torch.tensor(kv_heads, device=W.wq.device)
         pick = lambda t, i: None if t is None else t[i].reshape(-1)
         return (W.wq[dense].reshape(-1, D), pick(W.bq, dense), W.wk[kv].reshape(-1, D), pick(W.bk, kv),
                 W.wv[kv].reshape(-1, D), pick(W.bv, kv), W.wo[:, dense].reshape(D, -1))
@@ -176,13 +195,13 @@ class MoSAAttentionMixin:
         memo[name] = (key, value)
         return value
 
-    def _mosa_local(self, q, k, v, mask, dropout, groups) -> Tensor:
+    def _mosa_local(self, q, k, v, mask, dropout, groups, window: int) -> Tensor:
         """Sliding-window heads: query t attends keys t - window + 1 .. t (and never padding)."""
         T, S = q.shape[2], k.shape[2]
         off = S - T
         i = torch.arange(T, device=q.device)[:, None] + off
         j = torch.arange(S, device=q.device)[None, :]
-        allowed = (j <= i) & (j > i - self.mosa_plan.local_window)  # (T, S)
+        allowed = (j <= i) & (j > i - window)  # (T, S)
         valid = key_padding(mask, T) if mask is not None else None
         if valid is not None:
             keys = torch.ones(valid.shape[0], S, dtype=torch.bool, device=q.device)

@@ -25,6 +25,7 @@ GRANULARITIES = ("head", "kv_group")
 KEPT_HEADS = ("dense", "local")
 HEAD_CHOICES = ("first", "last", "scored")
 ROUTINGS = ("expert_choice", "causal")
+SPARSE_HEADS = ("mosa", "local", "pruned")
 
 
 def _fail(name: str, value: Any, valid: str) -> None:
@@ -59,7 +60,10 @@ class MoSAConfig:
     kept_heads: str = "dense"
     """Kept heads are 'dense' (full causal attention) or 'local' (sliding window of ``local_window``)."""
     local_window: int = 256
-    """Window of local kept heads: query t sees keys t-local_window+1 .. t."""
+    """Window of local heads (kept or replaced): query t sees keys t-local_window+1 .. t."""
+    sparse_heads: str = "mosa"
+    """What the non-kept heads become: 'mosa' (this library), or one of two baselines for studies: 'local'
+    (sliding-window heads of ``local_window`` tokens) or 'pruned' (removed: they contribute nothing)."""
     include_first: bool = True
     """Every MoSA head always selects the first token (attention sinks live there)."""
     router_score: str = "straight_through"
@@ -100,7 +104,7 @@ class MoSAConfig:
                 _fail(f"dense_head_ids[{key!r}]", ids, "a list of head indices >= 0")
         for name, valid in (("head_choice", HEAD_CHOICES), ("kept_heads", KEPT_HEADS), ("router_score", ROUTER_SCORES),
                             ("router_init", ROUTER_INITS), ("router_granularity", GRANULARITIES),
-                           ("routing", ROUTINGS)):
+                           ("routing", ROUTINGS), ("sparse_heads", SPARSE_HEADS)):
             if getattr(self, name) not in valid:
                 _fail(name, getattr(self, name), f"one of {valid}")
         if self.layers != "all":
@@ -111,6 +115,12 @@ class MoSAConfig:
                 _fail("layers", self.layers, "'all', a list of layer indices or 're:<regex>'")
         if isinstance(self.local_window, bool) or not isinstance(self.local_window, int) or self.local_window < 1:
             _fail("local_window", self.local_window, "an integer >= 1")
+        if self.sparse_heads != "mosa" and self.routing != "expert_choice":
+            _fail("routing", self.routing, f"'expert_choice' with sparse_heads={self.sparse_heads!r} (baselines "
+                  "have no routers); use sparse_heads='mosa' for causal routing")
+        if self.sparse_heads == "local" and self.kept_heads == "local":
+            _fail("sparse_heads", self.sparse_heads, "'mosa' or 'pruned' when kept_heads='local' (every head "
+                  "would be a local head)")
         if isinstance(self.threshold_momentum, bool) or not isinstance(self.threshold_momentum, Real) or not (
                 0 <= self.threshold_momentum <= 1):
             _fail("threshold_momentum", self.threshold_momentum, "a number in [0, 1]")

@@ -18,7 +18,7 @@ def plot_selection(model: nn.Module, tokenizer_source: str, path: str, layer: in
     from .sparse import select_tokens
     from .surgery import mosa_layers
 
-    layers = mosa_layers(model)
+    layers = {i: m for i, m in mosa_layers(model).items() if hasattr(m, "mosa_router")}
     if not layers:
         raise ValueError("the model has no MoSA layers to plot; convert it first")
     layer = min(layers) if layer is None else layer

@@ -75,13 +75,15 @@ def plan_layers(model: nn.Module, config: MoSAConfig, stats: dict[int, LayerStat
                     f"router_granularity='head'")
         if config.kept_heads == "local" and family.softcap(m) is not None and dense:
             raise ValueError("kept_heads='local' does not support attention logit soft-capping (Gemma2); use 'dense'")
+        if config.sparse_heads == "local" and family.softcap(m) is not None:
+            raise ValueError("sparse_heads='local' does not support attention logit soft-capping (Gemma2)")
         if not mosa:
             continue  # every head stays dense: the layer is left as it is
         plans[idx] = LayerPlan(
             dense=tuple(dense), mosa=tuple(mosa), sparsity=config.sparsity, include_first=config.include_first,
             router_score=config.router_score, granularity=config.router_granularity if G > 1 else "head",
             kept_heads=config.kept_heads, local_window=config.local_window, group_size=G, routing=config.routing,
-            threshold_momentum=config.threshold_momentum,
+            threshold_momentum=config.threshold_momentum, sparse_heads=config.sparse_heads,
         )
     return plans
 
@@ -106,7 +108,8 @@ def convert_(model: nn.Module, config: MoSAConfig, calibration: Tensor | None = 
     family = family_of(model)
     if mosa_layers(model):
         raise ValueError("this model is already converted (it has MoSA attention layers)")
-    needs_calibration = config.head_choice == "scored" or config.router_init == "calibrated"
+    routed = config.sparse_heads == "mosa"  # the baselines have no routers
+    needs_calibration = config.head_choice == "scored" or (routed and config.router_init == "calibrated")
     if needs_calibration and calibration is None:
         raise ValueError(f"head_choice={config.head_choice!r} / router_init={config.router_init!r} need calibration "
                          "token ids (N, T); pass calibration=...")
@@ -119,7 +122,7 @@ def convert_(model: nn.Module, config: MoSAConfig, calibration: Tensor | None = 
         stats = collect_stats(model, calibration, config.sparsity, config.include_first,
                               {i: layers[i][1] for i in plans_probe}, progress)
     plans = plan_layers(model, config, stats, filter_fn)  # raises before anything is modified
-    if config.router_init == "calibrated" and stats is None:
+    if routed and config.router_init == "calibrated" and stats is None:
         stats = collect_stats(model, calibration, config.sparsity, config.include_first,
                               {i: layers[i][1] for i in plans}, progress)
 
@@ -131,6 +134,8 @@ def convert_(model: nn.Module, config: MoSAConfig, calibration: Tensor | None = 
         if plan.dense:
             m._mosa_dense_kv = dense_kv_layout(plan.dense, weights.num_heads, weights.num_kv_heads)
             m.num_key_value_groups = m._mosa_dense_kv[1]  # what the attention backend repeats K/V by
+        if not routed:
+            continue
         G = plan.heads_per_unit
         units = [list(plan.mosa[i: i + G]) for i in range(0, len(plan.mosa), G)]
         ref = weights.wq

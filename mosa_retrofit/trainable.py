@@ -84,7 +84,7 @@ def select_trainable(model: nn.Module, trainable: str, lora: bool = False) -> tu
     layers = mosa_layers(model)
     for p in model.parameters():
         p.requires_grad_(False)
-    routers = [m.mosa_router for m in layers.values()]
+    routers = [m.mosa_router for m in layers.values() if hasattr(m, "mosa_router")]  # baselines: none
     plain: list[nn.Parameter] = []
     masked: list[tuple[nn.Parameter, Tensor]] = []
     if lora:

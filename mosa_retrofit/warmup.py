@@ -83,6 +83,10 @@ class RouterWarmup:
     """Installs the warm-up observer on every converted layer and collects the per-layer losses."""
 
     def __init__(self, layers: dict[int, nn.Module]):
+        baseline = sorted(i for i, m in layers.items() if m.mosa_plan.sparse_heads != "mosa")
+        if baseline:
+            raise ValueError(f"router warm-up needs MoSA heads, but layers {baseline} are a "
+                             f"sparse_heads={layers[baseline[0]].mosa_plan.sparse_heads!r} baseline without routers")
         self.layers = layers
         self.losses: list[Tensor] = []
 

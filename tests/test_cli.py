@@ -70,7 +70,8 @@ def test_convert_and_inspect_a_local_checkpoint(tmp_path, capsys):
     text = capsys.readouterr().out
     # layer row: 2 local + 2 MoSA heads of d=16, D=64 at T=64, k=32, window 7
     D, d, T, k, w = 64, 16, 64, 32, 7
-    flops = (2 * (8 * D * d * T + 2 * d * T * w) + 2 * (8 * D * d * k + 2 * d * k * k + 2 * D * T)) / (
+    pairs = sum(min(t + 1, w) for t in range(T))  # query t sees keys max(0, t-w+1)..t
+    flops = (2 * (8 * D * d * T + 4 * d * pairs) + 2 * (8 * D * d * k + 2 * d * k * k + 2 * D * T)) / (
         4 * (8 * D * d * T + 2 * d * T * T))
     kv = (2 * w + 2 * k) / (4 * T)
     assert f"| 0 | 0 | 2 | 2 | 32 | {flops:.3f} | {kv:.3f} |" in text

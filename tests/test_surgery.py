@@ -187,7 +187,7 @@ def test_local_kept_heads_match_windowed_dense_model(family):
     # local heads alone; with MoSA heads at sparsity 1 everything still sees token 3, so check the band mask
     m = attention_layers(model)[0][1]
     q = k = v = torch.randn(1, 2, 12, 16)
-    a = m._mosa_local(q, k, v, None, 0.0, 1)
+    a = m._mosa_local(q, k, v, None, 0.0, 1, 5)
     s = (q @ k.transpose(-1, -2)) * m.mosa_family.scaling(m)
     i, j = torch.arange(12)[:, None], torch.arange(12)[None]
     band = (j <= i) & (j > i - 5)

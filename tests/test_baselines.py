@@ -1,0 +1,94 @@
+"""The study baselines: sparse_heads='pruned' (heads removed) and 'local' (sliding-window heads), and their costs."""
+
+import copy
+
+import pytest
+import torch
+from test_surgery import IDENTITY, ids_and_mask
+from tiny_models import tiny_model
+
+from mosa_retrofit import MoSAConfig, convert_
+from mosa_retrofit.costs import attention_costs, equal_compute_window
+from mosa_retrofit.surgery import attention_layers, mosa_layers
+from mosa_retrofit.trainable import select_trainable
+
+KEEP = {"0": [1], "1": [2]}  # heads kept dense per layer; the other 3 of 4 are replaced
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_pruned_heads_equal_zeroed_output_columns(family):
+    """Pruning = the original model with those heads' o_proj input columns set to zero."""
+    model = tiny_model(family)
+    ref = copy.deepcopy(model)
+    d = model.config.hidden_size // model.config.num_attention_heads
+    with torch.no_grad():
+        for layer, keep in KEEP.items():
+            o = ref.model.layers[int(layer)].self_attn.o_proj.weight  # (D, H·d)
+            for h in range(model.config.num_attention_heads):
+                if h not in keep:
+                    o[:, h * d:(h + 1) * d] = 0
+    convert_(model, MoSAConfig(dense_head_ids=KEEP, sparse_heads="pruned", sparsity=4))
+    assert all(not hasattr(m, "mosa_router") for m in mosa_layers(model).values())  # no routers for baselines
+    ids, mask = ids_and_mask()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, attention_mask=mask).logits[mask.bool()],
+                                   ref(ids, attention_mask=mask).logits[mask.bool()], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt"])
+def test_local_sparse_heads(family):
+    """sparse_heads='local': a window >= T is the original model; a window w equals the same heads run as
+    local *kept* heads (whose band mask test_surgery checks against explicit math) beside identity MoSA heads."""
+    ids, mask = ids_and_mask(T=20)
+    H = 4
+    replaced = {k: [h for h in range(H) if h not in v] for k, v in KEEP.items()}
+    original = tiny_model(family)
+    wide = convert_(tiny_model(family), MoSAConfig(dense_head_ids=KEEP, sparse_heads="local", local_window=64))
+    local = convert_(tiny_model(family), MoSAConfig(dense_head_ids=KEEP, sparse_heads="local", local_window=5))
+    kept = convert_(tiny_model(family), MoSAConfig(dense_head_ids=replaced, kept_heads="local", local_window=5,
+                                                   **IDENTITY))
+    with torch.no_grad():
+        sel = mask.bool()
+        ref = original(ids, attention_mask=mask).logits[sel]
+        torch.testing.assert_close(wide(ids, attention_mask=mask).logits[sel], ref, atol=1e-4, rtol=0)
+        out = local(ids, attention_mask=mask).logits[sel]
+        torch.testing.assert_close(out, kept(ids, attention_mask=mask).logits[sel], atol=1e-4, rtol=0)
+        assert not torch.allclose(out, ref, atol=1e-3)
+    # prefill with a cache works; token-by-token decoding is refused with a clear message
+    past = local(ids, use_cache=True).past_key_values
+    with pytest.raises(ValueError, match="do not decode token by token"):
+        local(ids[:, -1:], past_key_values=past, use_cache=True)
+
+
+def test_baseline_costs_against_hand_formulas():
+    D, d, T, H = 64, 16, 64, 4
+    w = equal_compute_window(T, 4)
+    k = T // 4
+    pairs = lambda win: sum(min(t + 1, win) for t in range(T))
+    assert abs(pairs(w) - k * (k + 1) / 2) <= min(abs(pairs(w + s) - k * (k + 1) / 2) for s in (-1, 1))
+    dense = 8 * D * d * T + 2 * d * T * T  # full causal attention counted as T²/2 pairs
+    local = convert_(tiny_model("llama"), MoSAConfig(dense_head_ids=KEEP, sparse_heads="local", local_window=w))
+    pruned = convert_(tiny_model("llama"), MoSAConfig(dense_head_ids=KEEP, sparse_heads="pruned"))
+    for model, f, kv in ((local, dense + 3 * (8 * D * d * T + 4 * d * pairs(w)), T + 3 * w), (pruned, dense, T)):
+        for row in attention_costs(model, T):
+            assert (row.flops, row.kv) == (f, kv)
+            assert row.flops_original == H * dense
+
+
+def test_baselines_train_without_routers_and_refuse_what_needs_them():
+    model = convert_(tiny_model("llama").train(), MoSAConfig(dense_head_ids=KEEP, sparse_heads="local",
+                                                             local_window=4))
+    plain, masked = select_trainable(model, "mosa")
+    ids, _ = ids_and_mask()
+    model(ids, labels=ids, use_cache=False).loss.backward()
+    m = attention_layers(model)[0][1]
+    g = m.q_proj.weight.grad.view(4, 16, -1).abs().sum((1, 2))  # per query head; head 1 is kept dense
+    assert g[1] == 0 and bool((g[[0, 2, 3]] > 0).all())
+    from mosa_retrofit.warmup import RouterWarmup
+
+    with pytest.raises(ValueError, match="router warm-up needs MoSA heads"):
+        RouterWarmup(mosa_layers(model))
+    with pytest.raises(ValueError, match="routing must be 'expert_choice' with sparse_heads='pruned'"):
+        MoSAConfig(sparse_heads="pruned", routing="causal")
+    with pytest.raises(ValueError, match="sparse_heads must be one of"):
+        MoSAConfig(sparse_heads="dropped")
