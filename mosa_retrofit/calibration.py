@@ -32,6 +32,8 @@ class LayerStats:
     xtz: Tensor  # (D, H) Σ x z_h
     sequences: int
     tokens: float = 0.0
+    sparsity: float = 0.0  # what coverage was computed for
+    include_first: bool = True
 
     def fit_router(self, heads: list[list[int]], ridge: float = 1e-2) -> Tensor:
         """Routers (E, D) for units that each combine the targets of ``heads[e]``."""
@@ -85,6 +87,7 @@ def collect_stats(model: nn.Module, input_ids: Tensor, sparsity: float, include_
     for s in stats.values():
         s.coverage /= s.sequences
         s.tokens = float(n_tokens)
+        s.sparsity, s.include_first = sparsity, include_first
     return stats
 
 

@@ -31,7 +31,14 @@ def _wikipedia() -> list[str]:
     return wikipedia_articles()
 
 
-BUILTIN_SOURCES: dict[str, Callable[[], list[str]]] = {"wikipedia-offline": _wikipedia}
+def _shakespeare() -> list[str]:
+    from .assets import shakespeare_plays
+
+    return shakespeare_plays()
+
+
+BUILTIN_SOURCES: dict[str, Callable[[], list[str]]] = {"wikipedia-offline": _wikipedia,
+                                                       "shakespeare-offline": _shakespeare}
 
 
 @dataclass

@@ -68,7 +68,7 @@ class ConversionSpec:
 @dataclass(frozen=True)
 class DataSpec:
     source: str = "wikipedia-offline"
-    """'wikipedia-offline' (embedded articles), local .txt/.jsonl/.json/.parquet files (comma-separated or a
+    """'wikipedia-offline' / 'shakespeare-offline' (embedded texts), local .txt/.jsonl/.json/.parquet files (comma-separated or a
     glob), or a hub dataset name."""
     name: str | None = None
     """Hub dataset configuration name (e.g. 'wikitext-103-raw-v1')."""

@@ -89,7 +89,8 @@ def plan_layers(model: nn.Module, config: MoSAConfig, stats: dict[int, LayerStat
 
 
 def convert_(model: nn.Module, config: MoSAConfig, calibration: Tensor | None = None,
-             filter_fn: Callable[[nn.Module, str], bool] | None = None, progress: bool = True) -> nn.Module:
+             filter_fn: Callable[[nn.Module, str], bool] | None = None, progress: bool = True,
+             stats: dict[int, LayerStats] | None = None) -> nn.Module:
     """Convert ``model``'s attention to hybrid MoSA in place and return it.
 
     Args:
@@ -98,6 +99,9 @@ def convert_(model: nn.Module, config: MoSAConfig, calibration: Tensor | None = 
         calibration: token ids (N, T) of calibration text; needed for ``head_choice='scored'`` and
             ``router_init='calibrated'``.
         filter_fn: optional ``(module, qualified_name) -> bool`` to convert only some attention modules.
+        stats: calibration statistics from ``calibration.collect_stats`` on this (unconverted) model at the
+            config's sparsity, to reuse one calibration pass across many conversions (a sweep); causal
+            routing still needs ``calibration`` for its thresholds.
 
     Example:
         >>> model = AutoModelForCausalLM.from_pretrained("HuggingFaceTB/SmolLM2-135M")
@@ -110,14 +114,19 @@ def convert_(model: nn.Module, config: MoSAConfig, calibration: Tensor | None = 
         raise ValueError("this model is already converted (it has MoSA attention layers)")
     routed = config.sparse_heads == "mosa"  # the baselines have no routers
     needs_calibration = config.head_choice == "scored" or (routed and config.router_init == "calibrated")
-    if needs_calibration and calibration is None:
+    if stats is not None:
+        some = next(iter(stats.values()), None)
+        if some is None or (some.sparsity, some.include_first) != (config.sparsity, config.include_first):
+            found = None if some is None else (some.sparsity, some.include_first)
+            raise ValueError(f"stats were collected for (sparsity, include_first) = {found}; this config needs "
+                             f"{(config.sparsity, config.include_first)}")
+    if needs_calibration and calibration is None and stats is None:
         raise ValueError(f"head_choice={config.head_choice!r} / router_init={config.router_init!r} need calibration "
                          "token ids (N, T); pass calibration=...")
     if calibration is not None and (not isinstance(calibration, Tensor) or calibration.dim() != 2):
         raise ValueError(f"calibration must be a (N, T) tensor of token ids, got {getattr(calibration, 'shape', calibration)}")
     layers = attention_layers(model, family)
-    stats = None
-    if config.head_choice == "scored":
+    if config.head_choice == "scored" and stats is None:
         plans_probe = {i for i in layers if config.converts_layer(i)}
         stats = collect_stats(model, calibration, config.sparsity, config.include_first,
                               {i: layers[i][1] for i in plans_probe}, progress)

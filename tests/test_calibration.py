@@ -1,5 +1,6 @@
 """Calibration statistics against a naive recomputation from the model's own attention weights."""
 
+import pytest
 import torch
 from tiny_models import tiny_model
 
@@ -52,3 +53,18 @@ def test_scored_heads_keep_lowest_coverage_dense_and_calibrated_routers_are_set(
     for i, m in layers.items():
         assert list(m.mosa_plan.dense) == [int(stats[i].coverage.argmin())]
         torch.testing.assert_close(m.mosa_router.detach().double(), stats[i].fit_router([[h] for h in m.mosa_plan.mosa]))
+
+
+def test_precomputed_stats_replace_the_calibration_pass():
+    """convert_(stats=...) (one pass reused by a sweep) builds what convert_(calibration=...) builds."""
+    ids = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(1))
+    config = MoSAConfig(sparsity=4, dense_heads=1, head_choice="scored", router_init="calibrated")
+    a, b = tiny_model("llama"), tiny_model("llama")
+    stats = collect_stats(b, ids, 4, True, {i: m for i, (_, m) in attention_layers(b).items()}, progress=False)
+    convert_(a, config, calibration=ids, progress=False)
+    convert_(b, config, stats=stats)
+    for (_, ma), (_, mb) in zip(sorted(attention_layers(a).items()), sorted(attention_layers(b).items())):
+        assert ma[1].mosa_plan == mb[1].mosa_plan
+        assert torch.equal(ma[1].mosa_router, mb[1].mosa_router)
+    with pytest.raises(ValueError, match=r"collected for \(sparsity, include_first\) = \(4, True\); this config needs \(8, True\)"):
+        convert_(tiny_model("llama"), MoSAConfig(sparsity=8, head_choice="scored"), stats=stats)

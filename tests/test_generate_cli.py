@@ -59,3 +59,23 @@ def test_bench_generate_prints_ratios(models, capsys, tmp_path):
         assert 0 < kv < 1
     assert float(rows[1].split("|")[7]) > 0 and out.read_text().count("|") > 20
     assert main(["bench", "generate", str(models["expert_choice"])]) == 2
+
+
+def test_train_with_prompt_adapts_then_samples(tmp_path, capsys):
+    """The newcomer's main job in miniature: convert, calibrate, adapt, evaluate, then generate a sample."""
+    import yaml
+    from train_fixtures import recipe_dict
+
+    model_dir, data = make_world(tmp_path)
+    d = recipe_dict(model_dir, data, tmp_path / "run")
+    d["conversion"] = {"mosa": {"sparsity": 4, "dense_heads": 1, "head_choice": "scored", "router_init": "calibrated",
+                                "routing": "causal"}, "calibration_sequences": 4, "calibration_length": 32}
+    d["stages"] = [{"name": "adaptation", "kind": "adaptation", "steps": 2, "trainable": "attention", "kd_weight": 1.0}]
+    recipe = tmp_path / "demo.yaml"
+    recipe.write_text(yaml.safe_dump(d))
+    assert main(["train", str(recipe), "--prompt", "the cat", "--max-new-tokens", "4"]) == 0
+    text = capsys.readouterr().out
+    assert "| after adaptation |" in text and "| original model |" in text
+    assert re.search(r"attention FLOPs / KV entries vs the original: [\d.]+x / [\d.]+x at T = 2048", text)
+    assert "causal routing, greedy" in text and "KV cache after" in text
+    assert main(["train", str(recipe), "--check", "--max-new-tokens", "0"]) == 0  # --check only validates the recipe
