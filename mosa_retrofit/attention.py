@@ -199,6 +199,15 @@ class MoSAAttentionMixin:
         """Sliding-window heads: query t attends keys t - window + 1 .. t (and never padding)."""
         T, S = q.shape[2], k.shape[2]
         off = S - T
+        scale = self.mosa_family.scaling(self)
+        if off == 0 and window < T:  # no cached prefix: blocked O(T·w) kernel
+            from .window import sliding_window_attention
+
+            if groups > 1:
+                k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+            valid = key_padding(mask, T) if mask is not None else None
+            a = sliding_window_attention(q, k, v, window, scale, valid, dropout)
+            return a.transpose(1, 2)  # (B, T, n, d)
         i = torch.arange(T, device=q.device)[:, None] + off
         j = torch.arange(S, device=q.device)[None, :]
         allowed = (j <= i) & (j > i - window)  # (T, S)
@@ -207,7 +216,6 @@ class MoSAAttentionMixin:
             keys = torch.ones(valid.shape[0], S, dtype=torch.bool, device=q.device)
             keys[:, off:] = valid
             allowed = (allowed & keys[:, None, None, :]) | (j == i)  # keep the diagonal: no empty rows
-        scale = self.mosa_family.scaling(self)
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout, scale=scale,
                                            enable_gqa=groups > 1)
         return a.transpose(1, 2)  # (B, T, n, d)

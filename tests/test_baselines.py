@@ -92,3 +92,22 @@ def test_baselines_train_without_routers_and_refuse_what_needs_them():
         MoSAConfig(sparse_heads="pruned", routing="causal")
     with pytest.raises(ValueError, match="sparse_heads must be one of"):
         MoSAConfig(sparse_heads="dropped")
+
+
+@pytest.mark.parametrize("T, w", [(13, 4), (16, 4), (7, 1), (20, 19), (9, 3)])
+def test_blocked_sliding_window_matches_explicit_band(T, w):
+    from mosa_retrofit.window import sliding_window_attention
+
+    g = torch.Generator().manual_seed(T * 31 + w)
+    q, k, v = (torch.randn(2, 3, T, 8, generator=g) for _ in range(3))
+    valid = torch.ones(2, T, dtype=torch.bool)
+    valid[1, :3] = False  # left padding
+    i, j = torch.arange(T)[:, None], torch.arange(T)[None]
+    for key_valid in (None, valid):
+        band = (j <= i) & (j > i - w)
+        if key_valid is not None:
+            band = (band[None] & key_valid[:, None, :]) | (i == j)[None]  # (B, T, T)
+            band = band[:, None]
+        s = (q @ k.transpose(-1, -2)) * 0.3
+        ref = s.masked_fill(~band, float("-inf")).softmax(-1) @ v
+        torch.testing.assert_close(sliding_window_attention(q, k, v, w, 0.3, key_valid), ref, atol=1e-5, rtol=1e-5)

@@ -1,0 +1,46 @@
+"""Causal sliding-window attention in O(T·w): queries in blocks of w attend their block and the one before.
+
+Shape legend: B batch, n heads, T tokens, d head dim, w window, c = w block length, N = ceil(T / c) blocks.
+Query t sees keys t-w+1 .. t (never padding; always itself, so no row is empty).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def sliding_window_attention(q: Tensor, k: Tensor, v: Tensor, window: int, scale: float,
+                             key_valid: Tensor | None = None, dropout_p: float = 0.0) -> Tensor:
+    """q, k, v (B, n, T, d) (K/V already expanded to the n query heads); key_valid (B, T) bool or None.
+    Returns (B, n, T, d)."""
+    B, n, T, d = q.shape
+    c = max(1, min(window, T))
+    N = -(-T // c)
+    pad = N * c - T
+    if pad:
+        q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+    qb = q.reshape(B, n, N, c, d)
+
+    def with_previous(t: Tensor) -> Tensor:  # (B, n, N, 2c, d): block b-1 then block b
+        tb = t.reshape(B, n, N, c, d)
+        return torch.cat((torch.cat((torch.zeros_like(tb[:, :, :1]), tb[:, :, :-1]), dim=2), tb), dim=3)
+
+    kk, vv = with_previous(k), with_previous(v)
+    dev = q.device
+    i = torch.arange(N, device=dev)[:, None] * c + torch.arange(c, device=dev)  # (N, c) query positions
+    j = torch.arange(N, device=dev)[:, None] * c - c + torch.arange(2 * c, device=dev)  # (N, 2c) key positions
+    rel = i[:, :, None] - j[:, None, :]  # (N, c, 2c)
+    allowed = (rel >= 0) & (rel < window) & (j[:, None, :] >= 0)  # (N, c, 2c)
+    if key_valid is not None:
+        keys = F.pad(key_valid.bool(), (c, pad), value=False)  # (B, c + N·c): position p at index p + c
+        ok = keys[:, j + c]  # (B, N, 2c)
+        allowed = (allowed[None] & ok[:, :, None, :]) | (rel == 0)[None]  # (B, N, c, 2c)
+        allowed = allowed[:, None].expand(B, n, N, c, 2 * c)
+    else:
+        allowed = allowed.expand(B, n, N, c, 2 * c)
+    out = F.scaled_dot_product_attention(qb.reshape(B, n * N, c, d), kk.reshape(B, n * N, 2 * c, d),
+                                         vv.reshape(B, n * N, 2 * c, d), attn_mask=allowed.reshape(B, n * N, c, 2 * c),
+                                         dropout_p=dropout_p, scale=scale)
+    return out.reshape(B, n, N * c, d)[:, :, :T]
