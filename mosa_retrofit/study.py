@@ -186,6 +186,7 @@ class Workbench:
     tokenizer: object
     blocks: dict  # name -> (N, T) validation blocks
     calibration: Tensor
+    timing_ids: Tensor  # (1, time_length) real text: causal routing selects as many tokens as it would in use
     stats: dict = field(default_factory=dict)  # sparsity -> calibration statistics
     timing_call: tuple | None = None
     progress: bool = True
@@ -228,7 +229,7 @@ class Workbench:
         from .surgery import attention_layers
 
         if self.timing_call is None:
-            self.timing_call = capture_attention_call(self.model, layer, self.spec.time_length)
+            self.timing_call = capture_attention_call(self.model, layer, self.timing_ids)
         args, kwargs = self.timing_call
         original = attention_layers(self.model)[layer][1]
         converted = attention_layers(model)[layer][1]
@@ -247,8 +248,8 @@ class _Captured(Exception):
     pass
 
 
-def capture_attention_call(model: nn.Module, layer: int, T: int, seed: int = 0) -> tuple[tuple, dict]:
-    """The (args, kwargs) the model passes to attention layer ``layer`` for one random sequence of T tokens."""
+def capture_attention_call(model: nn.Module, layer: int, ids: Tensor) -> tuple[tuple, dict]:
+    """The (args, kwargs) the model passes to attention layer ``layer`` for token ids (1, T)."""
     from .surgery import attention_layers
 
     module = attention_layers(model)[layer][1]
@@ -259,8 +260,6 @@ def capture_attention_call(model: nn.Module, layer: int, T: int, seed: int = 0) 
                         {k: v.detach() if isinstance(v, Tensor) else v for k, v in kwargs.items()})
         raise _Captured
 
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, model.config.vocab_size, (1, T), generator=g)
     handle = module.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         with torch.no_grad():
@@ -312,7 +311,8 @@ def open_workbench(spec: StudySpec, progress: bool = True) -> Workbench:
     n_cal = spec.calibration_sequences * spec.calibration_length
     corpus = load_corpus(DataSpec(source=spec.data, block_size=spec.eval_length,
                                   validation_documents=spec.validation_documents, validation_tokens=spec.eval_tokens + 1,
-                                  max_train_tokens=max(n_cal, spec.eval_length)), tokenizer, progress=False)
+                                  max_train_tokens=n_cal + spec.time_length + spec.eval_length), tokenizer,
+                           progress=False)
     blocks = {"val": corpus.blocks("validation", spec.eval_length).long()}
     if spec.ood_data:
         ood = load_corpus(DataSpec(source=spec.ood_data, block_size=spec.eval_length,
@@ -320,7 +320,10 @@ def open_workbench(spec: StudySpec, progress: bool = True) -> Workbench:
                           tokenizer, progress=False, validation_only=True)
         blocks["ood"] = ood.blocks("validation", spec.eval_length).long()
     calibration = corpus.train[:n_cal].long().view(spec.calibration_sequences, spec.calibration_length)
-    return Workbench(spec, model, tokenizer, blocks, calibration, progress=progress)
+    timing = corpus.train[-spec.time_length:].long()[None]  # training text, away from the calibration tokens
+    if timing.shape[1] < spec.time_length:
+        raise ValueError(f"{spec.data} has {timing.shape[1]} training tokens, fewer than time_length = {spec.time_length}")
+    return Workbench(spec, model, tokenizer, blocks, calibration, timing, progress=progress)
 
 
 def read_results(path: Path) -> list[dict]:
