@@ -117,7 +117,7 @@ def run_convert(args: argparse.Namespace) -> int:
         tokenizer = None  # a bare checkpoint: fine unless calibration needs to tokenize text
     family_of(model)  # unsupported families fail here, before any work
     calibration = None
-    if config.head_choice == "scored" or config.router_init == "calibrated" or config.routing == "causal":
+    if config.needs_calibration:
         if tokenizer is None:
             raise ValueError(f"{args.model} has no tokenizer, which calibration needs")
         texts = _calibration_texts(args.calib_text)

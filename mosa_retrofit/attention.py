@@ -2,7 +2,8 @@
 
 The module keeps its class (a subclass is swapped in), its parameters and their names: dense heads and MoSA
 heads both read the original q/k/v/o weights through per-head views (see families.py), so the checkpoint
-stays a superset of the base one and the only new parameter is ``mosa_router``. Dense heads run on the
+stays a superset of the base one and the only new parameters are ``mosa_router`` (and ``mosa_fill`` with
+``MoSAConfig(fill='mean')``). Dense heads run on the
 model's own attention backend (``ALL_ATTENTION_FUNCTIONS``: sdpa, eager, flash, ...); MoSA heads run
 ``sparse.mosa_attention`` with the model's RoPE tables, q/k norms, scaling, biases and soft-capping.
 
@@ -42,6 +43,7 @@ class LayerPlan:
     routing: str = "expert_choice"  # 'expert_choice' | 'causal'
     threshold_momentum: float = 0.05
     sparse_heads: str = "mosa"  # what the heads in ``mosa`` run: 'mosa' | 'local' | 'pruned' (baselines)
+    fill: str = "zero"  # what MoSA / pruned heads write at tokens they skip: 'zero' | 'mean' (``mosa_fill``)
 
     @property
     def heads_per_unit(self) -> int:
@@ -72,6 +74,7 @@ class MoSAAttentionMixin:
     mosa_plan: LayerPlan
     mosa_family: Family
     mosa_router: nn.Parameter  # (E, D)
+    mosa_fill: nn.Parameter  # (E, G·d), only with plan.fill == 'mean'
     mosa_observer = None  # optional callable(module, x, W, mask, cos, sin), e.g. the router warm-up loss
 
     def forward(self, *args, **kwargs):
@@ -113,6 +116,10 @@ class MoSAAttentionMixin:
         elif plan.mosa and plan.sparse_heads == "local":
             y = self._mosa_kept_heads(x, W, mask, None, cos, sin, extra, "local", plan.local_window, None)
             out = y if out is None else out + y
+        elif plan.mosa and plan.fill == "mean":  # pruned heads, mean-ablated
+            ids = torch.tensor(plan.mosa, device=x.device)
+            f = torch.einsum("Dnd,nd->D", W.wo[:, ids], self.mosa_fill.to(W.wo.dtype))  # (D,)
+            out = f.expand_as(x) if out is None else out + f
         if out is None:  # every head pruned, no output bias
             out = torch.zeros_like(x)
         return fam.output_dropout(self, out), None
@@ -240,7 +247,8 @@ class MoSAAttentionMixin:
         q_norm, k_norm = fam.norms(self)
         opts = dict(heads_per_unit=G, b_qkv=b_qkv, include_first=plan.include_first, router_score=plan.router_score,
                     rope=rope, q_norm=q_norm, k_norm=k_norm, scale=fam.scaling(self) * fam.query_prescale(self),
-                    softcap=fam.softcap(self), sliding_window=fam.sliding_window(self), add_to=add_to)
+                    softcap=fam.softcap(self), sliding_window=fam.sliding_window(self), add_to=add_to,
+                    fill=self.mosa_fill if plan.fill == "mean" else None)
         valid = key_padding(mask, T)
         causal = plan.routing == "causal"
         if causal and store is not None:

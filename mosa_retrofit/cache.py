@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .sparse import gated_output, project_selected, router_gates, select_tokens_causal
+from .sparse import base_output, gated_output, project_selected, router_gates, select_tokens_causal
 
 
 class MoSACacheLayerMixin:
@@ -150,7 +150,7 @@ def mosa_attention_cached(
     heads_per_unit: int = 1, b_qkv: Tensor | None = None, include_first: bool = False,
     router_score: str = "sigmoid", rope=None, q_norm=None, k_norm=None, scale: float | None = None,
     softcap: float | None = None, sliding_window: int | None = None, valid: Tensor | None = None,
-    add_to: Tensor | None = None,
+    add_to: Tensor | None = None, fill: Tensor | None = None,
 ) -> Tensor:
     """Causal-routing MoSA over T new tokens with the earlier selected tokens' K/V read from ``store``.
 
@@ -172,6 +172,7 @@ def mosa_attention_cached(
     logits = torch.matmul(router, x.reshape(B * T, h).t()).view(E, B, T)  # (E, B, T)
     idx, live = select_tokens_causal(logits, threshold, include_first, v_mask, first)  # (E, B, K)
     K = idx.shape[-1]
+    add_to = base_output(x, w_o, fill, add_to)
     out = x.new_zeros(B, T, h) if add_to is None else add_to.clone()
     if K == 0:
         return out
@@ -205,5 +206,5 @@ def mosa_attention_cached(
     gate = router_gates(logits.gather(-1, idx), router_score)  # (E, B, K)
     if live is not None:
         gate = gate.masked_fill(~live, 0.0)
-    y = gated_output(a.nan_to_num(0.0), gate, w_o)  # dead slots: fully masked rows -> 0, then gate 0
+    y = gated_output(a.nan_to_num(0.0), gate, w_o, fill)  # dead slots: fully masked rows -> 0, then gate 0
     return out.view(B * T, h).index_add_(0, flat, y).view(B, T, h)

@@ -26,6 +26,7 @@ KEPT_HEADS = ("dense", "local")
 HEAD_CHOICES = ("first", "last", "scored")
 ROUTINGS = ("expert_choice", "causal")
 SPARSE_HEADS = ("mosa", "local", "pruned")
+FILLS = ("zero", "mean")
 
 
 def _fail(name: str, value: Any, valid: str) -> None:
@@ -66,6 +67,12 @@ class MoSAConfig:
     (sliding-window heads of ``local_window`` tokens) or 'pruned' (removed: they contribute nothing)."""
     include_first: bool = True
     """Every MoSA head always selects the first token (attention sinks live there)."""
+    fill: str = "zero"
+    """What a MoSA (or pruned) head writes at tokens it does not select: 'zero' (the paper: nothing) or 'mean'
+    (a learned vector ``mosa_fill``, initialised to the head's mean output on calibration text; a selected token
+    gets fill + gate·(attention − fill), so with every token selected the head is unchanged). 'mean' turns the
+    head's absence at a token from a zero-ablation into a mean-ablation, which a pretrained model tolerates far
+    better; it costs one extra vector per layer."""
     router_score: str = "straight_through"
     """'sigmoid' (paper: outputs scaled by σ(score)) or 'straight_through' (forward ×1, gradient of σ)."""
     router_init: str = "random"
@@ -104,7 +111,7 @@ class MoSAConfig:
                 _fail(f"dense_head_ids[{key!r}]", ids, "a list of head indices >= 0")
         for name, valid in (("head_choice", HEAD_CHOICES), ("kept_heads", KEPT_HEADS), ("router_score", ROUTER_SCORES),
                             ("router_init", ROUTER_INITS), ("router_granularity", GRANULARITIES),
-                           ("routing", ROUTINGS), ("sparse_heads", SPARSE_HEADS)):
+                           ("routing", ROUTINGS), ("sparse_heads", SPARSE_HEADS), ("fill", FILLS)):
             if getattr(self, name) not in valid:
                 _fail(name, getattr(self, name), f"one of {valid}")
         if self.layers != "all":
@@ -121,6 +128,8 @@ class MoSAConfig:
         if self.sparse_heads == "local" and self.kept_heads == "local":
             _fail("sparse_heads", self.sparse_heads, "'mosa' or 'pruned' when kept_heads='local' (every head "
                   "would be a local head)")
+        if self.sparse_heads == "local" and self.fill != "zero":
+            _fail("fill", self.fill, "'zero' with sparse_heads='local' (local heads write at every token)")
         if isinstance(self.threshold_momentum, bool) or not isinstance(self.threshold_momentum, Real) or not (
                 0 <= self.threshold_momentum <= 1):
             _fail("threshold_momentum", self.threshold_momentum, "a number in [0, 1]")
@@ -130,6 +139,13 @@ class MoSAConfig:
             _fail("version", self.version, f"<= {CONFIG_VERSION} (this mosa_retrofit is older than the config)")
         if isinstance(self.layers, tuple):  # keep JSON-friendly, comparable values
             object.__setattr__(self, "layers", list(self.layers))
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether converting needs calibration text (scored heads, calibrated routers, mean fill, thresholds)."""
+        routed = self.sparse_heads == "mosa"
+        return (self.head_choice == "scored" or (routed and self.router_init == "calibrated")
+                or self.fill == "mean" or (routed and self.routing == "causal"))
 
     # ------------------------------------------------------------------------------------ per layer
 

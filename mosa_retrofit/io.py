@@ -1,7 +1,7 @@
 """Save and load converted models.
 
 A converted model saves with the stock ``model.save_pretrained(dir)``: standard safetensors (the base
-weights under their own names plus ``*.mosa_router``) and the MoSA config inside ``config.json`` under
+weights under their own names plus ``*.mosa_router`` and ``*.mosa_fill``) and the MoSA config inside ``config.json`` under
 ``"mosa"``, with the resolved dense heads of every layer. ``load(dir)`` rebuilds the hybrid model through
 the stock ``from_pretrained`` (dtype, sharding, device_map keep working) by re-applying the surgery in
 ``__init__``. ``load(base_dir, config=...)`` converts on load.
@@ -46,7 +46,7 @@ def _mosa_model_class(base_cls: type) -> type:
         base_cls.__init__(self, config, *args, **kwargs)
         mosa = MoSAConfig.from_dict(config.mosa)
         config.mosa = None  # convert_ refuses converted configs; it writes the resolved block back
-        convert_(self, _structure_config(mosa), progress=False)
+        convert_(self, _structure_config(mosa), progress=False, _structure_only=True)
         config.mosa = dataclasses.replace(
             MoSAConfig.from_dict(config.mosa), head_choice=mosa.head_choice, router_init=mosa.router_init,
             base_model_name_or_path=mosa.base_model_name_or_path).to_dict()
@@ -85,7 +85,14 @@ def load(path: str, config: MoSAConfig | None = None, calibration: Tensor | None
         hf_config.mosa = config.to_dict()
     model, info = _mosa_model_class(base_cls).from_pretrained(path, config=hf_config, output_loading_info=True,
                                                              **kwargs)
-    missing_routers = [k for k in info.get("missing_keys", []) if k.endswith("mosa_router")]
+    missing = info.get("missing_keys", [])
+    missing_fill = [k for k in missing if k.endswith("mosa_fill")]
+    if missing_fill:
+        logger.warning("fills missing from %s, left at zero: %s", path, missing_fill)
+        for name, p in model.named_parameters():
+            if name in missing_fill:
+                p.data.zero_()
+    missing_routers = [k for k in missing if k.endswith("mosa_router")]
     if missing_routers:
         logger.warning("routers missing from %s, initialised at random: %s", path, missing_routers)
         for name, p in model.named_parameters():

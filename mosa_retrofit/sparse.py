@@ -219,13 +219,34 @@ def project_selected(xs: Tensor, w_qkv: Tensor, b_qkv: Tensor | None, idx: Tenso
     return q, k, v
 
 
-def gated_output(a: Tensor, gate: Tensor, w_o: Tensor) -> Tensor:
-    """Scale attended rows a (E·B, G, K, d) by their gates (E, B, K) and project out: (E·B·K, h) rows."""
+def gated_output(a: Tensor, gate: Tensor, w_o: Tensor, fill: Tensor | None = None) -> Tensor:
+    """Scale attended rows a (E·B, G, K, d) by their gates (E, B, K) and project out: (E·B·K, h) rows.
+
+    With ``fill`` (E, G·d) the rows are gate·(a − fill): what a selected token adds on top of the fill that
+    every token gets (see :func:`fill_output`).
+    """
     EB, G, K, d = a.shape
     E = w_o.shape[0]
+    if fill is not None:
+        B = EB // E
+        f = fill.view(E, 1, G, 1, d).expand(E, B, G, 1, d).reshape(EB, G, 1, d)
+        a = a - f.to(a.dtype)
     a = a * gate.reshape(EB, 1, K, 1).to(a.dtype)
     a = a.transpose(1, 2).reshape(E, -1, G * d)  # (E, B·K, G·d)
     return torch.bmm(a, w_o).view(-1, w_o.shape[-1])  # (E·B·K, h)
+
+
+def fill_output(fill: Tensor, w_o: Tensor) -> Tensor:
+    """(h,): Σ_e fill_e @ w_o_e, what the units write at every token (fill (E, G·d), w_o (E, G·d, h))."""
+    return torch.einsum("ec,ech->h", fill.to(w_o.dtype), w_o)
+
+
+def base_output(x: Tensor, w_o: Tensor, fill: Tensor | None, add_to: Tensor | None) -> Tensor | None:
+    """``add_to`` plus the units' fill at every token (None when there is neither)."""
+    if fill is None:
+        return add_to
+    f = fill_output(fill, w_o)  # (h,)
+    return f.expand_as(x) if add_to is None else add_to + f
 
 
 def mosa_attention(
@@ -249,6 +270,7 @@ def mosa_attention(
     attention_mask: Tensor | None = None,
     add_to: Tensor | None = None,
     threshold: Tensor | None = None,
+    fill: Tensor | None = None,
 ) -> Tensor:
     """All MoSA units of one layer, batched (no loop over heads).
 
@@ -269,6 +291,8 @@ def mosa_attention(
         add_to: optional (B, T, h) tensor that the result is added to (e.g. the dense heads' output).
         threshold: (E,) per-unit thresholds: causal routing (:func:`select_tokens_causal`) instead of
             expert-choice top-K; ``sparsity`` is then only the target rate the thresholds are set for.
+        fill: (E, G·d) what each unit outputs (before ``w_o``) at tokens it does not select; a selected token
+            gets fill + gate·(attention − fill). None: zero, as in the paper.
 
     Returns:
         (B, T, h): the sum over units of their scattered outputs (+ ``add_to``).
@@ -286,6 +310,7 @@ def mosa_attention(
     else:
         idx, live = select_tokens_causal(logits, threshold, include_first, valid)
     K = idx.shape[-1]
+    add_to = base_output(x, w_o, fill, add_to)
     if K == 0:
         return x.new_zeros(B, T, h) if add_to is None else add_to
 
@@ -310,7 +335,7 @@ def mosa_attention(
         )  # (E·B, G, K, d)
 
     # 5. scale each row by its router score, project out, scatter-add back to the sequence
-    y = gated_output(a, gate, w_o)  # (E·B·K, h)
+    y = gated_output(a, gate, w_o, fill)  # (E·B·K, h)
     if add_to is None:  # in place into fresh zeros: no copy of a (B·T, h) buffer
         return x.new_zeros(B * T, h).index_add_(0, flat, y).view(B, T, h)
     return add_to.reshape(B * T, h).index_add(0, flat, y).view(B, T, h)

@@ -83,14 +83,14 @@ def plan_layers(model: nn.Module, config: MoSAConfig, stats: dict[int, LayerStat
             dense=tuple(dense), mosa=tuple(mosa), sparsity=config.sparsity, include_first=config.include_first,
             router_score=config.router_score, granularity=config.router_granularity if G > 1 else "head",
             kept_heads=config.kept_heads, local_window=config.local_window, group_size=G, routing=config.routing,
-            threshold_momentum=config.threshold_momentum, sparse_heads=config.sparse_heads,
+            threshold_momentum=config.threshold_momentum, sparse_heads=config.sparse_heads, fill=config.fill,
         )
     return plans
 
 
 def convert_(model: nn.Module, config: MoSAConfig, calibration: Tensor | None = None,
              filter_fn: Callable[[nn.Module, str], bool] | None = None, progress: bool = True,
-             stats: dict[int, LayerStats] | None = None) -> nn.Module:
+             stats: dict[int, LayerStats] | None = None, _structure_only: bool = False) -> nn.Module:
     """Convert ``model``'s attention to hybrid MoSA in place and return it.
 
     Args:
@@ -102,6 +102,8 @@ def convert_(model: nn.Module, config: MoSAConfig, calibration: Tensor | None = 
         stats: calibration statistics from ``calibration.collect_stats`` on this (unconverted) model at the
             config's sparsity, to reuse one calibration pass across many conversions (a sweep); causal
             routing still needs ``calibration`` for its thresholds.
+        _structure_only: build the layers a saved checkpoint describes (its dense heads are resolved) without
+            fitting anything: the weights come from the checkpoint (used by ``load`` and resumed training).
 
     Example:
         >>> model = AutoModelForCausalLM.from_pretrained("HuggingFaceTB/SmolLM2-135M")
@@ -113,7 +115,8 @@ def convert_(model: nn.Module, config: MoSAConfig, calibration: Tensor | None = 
     if mosa_layers(model):
         raise ValueError("this model is already converted (it has MoSA attention layers)")
     routed = config.sparse_heads == "mosa"  # the baselines have no routers
-    needs_calibration = config.head_choice == "scored" or (routed and config.router_init == "calibrated")
+    fitted = not _structure_only and (config.fill == "mean" or (routed and config.router_init == "calibrated"))
+    needs_calibration = config.head_choice == "scored" or fitted
     if stats is not None:
         some = next(iter(stats.values()), None)
         if some is None or (some.sparsity, some.include_first) != (config.sparsity, config.include_first):
@@ -121,8 +124,9 @@ def convert_(model: nn.Module, config: MoSAConfig, calibration: Tensor | None = 
             raise ValueError(f"stats were collected for (sparsity, include_first) = {found}; this config needs "
                              f"{(config.sparsity, config.include_first)}")
     if needs_calibration and calibration is None and stats is None:
-        raise ValueError(f"head_choice={config.head_choice!r} / router_init={config.router_init!r} need calibration "
-                         "token ids (N, T); pass calibration=...")
+        raise ValueError(f"head_choice={config.head_choice!r} / router_init={config.router_init!r} / "
+                         f"fill={config.fill!r} need calibration token ids (N, T); pass calibration=... (or use "
+                         "head_choice='first', router_init='random', fill='zero')")
     if calibration is not None and (not isinstance(calibration, Tensor) or calibration.dim() != 2):
         raise ValueError(f"calibration must be a (N, T) tensor of token ids, got {getattr(calibration, 'shape', calibration)}")
     layers = attention_layers(model, family)
@@ -131,7 +135,7 @@ def convert_(model: nn.Module, config: MoSAConfig, calibration: Tensor | None = 
         stats = collect_stats(model, calibration, config.sparsity, config.include_first,
                               {i: layers[i][1] for i in plans_probe}, progress)
     plans = plan_layers(model, config, stats, filter_fn)  # raises before anything is modified
-    if routed and config.router_init == "calibrated" and stats is None:
+    if fitted and stats is None:
         stats = collect_stats(model, calibration, config.sparsity, config.include_first,
                               {i: layers[i][1] for i in plans}, progress)
 
@@ -143,13 +147,19 @@ def convert_(model: nn.Module, config: MoSAConfig, calibration: Tensor | None = 
         if plan.dense:
             m._mosa_dense_kv = dense_kv_layout(plan.dense, weights.num_heads, weights.num_kv_heads)
             m.num_key_value_groups = m._mosa_dense_kv[1]  # what the attention backend repeats K/V by
-        if not routed:
-            continue
-        G = plan.heads_per_unit
+        G = plan.heads_per_unit if routed else 1
         units = [list(plan.mosa[i: i + G]) for i in range(0, len(plan.mosa), G)]
         ref = weights.wq
+        if plan.fill == "mean" and plan.sparse_heads != "local":
+            m.mosa_fill = nn.Parameter(torch.zeros(len(units), G * weights.head_dim, device=ref.device,
+                                                   dtype=ref.dtype))
+            if not _structure_only:
+                with torch.no_grad():
+                    m.mosa_fill.copy_(stats[idx].mean_output(units).to(ref.dtype))
+        if not routed:
+            continue
         m.mosa_router = nn.Parameter(torch.empty(len(units), weights.wq.shape[2], device=ref.device, dtype=ref.dtype))
-        if config.router_init == "calibrated":
+        if config.router_init == "calibrated" and not _structure_only:
             with torch.no_grad():
                 m.mosa_router.copy_(stats[idx].fit_router(units).to(ref.dtype))
         else:

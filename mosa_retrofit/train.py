@@ -141,11 +141,11 @@ class Trainer:
 
         student = copy.deepcopy(teacher).requires_grad_(True).train()
         if mosa is not None:
-            return convert_(student, _structure_config(mosa), progress=False)
+            return convert_(student, _structure_config(mosa), progress=False, _structure_only=True)
         conv = self.recipe.conversion
         config = dataclasses.replace(conv.mosa, base_model_name_or_path=self.recipe.model.name_or_path)
         calibration = None
-        if config.head_choice == "scored" or config.router_init == "calibrated":
+        if config.needs_calibration:
             n = conv.calibration_sequences * conv.calibration_length
             calibration = as_blocks(corpus.train[:n], conv.calibration_length).long()
         return convert_(student, config, calibration=calibration, progress=self.progress and self.acc.is_main_process)

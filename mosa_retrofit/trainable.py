@@ -1,7 +1,7 @@
 """What trains in a stage: full-weight parameter groups, per-head gradient masks, and LoRA through peft.
 
 ``trainable`` (StageSpec):
-  * ``routers``: the ``mosa_router`` of every converted layer;
+  * ``routers``: the ``mosa_router`` (and ``mosa_fill``) of every converted layer;
   * ``mosa``: routers + the MoSA heads' own weights. A converted layer shares its q/k/v/o tensors between
     dense and MoSA heads, so those tensors train under a gradient mask: a query row / output column trains
     iff its head is a MoSA head, a key/value row iff *every* query head reading it is a MoSA head, shared
@@ -29,7 +29,7 @@ def head_masks(module: nn.Module) -> dict[str, Tensor]:
     in the MoSA heads' views are marked. Works for split, fused and transposed layouts alike.
     """
     fam, plan = module.mosa_family, module.mosa_plan
-    params = {n: p for n, p in module.named_parameters() if n != "mosa_router"}
+    params = {n: p for n, p in module.named_parameters() if n not in ("mosa_router", "mosa_fill")}
     saved, offsets, total = {}, {}, 0
     with torch.no_grad():
         for n, p in params.items():
@@ -84,7 +84,8 @@ def select_trainable(model: nn.Module, trainable: str, lora: bool = False) -> tu
     layers = mosa_layers(model)
     for p in model.parameters():
         p.requires_grad_(False)
-    routers = [m.mosa_router for m in layers.values() if hasattr(m, "mosa_router")]  # baselines: none
+    routers = [getattr(m, n) for m in layers.values() for n in ("mosa_router", "mosa_fill")
+               if hasattr(m, n)]  # the new parameters (a local baseline has none)
     plain: list[nn.Parameter] = []
     masked: list[tuple[nn.Parameter, Tensor]] = []
     if lora:

@@ -75,9 +75,10 @@ def test_head_slicing_rebuilds_each_head_exactly(family):
     assert W.wq.data_ptr() >= 0 and W.wq._base is not None  # a view: training updates the model's weights
 
 
-def naive_layer(x, W, dense, mosa_heads, router, sparsity, scale, include_first, cos, sin, group):
+def naive_layer(x, W, dense, mosa_heads, router, sparsity, scale, include_first, cos, sin, group, fill=None):
     """Reference for one converted Llama-style layer without biases/norms: dense heads by the explicit causal
-    formula, each MoSA head with its own top-k (group heads share one selection when group > 1)."""
+    formula, each MoSA head with its own top-k (group heads share one selection when group > 1). ``fill``
+    {head: (d,)}: a skipped token gets fill @ W_o, a selected one fill @ W_o + gate·(attention − fill) @ W_o."""
     B, T, D = x.shape
     H, KV, d = W.num_heads, W.num_kv_heads, W.head_dim
     kv_of = [h // (H // KV) for h in range(H)]
@@ -110,7 +111,9 @@ def naive_layer(x, W, dense, mosa_heads, router, sparsity, scale, include_first,
                 q, k, v = X @ W.wq[h].t(), X @ W.wk[kv_of[h]].t(), X @ W.wv[kv_of[h]].t()
                 q, k = rope(q, I), rope(k, I)
                 att = (q @ k.t() * scale).masked_fill(~(I[:, None] >= I[None, :]), -math.inf).softmax(-1)
-                y[b].index_add_(0, I, (att @ v * gate[:, None]) @ W.wo[:, h].t())
+                f = torch.zeros(d) if fill is None else fill[h]
+                y[b] += f @ W.wo[:, h].t()
+                y[b].index_add_(0, I, ((att @ v - f) * gate[:, None]) @ W.wo[:, h].t())
     return y
 
 
