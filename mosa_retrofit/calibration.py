@@ -1,20 +1,20 @@
-"""Calibration: one pass of text through the *original* model to rank heads and initialise routers.
+"""Calibration: one pass of text through the *original* model to rank heads and initialise routers and fills.
 
 For every attention layer we read the input x_t of the attention module and each head's attention matrix
-A (eager attention returns it), and accumulate two things (no backprop, nothing stored per token):
+A (eager attention returns it), compute each head's output o_t = Σ_s A_ts v_s, and accumulate (no backprop,
+nothing stored per token):
 
-* **coverage** of head h: let S be the k = T // sparsity tokens that receive the most attention from the
-  head (column sums of A; the first token always in S when include_first). coverage is the attention mass
-  that queries in S place on keys in S, averaged over S: 1 means top-k sparse attention reproduces this
-  head's attention exactly for the tokens it processes, 0 that it keeps nothing. ``head_choice='scored'``
-  keeps the heads of *lowest* coverage dense.
-* **router fit**: a MoSA head should select the tokens its dense attention relies on most. The target is
-  z_h(t) = log of the attention mass token t receives from head h, standardised per sequence; the router
-  is the ridge regression  w_h = argmin Σ_t (x_t·w - z_h(t))² + λ‖w‖²  (closed form from Σ x xᵀ and
-  Σ x z), layer-local and cheap, then rescaled so the logits have unit RMS on the calibration text. A KV
-  group that shares one router (router_granularity='kv_group') fits the sum of its heads' targets.
-* **mean output** of head h (before the output projection): Σ_t Σ_s A_ts v_s / N = (Σ_t A_t·) V / N, from the
-  column sums already at hand and the head's values; ``MoSAConfig(fill='mean')`` starts from it.
+* **mean output** μ_h = Σ_t o_t / N (before the output projection): ``MoSAConfig(fill='mean')`` starts from it.
+* **energy** of head h: Σ_t ‖(o_t − f) W_o‖², the change to the layer's output if the head wrote only its fill
+  f at every token (f = the sequence mean of o for fill='mean', 0 for fill='zero'). ``head_choice='scored'``
+  keeps the heads of *highest* energy dense: replacing them would hurt most. (Sink heads, whose output barely
+  moves, cost almost nothing to sparsify; with fill='mean' they are nearly free.)
+* **router fit**: a MoSA unit should select the tokens that matter to its heads, as keys and as queries. The
+  target is z_h(t) = mass_h(t) + dev_h(t), each standardised per sequence: mass = log of the attention mass
+  token t receives (tokens others read), dev = log ‖(o_t − f) W_o‖ (tokens where the head's output departs from
+  what it writes when it skips them). The router is the ridge regression  w = argmin Σ_t (x_t·w − z(t))² + λ‖w‖²
+  (closed form from Σ x xᵀ and Σ x z), layer-local and cheap, rescaled so the logits have unit RMS on the
+  calibration text. A unit of several heads (router_granularity='kv_group') fits the sum of their targets.
 """
 
 from __future__ import annotations
@@ -24,27 +24,28 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .sparse import tokens_per_head
+FILL_KINDS = ("zero", "mean")
 
 
 @dataclass
 class LayerStats:
-    coverage: Tensor  # (H,) mean over sequences
     xtx: Tensor  # (D, D) Σ x xᵀ
-    xtz: Tensor  # (D, H) Σ x z_h
-    sequences: int
-    out_sum: Tensor | None = None  # (H, d) Σ over tokens of each head's attention output
-    xtz_dev: Tensor | None = None  # (D, H) Σ x z'_h: z' = standardised log-norm of what the head adds at t
-    energy: Tensor | None = None  # (H,) Σ_t ‖(o_t − mean) W_o‖²: the damage of mean-ablating the head
+    xtz_mass: Tensor  # (D, H) Σ x mass_h
+    xtz_dev: dict  # fill -> (D, H) Σ x dev_h
+    energy: dict  # fill -> (H,) Σ_t ‖(o_t − f) W_o‖²
+    out_sum: Tensor  # (H, d) Σ_t o_t
+    sequences: int = 0
     tokens: float = 0.0
-    sparsity: float = 0.0  # what coverage was computed for
-    include_first: bool = True
 
-    def fit_router(self, heads: list[list[int]], ridge: float = 1e-2, target: str = "mass") -> Tensor:
+    def head_scores(self, fill: str = "zero") -> Tensor:
+        """(H,) how much replacing each head by its ``fill`` changes the layer output (higher: keep dense)."""
+        return self.energy[fill]
+
+    def fit_router(self, heads: list[list[int]], fill: str = "zero", ridge: float = 1e-2) -> Tensor:
         """Routers (E, D) for units that each combine the targets of ``heads[e]``."""
         D = self.xtx.shape[0]
         reg = ridge * self.xtx.diagonal().mean() * torch.eye(D, dtype=self.xtx.dtype)
-        xtz = {"mass": self.xtz, "deviation": self.xtz_dev, "both": self.xtz + self.xtz_dev}[target]
+        xtz = self.xtz_mass + self.xtz_dev[fill]
         z = torch.stack([xtz[:, hs].sum(-1) for hs in heads], dim=1)  # (D, E)
         w = torch.linalg.solve(self.xtx + reg, z)  # (D, E)
         second_moment = torch.einsum("de,df,fe->e", w, self.xtx, w)  # Σ_t (x_t·w)²
@@ -57,8 +58,8 @@ class LayerStats:
         return torch.stack([mean[hs].reshape(-1) for hs in heads])
 
 
-def collect_stats(model: nn.Module, input_ids: Tensor, sparsity: float, include_first: bool,
-                  attention_modules: dict[int, nn.Module], progress: bool = True) -> dict[int, LayerStats]:
+def collect_stats(model: nn.Module, input_ids: Tensor, attention_modules: dict[int, nn.Module],
+                  progress: bool = True) -> dict[int, LayerStats]:
     """Run ``input_ids`` (N, T) one sequence at a time through the unconverted ``model`` (eager attention)."""
     from tqdm.auto import tqdm
 
@@ -75,7 +76,7 @@ def collect_stats(model: nn.Module, input_ids: Tensor, sparsity: float, include_
         def hook(module, args, kwargs, output):
             A = output[1].detach().float()  # (1, H, T, T)
             x = inputs.pop(layer)[0].float()  # (T, D)
-            _accumulate(stats, layer, x, A[0], sparsity, include_first, _values(module, x), _out_maps(module))
+            _accumulate(stats, layer, x, A[0], _values(module, x), _out_maps(module))
         return hook
 
     for layer, m in attention_modules.items():
@@ -96,9 +97,7 @@ def collect_stats(model: nn.Module, input_ids: Tensor, sparsity: float, include_
         model.train(was_training)
     n_tokens = input_ids.shape[0] * input_ids.shape[1]
     for s in stats.values():
-        s.coverage /= s.sequences
         s.tokens = float(n_tokens)
-        s.sparsity, s.include_first = sparsity, include_first
     return stats
 
 
@@ -125,34 +124,22 @@ def _standardise(z: Tensor) -> Tensor:
     return (z - z.mean(-1, keepdim=True)) / z.std(-1, keepdim=True).clamp_min(1e-6)
 
 
-def _accumulate(stats, layer: int, x: Tensor, A: Tensor, sparsity: float, include_first: bool,
-                values: Tensor, out_maps: Tensor) -> None:
+def _accumulate(stats, layer: int, x: Tensor, A: Tensor, values: Tensor, out_maps: Tensor) -> None:
     H, T, _ = A.shape
     received = A.sum(dim=1)  # (H, T) attention mass each token receives
-    k = tokens_per_head(T, sparsity)
-    score = received.clone()
-    if include_first:
-        score[:, 0] = float("inf")
-    S = score.topk(k, dim=-1).indices  # (H, k)
-    rows = A.gather(1, S[:, :, None].expand(H, k, T))  # (H, k, T) attention rows of the selected queries
-    inside = rows.gather(2, S[:, None, :].expand(H, k, k)).sum(-1)  # (H, k) mass kept on selected keys
-    coverage = inside.mean(-1)  # (H,)
-    z = _standardise(received.clamp_min(1e-6).log())  # (H, T)
     o = torch.matmul(A, values)  # (H, T, d) each head's output at every token
-    dev = torch.matmul(o - o.mean(1, keepdim=True), out_maps).norm(dim=-1)  # (H, T) what it adds beyond its mean
-    z_dev = _standardise(dev.clamp_min(1e-6).log())
     xd = x.double()
     if layer not in stats:
         D = x.shape[1]
-        stats[layer] = LayerStats(torch.zeros(H, dtype=torch.float64), torch.zeros(D, D, dtype=torch.float64),
-                                  torch.zeros(D, H, dtype=torch.float64), 0,
-                                  torch.zeros(H, values.shape[-1], dtype=torch.float64),
-                                  torch.zeros(D, H, dtype=torch.float64), torch.zeros(H, dtype=torch.float64))
+        zeros = lambda *shape: torch.zeros(*shape, dtype=torch.float64)
+        stats[layer] = LayerStats(zeros(D, D), zeros(D, H), {f: zeros(D, H) for f in FILL_KINDS},
+                                  {f: zeros(H) for f in FILL_KINDS}, zeros(H, values.shape[-1]))
     s = stats[layer]
-    s.out_sum += torch.einsum("ht,htd->hd", received.double(), values.double())  # Σ_t of each head's output
-    s.coverage += coverage.double()
     s.xtx += xd.t() @ xd
-    s.xtz += xd.t() @ z.double().t()
-    s.xtz_dev += xd.t() @ z_dev.double().t()
-    s.energy += dev.double().pow(2).sum(-1)
+    s.xtz_mass += xd.t() @ _standardise(received.clamp_min(1e-6).log()).double().t()
+    for fill, f in (("zero", 0.0), ("mean", o.mean(1, keepdim=True))):
+        dev = torch.matmul(o - f, out_maps).norm(dim=-1)  # (H, T) what the head adds beyond its fill
+        s.energy[fill] += dev.double().pow(2).sum(-1)
+        s.xtz_dev[fill] += xd.t() @ _standardise(dev.clamp_min(1e-6).log()).double().t()
+    s.out_sum += o.double().sum(1)
     s.sequences += 1

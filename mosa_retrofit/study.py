@@ -187,25 +187,25 @@ class Workbench:
     blocks: dict  # name -> (N, T) validation blocks
     calibration: Tensor
     timing_ids: Tensor  # (1, time_length) real text: causal routing selects as many tokens as it would in use
-    stats: dict = field(default_factory=dict)  # sparsity -> calibration statistics
+    stats: dict | None = None  # calibration statistics of the original model (one pass serves every point)
     timing_call: tuple | None = None
     progress: bool = True
 
-    def stats_for(self, sparsity: float) -> dict:
+    def calibration_stats(self) -> dict:
         from .calibration import collect_stats
         from .surgery import attention_layers
 
-        if sparsity not in self.stats:
+        if self.stats is None:
             layers = {i: m for i, (_, m) in attention_layers(self.model).items()}
-            self.stats[sparsity] = collect_stats(self.model, self.calibration, sparsity, True, layers, self.progress)
-        return self.stats[sparsity]
+            self.stats = collect_stats(self.model, self.calibration, layers, self.progress)
+        return self.stats
 
     def convert(self, point: Point) -> nn.Module:
         from .surgery import convert_
 
         model = copy.deepcopy(self.model)
         return convert_(model, point.config(self.spec.eval_length), calibration=self.calibration,
-                        stats=self.stats_for(point.sparsity), progress=False)
+                        stats=self.calibration_stats(), progress=False)
 
     def measure(self, model: nn.Module, point: Point, extra: dict | None = None) -> dict:
         from .costs import attention_costs, ratios

@@ -58,13 +58,13 @@ def plan_layers(model: nn.Module, config: MoSAConfig, stats: dict[int, LayerStat
             dense = list(range(n))
         elif config.head_choice == "last":
             dense = list(range(H - n, H))
-        else:  # scored: keep dense the heads (or KV groups) whose attention top-k keeps worst
-            cov = stats[idx].coverage
+        else:  # scored: keep dense the heads (or KV groups) whose replacement would change the output most
+            score = stats[idx].head_scores(config.fill)
             if config.router_granularity == "kv_group" and n % G == 0:
-                groups = cov.view(KV, G).mean(-1).argsort()[: n // G].tolist()
+                groups = score.view(KV, G).sum(-1).argsort(descending=True)[: n // G].tolist()
                 dense = sorted(h for g in groups for h in range(g * G, (g + 1) * G))
             else:
-                dense = sorted(cov.argsort()[:n].tolist())
+                dense = sorted(score.argsort(descending=True)[:n].tolist())
         mosa = [h for h in range(H) if h not in dense]
         if config.router_granularity == "kv_group" and G > 1:
             split = [g for g in range(KV) if 0 < sum(h in mosa for h in range(g * G, (g + 1) * G)) < G]
@@ -99,9 +99,9 @@ def convert_(model: nn.Module, config: MoSAConfig, calibration: Tensor | None = 
         calibration: token ids (N, T) of calibration text; needed for ``head_choice='scored'`` and
             ``router_init='calibrated'``.
         filter_fn: optional ``(module, qualified_name) -> bool`` to convert only some attention modules.
-        stats: calibration statistics from ``calibration.collect_stats`` on this (unconverted) model at the
-            config's sparsity, to reuse one calibration pass across many conversions (a sweep); causal
-            routing still needs ``calibration`` for its thresholds.
+        stats: calibration statistics from ``calibration.collect_stats`` on this (unconverted) model, to reuse
+            one calibration pass across many conversions (a sweep); causal routing still needs ``calibration``
+            for its thresholds.
         _structure_only: build the layers a saved checkpoint describes (its dense heads are resolved) without
             fitting anything: the weights come from the checkpoint (used by ``load`` and resumed training).
 
@@ -117,12 +117,6 @@ def convert_(model: nn.Module, config: MoSAConfig, calibration: Tensor | None = 
     routed = config.sparse_heads == "mosa"  # the baselines have no routers
     fitted = not _structure_only and (config.fill == "mean" or (routed and config.router_init == "calibrated"))
     needs_calibration = config.head_choice == "scored" or fitted
-    if stats is not None:
-        some = next(iter(stats.values()), None)
-        if some is None or (some.sparsity, some.include_first) != (config.sparsity, config.include_first):
-            found = None if some is None else (some.sparsity, some.include_first)
-            raise ValueError(f"stats were collected for (sparsity, include_first) = {found}; this config needs "
-                             f"{(config.sparsity, config.include_first)}")
     if needs_calibration and calibration is None and stats is None:
         raise ValueError(f"head_choice={config.head_choice!r} / router_init={config.router_init!r} / "
                          f"fill={config.fill!r} need calibration token ids (N, T); pass calibration=... (or use "
@@ -132,12 +126,12 @@ def convert_(model: nn.Module, config: MoSAConfig, calibration: Tensor | None = 
     layers = attention_layers(model, family)
     if config.head_choice == "scored" and stats is None:
         plans_probe = {i for i in layers if config.converts_layer(i)}
-        stats = collect_stats(model, calibration, config.sparsity, config.include_first,
-                              {i: layers[i][1] for i in plans_probe}, progress)
+        stats = collect_stats(model, calibration, {i: layers[i][1] for i in plans_probe}, progress)
     plans = plan_layers(model, config, stats, filter_fn)  # raises before anything is modified
     if fitted and stats is None:
-        stats = collect_stats(model, calibration, config.sparsity, config.include_first,
-                              {i: layers[i][1] for i in plans}, progress)
+        stats = collect_stats(model, calibration, {i: layers[i][1] for i in plans}, progress)
+    if fitted and any(i not in stats for i in plans):
+        raise ValueError(f"stats lack layers {sorted(i for i in plans if i not in stats)} that this config converts")
 
     for idx, plan in plans.items():
         _, m = layers[idx]
@@ -161,7 +155,7 @@ def convert_(model: nn.Module, config: MoSAConfig, calibration: Tensor | None = 
         m.mosa_router = nn.Parameter(torch.empty(len(units), weights.wq.shape[2], device=ref.device, dtype=ref.dtype))
         if config.router_init == "calibrated" and not _structure_only:
             with torch.no_grad():
-                m.mosa_router.copy_(stats[idx].fit_router(units).to(ref.dtype))
+                m.mosa_router.copy_(stats[idx].fit_router(units, config.fill).to(ref.dtype))
         else:
             init_router_(m.mosa_router)
         if plan.routing == "causal":

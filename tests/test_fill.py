@@ -49,7 +49,7 @@ def test_calibrated_mean_equals_the_heads_mean_output(family):
     ids = calib()
     want = head_means_by_hook(model, ids)
     layers = {i: m for i, (_, m) in attention_layers(model).items()}
-    stats = collect_stats(model, ids, 4, True, layers, progress=False)
+    stats = collect_stats(model, ids, layers, progress=False)
     for i, s in stats.items():
         torch.testing.assert_close(s.out_sum / s.tokens, want[i], atol=1e-5, rtol=1e-5)
 
