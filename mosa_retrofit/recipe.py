@@ -19,7 +19,7 @@ import yaml
 
 from .config import MoSAConfig
 
-STAGE_KINDS = ("router_warmup", "adaptation")
+STAGE_KINDS = ("router_warmup", "layer_distill", "adaptation")
 TRAINABLE = ("routers", "mosa", "attention", "all")
 PRECISIONS = ("no", "bf16", "fp16")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -119,6 +119,8 @@ class StageSpec:
     """Unique name; checkpoints, logs and overrides refer to it."""
     kind: str
     """'router_warmup': only routers train, to match each head's dense attention mass (KL);
+    'layer_distill': every converted attention layer learns to reproduce the original layer's output on the
+    original model's inputs (relative squared error; cheap: no backward through MLPs or the LM head);
     'adaptation': LM loss + optional KL distillation to the original model's logits."""
     steps: int
     """Optimizer steps of this stage."""
@@ -150,6 +152,10 @@ class StageSpec:
             _check(self.trainable == "routers", "trainable", self.trainable, "'routers' in a router_warmup stage")
             _check(self.lora is None, "lora", self.lora, "null in a router_warmup stage")
             _check(self.kd_weight == 0, "kd_weight", self.kd_weight, "0 in a router_warmup stage")
+        elif self.kind == "layer_distill":
+            _check(self.lora is None, "lora", self.lora, "null in a layer_distill stage")
+            _check(self.trainable in ("routers", "mosa", "attention"), "trainable", self.trainable,
+                   "'routers', 'mosa' or 'attention' in a layer_distill stage (only attention layers run)")
         else:
             _check(self.lm_weight + self.kd_weight > 0, "lm_weight + kd_weight", self.lm_weight + self.kd_weight,
                    "> 0")

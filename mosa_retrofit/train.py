@@ -4,6 +4,8 @@
 (the student) as ``recipe.conversion`` says, and runs ``recipe.stages`` in order:
   * ``router_warmup``: the model runs without autograd; each router learns its layer's dense attention
     mass (warmup.py). With several processes the router gradients are averaged with ``accelerator.reduce``.
+  * ``layer_distill``: each converted attention layer learns to reproduce the teacher's layer output on the
+    teacher's inputs (distill.py); gradients averaged across processes the same way.
   * ``adaptation``: LM loss + optional KL distillation to the teacher's logits; the model is wrapped by
     ``accelerator.prepare`` (DDP with several processes; ``accelerate launch`` starts them).
 Every step reads a global batch of micro × processes × accumulation blocks fixed by data.BlockSchedule.
@@ -211,7 +213,7 @@ class Trainer:
         student.to(acc.device)
         if r.training.gradient_checkpointing:
             student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if not any(s.kd_weight > 0 for s in r.stages[state["stage"]:]):
+        if not any(s.kd_weight > 0 or s.kind == "layer_distill" for s in r.stages[state["stage"]:]):
             teacher = None  # no longer needed: free it
         self.teacher, self.student, self.state = teacher, student, state
         self._open_logs(state["global_step"])
@@ -262,7 +264,8 @@ class Trainer:
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda k: lr_factor(k, stage.steps, r.schedule.warmup_fraction, r.schedule.min_lr_ratio))
         warmup = stage.kind == "router_warmup"
-        net = model if warmup else acc.prepare_model(model)
+        local = stage.kind in ("router_warmup", "layer_distill")  # layer-local losses: no DDP wrapper
+        net = model if local else acc.prepare_model(model)
         opt = acc.prepare_optimizer(opt)
         if self.resume_from is not None:  # optimizer/scheduler mid-stage; RNG of every process
             ckpt.load_training(self.resume_from, opt if start_step > 0 else None, sched, acc.process_index)
@@ -274,7 +277,14 @@ class Trainer:
         n_trainable = sum(int(p.numel()) for p in plain) + sum(int(m.sum()) for _, m in masked)
         self.say(f"stage {stage.name} ({stage.kind}): {stage.steps} steps, global batch {batch} x "
                  f"{r.data.block_size} tokens, {n_trainable:,} trainable parameters, peak lr {peak:g}")
-        observer = RouterWarmup(mosa_layers(model)) if warmup else contextlib.nullcontext()
+        if warmup:
+            observer = RouterWarmup(mosa_layers(model))
+        elif stage.kind == "layer_distill":
+            from .distill import LayerDistill
+
+            observer = LayerDistill(self.teacher, model)
+        else:
+            observer = contextlib.nullcontext()
         bar = tqdm(total=stage.steps, initial=start_step, desc=stage.name, unit="step",
                    disable=not (self.progress and acc.is_main_process), dynamic_ncols=True)
         net.train()
@@ -286,15 +296,16 @@ class Trainer:
                     idx = self.schedule.micro_batch(s["samples"], tc.micro_batch_size, m, acc.process_index, world)
                     ids = self.train_blocks[idx].to(acc.device).long()
                     last = m == tc.gradient_accumulation_steps - 1
-                    sync = contextlib.nullcontext() if (warmup or last) else acc.no_sync(net)
+                    sync = contextlib.nullcontext() if (local or last) else acc.no_sync(net)
                     with sync:
                         loss, parts = self._loss(stage, net, observer, ids)
                         acc.backward(loss / tc.gradient_accumulation_steps)
                     for k, v in parts.items():
                         totals[k] = totals.get(k, 0) + v / tc.gradient_accumulation_steps
-                if warmup and world > 1:
+                if local and world > 1:
                     for p in params:
-                        p.grad = acc.reduce(p.grad, "mean")
+                        if p.grad is not None:
+                            p.grad = acc.reduce(p.grad, "mean")
                 if self.interrupt is not None:
                     self.interrupt(stage.name, step)
                 if r.optimizer.grad_clip is not None:
@@ -354,6 +365,10 @@ class Trainer:
             with torch.no_grad(), acc.autocast():
                 net(input_ids=ids, use_cache=False)
             loss = observer.pop_loss()
+            return loss, {"loss": loss.detach()}
+        if stage.kind == "layer_distill":
+            with acc.autocast():
+                loss = observer.loss(ids)
             return loss, {"loss": loss.detach()}
         with acc.autocast():
             logits = net(input_ids=ids, use_cache=False).logits[:, :-1].float()  # (B, T-1, V)
