@@ -1,16 +1,18 @@
 """The retrofit study: how much perplexity a conversion keeps for how much attention compute and KV cache.
 
-A sweep over (dense heads kept per layer) x (sparsity) x (routing) x (router init), each point converted
-from the same original model, scored on held-out in-domain text and on an out-of-domain text, costed at
-several sequence lengths, and timed (forward + backward of one attention layer against the original layer).
-Two baselines replace the *same* heads at equal compute (``MoSAConfig.sparse_heads``):
+A sweep over (dense heads kept per layer) x (sparsity) x (routing) x (router init) x (fill), each point
+converted from the same original model, scored on held-out in-domain text and on an out-of-domain text, costed
+at several sequence lengths, and timed (forward + backward of one attention layer against the original layer).
+At a given dense count every method keeps the *same* heads dense (the highest output energy on calibration
+text, see calibration.py). Two baselines replace the other heads at equal compute (``MoSAConfig.sparse_heads``):
 
 * ``local``: sliding-window heads whose window gives the same query-key pairs at the evaluation length as
   a MoSA head at that sparsity (``costs.equal_compute_window``); they still project every token;
-* ``pruned``: the heads are removed.
+* ``pruned``: the heads are removed (with fill='mean': replaced by their mean output, a mean-ablation).
 
-Points named in ``StudySpec.adapt`` are also adapted for ``adapt_steps`` optimizer steps (LM + distillation,
-every attention weight trains) by the ordinary recipe trainer, then measured again.
+Points named in ``StudySpec.adapt`` are also adapted by the ordinary recipe trainer (``adapt_distill_steps``
+of layer distillation, then ``adapt_steps`` end-to-end steps of LM + distillation loss; the attention weights,
+routers and fills train), then measured again.
 
 Every finished point is appended to ``results.jsonl`` at once, so an interrupted study resumes where it
 stopped (adaptation resumes from its last checkpoint); the Markdown table and the plot are rebuilt from it.
@@ -30,7 +32,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .config import ROUTER_INITS, ROUTINGS, MoSAConfig
+from .config import FILLS, ROUTER_INITS, ROUTINGS, MoSAConfig
 
 METHODS = ("mosa", "local", "pruned")
 
@@ -48,46 +50,64 @@ class Point:
     sparsity: float | None = None
     routing: str | None = None
     init: str | None = None
+    fill: str | None = None
+    distill_steps: int = 0
     steps: int = 0
 
     @property
+    def adapted(self) -> bool:
+        return bool(self.distill_steps or self.steps)
+
+    @property
     def key(self) -> str:
-        """'mosa:3:8:causal:calibrated', 'local:3:8', 'pruned:3:8', 'original' (+ '@N' once adapted N steps)."""
+        """'mosa:3:8:causal:calibrated:mean', 'local:3:8', 'pruned:3:8:mean', 'original'; once adapted, '@A'
+        (A end-to-end steps) or '@L+A' (L layer-distillation steps first)."""
         if self.method == "original":
             parts = []
         elif self.method == "mosa":
-            parts = [self.dense, _num(self.sparsity), self.routing, self.init]
+            parts = [self.dense, _num(self.sparsity), self.routing, self.init, self.fill]
+        elif self.method == "pruned":
+            parts = [self.dense, _num(self.sparsity), self.fill]
         else:
             parts = [self.dense, _num(self.sparsity)]
         base = ":".join([self.method, *map(str, parts)])
-        return base + (f"@{self.steps}" if self.steps else "")
+        if not self.adapted:
+            return base
+        return base + "@" + (f"{self.distill_steps}+" if self.distill_steps else "") + str(self.steps)
 
     @classmethod
     def parse(cls, key: str) -> Point:
-        """Inverse of ``key`` (without the '@N' suffix), validated with a clear message."""
+        """Inverse of ``key`` (without the '@' suffix), validated with a clear message."""
         parts = key.split(":")
         try:
             method = parts[0]
-            if method == "mosa" and len(parts) == 5 and parts[3] in ROUTINGS and parts[4] in ROUTER_INITS:
-                return cls("mosa", int(parts[1]), float(parts[2]), parts[3], parts[4])
-            if method in ("local", "pruned") and len(parts) == 3:
+            if (method == "mosa" and len(parts) == 6 and parts[3] in ROUTINGS and parts[4] in ROUTER_INITS
+                    and parts[5] in FILLS):
+                return cls("mosa", int(parts[1]), float(parts[2]), parts[3], parts[4], parts[5])
+            if method == "pruned" and len(parts) == 4 and parts[3] in FILLS:
+                return cls(method, int(parts[1]), float(parts[2]), fill=parts[3])
+            if method == "local" and len(parts) == 3:
                 return cls(method, int(parts[1]), float(parts[2]))
         except ValueError:
             pass
-        raise ValueError(f"bad study point {key!r}: use 'mosa:DENSE:SPARSITY:ROUTING:INIT' (ROUTING in {ROUTINGS}, "
-                         f"INIT in {ROUTER_INITS}), 'local:DENSE:SPARSITY' or 'pruned:DENSE:SPARSITY'")
+        raise ValueError(f"bad study point {key!r}: use 'mosa:DENSE:SPARSITY:ROUTING:INIT:FILL' (ROUTING in "
+                         f"{ROUTINGS}, INIT in {ROUTER_INITS}, FILL in {FILLS}), 'local:DENSE:SPARSITY' or "
+                         "'pruned:DENSE:SPARSITY:FILL'")
 
-    def config(self, eval_length: int) -> MoSAConfig:
+    def config(self, eval_length: int, dense_head_ids: dict | None = None) -> MoSAConfig:
+        """The conversion; ``dense_head_ids`` (resolved once per dense count) makes every method keep the same
+        heads, otherwise heads are scored by this point's own fill."""
         from .costs import equal_compute_window
 
-        common = dict(sparsity=self.sparsity, dense_heads=self.dense, head_choice="scored", include_first=True)
+        common = dict(sparsity=self.sparsity, dense_heads=self.dense, head_choice="scored", include_first=True,
+                      dense_head_ids=dense_head_ids or {})
         if self.method == "mosa":
-            return MoSAConfig(**common, routing=self.routing, router_init=self.init,
+            return MoSAConfig(**common, routing=self.routing, router_init=self.init, fill=self.fill,
                               router_score="straight_through")
         if self.method == "local":
             return MoSAConfig(**common, sparse_heads="local",
                               local_window=equal_compute_window(eval_length, self.sparsity))
-        return MoSAConfig(**common, sparse_heads="pruned")
+        return MoSAConfig(**common, sparse_heads="pruned", fill=self.fill)
 
 
 def _num(x) -> str:
@@ -103,6 +123,8 @@ class StudySpec:
     sparsity: tuple = (2, 4, 8, 16)
     routing: tuple = ROUTINGS
     router_init: tuple = ROUTER_INITS
+    fill: tuple = ("mean",)
+    """What MoSA and pruned heads write at tokens they skip (MoSAConfig.fill): 'zero' (the paper), 'mean'."""
     baselines: tuple = ("local", "pruned")
     data: str = "wikipedia-offline"
     """In-domain text: training / calibration documents, and the last ``validation_documents`` held out."""
@@ -121,22 +143,27 @@ class StudySpec:
     """Sequence length of the forward+backward timing of one attention layer (1 thread)."""
     time_repeats: int = 3
     adapt: tuple = ()
-    """Point keys (``Point.key`` without '@N') adapted for ``adapt_steps`` steps."""
+    """Point keys (``Point.key`` without '@') adapted by the recipe trainer: ``adapt_distill_steps`` steps of
+    layer distillation (attention weights, routers, fills), then ``adapt_steps`` end-to-end steps (LM +
+    distillation to the original's logits, attention weights)."""
+    adapt_distill_steps: int = 0
+    adapt_distill_lr: float = 1e-3
     adapt_steps: int = 0
     adapt_lr: float = 3e-4
-    adapt_batch: int = 1
+    adapt_batch: int = 2
     """Sequences of ``eval_length`` tokens per optimizer step."""
     seed: int = 0
     batch_size: int = 4
 
     def __post_init__(self):
-        for name in ("dense_heads", "sparsity", "routing", "router_init", "baselines", "cost_lengths", "adapt"):
+        for name in ("dense_heads", "sparsity", "routing", "router_init", "fill", "baselines", "cost_lengths", "adapt"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         if any(isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in self.dense_heads):
             _fail("dense_heads", self.dense_heads, "integers >= 0")
         if any(isinstance(s, bool) or not isinstance(s, (int, float)) or s < 1 for s in self.sparsity):
             _fail("sparsity", self.sparsity, "numbers >= 1")
-        for name, valid in (("routing", ROUTINGS), ("router_init", ROUTER_INITS), ("baselines", ("local", "pruned"))):
+        for name, valid in (("routing", ROUTINGS), ("router_init", ROUTER_INITS), ("fill", FILLS),
+                            ("baselines", ("local", "pruned"))):
             bad = [v for v in getattr(self, name) if v not in valid]
             if bad:
                 _fail(name, bad, f"a subset of {valid}")
@@ -150,23 +177,29 @@ class StudySpec:
             _fail("eval_tokens", (self.eval_tokens, self.ood_tokens), f">= eval_length = {self.eval_length}")
         if any(isinstance(t, bool) or not isinstance(t, int) or t < 2 for t in self.cost_lengths):
             _fail("cost_lengths", self.cost_lengths, "integers >= 2")
-        if isinstance(self.adapt_steps, bool) or not isinstance(self.adapt_steps, int) or self.adapt_steps < 0:
-            _fail("adapt_steps", self.adapt_steps, "an integer >= 0")
+        for name in ("adapt_steps", "adapt_distill_steps"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                _fail(name, v, "an integer >= 0")
         for key in self.adapt:
             Point.parse(key)
-        if self.adapt and not self.adapt_steps:
-            _fail("adapt_steps", self.adapt_steps, "> 0 when points to adapt are named")
-        if not self.adapt_lr > 0:
-            _fail("adapt_lr", self.adapt_lr, "> 0")
+        if self.adapt and not (self.adapt_steps or self.adapt_distill_steps):
+            _fail("adapt_steps", self.adapt_steps, "> 0 (or adapt_distill_steps > 0) when points to adapt are named")
+        for name in ("adapt_lr", "adapt_distill_lr"):
+            if not getattr(self, name) > 0:
+                _fail(name, getattr(self, name), "> 0")
 
     def points(self) -> list[Point]:
         """Every point at budget 0 (the original first), then the adapted ones."""
         pts = [Point("original")]
         for d in self.dense_heads:
             for s in self.sparsity:
-                pts += [Point("mosa", d, float(s), r, i) for r in self.routing for i in self.router_init]
-                pts += [Point(b, d, float(s)) for b in self.baselines]
-        pts += [dataclasses_replace(Point.parse(k), steps=self.adapt_steps) for k in self.adapt]
+                pts += [Point("mosa", d, float(s), r, i, f) for f in self.fill for r in self.routing
+                        for i in self.router_init]
+                pts += [Point(b, d, float(s), fill=f if b == "pruned" else None) for b in self.baselines
+                        for f in (self.fill if b == "pruned" else (None,))]
+        pts += [dataclasses_replace(Point.parse(k), distill_steps=self.adapt_distill_steps, steps=self.adapt_steps)
+                for k in self.adapt]
         return pts
 
 
@@ -200,12 +233,20 @@ class Workbench:
             self.stats = collect_stats(self.model, self.calibration, layers, self.progress)
         return self.stats
 
+    def dense_ids(self, n: int) -> dict:
+        """The heads every method keeps dense at ``n`` per layer: the n of highest output energy (mean fill)."""
+        stats = self.calibration_stats()
+        return {str(i): sorted(s.head_scores("mean").argsort(descending=True)[:n].tolist()) for i, s in stats.items()}
+
+    def config(self, point: Point) -> MoSAConfig:
+        return point.config(self.spec.eval_length, self.dense_ids(point.dense))
+
     def convert(self, point: Point) -> nn.Module:
         from .surgery import convert_
 
         model = copy.deepcopy(self.model)
-        return convert_(model, point.config(self.spec.eval_length), calibration=self.calibration,
-                        stats=self.calibration_stats(), progress=False)
+        return convert_(model, self.config(point), calibration=self.calibration, stats=self.calibration_stats(),
+                        progress=False)
 
     def measure(self, model: nn.Module, point: Point, extra: dict | None = None) -> dict:
         from .costs import attention_costs, ratios
@@ -363,7 +404,7 @@ def run_study(spec: StudySpec, out: str | Path, work: str | Path | None = None, 
             t0 = time.perf_counter()
             if point.method == "original":
                 row = bench.measure(bench.model, point)
-            elif point.steps:
+            elif point.adapted:
                 row = adapt_point(bench, point, work / point.key.replace(":", "_").replace("@", "_"), progress)
             else:
                 row = bench.measure(bench.convert(point), point)
@@ -385,7 +426,14 @@ def adapt_point(bench: Workbench, point: Point, work: Path, progress: bool) -> d
     from .train import train
 
     spec = bench.spec
-    mosa = point.config(spec.eval_length).to_dict()
+    mosa = bench.config(point).to_dict()
+    stages = []
+    if point.distill_steps:
+        stages.append({"name": "layer_distill", "kind": "layer_distill", "steps": point.distill_steps,
+                       "lr": spec.adapt_distill_lr, "trainable": "attention"})
+    if point.steps:
+        stages.append({"name": "adaptation", "kind": "adaptation", "steps": point.steps, "lr": spec.adapt_lr,
+                       "trainable": "attention", "lm_weight": 1.0, "kd_weight": 1.0})
     recipe = Recipe.from_dict({
         "output_dir": str(work), "seed": spec.seed,
         "model": {"name_or_path": spec.model, "dtype": "float32", "attn_implementation": "sdpa"},
@@ -393,8 +441,7 @@ def adapt_point(bench: Workbench, point: Point, work: Path, progress: bool) -> d
                        "calibration_length": spec.calibration_length},
         "data": {"source": spec.data, "block_size": spec.eval_length,
                  "validation_documents": spec.validation_documents, "validation_tokens": spec.eval_length + 1},
-        "stages": [{"name": "adaptation", "kind": "adaptation", "steps": spec.adapt_steps, "lr": spec.adapt_lr,
-                    "trainable": "attention", "lm_weight": 1.0, "kd_weight": 1.0}],
+        "stages": stages,
         "optimizer": {"lr": spec.adapt_lr, "weight_decay": 0.0, "betas": [0.9, 0.95], "grad_clip": 1.0},
         "schedule": {"warmup_fraction": 0.05, "min_lr_ratio": 0.1},
         "training": {"micro_batch_size": spec.adapt_batch},
@@ -421,7 +468,12 @@ def label(row: dict) -> str:
         name = f"MoSA {row['routing'].replace('_', '-')}, {row['init']} routers"
     else:
         name = f"{row['method']} heads (baseline)"
-    return name + (f", adapted {row['steps']} steps" if row["steps"] else "")
+    if row["method"] in ("mosa", "pruned"):
+        name += f", {row.get('fill') or 'zero'} fill"
+    distill = row.get("distill_steps", 0)
+    if distill or row["steps"]:
+        name += ", adapted " + (f"{distill} layer-distill + " if distill else "") + f"{row['steps']} steps"
+    return name
 
 
 def format_row(row: dict, original: dict | None) -> str:
@@ -468,15 +520,18 @@ def render_markdown(rows: list[dict], original: dict | None, spec: StudySpec, co
              f"Machine: {machine()}; {time.strftime('%Y-%m-%d')}", "",
              f"Perplexity on {spec.eval_tokens:,} held-out tokens of `{spec.data}` (last {spec.validation_documents} "
              f"documents, never trained or calibrated on)" + (f" and {spec.ood_tokens:,} tokens of `{spec.ood_data}` "
-             f"(out of domain)" if ood else "") + f", blocks of {spec.eval_length} tokens. Heads kept dense are chosen "
-             f"by coverage on {spec.calibration_sequences}x{spec.calibration_length} training tokens; 'local' / 'pruned' "
-             "replace exactly those heads' complement at equal query-key pairs (window w) / by nothing. FLOPs and "
-             "KV entries: attention of all layers relative to the original (projections included; KV counted per "
-             f"query head). Time: forward+backward of attention layer 0 at T = {spec.time_length}, 1 thread, "
-             "relative to the original layer.", ""]
+             f"(out of domain)" if ood else "") + f", blocks of {spec.eval_length} tokens. At each dense count every "
+             "method keeps the same heads dense: the highest output energy on "
+             f"{spec.calibration_sequences}x{spec.calibration_length} training tokens; 'local' / 'pruned' replace the "
+             "other heads by sliding-window heads at equal query-key pairs at the evaluation length (window w) / by "
+             "nothing (fill 'zero') or their mean output (fill 'mean'). FLOPs and KV entries: attention of all layers "
+             "relative to the original (projections included; KV counted per query head, as the paper does). "
+             f"Time: forward+backward of attention layer 0 at T = {spec.time_length}, 1 thread, relative to the "
+             "original layer, measured back to back. Adaptation: steps of layer distillation + end-to-end steps "
+             f"({spec.adapt_batch} x {spec.eval_length} tokens each) and their wall time on this machine.", ""]
     if original is not None:
         lines += _goal_lines(rows, original, H) + [""]
-    head = ["point", "method", "dense", "sparsity", "routing", "router init", "adapt steps", "ppl", "× orig"]
+    head = ["point", "method", "dense", "sparsity", "routing", "router init", "fill", "adaptation", "ppl", "× orig"]
     if ood:
         head += ["OOD ppl", "× orig"]
     head += [f"FLOPs@{t}" for t in L] + [f"KV@{t}" for t in L] + ["fwd+bwd time"]
@@ -486,12 +541,20 @@ def render_markdown(rows: list[dict], original: dict | None, spec: StudySpec, co
         cells = [f"`{r['key']}`", r["method"] + (f" (w={r['window']})" if r.get("window") else ""),
                  str(r["dense"] if r["dense"] is not None else "all"),
                  _num(r["sparsity"]) if r["sparsity"] else "-", r["routing"] or "-", r["init"] or "-",
-                 str(r["steps"]), f"{r['ppl_val']:.2f}", f"{r['ppl_val'] / base['ppl_val']:.2f}"]
+                 r.get("fill") or "-", _adaptation(r), f"{r['ppl_val']:.2f}", f"{r['ppl_val'] / base['ppl_val']:.2f}"]
         if ood:
             cells += [f"{r['ppl_ood']:.2f}", f"{r['ppl_ood'] / base['ppl_ood']:.2f}"]
         cells += [_f(r.get(f"flops_{t}")) for t in L] + [_f(r.get(f"kv_{t}")) for t in L] + [_f(r["time_ratio"], 2)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _adaptation(row: dict) -> str:
+    distill, steps = row.get("distill_steps", 0), row["steps"]
+    if not (distill or steps):
+        return "-"
+    text = (f"{distill} LD + " if distill else "") + f"{steps}"
+    return text + (f" ({row['adapt_seconds'] / 60:.0f} min)" if row.get("adapt_seconds") else "")
 
 
 def _goal_lines(rows: list[dict], original: dict, T: int) -> list[str]:

@@ -14,7 +14,8 @@ def tiny_spec(model_dir, data, ood, **over):
     kw = dict(model=str(model_dir), dense_heads=(1,), sparsity=(2,), data=str(data), ood_data=str(ood),
               validation_documents=10, ood_documents=10, eval_length=32, eval_tokens=64, ood_tokens=64,
               calibration_sequences=2, calibration_length=32, cost_lengths=(64, 256), time_length=32, time_repeats=1,
-              adapt=("mosa:1:2:causal:calibrated",), adapt_steps=2, adapt_lr=1e-3)
+              adapt=("mosa:1:2:causal:calibrated:mean",), adapt_distill_steps=2, adapt_steps=1, adapt_lr=1e-3,
+              adapt_batch=1)
     kw.update(over)
     return StudySpec(**kw)
 
@@ -51,9 +52,9 @@ def test_study_end_to_end_and_resume(world):
     rows = run_study(spec, out, progress=False, command="mosa-retrofit study --test", say=said.append)
     keys = [r["key"] for r in rows]
     # original + 2 routings x 2 inits + local + pruned + the adapted point
-    assert keys == ["original", "mosa:1:2:expert_choice:random", "mosa:1:2:expert_choice:calibrated",
-                    "mosa:1:2:causal:random", "mosa:1:2:causal:calibrated", "local:1:2", "pruned:1:2",
-                    "mosa:1:2:causal:calibrated@2"]
+    assert keys == ["original", "mosa:1:2:expert_choice:random:mean", "mosa:1:2:expert_choice:calibrated:mean",
+                    "mosa:1:2:causal:random:mean", "mosa:1:2:causal:calibrated:mean", "local:1:2", "pruned:1:2:mean",
+                    "mosa:1:2:causal:calibrated:mean@2+1"]
     by = {r["key"]: r for r in rows}
 
     # perplexity of the original against a plain reference on both texts
@@ -66,14 +67,14 @@ def test_study_end_to_end_and_resume(world):
     for T in (64, 256):
         k = T // 2
         mosa = 8 * D * d * k + 2 * d * k * k + 2 * D * T
-        assert by["mosa:1:2:causal:random"][f"flops_{T}"] == pytest.approx((dense(T) + 3 * mosa) / (H * dense(T)))
-        assert by["mosa:1:2:causal:random"][f"kv_{T}"] == pytest.approx((T + 3 * k) / (H * T))
-        assert by["pruned:1:2"][f"flops_{T}"] == pytest.approx(1 / H)
+        assert by["mosa:1:2:causal:random:mean"][f"flops_{T}"] == pytest.approx((dense(T) + 3 * mosa) / (H * dense(T)))
+        assert by["mosa:1:2:causal:random:mean"][f"kv_{T}"] == pytest.approx((T + 3 * k) / (H * T))
+        assert by["pruned:1:2:mean"][f"flops_{T}"] == pytest.approx(1 / H)
     # the local baseline's window gives the MoSA head's query-key pairs at the evaluation length (T=32, k=16)
     pairs = lambda w: sum(min(t + 1, w) for t in range(32))
     best = min(range(1, 33), key=lambda w: (abs(pairs(w) - 16 * 17 // 2), w))
     assert by["local:1:2"]["window"] == best
-    assert by["mosa:1:2:causal:calibrated@2"]["adapt_tokens"] == 2 * 32
+    assert by["mosa:1:2:causal:calibrated:mean@2+1"]["adapt_tokens"] == (2 + 1) * 32
     assert all(r["time_ratio"] > 0 for r in rows)
 
     table = (out / "study.md").read_text()
@@ -92,18 +93,37 @@ def test_study_end_to_end_and_resume(world):
 
 
 @pytest.mark.parametrize("key, parsed", [
-    ("mosa:3:8:causal:calibrated", Point("mosa", 3, 8.0, "causal", "calibrated")),
+    ("mosa:3:8:causal:calibrated:mean", Point("mosa", 3, 8.0, "causal", "calibrated", "mean")),
     ("local:1:4", Point("local", 1, 4.0)),
-    ("pruned:6:2.5", Point("pruned", 6, 2.5)),
+    ("pruned:6:2.5:zero", Point("pruned", 6, 2.5, fill="zero")),
 ])
 def test_point_keys_round_trip(key, parsed):
     assert Point.parse(key) == parsed and parsed.key == key
 
 
+def test_every_method_keeps_the_same_heads_and_the_adapted_run_used_them(world):
+    """At one dense count all methods keep the heads of highest mean-fill energy, computed here from the
+    calibration statistics; the adapted point's saved model has the same split."""
+    import mosa_retrofit
+    from mosa_retrofit.study import open_workbench
+    from mosa_retrofit.surgery import mosa_layers
+
+    root, model_dir, data, ood = world
+    bench = open_workbench(tiny_spec(model_dir, data, ood), progress=False)
+    stats = bench.calibration_stats()
+    want = {i: [int(s.head_scores("mean").argmax())] for i, s in stats.items()}
+    for key in ("mosa:1:2:causal:random:zero", "local:1:2", "pruned:1:2:zero", "mosa:1:2:expert_choice:calibrated:mean"):
+        layers = mosa_layers(bench.convert(Point.parse(key)))
+        assert {i: list(m.mosa_plan.dense) for i, m in layers.items()} == want, key
+    adapted = mosa_retrofit.load(str(root / "out" / "adapt" / "mosa_1_2_causal_calibrated_mean_2+1" / "final"))
+    assert {i: list(m.mosa_plan.dense) for i, m in mosa_layers(adapted).items()} == want
+
+
 @pytest.mark.parametrize("over, message", [
     (dict(routing=("topk",)), r"StudySpec.routing must be a subset"),
-    (dict(adapt=("mosa:1:2:causal",)), r"bad study point 'mosa:1:2:causal'"),
-    (dict(adapt_steps=0), r"adapt_steps must be > 0"),
+    (dict(adapt=("mosa:1:2:causal:calibrated",)), r"bad study point 'mosa:1:2:causal:calibrated'"),
+    (dict(adapt_steps=0, adapt_distill_steps=0), r"adapt_steps must be > 0"),
+    (dict(fill=("average",)), r"StudySpec.fill must be a subset"),
     (dict(sparsity=(0.5,)), r"StudySpec.sparsity must be numbers >= 1"),
     (dict(eval_tokens=16), r"eval_tokens must be >= eval_length"),
 ])
