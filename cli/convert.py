@@ -9,7 +9,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from mosa_retrofit.config import GRANULARITIES, HEAD_CHOICES, KEPT_HEADS, ROUTER_INITS, ROUTER_SCORES, ROUTINGS
+from mosa_retrofit.config import FILLS, GRANULARITIES, HEAD_CHOICES, KEPT_HEADS, ROUTER_INITS, ROUTER_SCORES, ROUTINGS
 
 
 def _count(text: str) -> float:
@@ -40,12 +40,16 @@ def add_parser(sub) -> None:
     p.add_argument("--config", help="a MoSAConfig JSON file (flags given explicitly override it)")
     p.add_argument("--sparsity", type=float, help="each MoSA head attends T // sparsity tokens (default 8)")
     p.add_argument("--dense-heads", type=_count, help="heads kept dense per layer: int or fraction (default 0.25)")
-    p.add_argument("--head-choice", choices=HEAD_CHOICES, help="which heads stay dense (scored needs calibration)")
+    p.add_argument("--head-choice", choices=HEAD_CHOICES,
+                   help="which heads stay dense: first, last, or scored (highest output energy; needs calibration)")
     p.add_argument("--layers", type=_layers, help="layers to convert: all, 0,1,5 or re:<regex>")
     p.add_argument("--kept-heads", choices=KEPT_HEADS, help="kept heads are dense or local (sliding window)")
     p.add_argument("--local-window", type=int, help="window of local kept heads")
     p.add_argument("--router-score", choices=ROUTER_SCORES)
-    p.add_argument("--router-init", choices=ROUTER_INITS)
+    p.add_argument("--router-init", choices=ROUTER_INITS, help="calibrated: fitted to the tokens each head needs")
+    p.add_argument("--fill", choices=FILLS,
+                   help="what MoSA heads write at tokens they skip: zero (paper) or mean (their calibrated mean output; "
+                        "far less damage before adaptation)")
     p.add_argument("--router-granularity", choices=GRANULARITIES)
     p.add_argument("--routing", choices=ROUTINGS,
                    help="expert_choice (paper, top-k over the sequence) or causal (thresholds; can generate)")
@@ -78,7 +82,8 @@ def build_config(args: argparse.Namespace):
     flags = dict(sparsity=args.sparsity, dense_heads=args.dense_heads, head_choice=args.head_choice,
                  layers=args.layers, kept_heads=args.kept_heads, local_window=args.local_window,
                  router_score=args.router_score, router_init=args.router_init,
-                 router_granularity=args.router_granularity, include_first=args.include_first, routing=args.routing)
+                 router_granularity=args.router_granularity, include_first=args.include_first, routing=args.routing,
+                 fill=args.fill)
     return dataclasses.replace(base, **{k: v for k, v in flags.items() if v is not None})
 
 

@@ -55,7 +55,9 @@ def add_parser(sub) -> None:
     p.add_argument("--adapt-distill-lr", type=float, default=1e-3)
     p.add_argument("--adapt-steps", type=int, default=0,
                    help="end-to-end steps per adapted point (LM + distillation to the original's logits)")
-    p.add_argument("--adapt-lr", type=float, default=3e-4)
+    p.add_argument("--adapt-lr", type=float, default=1e-3)
+    p.add_argument("--adapt-trainable", choices=("attention", "all"), default="attention",
+                   help="what the end-to-end steps train")
     p.add_argument("--adapt-batch", type=int, default=2, help="sequences of --eval-length tokens per step")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=run)
@@ -71,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
                      calibration_sequences=args.calibration_sequences, calibration_length=args.calibration_length,
                      cost_lengths=args.cost_lengths, time_length=args.time_length, adapt=tuple(args.adapt),
                      adapt_steps=args.adapt_steps, adapt_lr=args.adapt_lr, adapt_batch=args.adapt_batch,
-                     adapt_distill_steps=args.adapt_distill_steps, adapt_distill_lr=args.adapt_distill_lr)
+                     adapt_distill_steps=args.adapt_distill_steps, adapt_distill_lr=args.adapt_distill_lr,
+                     adapt_trainable=args.adapt_trainable)
     command = "mosa-retrofit " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["study"] else ""
     run_study(spec, args.out, args.work, progress=not args.quiet, command=command)
     print(f"\ntable: {args.out}/study.md, plot: {args.out}/study.png")

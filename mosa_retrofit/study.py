@@ -11,8 +11,8 @@ text, see calibration.py). Two baselines replace the other heads at equal comput
 * ``pruned``: the heads are removed (with fill='mean': replaced by their mean output, a mean-ablation).
 
 Points named in ``StudySpec.adapt`` are also adapted by the ordinary recipe trainer (``adapt_distill_steps``
-of layer distillation, then ``adapt_steps`` end-to-end steps of LM + distillation loss; the attention weights,
-routers and fills train), then measured again.
+of layer distillation, then ``adapt_steps`` end-to-end steps of LM + distillation loss on ``adapt_trainable``),
+then measured again.
 
 Every finished point is appended to ``results.jsonl`` at once, so an interrupted study resumes where it
 stopped (adaptation resumes from its last checkpoint); the Markdown table and the plot are rebuilt from it.
@@ -149,7 +149,9 @@ class StudySpec:
     adapt_distill_steps: int = 0
     adapt_distill_lr: float = 1e-3
     adapt_steps: int = 0
-    adapt_lr: float = 3e-4
+    adapt_lr: float = 1e-3
+    adapt_trainable: str = "attention"
+    """What the end-to-end steps train: 'attention' (converted layers' weights, routers, fills) or 'all'."""
     adapt_batch: int = 2
     """Sequences of ``eval_length`` tokens per optimizer step."""
     seed: int = 0
@@ -185,6 +187,8 @@ class StudySpec:
             Point.parse(key)
         if self.adapt and not (self.adapt_steps or self.adapt_distill_steps):
             _fail("adapt_steps", self.adapt_steps, "> 0 (or adapt_distill_steps > 0) when points to adapt are named")
+        if self.adapt_trainable not in ("attention", "all"):
+            _fail("adapt_trainable", self.adapt_trainable, "'attention' or 'all'")
         for name in ("adapt_lr", "adapt_distill_lr"):
             if not getattr(self, name) > 0:
                 _fail(name, getattr(self, name), "> 0")
@@ -433,7 +437,7 @@ def adapt_point(bench: Workbench, point: Point, work: Path, progress: bool) -> d
                        "lr": spec.adapt_distill_lr, "trainable": "attention"})
     if point.steps:
         stages.append({"name": "adaptation", "kind": "adaptation", "steps": point.steps, "lr": spec.adapt_lr,
-                       "trainable": "attention", "lm_weight": 1.0, "kd_weight": 1.0})
+                       "trainable": spec.adapt_trainable, "lm_weight": 1.0, "kd_weight": 1.0})
     recipe = Recipe.from_dict({
         "output_dir": str(work), "seed": spec.seed,
         "model": {"name_or_path": spec.model, "dtype": "float32", "attn_implementation": "sdpa"},

@@ -91,3 +91,23 @@ def test_convert_and_inspect_errors(argv, needle, capsys):
     except SystemExit as e:
         code = e.code
     assert code == 2 and needle in capsys.readouterr().err
+
+
+def test_convert_with_calibrated_fill_from_a_text_file(tmp_path, capsys):
+    """--fill mean --head-choice scored --router-init calibrated on a checkpoint with a tokenizer and --calib-text."""
+    from train_fixtures import make_world
+
+    import mosa_retrofit
+    from mosa_retrofit.surgery import mosa_layers
+
+    model_dir, data = make_world(tmp_path)
+    out = tmp_path / "out"
+    assert main(["convert", str(model_dir), str(out), "--sparsity", "4", "--dense-heads", "1", "--head-choice",
+                 "scored", "--router-init", "calibrated", "--fill", "mean", "--calib-text", str(data),
+                 "--calib-sequences", "2", "--calib-length", "32"]) == 0
+    model = mosa_retrofit.load(str(out))
+    layers = mosa_layers(model)
+    assert model.config.mosa["fill"] == "mean" and all(m.mosa_fill.abs().sum() > 0 for m in layers.values())
+    with pytest.raises(SystemExit) as e:
+        main(["convert", str(model_dir), str(tmp_path / "x"), "--fill", "average"])
+    assert e.value.code == 2 and "invalid choice: 'average'" in capsys.readouterr().err
