@@ -3,9 +3,9 @@
 The module keeps its class (a subclass is swapped in), its parameters and their names: dense heads and MoSA
 heads both read the original q/k/v/o weights through per-head views (see families.py), so the checkpoint
 stays a superset of the base one and the only new parameters are ``mosa_router`` (and ``mosa_fill`` with
-``MoSAConfig(fill='mean')``). Dense heads run on the
-model's own attention backend (``ALL_ATTENTION_FUNCTIONS``: sdpa, eager, flash, ...); MoSA heads run
-``sparse.mosa_attention`` with the model's RoPE tables, q/k norms, scaling, biases and soft-capping.
+``MoSAConfig(fill='mean')``). Dense heads run on the model's own attention backend
+(``ALL_ATTENTION_FUNCTIONS``: sdpa, eager, flash, ...); MoSA heads run ``sparse.mosa_attention`` with the
+model's RoPE tables, q/k norms, scaling, biases and soft-capping.
 
 Shape legend: B batch, T tokens, D width, H query heads, KV key/value heads, d head dim, n dense heads,
 E routed units (MoSA heads, or KV groups with router_granularity='kv_group'), G query heads per unit.
@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from .families import Family, HeadWeights, head_to_kv
 from .rope import apply_rope
-from .sparse import mosa_attention
+from .sparse import fill_output, mosa_attention
 
 
 @dataclass(frozen=True)
@@ -118,7 +118,7 @@ class MoSAAttentionMixin:
             out = y if out is None else out + y
         elif plan.mosa and plan.fill == "mean":  # pruned heads, mean-ablated
             ids = torch.tensor(plan.mosa, device=x.device)
-            f = torch.einsum("Dnd,nd->D", W.wo[:, ids], self.mosa_fill.to(W.wo.dtype))  # (D,)
+            f = fill_output(self.mosa_fill, W.wo[:, ids].permute(1, 2, 0))  # (D,) from (n, d) and (n, d, D)
             out = f.expand_as(x) if out is None else out + f
         if out is None:  # every head pruned, no output bias
             out = torch.zeros_like(x)

@@ -4,7 +4,8 @@ Each routed unit e (a MoSA head, or a KV group whose query heads share one selec
 row ``w_r``. It scores every token with ``sigmoid(x @ w_r)``, keeps its top-K tokens (expert choice),
 projects Q/K/V for those tokens only, rotates them at their *original* positions, attends causally among
 them, multiplies each output row by its router score (the router's only gradient path), projects it out
-and scatter-adds it back. Tokens no unit selects get exactly zero.
+and scatter-adds it back. Tokens no unit selects get exactly zero (the paper), or, with a ``fill``, each
+unit's fill vector (a selected token then gets fill + gate·(attention − fill)).
 
 Shape legend
     B  batch                 T  tokens in the sequence          h  model width

@@ -579,9 +579,20 @@ def _goal_lines(rows: list[dict], original: dict, T: int) -> list[str]:
     return out
 
 
+def family(row: dict) -> str:
+    """The plot line of a point: its method and fill (routing and router init are points on that line)."""
+    if row["method"] == "mosa":
+        return f"MoSA, {row.get('fill') or 'zero'} fill" + (" (paper)" if (row.get("fill") or "zero") == "zero" else "")
+    if row["method"] == "pruned":
+        return f"pruned heads, {row.get('fill') or 'zero'} fill (baseline)"
+    return f"{row['method']} heads (baseline)"
+
+
 def plot_study(rows: list[dict], original: dict, path: Path, spec: StudySpec) -> None:
-    """Perplexity ratio against attention FLOP ratio at the longest cost length, one line per method
-    (its lower envelope: the best perplexity at that compute or less), a panel per evaluation text."""
+    """Perplexity ratio against attention FLOP ratio at the longest cost length, a panel per evaluation text.
+    Without training: one line per method and fill, its lower envelope (the best perplexity at that compute or
+    less) over dense counts, sparsities, routings and router inits (every point drawn faintly). Adapted points:
+    large markers in their method's colour, joined to the same point before adaptation."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -589,25 +600,34 @@ def plot_study(rows: list[dict], original: dict, path: Path, spec: StudySpec) ->
 
     T = spec.cost_lengths[-1]
     panels = [("val", spec.data)] + ([("ood", spec.ood_data)] if spec.ood_data else [])
-    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 5), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 5.2), squeeze=False)
     groups: dict[str, list[dict]] = {}
     for r in rows:
-        if r["method"] != "original":
-            groups.setdefault(label(r), []).append(r)
+        if r["method"] != "original" and not (r.get("distill_steps") or r["steps"]):
+            groups.setdefault(family(r), []).append(r)
+    colours = {g: f"C{i}" for i, g in enumerate(sorted(groups))}
+    by_key = {r["key"]: r for r in rows}
     for ax, (name, title) in zip(axes[0], panels):
-        for i, (g, pts) in enumerate(sorted(groups.items())):
-            xs = [p[f"flops_{T}"] for p in pts]
-            ys = [p[f"ppl_{name}"] / original[f"ppl_{name}"] for p in pts]
-            style = "--" if "baseline" in g else "-"
-            line, = ax.plot([], [], style, marker="o", label=g, color=f"C{i}")
-            ax.scatter(xs, ys, color=line.get_color(), alpha=0.35, s=14)
+        ratio = lambda p: p[f"ppl_{name}"] / original[f"ppl_{name}"]
+        for g, pts in sorted(groups.items()):
+            xs, ys = [p[f"flops_{T}"] for p in pts], [ratio(p) for p in pts]
+            ax.scatter(xs, ys, color=colours[g], alpha=0.3, s=12)
             env_x, env_y, best = [], [], math.inf
             for x, y in sorted(zip(xs, ys)):
                 if y < best:
                     best = y
                     env_x.append(x)
                     env_y.append(y)
-            line.set_data(env_x, env_y)
+            ax.plot(env_x, env_y, "--" if "baseline" in g else "-", marker="o", ms=4, color=colours[g], label=g)
+        for r in rows:
+            if not (r.get("distill_steps") or r["steps"]):
+                continue
+            colour = colours.get(family(r), "k")
+            before = by_key.get(r["key"].split("@")[0])
+            if before is not None:
+                ax.plot([before[f"flops_{T}"], r[f"flops_{T}"]], [ratio(before), ratio(r)], ":", color=colour, lw=1)
+            ax.scatter([r[f"flops_{T}"]], [ratio(r)], marker="*", s=160, color=colour, edgecolor="k", zorder=5,
+                       label=f"{r['key']} ({_adaptation(r)})" if name == "val" else None)
         ax.axhline(1.05, color="gray", lw=0.8, ls=":")
         ax.axvline(1 / 3, color="gray", lw=0.8, ls=":")
         ax.set_xscale("log")
@@ -616,9 +636,9 @@ def plot_study(rows: list[dict], original: dict, path: Path, spec: StudySpec) ->
         ax.set_ylabel("perplexity / original perplexity")
         ax.set_title(f"{title} (original ppl {original[f'ppl_{name}']:.1f})")
         ax.grid(True, which="both", alpha=0.25)
-    axes[0][0].legend(fontsize=7, loc="upper right")
-    fig.suptitle(f"MoSA retrofit of {spec.model}: perplexity kept vs attention compute "
-                 "(lines: best point at that compute or less; dotted: 1.05x and 3x-lower FLOPs)", fontsize=9)
+    axes[0][0].legend(fontsize=6.5, loc="upper left")
+    fig.suptitle(f"MoSA retrofit of {spec.model}: perplexity kept vs attention compute (lines: best point at that "
+                 "compute or less, no training; stars: adapted; dotted: 1.05x and 3x-lower FLOPs)", fontsize=8.5)
     fig.tight_layout()
     tmp = path.with_name("." + path.name + ".tmp.png")
     fig.savefig(tmp, dpi=110)

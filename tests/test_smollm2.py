@@ -40,26 +40,29 @@ def test_identity_on_smollm2(smollm2):
 
 
 def test_perplexity_before_and_after_conversion(smollm2):
-    """3 dense heads of 9 per layer, sparsity 8, before any adaptation (numbers reported in the README)."""
+    """3 dense heads of 9 per layer, sparsity 8, before any adaptation: what calibration and the mean fill buy
+    (benchmarks/conversion_ablation.py prints the full grid)."""
     from mosa_retrofit import MoSAConfig, convert_
     from mosa_retrofit.evaluate import perplexity
 
     base, calib, val = smollm2
     original = perplexity(base, val)
+    common = dict(sparsity=8, dense_heads=3)
     results = {}
+    torch.manual_seed(0)
     for name, cfg in {
-        "random routers": MoSAConfig(sparsity=8, dense_heads=3),
-        "calibrated routers": MoSAConfig(sparsity=8, dense_heads=3, router_init="calibrated"),
-        "scored heads + calibrated routers": MoSAConfig(sparsity=8, dense_heads=3, head_choice="scored",
-                                                        router_init="calibrated"),
+        "paper (first heads, random routers, zero fill)": MoSAConfig(**common),
+        "scored heads + calibrated routers": MoSAConfig(**common, head_choice="scored", router_init="calibrated"),
+        "... + mean fill": MoSAConfig(**common, head_choice="scored", router_init="calibrated", fill="mean"),
     }.items():
         model = convert_(copy.deepcopy(base), cfg, calibration=calib, progress=False)
         results[name] = perplexity(model, val)
     print(f"\noriginal {original:.2f} | " + " | ".join(f"{k} {v:.1f}" for k, v in results.items()))
+    paper, calibrated, mean = results.values()
     assert 10 < original < 30
     assert all(v > original for v in results.values())  # unadapted conversion loses quality ...
-    assert results["calibrated routers"] < results["random routers"]  # ... calibration recovers part of it
-    assert results["scored heads + calibrated routers"] < results["calibrated routers"]
+    assert calibrated < paper  # ... calibration recovers part of it ...
+    assert mean < 0.1 * calibrated and mean < 10 * original  # ... and the mean fill most of the rest
 
 
 def test_causal_decode_and_generate_on_smollm2(smollm2):
@@ -71,7 +74,7 @@ def test_causal_decode_and_generate_on_smollm2(smollm2):
     from mosa_retrofit.cache import cache_bytes
 
     base, calib, val = smollm2
-    model = convert_(copy.deepcopy(base), MoSAConfig(sparsity=8, dense_heads=3, routing="causal",
+    model = convert_(copy.deepcopy(base), MoSAConfig(sparsity=8, dense_heads=3, routing="causal", fill="mean",
                                                      router_init="calibrated"), calibration=calib[:8], progress=False)
     ids = val[:1, :96]
     with torch.no_grad():
