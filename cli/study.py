@@ -31,11 +31,14 @@ def add_parser(sub) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="smollm2-135m", help="model to convert: smollm2-135m, a folder or a hub id")
     p.add_argument("--out", default="out/study", help="folder for results.jsonl, study.md, study.png")
-    p.add_argument("--work", help="folder for adaptation runs (default: OUT/adapt)")
+    p.add_argument("--work", help="folder for adaptation runs (checkpoints, metrics); OUT/adapt when not given")
     p.add_argument("--dense-heads", type=_list(int), default=(1, 3, 6), help="dense heads kept per layer")
-    p.add_argument("--sparsity", type=_list(float), default=(2, 4, 8, 16))
-    p.add_argument("--routing", type=_list(str), default=("expert_choice", "causal"))
-    p.add_argument("--router-init", type=_list(str), default=("random", "calibrated"))
+    p.add_argument("--sparsity", type=_list(float), default=(2, 4, 8, 16),
+                   help="sparsities: a MoSA head attends T / sparsity tokens (baselines get the same compute)")
+    p.add_argument("--routing", type=_list(str), default=("expert_choice", "causal"),
+                   help="expert_choice (paper: top-k of the whole sequence) and/or causal (thresholds: decodable)")
+    p.add_argument("--router-init", type=_list(str), default=("random", "calibrated"),
+                   help="random (paper) and/or calibrated (routers fitted to what each head needs)")
     p.add_argument("--fill", type=_list(str), default=("mean",),
                    help="what MoSA / pruned heads write at skipped tokens: zero (paper), mean, or both: zero,mean")
     p.add_argument("--baselines", type=_list(str), default=("local", "pruned"), help="'' for none")
@@ -44,18 +47,19 @@ def add_parser(sub) -> None:
     p.add_argument("--eval-length", type=int, default=1024, help="tokens per evaluation / training block")
     p.add_argument("--eval-tokens", type=int, default=4096, help="held-out in-domain tokens")
     p.add_argument("--ood-tokens", type=int, default=2048, help="out-of-domain tokens")
-    p.add_argument("--calibration-sequences", type=int, default=8)
-    p.add_argument("--calibration-length", type=int, default=512)
+    p.add_argument("--calibration-sequences", type=int, default=8,
+                   help="training-split sequences read once to score heads, fit routers, fills and thresholds")
+    p.add_argument("--calibration-length", type=int, default=512, help="tokens per calibration sequence")
     p.add_argument("--cost-lengths", type=_list(int), default=(2048, 8192), help="T for FLOPs and KV ratios")
     p.add_argument("--time-length", type=int, default=2048, help="T of the attention-layer timing")
     p.add_argument("--adapt", nargs="*", default=(), metavar="POINT",
                    help="points to adapt, e.g. mosa:2:8:causal:calibrated:mean local:2:8 pruned:2:8:mean")
     p.add_argument("--adapt-distill-steps", type=int, default=0,
                    help="layer-distillation steps per adapted point (each attention layer learns the original's output)")
-    p.add_argument("--adapt-distill-lr", type=float, default=1e-3)
+    p.add_argument("--adapt-distill-lr", type=float, default=1e-3, help="peak learning rate of layer distillation")
     p.add_argument("--adapt-steps", type=int, default=0,
                    help="end-to-end steps per adapted point (LM + distillation to the original's logits)")
-    p.add_argument("--adapt-lr", type=float, default=1e-3)
+    p.add_argument("--adapt-lr", type=float, default=1e-3, help="peak learning rate of the end-to-end steps (cosine)")
     p.add_argument("--adapt-trainable", choices=("attention", "all"), default="attention",
                    help="what the end-to-end steps train")
     p.add_argument("--adapt-batch", type=int, default=2, help="sequences of --eval-length tokens per step")
