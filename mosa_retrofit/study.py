@@ -557,7 +557,7 @@ def _adaptation(row: dict) -> str:
     distill, steps = row.get("distill_steps", 0), row["steps"]
     if not (distill or steps):
         return "-"
-    text = (f"{distill} LD + " if distill else "") + f"{steps}"
+    text = (f"{distill} layer-distillation + " if distill else "") + f"{steps} steps"
     return text + (f" ({row['adapt_seconds'] / 60:.0f} min)" if row.get("adapt_seconds") else "")
 
 
@@ -627,7 +627,7 @@ def plot_study(rows: list[dict], original: dict, path: Path, spec: StudySpec) ->
             if before is not None:
                 ax.plot([before[f"flops_{T}"], r[f"flops_{T}"]], [ratio(before), ratio(r)], ":", color=colour, lw=1)
             ax.scatter([r[f"flops_{T}"]], [ratio(r)], marker="*", s=160, color=colour, edgecolor="k", zorder=5,
-                       label=f"{r['key']} ({_adaptation(r)})" if name == "val" else None)
+                       label=f"{r['key']}: {_adaptation(r)}" if name == "val" else None)
         ax.axhline(1.05, color="gray", lw=0.8, ls=":")
         ax.axvline(1 / 3, color="gray", lw=0.8, ls=":")
         ax.set_xscale("log")
