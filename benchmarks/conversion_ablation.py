@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import copy
 import itertools
-import math
 import time
 from pathlib import Path
 
@@ -29,21 +28,17 @@ def main() -> None:
     args = p.parse_args()
 
     from mosa_retrofit import MoSAConfig, convert_
-    from mosa_retrofit.calibration import collect_stats
-    from mosa_retrofit.evaluate import nll
+    from mosa_retrofit.evaluate import perplexity
     from mosa_retrofit.study import StudySpec, machine, open_workbench
-    from mosa_retrofit.surgery import attention_layers
 
     torch.manual_seed(0)
     spec = StudySpec()
-    bench = open_workbench(spec, progress=False)
+    bench = open_workbench(spec)  # progress bars for the calibration pass
     model = bench.model
-    stats = collect_stats(model, bench.calibration, {i: m for i, (_, m) in attention_layers(model).items()},
-                          progress=True)
+    stats = bench.calibration_stats()
 
     def ppl(m, name):
-        total, count = nll(m, bench.blocks[name], spec.batch_size)
-        return math.exp(total / count)
+        return perplexity(m, bench.blocks[name], spec.batch_size)
 
     base = {name: ppl(model, name) for name in bench.blocks}
     rows = []
