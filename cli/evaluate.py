@@ -1,31 +1,36 @@
-"""``mosa-retrofit eval MODEL --data ...``: perplexity, tokens/s, attention FLOPs and KV-cache entries."""
+"""``mosa-retrofit eval MODEL --data ...``: perplexity, tokens/s, attention FLOPs and KV cache (bytes, entries)."""
 
 from __future__ import annotations
 
 import argparse
 
+from mosa_retrofit.evaluate import PROTOCOL
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
-        "eval", help="perplexity, tokens/s, attention FLOPs and KV entries of a model (and of its original)",
+        "eval", help="perplexity, tokens/s, attention FLOPs and KV cache of a model (and of its original)",
         description="Measure MODEL (converted or not) on held-out text: perplexity over non-overlapping blocks, "
-                    "forward tokens/s, and attention FLOPs and KV-cache entries relative to the unconverted model. "
-                    "--baseline measures the original model beside it (default: the converted model's base).",
+                    "forward tokens/s, and attention FLOPs and KV cache (bytes a cache holds under GQA, and "
+                    "entries per query head as in the paper) relative to the unconverted model. --baseline "
+                    "measures the original model beside it (default: the converted model's base). The defaults "
+                    f"are the project's evaluation protocol ({PROTOCOL.describe()}), the same as convert's check, "
+                    "train's validation and the study.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("model", metavar="MODEL_OR_DIR")
-    p.add_argument("--data", default="wikipedia-offline",
+    p.add_argument("--data", default=PROTOCOL.data,
                    help="'wikipedia-offline', 'shakespeare-offline', text/jsonl/parquet files or a hub dataset (validation documents)")
     p.add_argument("--data-name", help="hub dataset configuration name")
     p.add_argument("--split", default="train", help="hub split to read")
     p.add_argument("--text-field", default="text")
-    p.add_argument("--validation-documents", type=int, default=10,
+    p.add_argument("--validation-documents", type=int, default=PROTOCOL.validation_documents,
                    help="evaluate on the last N documents (the held-out split of the training recipes)")
-    p.add_argument("--block-size", type=int, default=512, help="tokens per block")
-    p.add_argument("--max-tokens", type=int, default=8192, help="validation tokens used")
+    p.add_argument("--block-size", type=int, default=PROTOCOL.block_size, help="tokens per block")
+    p.add_argument("--max-tokens", type=int, default=PROTOCOL.tokens, help="validation tokens used")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--baseline", nargs="?", const="auto", metavar="BASE",
                    help="also measure BASE (default: the converted model's base_model_name_or_path)")
-    p.add_argument("--cost-seq-len", type=int, default=8192, help="T at which FLOPs and KV entries are counted")
+    p.add_argument("--cost-seq-len", type=int, default=8192, help="T at which FLOPs and the KV cache are counted")
     p.add_argument("--causal", action="store_true",
                    help="switch an expert-choice model to causal routing first (thresholds set on 16 training blocks)")
     p.set_defaults(run=run)
@@ -50,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     from mosa_retrofit.data import load_corpus
     from mosa_retrofit.recipe import DataSpec
 
-    from .convert import _check_local
+    from .convert import check_local
 
     for name in ("block_size", "max_tokens", "batch_size", "cost_seq_len", "validation_documents"):
         if getattr(args, name) < 1:
@@ -59,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
                     block_size=args.block_size, validation_documents=args.validation_documents,
                     validation_tokens=max(args.max_tokens, args.block_size),
                     max_train_tokens=16 * args.block_size + 1)  # read only for --causal calibration
-    _check_local(args.model)
+    check_local(args.model)
     model, source = load_any(args.model)
     tokenizer = AutoTokenizer.from_pretrained(source)
     corpus = load_corpus(spec, tokenizer, progress=False, validation_only=not args.causal)
@@ -70,25 +75,24 @@ def run(args: argparse.Namespace) -> int:
         make_causal_(model, corpus.blocks("train", args.block_size)[:16].long())
     rows = []
     ppl, tps = _measure(model, blocks, args.batch_size)
-    flops, kv = cost_ratios(model, args.cost_seq_len)
-    rows.append((args.model + (" (causal routing)" if args.causal else ""), ppl, tps, flops, kv))
+    rows.append((args.model + (" (causal routing)" if args.causal else ""), ppl, tps, cost_ratios(model, args.cost_seq_len)))
     base = args.baseline
     if base == "auto":
         base = (getattr(model.config, "mosa", None) or {}).get("base_model_name_or_path")
         if base is None:
             raise ValueError(f"{args.model} names no base model; give --baseline BASE")
     if base is not None:
-        _check_local(base)
+        check_local(base)
         baseline, _ = load_any(base)
         b_ppl, b_tps = _measure(baseline, blocks, args.batch_size)
-        b_flops, b_kv = cost_ratios(baseline, args.cost_seq_len)
-        rows.append((base, b_ppl, b_tps, b_flops, b_kv))
-    print(f"{blocks.numel():,} held-out tokens in {len(blocks)} blocks of {args.block_size}; FLOPs and KV entries "
-          f"at T = {args.cost_seq_len} relative to the unconverted model\n")
-    print("| model | perplexity | tokens/s (forward) | attention FLOPs × | KV entries × |")
-    print("|---|---|---|---|---|")
-    for name, p, t, f, k in rows:
-        print(f"| {name} | {p:.2f} | {t:,.0f} | {f:.3f} | {k:.3f} |")
+        rows.append((base, b_ppl, b_tps, cost_ratios(baseline, args.cost_seq_len)))
+    print(f"held-out perplexity: {blocks.numel():,} tokens of the last {args.validation_documents} documents of "
+          f"{args.data}, in {len(blocks)} blocks of {args.block_size}; FLOPs and KV cache at T = {args.cost_seq_len} "
+          "relative to the unconverted model (KV bytes: what a cache holds; KV entries: per query head)\n")
+    print("| model | perplexity | tokens/s (forward) | attention FLOPs × | KV bytes × | KV entries × |")
+    print("|---|---|---|---|---|---|")
+    for name, p, t, r in rows:
+        print(f"| {name} | {p:.2f} | {t:,.0f} | {r.flops:.3f} | {r.kv_bytes:.3f} | {r.kv:.3f} |")
     if len(rows) == 2:
         print(f"\nperplexity ratio {rows[0][1] / rows[1][1]:.3f}, speed ratio {rows[0][2] / rows[1][2]:.2f}")
     return 0

@@ -51,9 +51,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.max_new_tokens < 1 or args.num_beams < 1:
         raise ValueError("--max-new-tokens and --num-beams must be >= 1")
-    from .convert import _check_local
+    from .convert import check_local
 
-    _check_local(args.model)
+    check_local(args.model)
     model, source = load_any(args.model)
     mosa = getattr(model.config, "mosa", None) or {}
     if mosa and mosa.get("routing", "expert_choice") != "causal" and not args.no_cache:

@@ -55,8 +55,9 @@ def _sample(output_dir: str, prompt: str, max_new_tokens: int) -> None:
     final = str(Path(output_dir) / "final")
     model = load(final)
     routing = (getattr(model.config, "mosa", None) or {}).get("routing", "expert_choice")
-    lines = [f"{'':>4}attention FLOPs / KV entries vs the original: "
-             + ", ".join(f"{f:.3f}x / {k:.3f}x at T = {T}" for T, (f, k) in ((T, cost_ratios(model, T)) for T in (2048, 8192)))]
+    lines = [f"{'':>4}attention FLOPs / KV bytes / KV entries vs the original: "
+             + ", ".join(f"{r.flops:.3f}x / {r.kv_bytes:.3f}x / {r.kv:.3f}x at T = {T}"
+                         for T, r in ((T, cost_ratios(model, T)) for T in (2048, 8192)))]
     print("\n".join(lines) + f"\n\nsample from {final} ({routing} routing, greedy):")
     del model
     generate.run(argparse.Namespace(model=final, prompt=prompt, max_new_tokens=max_new_tokens, sample=False,

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .families import Family, HeadWeights, head_to_kv
+from .families import Family, HeadWeights, dense_kv_layout, head_to_kv
 from .rope import apply_rope
 from .sparse import fill_output, mosa_attention
 
@@ -302,21 +302,6 @@ def mosa_class(base: type) -> type:
         cls._mosa_setup_class(base)
         _CLASSES[base] = cls
     return _CLASSES[base]
-
-
-def dense_kv_layout(dense: tuple[int, ...], num_heads: int, num_kv_heads: int) -> tuple[tuple[int, ...], int]:
-    """KV heads the dense heads read, and the query heads per KV head for the backend's ``repeat_kv``.
-
-    When every used KV head serves the same number g of dense heads (e.g. whole GQA groups), the cache keeps
-    one K/V per KV head (groups = g); otherwise each dense head gets its own copy (groups = 1).
-    """
-    kv_of = [head_to_kv(num_heads, num_kv_heads)[h] for h in dense]
-    used = sorted(set(kv_of))
-    counts = {u: kv_of.count(u) for u in used}
-    g = counts[used[0]]
-    if all(c == g for c in counts.values()):
-        return tuple(used), g
-    return tuple(kv_of), 1
 
 
 def init_threshold_(threshold: Tensor, sparsity: float) -> None:

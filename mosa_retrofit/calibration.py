@@ -9,6 +9,13 @@ nothing stored per token):
   f at every token (f = the sequence mean of o for fill='mean', 0 for fill='zero'). ``head_choice='scored'``
   keeps the heads of *highest* energy dense: replacing them would hurt most. (Sink heads, whose output barely
   moves, cost almost nothing to sparsify; with fill='mean' they are nearly free.)
+* **sparsifying damage** at sparsity s: Σ_t ‖(ô_t − o_t) W_o‖² summed over a unit's heads, where ô is what the
+  head would output as a MoSA unit that selects the T/s tokens (and the first) of highest router target z
+  (below; a KV-group unit selects by the sum of its heads' z): at a selected query, attention renormalised over
+  the selected keys (a softmax over a subset is the full softmax renormalised on it), elsewhere the fill.
+  ``head_choice='scored'`` keeps dense the heads, or KV groups, of highest damage: those that MoSA would
+  change most. Unlike the energy it sees which heads survive sparse selection (a head that reads a few
+  salient tokens does; a local, previous-token head does not).
 * **router fit**: a MoSA unit should select the tokens that matter to its heads, as keys and as queries. The
   target is z_h(t) = mass_h(t) + dev_h(t), each standardised per sequence: mass = log of the attention mass
   token t receives (tokens others read), dev = log ‖(o_t − f) W_o‖ (tokens where the head's output departs from
@@ -19,12 +26,20 @@ nothing stored per token):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .assets import wikipedia_articles
+from .evaluate import split_articles, token_blocks
+from .families import family_of, head_to_kv
+from .sparse import tokens_per_head
 
 FILL_KINDS = ("zero", "mean")
+UNITS = ("head", "kv_group")
 
 
 @dataclass
@@ -34,19 +49,40 @@ class LayerStats:
     xtz_dev: dict  # fill -> (D, H) Σ x dev_h
     energy: dict  # fill -> (H,) Σ_t ‖(o_t − f) W_o‖²
     out_sum: Tensor  # (H, d) Σ_t o_t
+    kv_heads: int = 1  # KV groups of the layer
+    xtz_group: dict = field(default_factory=dict)  # fill -> (D, KV) Σ x z_g, the router target of each KV group
+    damage: dict = field(default_factory=dict)  # (unit, fill, sparsity) -> (H,) or (KV,) sparsifying damage
     sequences: int = 0
     tokens: float = 0.0
 
-    def head_scores(self, fill: str = "zero") -> Tensor:
-        """(H,) how much replacing each head by its ``fill`` changes the layer output (higher: keep dense)."""
+    def head_scores(self, fill: str = "zero", sparsity: float | None = None, unit: str = "head") -> Tensor:
+        """How much the layer output changes if each head (``unit='head'``, (H,)) or KV group (``'kv_group'``,
+        (KV,)) becomes a MoSA unit at ``sparsity`` (None: is replaced by its ``fill`` at every token; groups sum
+        their heads' energies). Higher: keep dense. A sparsity that was not simulated uses the nearest one."""
+        if sparsity is not None and self.damage:
+            done = sorted({s for (u, f, s) in self.damage if u == unit and f == fill})
+            if done:
+                near = min(done, key=lambda s: (abs(math.log(s / sparsity)), s))
+                return self.damage[(unit, fill, near)]
+        if unit == "kv_group":
+            raise ValueError("group scores need the sparsifying damage: collect_stats(..., sparsities=...)")
         return self.energy[fill]
 
     def fit_router(self, heads: list[list[int]], fill: str = "zero", ridge: float = 1e-2) -> Tensor:
-        """Routers (E, D) for units that each combine the targets of ``heads[e]``."""
+        """Routers (E, D) for units of ``heads[e]``: a whole KV group fits its group target, other units the sum
+        of their heads' targets."""
         D = self.xtx.shape[0]
         reg = ridge * self.xtx.diagonal().mean() * torch.eye(D, dtype=self.xtx.dtype)
         xtz = self.xtz_mass + self.xtz_dev[fill]
-        z = torch.stack([xtz[:, hs].sum(-1) for hs in heads], dim=1)  # (D, E)
+        G = xtz.shape[1] // self.kv_heads
+
+        def target(hs: list[int]) -> Tensor:
+            g = hs[0] // G
+            if fill in self.xtz_group and G > 1 and list(hs) == list(range(g * G, (g + 1) * G)):
+                return self.xtz_group[fill][:, g]
+            return xtz[:, hs].sum(-1)
+
+        z = torch.stack([target(hs) for hs in heads], dim=1)  # (D, E)
         w = torch.linalg.solve(self.xtx + reg, z)  # (D, E)
         second_moment = torch.einsum("de,df,fe->e", w, self.xtx, w)  # Σ_t (x_t·w)²
         w = w / (second_moment / self.tokens).clamp_min(1e-12).sqrt()  # unit-RMS logits
@@ -58,11 +94,32 @@ class LayerStats:
         return torch.stack([mean[hs].reshape(-1) for hs in heads])
 
 
-def collect_stats(model: nn.Module, input_ids: Tensor, attention_modules: dict[int, nn.Module],
-                  progress: bool = True) -> dict[int, LayerStats]:
-    """Run ``input_ids`` (N, T) one sequence at a time through the unconverted ``model`` (eager attention)."""
-    from tqdm.auto import tqdm
+def default_calibration(model: nn.Module, tokenizer=None, sequences: int = 16, length: int = 512) -> Tensor:
+    """(sequences, length) token ids of the embedded Wikipedia text (training articles only: the held-out ones
+    stay unseen), tokenised by ``tokenizer`` or by the model's own (``model.name_or_path``)."""
+    if tokenizer is None:
+        from transformers import AutoTokenizer
 
+        source = getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source) if source else None
+        except (OSError, ValueError):
+            tokenizer = None
+    if tokenizer is None:
+        raise ValueError("this conversion needs calibration text (scored dense heads, calibrated routers or a mean "
+                         "fill) and the model has no tokenizer to read the default text with: pass calibration="
+                         "token ids (N, T) or tokenizer=..., or use MoSAConfig.paper(), which needs none")
+    limit = getattr(model.config, "max_position_embeddings", None) or length
+    length = min(length, limit)
+    return token_blocks(tokenizer, split_articles(wikipedia_articles())[0], length, sequences * length)
+
+
+def collect_stats(model: nn.Module, input_ids: Tensor, attention_modules: dict[int, nn.Module],
+                  progress: bool = True, sparsities: tuple = (2, 4, 8, 16), include_first: bool = True,
+                  fills: tuple = FILL_KINDS) -> dict[int, LayerStats]:
+    """Run ``input_ids`` (N, T) one sequence at a time through the unconverted ``model`` (eager attention).
+
+    ``sparsities`` / ``fills``: where the sparsifying damage of every head and KV group is simulated."""
     stats: dict[int, LayerStats] = {}
     inputs: dict[int, Tensor] = {}
     hooks = []
@@ -76,7 +133,9 @@ def collect_stats(model: nn.Module, input_ids: Tensor, attention_modules: dict[i
         def hook(module, args, kwargs, output):
             A = output[1].detach().float()  # (1, H, T, T)
             x = inputs.pop(layer)[0].float()  # (T, D)
-            _accumulate(stats, layer, x, A[0], _values(module, x), _out_maps(module))
+            W = family_of(module).head_weights(module)
+            _accumulate(stats, layer, x, A[0], _values(W, x), _out_maps(W), W.num_kv_heads, sparsities,
+                        include_first, fills)
         return hook
 
     for layer, m in attention_modules.items():
@@ -101,30 +160,32 @@ def collect_stats(model: nn.Module, input_ids: Tensor, attention_modules: dict[i
     return stats
 
 
-def _values(module: nn.Module, x: Tensor) -> Tensor:
+def _values(W, x: Tensor) -> Tensor:
     """(H, T, d): the value vector each query head reads at every token (GQA groups share theirs)."""
-    from .families import family_of, head_to_kv
-
-    W = family_of(module).head_weights(module)
     v = torch.einsum("kdD,tD->ktd", W.wv.detach().float(), x)  # (KV, T, d)
     if W.bv is not None:
         v = v + W.bv.detach().float()[:, None]
     return v[head_to_kv(W.num_heads, W.num_kv_heads)]
 
 
-def _out_maps(module: nn.Module) -> Tensor:
+def _out_maps(W) -> Tensor:
     """(H, d, D): each head's output projection, applied as o @ W."""
-    from .families import family_of
-
-    W = family_of(module).head_weights(module)
     return W.wo.detach().float().permute(1, 2, 0)
+
+
+def _gram(out_maps: Tensor, units: int) -> Tensor:
+    """(U, n·d, n·d) W Wᵀ of each unit's stacked output maps (n = H / U heads a unit): ‖x W‖² = x W Wᵀ xᵀ."""
+    H, d, D = out_maps.shape
+    w = out_maps.reshape(units, H // units * d, D)
+    return torch.matmul(w, w.transpose(1, 2))
 
 
 def _standardise(z: Tensor) -> Tensor:
     return (z - z.mean(-1, keepdim=True)) / z.std(-1, keepdim=True).clamp_min(1e-6)
 
 
-def _accumulate(stats, layer: int, x: Tensor, A: Tensor, values: Tensor, out_maps: Tensor) -> None:
+def _accumulate(stats, layer: int, x: Tensor, A: Tensor, values: Tensor, out_maps: Tensor, kv_heads: int,
+                sparsities: tuple = (), include_first: bool = True, fills: tuple = FILL_KINDS) -> None:
     H, T, _ = A.shape
     received = A.sum(dim=1)  # (H, T) attention mass each token receives
     o = torch.matmul(A, values)  # (H, T, d) each head's output at every token
@@ -133,13 +194,59 @@ def _accumulate(stats, layer: int, x: Tensor, A: Tensor, values: Tensor, out_map
         D = x.shape[1]
         zeros = lambda *shape: torch.zeros(*shape, dtype=torch.float64)
         stats[layer] = LayerStats(zeros(D, D), zeros(D, H), {f: zeros(D, H) for f in FILL_KINDS},
-                                  {f: zeros(H) for f in FILL_KINDS}, zeros(H, values.shape[-1]))
+                                  {f: zeros(H) for f in FILL_KINDS}, zeros(H, values.shape[-1]), kv_heads=kv_heads)
     s = stats[layer]
     s.xtx += xd.t() @ xd
-    s.xtz_mass += xd.t() @ _standardise(received.clamp_min(1e-6).log()).double().t()
-    for fill, f in (("zero", 0.0), ("mean", o.mean(1, keepdim=True))):
+    mass = _standardise(received.clamp_min(1e-6).log())  # (H, T)
+    s.xtz_mass += xd.t() @ mass.double().t()
+    G = H // kv_heads
+    if G > 1:  # a KV group caches one K/V row per token for all its heads: the mass its heads give it together
+        group_mass = _standardise(received.view(kv_heads, G, T).sum(1).clamp_min(1e-6).log())  # (KV, T)
+        group_gram = _gram(out_maps, kv_heads)  # (KV, G·d, G·d)
+    for fill, f in (("zero", torch.zeros_like(o[:, :1])), ("mean", o.mean(1, keepdim=True))):
         dev = torch.matmul(o - f, out_maps).norm(dim=-1)  # (H, T) what the head adds beyond its fill
         s.energy[fill] += dev.double().pow(2).sum(-1)
+        z = mass + _standardise(dev.clamp_min(1e-6).log())  # (H, T) the router target
         s.xtz_dev[fill] += xd.t() @ _standardise(dev.clamp_min(1e-6).log()).double().t()
+        z_group = None
+        if G > 1:  # and what its heads add together beyond their fills: ‖Σ_h (o_h − f_h) W_o^h‖
+            delta = (o - f).view(kv_heads, G, T, -1).transpose(1, 2).reshape(kv_heads, T, -1)  # (KV, T, G·d)
+            group_dev = (torch.matmul(delta, group_gram) * delta).sum(-1).clamp_min(1e-12).sqrt()  # (KV, T)
+            z_group = group_mass + _standardise(group_dev.clamp_min(1e-6).log())  # (KV, T)
+            s.xtz_group[fill] = s.xtz_group.get(fill, 0) + xd.t() @ z_group.double().t()
+        for sparsity in sparsities if fill in fills else ():
+            _simulate(s, fill, f, sparsity, z, z_group, A, values, o, out_maps, include_first)
     s.out_sum += o.double().sum(1)
     s.sequences += 1
+
+
+def _simulate(s: LayerStats, fill: str, f: Tensor, sparsity: float, z: Tensor, z_group: Tensor | None, A: Tensor,
+              values: Tensor, o: Tensor, out_maps: Tensor, include_first: bool) -> None:
+    """Accumulate the damage of turning each head, and each KV group, into a MoSA unit at ``sparsity``: a unit
+    selects the tokens of highest router target (z (H, T) of a head, z_group (KV, T) of a group)."""
+    H, T, _ = A.shape
+    KV = s.kv_heads
+    G = H // KV
+    k = tokens_per_head(T, sparsity)
+    units = [("head", z)]
+    if G > 1:
+        units.append(("kv_group", z_group.repeat_interleave(G, dim=0)))
+    for unit, score in units:
+        if include_first:
+            score = score.clone()
+            score[:, 0] = float("inf")
+        top = score.topk(k, dim=-1).indices  # (H, k) selected tokens
+        d = values.shape[-1]
+        rows = A.gather(1, top[..., None].expand(H, k, T))  # (H, k, T) selected queries
+        a = rows.gather(2, top[:, None, :].expand(H, k, k))  # (H, k, k) ... attending selected keys (A is causal)
+        v = values.gather(1, top[..., None].expand(H, k, d))  # (H, k, d)
+        o_sel = torch.matmul(a, v) / a.sum(-1, keepdim=True).clamp_min(1e-30)  # (H, k, d) renormalised attention
+        o_hat = f.expand(H, T, d).clone().scatter_(1, top[..., None].expand(H, k, d), o_sel)  # fill elsewhere
+        delta = o_hat - o  # (H, T, d) change of each head's output; the layer's is Σ_h delta_h W_o^h
+        if unit == "kv_group":  # a group's heads change the output together: ‖[δ_1 .. δ_G] W_g‖², W_g (G·d, D)
+            delta = delta.view(KV, G, T, -1).transpose(1, 2).reshape(KV, T, -1)  # (KV, T, G·d)
+        gram = _gram(out_maps, KV if unit == "kv_group" else H)  # (U, G·d, G·d) or (H, d, d)
+        key = (unit, fill, sparsity)
+        s.damage[key] = s.damage.get(key, 0) + (torch.matmul(delta, gram) * delta).sum((-1, -2)).double()
+    if G == 1:  # one head per KV group: a group is a head
+        s.damage[("kv_group", fill, sparsity)] = s.damage[("head", fill, sparsity)]

@@ -5,9 +5,13 @@ Which heads stay dense, per layer (first match wins):
   2. ``dense_heads_pattern``: ``{"3": n, "0-5": n, "re:<regex on the layer index>": n}`` overrides the count;
   3. ``dense_heads``: the count for every other layer, an int or a fraction of the layer's heads.
 A count is turned into indices by ``head_choice``: ``first`` (heads 0..n-1), ``last``, or ``scored``
-(calibration ranks heads by how much of their attention top-k selection can keep; see calibration.py).
-With ``router_granularity="kv_group"`` (or ``head_choice`` first/last on a GQA model) whole KV groups are
-kept together where the count allows.
+(calibration keeps dense the heads, or KV groups, whose replacement would change the layer output most; see
+calibration.py). With ``router_granularity="kv_group"`` (the default) a count on a GQA model is rounded up to
+whole KV groups, so the dense heads cache each K/V row once and each MoSA unit (one KV group) one copy of its
+selected rows: the cache shrinks in bytes, not only in entries.
+
+Defaults are the best retrofit of a pretrained model we know (scored dense groups, calibrated routers, mean
+fill, causal routing); ``MoSAConfig.paper()`` is the conversion of the MoSA paper, for reproduction.
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ from dataclasses import asdict, dataclass, field, fields
 from numbers import Real
 from typing import Any
 
-CONFIG_VERSION = 1
+CONFIG_VERSION = 2
+"""2: the defaults became the calibrated retrofit; a version-1 dict fills the keys it lacks from V1_DEFAULTS."""
 ROUTER_SCORES = ("sigmoid", "straight_through")
 ROUTER_INITS = ("random", "calibrated")
 GRANULARITIES = ("head", "kv_group")
@@ -27,6 +32,19 @@ HEAD_CHOICES = ("first", "last", "scored")
 ROUTINGS = ("expert_choice", "causal")
 SPARSE_HEADS = ("mosa", "local", "pruned")
 FILLS = ("zero", "mean")
+
+
+# What a version-1 config meant by a key it does not carry (the defaults of that version).
+V1_DEFAULTS = dict(sparsity=8, dense_heads=0.25, head_choice="first", router_init="random", fill="zero",
+                   router_granularity="head", routing="expert_choice", router_score="straight_through",
+                   include_first=True)
+
+# The MoSA paper's conversion (arXiv 2505.00315): 4 dense heads first, random sigmoid routers that scale each
+# selected output row, expert-choice top-k, nothing written at skipped tokens, one router per head; the
+# IsoFLOP runs always include the first token.
+PAPER = dict(sparsity=8, dense_heads=4, head_choice="first", router_init="random", fill="zero",
+             router_granularity="head", routing="expert_choice", router_score="sigmoid", include_first=True,
+             kept_heads="dense", sparse_heads="mosa")
 
 
 def _fail(name: str, value: Any, valid: str) -> None:
@@ -41,21 +59,27 @@ def _is_count(v: Any) -> bool:
 class MoSAConfig:
     """Conversion of a model's attention into hybrid MoSA layers.
 
+    The defaults are the best retrofit of a pretrained model we know; they need calibration text (``convert_``
+    takes the embedded Wikipedia text when none is given). ``MoSAConfig.paper()`` is the paper's conversion.
+
     Example:
         >>> MoSAConfig(sparsity=8, dense_heads=3)                      # 3 dense heads per layer, rest MoSA
+        >>> MoSAConfig.paper(sparsity=16)                              # the paper's conversion, for reproduction
         >>> MoSAConfig(sparsity=16, dense_heads=0.25, layers=[4, 5, 6], kept_heads="local", local_window=128)
     """
 
     sparsity: float = 8
     """Each MoSA head attends k = min(max(T // sparsity, 2), T) tokens."""
     dense_heads: float = 0.25
-    """Heads kept dense (or local) per layer: an int, or a fraction in [0, 1) of the layer's query heads."""
+    """Heads kept dense (or local) per layer: an int, or a fraction in [0, 1) of the layer's query heads. With
+    ``router_granularity='kv_group'`` on a GQA model the count is rounded up to whole KV groups."""
     dense_heads_pattern: dict = field(default_factory=dict)
     """Per-layer overrides of ``dense_heads``: keys "3", "0-5" or "re:<regex on the layer index>"."""
     dense_head_ids: dict = field(default_factory=dict)
     """Explicit dense head indices per layer, e.g. {"0": [0, 4]}; wins over counts."""
-    head_choice: str = "first"
-    """Which heads a count keeps dense: 'first', 'last' or 'scored' (needs calibration text)."""
+    head_choice: str = "scored"
+    """Which heads a count keeps dense: 'scored' (those whose replacement would change the layer output most,
+    per KV group with ``router_granularity='kv_group'``; needs calibration text), 'first' (paper) or 'last'."""
     layers: Any = "all"
     """Layers converted: 'all', a list of layer indices, or 're:<regex on the layer index>'."""
     kept_heads: str = "dense"
@@ -64,10 +88,12 @@ class MoSAConfig:
     """Window of local heads (kept or replaced): query t sees keys t-local_window+1 .. t."""
     sparse_heads: str = "mosa"
     """What the non-kept heads become: 'mosa' (this library), or one of two baselines for studies: 'local'
-    (sliding-window heads of ``local_window`` tokens) or 'pruned' (removed: they contribute nothing)."""
+    (sliding-window heads of ``local_window`` tokens) or 'pruned' (removed: they contribute nothing, or their
+    mean with fill='mean'). Baselines have no routers: the router fields and ``routing`` do not apply to them,
+    nor ``fill`` to local heads (they write at every token)."""
     include_first: bool = True
     """Every MoSA head always selects the first token (attention sinks live there)."""
-    fill: str = "zero"
+    fill: str = "mean"
     """What a MoSA (or pruned) head writes at tokens it does not select: 'zero' (the paper: nothing) or 'mean'
     (a learned vector ``mosa_fill``, initialised to the head's mean output on calibration text; a selected token
     gets fill + gate·(attention − fill), so with every token selected the head is unchanged). 'mean' turns the
@@ -75,11 +101,12 @@ class MoSAConfig:
     better; it costs one extra vector per layer."""
     router_score: str = "straight_through"
     """'sigmoid' (paper: outputs scaled by σ(score)) or 'straight_through' (forward ×1, gradient of σ)."""
-    router_init: str = "random"
-    """'random' or 'calibrated' (fit routers to the dense heads' attention on calibration text)."""
-    router_granularity: str = "head"
-    """'head': every MoSA head routes its own tokens; 'kv_group': a GQA group shares one selection and K/V."""
-    routing: str = "expert_choice"
+    router_init: str = "calibrated"
+    """'calibrated' (fit to the tokens each head needs, on calibration text) or 'random' (paper)."""
+    router_granularity: str = "kv_group"
+    """'kv_group': the MoSA heads of a GQA group share one selection and one K/V copy (the cache shrinks in
+    bytes); 'head' (paper): every MoSA head routes its own tokens and caches its own K/V."""
+    routing: str = "causal"
     """'expert_choice' (paper: top-k over the whole sequence, exact budget, sees future tokens) or 'causal'
     (token t is selected iff its router logit exceeds the unit's threshold: depends on t alone, so the model
     generates token by token with a sparse KV cache; the selection rate is 1/sparsity on average)."""
@@ -122,30 +149,41 @@ class MoSAConfig:
                 _fail("layers", self.layers, "'all', a list of layer indices or 're:<regex>'")
         if isinstance(self.local_window, bool) or not isinstance(self.local_window, int) or self.local_window < 1:
             _fail("local_window", self.local_window, "an integer >= 1")
-        if self.sparse_heads != "mosa" and self.routing != "expert_choice":
-            _fail("routing", self.routing, f"'expert_choice' with sparse_heads={self.sparse_heads!r} (baselines "
-                  "have no routers); use sparse_heads='mosa' for causal routing")
         if self.sparse_heads == "local" and self.kept_heads == "local":
             _fail("sparse_heads", self.sparse_heads, "'mosa' or 'pruned' when kept_heads='local' (every head "
                   "would be a local head)")
-        if self.sparse_heads == "local" and self.fill != "zero":
-            _fail("fill", self.fill, "'zero' with sparse_heads='local' (local heads write at every token)")
         if isinstance(self.threshold_momentum, bool) or not isinstance(self.threshold_momentum, Real) or not (
                 0 <= self.threshold_momentum <= 1):
             _fail("threshold_momentum", self.threshold_momentum, "a number in [0, 1]")
         if not isinstance(self.include_first, bool):
             _fail("include_first", self.include_first, "true or false")
+        if isinstance(self.version, bool) or not isinstance(self.version, int) or self.version < 1:
+            _fail("version", self.version, f"an integer in 1..{CONFIG_VERSION}")
         if self.version > CONFIG_VERSION:
             _fail("version", self.version, f"<= {CONFIG_VERSION} (this mosa_retrofit is older than the config)")
         if isinstance(self.layers, tuple):  # keep JSON-friendly, comparable values
             object.__setattr__(self, "layers", list(self.layers))
 
+    @classmethod
+    def paper(cls, **overrides) -> MoSAConfig:
+        """The MoSA paper's conversion (see ``PAPER``), with ``overrides``; needs no calibration text.
+
+        >>> MoSAConfig.paper(sparsity=1, dense_heads=1, router_score="straight_through")  # identity check
+        """
+        return cls(**{**PAPER, **overrides})
+
     @property
     def needs_calibration(self) -> bool:
-        """Whether converting needs calibration text (scored heads, calibrated routers, mean fill, thresholds)."""
+        """Whether converting needs calibration text: scored heads, calibrated routers or a mean fill. (Causal
+        thresholds use calibration text when given, else the normal quantile of unit-RMS logits.)"""
         routed = self.sparse_heads == "mosa"
         return (self.head_choice == "scored" or (routed and self.router_init == "calibrated")
-                or self.fill == "mean" or (routed and self.routing == "causal"))
+                or (self.fill == "mean" and self.sparse_heads != "local"))
+
+    @property
+    def uses_calibration(self) -> bool:
+        """Whether calibration text, when given, is used: ``needs_calibration`` or causal thresholds."""
+        return self.needs_calibration or (self.sparse_heads == "mosa" and self.routing == "causal")
 
     # ------------------------------------------------------------------------------------ per layer
 
@@ -174,10 +212,18 @@ class MoSAConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> MoSAConfig:
+        """A config from a dict; a dict of an older ``version`` means the defaults of that version."""
+        if not isinstance(data, dict):
+            raise ValueError(f"a MoSAConfig must be a JSON object of fields, got {type(data).__name__}: {data!r}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown MoSAConfig keys {unknown}; valid keys: {sorted(known)}")
+        version = data.get("version", CONFIG_VERSION)
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            _fail("version", version, f"an integer in 1..{CONFIG_VERSION}")
+        if version < 2:
+            data = {**V1_DEFAULTS, **data}
         return cls(**data)
 
     def to_json(self, path: str | None = None) -> str:

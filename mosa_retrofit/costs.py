@@ -1,18 +1,24 @@
-"""Attention FLOPs and KV-cache entries of a (converted or original) model, per layer and in total.
+"""Attention FLOPs, KV-cache entries and KV-cache bytes of a (converted or original) model, per layer and in total.
 
 FLOPs per head at T tokens (causal half of the score/value products, projections included):
 dense 8·D·d·T + 2·d·T², MoSA 8·D·d·k + 2·d·k² + 2·D·T (router), local 8·D·d·T + 4·d·P(T, w) where
 P = T·w - w(w-1)/2 is the number of query-key pairs of a causal window of w (T²/2 for w = T), pruned 0.
-KV entries count one key/value pair per query head and cached token: T (dense), k (MoSA), min(w, T) (local).
+
+KV entries (the paper's measure) count one key/value pair per *query head* and cached token: T (dense), k
+(MoSA), min(w, T) (local). KV bytes count what a cache really holds under GQA: 2·d·(bytes per value) per
+cached *K/V row*: the original caches KV rows of T tokens; kept heads cache each K/V head they read once when
+they fill whole groups (else one copy per head, see ``attention.dense_kv_layout``); a MoSA unit (one head, or
+one KV group with ``router_granularity='kv_group'``) caches one K/V row per selected token (k of T).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from torch import nn
 
-from .families import family_of
+from .families import attention_layers, dense_kv_layout, family_of
 from .sparse import tokens_per_head
 
 
@@ -55,22 +61,33 @@ class LayerCost:
     k: int | None
     flops: int
     flops_original: int
-    kv: int
+    kv: int  # entries: cached tokens summed over query heads
     kv_original: int
+    kv_bytes: int  # bytes of K and V rows a cache holds
+    kv_bytes_original: int
+
+
+class CostRatios(NamedTuple):
+    """Costs of a model relative to its unconverted original."""
+
+    flops: float
+    kv: float  # KV-cache entries (per query head, the paper's measure)
+    kv_bytes: float  # KV-cache bytes (what a cache holds under GQA)
 
 
 def attention_costs(model: nn.Module, T: int) -> list[LayerCost]:
-    from .surgery import attention_layers
-
+    """Per attention layer, the costs at T tokens of ``model`` and of its unconverted original."""
     fam = family_of(model)
     rows = []
     for idx, (_, m) in sorted(attention_layers(model, fam).items()):
-        H, _, d = fam.dims(m)
-        D = fam.head_weights(m).wq.shape[2]
+        H, KV, d = fam.dims(m)
+        W = fam.head_weights(m)
+        D = W.wq.shape[2]
+        row_bytes = 2 * d * W.wq.element_size()  # one key and one value vector
         plan = getattr(m, "mosa_plan", None)
-        f0, kv0 = H * dense_flops(D, d, T), H * T
+        f0, kv0, b0 = H * dense_flops(D, d, T), H * T, KV * T * row_bytes
         if plan is None:
-            rows.append(LayerCost(idx, H, 0, 0, 0, None, f0, f0, kv0, kv0))
+            rows.append(LayerCost(idx, H, 0, 0, 0, None, f0, f0, kv0, kv0, b0, b0))
             continue
         w = min(plan.local_window, T)
         n = {"dense": 0, "local": 0, "mosa": 0, "pruned": 0}
@@ -80,16 +97,24 @@ def attention_costs(model: nn.Module, T: int) -> list[LayerCost]:
         f = (n["dense"] * dense_flops(D, d, T) + n["local"] * local_flops(D, d, T, w)
              + (n["mosa"] * mosa_flops(D, d, T, k) if k else 0))
         kv = n["dense"] * T + n["local"] * w + (n["mosa"] * k if k else 0)
-        rows.append(LayerCost(idx, n["dense"], n["local"], n["mosa"], n["pruned"], k, f, f0, kv, kv0))
+        kept_rows = len(dense_kv_layout(plan.dense, H, KV)[0]) if plan.dense else 0
+        cached = kept_rows * (T if plan.kept_heads == "dense" else w)
+        if plan.sparse_heads == "local":
+            cached += len(dense_kv_layout(plan.mosa, H, KV)[0]) * w
+        elif plan.sparse_heads == "mosa":
+            cached += len(plan.mosa) // plan.heads_per_unit * k
+        rows.append(LayerCost(idx, n["dense"], n["local"], n["mosa"], n["pruned"], k, f, f0, kv, kv0,
+                              cached * row_bytes, b0))
     return rows
 
 
-def ratios(rows: list[LayerCost]) -> tuple[float, float]:
-    """(attention FLOPs, KV-cache entries) of all ``rows`` relative to the unconverted original."""
-    return (sum(r.flops for r in rows) / sum(r.flops_original for r in rows),
-            sum(r.kv for r in rows) / sum(r.kv_original for r in rows))
+def ratios(rows: list[LayerCost]) -> CostRatios:
+    """Attention FLOPs, KV-cache entries and KV-cache bytes of all ``rows`` relative to the unconverted original."""
+    return CostRatios(sum(r.flops for r in rows) / sum(r.flops_original for r in rows),
+                      sum(r.kv for r in rows) / sum(r.kv_original for r in rows),
+                      sum(r.kv_bytes for r in rows) / sum(r.kv_bytes_original for r in rows))
 
 
-def cost_ratios(model: nn.Module, T: int) -> tuple[float, float]:
-    """(attention FLOPs, KV-cache entries) of ``model`` relative to its unconverted original at T tokens."""
+def cost_ratios(model: nn.Module, T: int) -> CostRatios:
+    """Attention FLOPs, KV entries and KV bytes of ``model`` relative to its unconverted original at T tokens."""
     return ratios(attention_costs(model, T))

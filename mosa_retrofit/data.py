@@ -99,7 +99,7 @@ def _local_files(source: str) -> list[str] | None:
     return files
 
 
-def _documents(spec: DataSpec) -> tuple[list[str] | None, Iterator[str] | None]:
+def documents(spec: DataSpec) -> tuple[list[str] | None, Iterator[str] | None]:
     """(all documents as a list) or (a stream of documents when streaming)."""
     if spec.source in BUILTIN_SOURCES:
         return BUILTIN_SOURCES[spec.source](), None
@@ -131,7 +131,7 @@ def _documents(spec: DataSpec) -> tuple[list[str] | None, Iterator[str] | None]:
 
 def load_corpus(spec: DataSpec, tokenizer, progress: bool = True, validation_only: bool = False) -> Corpus:
     """Read, split by document and tokenise ``spec``'s data (only the held-out part with ``validation_only``)."""
-    docs, stream = _documents(spec)
+    docs, stream = documents(spec)
     V = spec.validation_documents
     if docs is not None:
         if len(docs) <= V:

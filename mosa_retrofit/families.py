@@ -60,6 +60,16 @@ def family_of(model: nn.Module) -> Family:
     return FAMILIES[model_type]
 
 
+def attention_layers(model: nn.Module, family: Family | None = None) -> dict[int, tuple[str, nn.Module]]:
+    """``{layer_idx: (qualified name, module)}`` of the model's self-attention modules."""
+    family = family or family_of(model)
+    found = {}
+    for name, m in model.named_modules():
+        if family.is_attention(m):
+            found[int(m.layer_idx)] = (name, m)
+    return found
+
+
 def weight_of(linear: nn.Module) -> Tensor:
     """``linear.weight``, plus the active LoRA deltas when peft has wrapped the layer (differentiable)."""
     base = getattr(linear, "base_layer", None)
@@ -214,3 +224,18 @@ def head_to_kv(num_heads: int, num_kv_heads: int) -> list[int]:
     """KV head of every query head (query heads are grouped by KV head, as ``repeat_kv`` lays them out)."""
     group = num_heads // num_kv_heads
     return [h // group for h in range(num_heads)]
+
+
+def dense_kv_layout(dense: tuple[int, ...], num_heads: int, num_kv_heads: int) -> tuple[tuple[int, ...], int]:
+    """KV heads the dense heads read, and the query heads per KV head for the backend's ``repeat_kv``.
+
+    When every used KV head serves the same number g of dense heads (e.g. whole GQA groups), the cache keeps
+    one K/V per KV head (groups = g); otherwise each dense head gets its own copy (groups = 1).
+    """
+    kv_of = [head_to_kv(num_heads, num_kv_heads)[h] for h in dense]
+    used = sorted(set(kv_of))
+    counts = {u: kv_of.count(u) for u in used}
+    g = counts[used[0]]
+    if all(c == g for c in counts.values()):
+        return tuple(used), g
+    return tuple(kv_of), 1

@@ -39,7 +39,7 @@ def _structure_config(config: MoSAConfig) -> MoSAConfig:
 
 @functools.lru_cache(maxsize=None)
 def _mosa_model_class(base_cls: type) -> type:
-    """``MoSA<Base>``: the base model class whose ``__init__`` re-applies the surgery from ``config.mosa``."""
+    """The base model class, with an ``__init__`` that re-applies the surgery from ``config.mosa``."""
     from .surgery import convert_
 
     def __init__(self, config, *args, **kwargs):
@@ -51,7 +51,11 @@ def _mosa_model_class(base_cls: type) -> type:
             MoSAConfig.from_dict(config.mosa), head_choice=mosa.head_choice, router_init=mosa.router_init,
             base_model_name_or_path=mosa.base_model_name_or_path).to_dict()
 
-    return type(f"MoSA{base_cls.__name__}", (base_cls,), {"__init__": __init__, "_mosa_loader": True})
+    # The loader class keeps the base's name and module: transformers looks its checkpoint conversions up by
+    # class name / model_type and skips them for classes outside transformers (GPT-NeoX's embed_out -> lm_head).
+    return type(base_cls.__name__, (base_cls,), {"__init__": __init__, "_mosa_loader": True,
+                                                  "__module__": base_cls.__module__,
+                                                  "__qualname__": base_cls.__qualname__})
 
 
 def load(path: str, config: MoSAConfig | None = None, calibration: Tensor | None = None, **kwargs) -> nn.Module:

@@ -244,10 +244,17 @@ class EvaluationSpec:
     batch_size: int = 4
     before_conversion: bool = True
     """Also measure the original (unconverted) model."""
+    block_size: int | None = None
+    """Tokens per validation block (None: the evaluation protocol's 1024, capped by the model's positions)."""
+    tokens: int | None = None
+    """Validation tokens scored (None: the evaluation protocol's 4096), from the held-out documents of ``data``."""
 
     def __post_init__(self):
         _positive_int("every", self.every, 0)
         _positive_int("batch_size", self.batch_size)
+        for name in ("block_size", "tokens"):
+            if getattr(self, name) is not None:
+                _positive_int(name, getattr(self, name), 2)
 
 
 @dataclass(frozen=True)

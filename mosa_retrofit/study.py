@@ -261,7 +261,7 @@ class Workbench:
             total, count = nll(model, blocks, self.spec.batch_size)
             row[f"ppl_{name}"] = math.exp(total / count)
         for T in self.spec.cost_lengths:
-            row[f"flops_{T}"], row[f"kv_{T}"] = ratios(attention_costs(model, T))
+            row[f"flops_{T}"], row[f"kv_{T}"], row[f"kv_bytes_{T}"] = ratios(attention_costs(model, T))
         row["time_ratio"] = self.time_ratio(model) if point.method != "original" else 1.0
         if point.method == "local":
             row["window"] = point.config(self.spec.eval_length).local_window
@@ -528,8 +528,9 @@ def render_markdown(rows: list[dict], original: dict | None, spec: StudySpec, co
              "method keeps the same heads dense: the highest output energy on "
              f"{spec.calibration_sequences}x{spec.calibration_length} training tokens; 'local' / 'pruned' replace the "
              "other heads by sliding-window heads at equal query-key pairs at the evaluation length (window w) / by "
-             "nothing (fill 'zero') or their mean output (fill 'mean'). FLOPs and KV entries: attention of all layers "
-             "relative to the original (projections included; KV counted per query head, as the paper does). "
+             "nothing (fill 'zero') or their mean output (fill 'mean'). FLOPs and KV cache: attention of all layers "
+             "relative to the original (projections included; KV bytes: what a cache holds under GQA, '-' for rows "
+             "measured before bytes were recorded; KV entries: per query head, as the paper counts). "
              f"Time: forward+backward of attention layer 0 at T = {spec.time_length}, 1 thread, relative to the "
              "original layer, measured back to back. Adaptation: steps of layer distillation + end-to-end steps "
              f"({spec.adapt_batch} x {spec.eval_length} tokens each) and their wall time on this machine.", ""]
@@ -538,7 +539,8 @@ def render_markdown(rows: list[dict], original: dict | None, spec: StudySpec, co
     head = ["point", "method", "dense", "sparsity", "routing", "router init", "fill", "adaptation", "ppl", "× orig"]
     if ood:
         head += ["OOD ppl", "× orig"]
-    head += [f"FLOPs@{t}" for t in L] + [f"KV@{t}" for t in L] + ["fwd+bwd time"]
+    head += [f"FLOPs@{t}" for t in L] + [f"KV bytes@{t}" for t in L] + [f"KV entries@{t}" for t in L]
+    head += ["fwd+bwd time"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         base = original or r
@@ -548,7 +550,8 @@ def render_markdown(rows: list[dict], original: dict | None, spec: StudySpec, co
                  r.get("fill") or "-", _adaptation(r), f"{r['ppl_val']:.2f}", f"{r['ppl_val'] / base['ppl_val']:.2f}"]
         if ood:
             cells += [f"{r['ppl_ood']:.2f}", f"{r['ppl_ood'] / base['ppl_ood']:.2f}"]
-        cells += [_f(r.get(f"flops_{t}")) for t in L] + [_f(r.get(f"kv_{t}")) for t in L] + [_f(r["time_ratio"], 2)]
+        cells += [_f(r.get(f"flops_{t}")) for t in L] + [_f(r.get(f"kv_bytes_{t}")) for t in L]
+        cells += [_f(r.get(f"kv_{t}")) for t in L] + [_f(r["time_ratio"], 2)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from . import checkpoint as ckpt
 from .config import MoSAConfig
+from .evaluate import PROTOCOL
 from .recipe import Recipe, StageSpec
 
 
@@ -147,7 +148,7 @@ class Trainer:
         conv = self.recipe.conversion
         config = dataclasses.replace(conv.mosa, base_model_name_or_path=self.recipe.model.name_or_path)
         calibration = None
-        if config.needs_calibration:
+        if config.uses_calibration:
             n = conv.calibration_sequences * conv.calibration_length
             calibration = as_blocks(corpus.train[:n], conv.calibration_length).long()
         return convert_(student, config, calibration=calibration, progress=self.progress and self.acc.is_main_process)
@@ -176,10 +177,14 @@ class Trainer:
         self.tokenizer = tokenizer
         corpus = load_corpus(r.data, tokenizer, progress=self.progress and acc.is_main_process)
         self.train_blocks = corpus.blocks("train", r.data.block_size)
-        self.val_blocks = corpus.blocks("validation", r.data.block_size)
+        E = r.evaluation
+        limit = getattr(teacher.config, "max_position_embeddings", None) or PROTOCOL.block_size
+        vb = E.block_size or min(PROTOCOL.block_size, limit, corpus.validation.numel())
+        self.val_blocks = corpus.blocks("validation", vb)[: max((E.tokens or PROTOCOL.tokens) // vb, 1)]
         self.schedule = BlockSchedule(len(self.train_blocks), r.seed)
-        self.say(f"data: {len(self.train_blocks)} training blocks and {len(self.val_blocks)} validation blocks of "
-                 f"{r.data.block_size} tokens ({corpus.train_documents} / {corpus.validation_documents} documents)")
+        self.say(f"data: {len(self.train_blocks)} training blocks of {r.data.block_size} tokens "
+                 f"({corpus.train_documents} documents); held-out perplexity: {self.val_blocks.numel():,} tokens of the "
+                 f"last {corpus.validation_documents} documents of {r.data.source}, in blocks of {vb}")
         teacher.to(acc.device)
 
         if self.resume_from is not None:

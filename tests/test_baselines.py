@@ -5,9 +5,9 @@ import copy
 import pytest
 import torch
 from test_surgery import IDENTITY, ids_and_mask
-from tiny_models import tiny_model
+from tiny_models import tiny_model, plain_config
 
-from mosa_retrofit import MoSAConfig, convert_
+from mosa_retrofit import convert_
 from mosa_retrofit.costs import attention_costs, equal_compute_window
 from mosa_retrofit.surgery import attention_layers, mosa_layers
 from mosa_retrofit.trainable import select_trainable
@@ -27,7 +27,7 @@ def test_pruned_heads_equal_zeroed_output_columns(family):
             for h in range(model.config.num_attention_heads):
                 if h not in keep:
                     o[:, h * d:(h + 1) * d] = 0
-    convert_(model, MoSAConfig(dense_head_ids=KEEP, sparse_heads="pruned", sparsity=4))
+    convert_(model, plain_config(dense_head_ids=KEEP, sparse_heads="pruned", sparsity=4))
     assert all(not hasattr(m, "mosa_router") for m in mosa_layers(model).values())  # no routers for baselines
     ids, mask = ids_and_mask()
     with torch.no_grad():
@@ -43,9 +43,9 @@ def test_local_sparse_heads(family):
     H = 4
     replaced = {k: [h for h in range(H) if h not in v] for k, v in KEEP.items()}
     original = tiny_model(family)
-    wide = convert_(tiny_model(family), MoSAConfig(dense_head_ids=KEEP, sparse_heads="local", local_window=64))
-    local = convert_(tiny_model(family), MoSAConfig(dense_head_ids=KEEP, sparse_heads="local", local_window=5))
-    kept = convert_(tiny_model(family), MoSAConfig(dense_head_ids=replaced, kept_heads="local", local_window=5,
+    wide = convert_(tiny_model(family), plain_config(dense_head_ids=KEEP, sparse_heads="local", local_window=64))
+    local = convert_(tiny_model(family), plain_config(dense_head_ids=KEEP, sparse_heads="local", local_window=5))
+    kept = convert_(tiny_model(family), plain_config(dense_head_ids=replaced, kept_heads="local", local_window=5,
                                                    **IDENTITY))
     with torch.no_grad():
         sel = mask.bool()
@@ -67,8 +67,8 @@ def test_baseline_costs_against_hand_formulas():
     pairs = lambda win: sum(min(t + 1, win) for t in range(T))
     assert abs(pairs(w) - k * (k + 1) / 2) <= min(abs(pairs(w + s) - k * (k + 1) / 2) for s in (-1, 1))
     dense = 8 * D * d * T + 2 * d * T * T  # full causal attention counted as T²/2 pairs
-    local = convert_(tiny_model("llama"), MoSAConfig(dense_head_ids=KEEP, sparse_heads="local", local_window=w))
-    pruned = convert_(tiny_model("llama"), MoSAConfig(dense_head_ids=KEEP, sparse_heads="pruned"))
+    local = convert_(tiny_model("llama"), plain_config(dense_head_ids=KEEP, sparse_heads="local", local_window=w))
+    pruned = convert_(tiny_model("llama"), plain_config(dense_head_ids=KEEP, sparse_heads="pruned"))
     for model, f, kv in ((local, dense + 3 * (8 * D * d * T + 4 * d * pairs(w)), T + 3 * w), (pruned, dense, T)):
         for row in attention_costs(model, T):
             assert (row.flops, row.kv) == (f, kv)
@@ -76,7 +76,7 @@ def test_baseline_costs_against_hand_formulas():
 
 
 def test_baselines_train_without_routers_and_refuse_what_needs_them():
-    model = convert_(tiny_model("llama").train(), MoSAConfig(dense_head_ids=KEEP, sparse_heads="local",
+    model = convert_(tiny_model("llama").train(), plain_config(dense_head_ids=KEEP, sparse_heads="local",
                                                              local_window=4))
     plain, masked = select_trainable(model, "mosa")
     ids, _ = ids_and_mask()
@@ -88,10 +88,12 @@ def test_baselines_train_without_routers_and_refuse_what_needs_them():
 
     with pytest.raises(ValueError, match="router warm-up needs MoSA heads"):
         RouterWarmup(mosa_layers(model))
-    with pytest.raises(ValueError, match="routing must be 'expert_choice' with sparse_heads='pruned'"):
-        MoSAConfig(sparse_heads="pruned", routing="causal")
+    # baselines have no routers: routing does not apply to them (the default causal routing is accepted)
+    pruned = convert_(tiny_model("llama"), plain_config(sparse_heads="pruned", routing="causal"))
+    assert mosa_layers(pruned) and not any(hasattr(m, "mosa_router") or hasattr(m, "mosa_threshold")
+                                           for m in mosa_layers(pruned).values())
     with pytest.raises(ValueError, match="sparse_heads must be one of"):
-        MoSAConfig(sparse_heads="dropped")
+        plain_config(sparse_heads="dropped")
 
 
 @pytest.mark.parametrize("T, w", [(13, 4), (16, 4), (7, 1), (20, 19), (9, 3)])

@@ -4,11 +4,11 @@ import copy
 
 import pytest
 import torch
-from tiny_models import FAMILIES, tiny_model
+from tiny_models import FAMILIES, tiny_model, plain_config
 from transformers import DynamicCache
 
 import mosa_retrofit
-from mosa_retrofit import MoSAConfig, convert_
+from mosa_retrofit import convert_
 from mosa_retrofit.cache import cache_bytes
 from mosa_retrofit.sparse import select_tokens_causal
 from mosa_retrofit.surgery import mosa_layers
@@ -19,7 +19,7 @@ CAUSAL = dict(sparsity=4, dense_heads=1, routing="causal")
 def causal_model(family, seed=0, **over):
     model = tiny_model(family, seed=seed)
     g = torch.Generator().manual_seed(seed + 7)
-    convert_(model, MoSAConfig(**{**CAUSAL, **over}), calibration=torch.randint(1, 128, (4, 32), generator=g))
+    convert_(model, plain_config(**{**CAUSAL, **over}), calibration=torch.randint(1, 128, (4, 32), generator=g))
     return model
 
 
@@ -60,7 +60,7 @@ def test_expert_choice_leaks_the_future():
     """The paper's routing: top-k over the whole sequence, so later tokens change which earlier tokens a head
     keeps, and with them earlier outputs (the leak the causal mode removes)."""
     model = tiny_model("llama")
-    convert_(model, MoSAConfig(sparsity=4, dense_heads=1))
+    convert_(model, plain_config(sparsity=4, dense_heads=1))
     a = ids(T=32)
     b = a.clone()
     b[:, 16:] = torch.randint(1, 128, (2, 16), generator=torch.Generator().manual_seed(5))
@@ -122,7 +122,7 @@ def test_identity_at_sparsity_one_including_decode():
     x = ids(T=20)
     with torch.no_grad():
         ref = model(x).logits
-    convert_(model, MoSAConfig(sparsity=1, dense_heads=1, routing="causal", include_first=False))
+    convert_(model, plain_config(sparsity=1, dense_heads=1, routing="causal", include_first=False))
     assert all(torch.isinf(m.mosa_threshold).all() for m in mosa_layers(model).values())
     with torch.no_grad():
         full = model(x, use_cache=False).logits
@@ -172,7 +172,7 @@ def test_cache_bytes_and_unsupported_operations(tmp_path):
     with pytest.raises(ValueError, match="dynamic cache"):
         model.generate(ids(T=4), max_new_tokens=2, cache_implementation="static", pad_token_id=0)
     expert = tiny_model("llama")
-    convert_(expert, MoSAConfig(sparsity=4, dense_heads=1))
+    convert_(expert, plain_config(sparsity=4, dense_heads=1))
     with pytest.raises(ValueError, match="routing='causal'"):
         expert.generate(ids(T=4), max_new_tokens=2, pad_token_id=0)
 
@@ -193,6 +193,6 @@ def test_causal_model_saves_and_loads_with_thresholds(tmp_path):
 
 def test_bad_routing_config():
     with pytest.raises(ValueError, match="routing.*causal"):
-        MoSAConfig(routing="sometimes")
+        plain_config(routing="sometimes")
     with pytest.raises(ValueError, match="threshold_momentum"):
-        MoSAConfig(threshold_momentum=2)
+        plain_config(threshold_momentum=2)

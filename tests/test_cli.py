@@ -51,17 +51,18 @@ def test_inconsistent_arguments_exit_2_before_running(capsys):
 
 
 def test_convert_and_inspect_a_local_checkpoint(tmp_path, capsys):
-    from tiny_models import tiny_model
+    from tiny_models import plain_config, tiny_model
 
     import mosa_retrofit
     from mosa_retrofit.surgery import mosa_layers
 
     base = tmp_path / "base"
-    tiny_model("qwen3").save_pretrained(base)
+    tiny_model("qwen3").save_pretrained(base)  # no tokenizer: no calibration, no check
     cfg = tmp_path / "cfg.json"
-    mosa_retrofit.MoSAConfig(sparsity=4, dense_heads=2, local_window=7).to_json(str(cfg))
+    plain_config(sparsity=4, dense_heads=2, local_window=7).to_json(str(cfg))
     out = tmp_path / "out"
-    assert main(["convert", str(base), str(out), "--config", str(cfg), "--sparsity", "2", "--kept-heads", "local"]) == 0
+    assert main(["convert", str(base), str(out), "--config", str(cfg), "--sparsity", "2", "--kept-heads", "local",
+                 "--no-check"]) == 0
     model = mosa_retrofit.load(str(out))
     plan = mosa_layers(model)[0].mosa_plan
     assert plan.sparsity == 2 and plan.kept_heads == "local" and plan.local_window == 7 and plan.dense == (0, 1)
@@ -73,8 +74,11 @@ def test_convert_and_inspect_a_local_checkpoint(tmp_path, capsys):
     pairs = sum(min(t + 1, w) for t in range(T))  # query t sees keys max(0, t-w+1)..t
     flops = (2 * (8 * D * d * T + 4 * d * pairs) + 2 * (8 * D * d * k + 2 * d * k * k + 2 * D * T)) / (
         4 * (8 * D * d * T + 2 * d * T * T))
-    kv = (2 * w + 2 * k) / (4 * T)
-    assert f"| 0 | 0 | 2 | 2 | 32 | {flops:.3f} | {kv:.3f} |" in text
+    kv = (2 * w + 2 * k) / (4 * T)  # entries: per query head
+    # bytes: the 2 local heads share KV head 0 (one cached row of w tokens), each MoSA head caches its own k rows;
+    # the original caches 2 KV heads of T tokens
+    kv_bytes = (w + 2 * k) / (2 * T)
+    assert f"| 0 | 0 | 2 | 2 | 32 | {flops:.3f} | {kv:.3f} | {kv_bytes:.3f} |" in text
     assert main(["convert", str(base), str(out), "--sparsity", "2"]) == 2  # exists, no --overwrite
     assert "exists" in capsys.readouterr().err
 

@@ -7,7 +7,7 @@ from mosa_retrofit import MoSAConfig
 
 def test_minimal_config_and_json_round_trip(tmp_path):
     cfg = MoSAConfig(sparsity=8, dense_heads=3)
-    assert cfg.sparsity == 8 and cfg.dense_heads == 3 and cfg.version == 1
+    assert cfg.sparsity == 8 and cfg.dense_heads == 3 and cfg.version == 2
     full = MoSAConfig(sparsity=16, dense_heads=0.25, dense_heads_pattern={"0-2": 9, "re:1[0-9]": 0},
                       dense_head_ids={"5": [0, 3]}, layers=[0, 1, 5, 12], kept_heads="local", local_window=64,
                       router_granularity="kv_group", router_init="calibrated", head_choice="scored")
@@ -31,6 +31,7 @@ def test_per_layer_resolution():
     (dict(head_choice="random"), "head_choice"), (dict(layers="some"), "layers"), (dict(layers=[-1]), "layers"),
     (dict(local_window=0), "local_window"), (dict(dense_heads_pattern={"x": 1}), "dense_heads_pattern"),
     (dict(dense_head_ids={"0": [-1]}), "dense_head_ids"), (dict(version=99), "version"),
+    (dict(version="1"), "version"), (dict(version=0), "version"),
     (dict(include_first="yes"), "include_first"),
 ])
 def test_bad_values_name_the_field(kwargs, name):
@@ -46,3 +47,39 @@ def test_unknown_keys_rejected():
 def test_frozen():
     with pytest.raises(Exception):
         MoSAConfig().sparsity = 2
+
+
+def test_defaults_are_the_calibrated_retrofit():
+    cfg = MoSAConfig()
+    assert (cfg.head_choice, cfg.router_init, cfg.fill, cfg.routing, cfg.router_granularity) == (
+        "scored", "calibrated", "mean", "causal", "kv_group")
+    assert (cfg.sparsity, cfg.dense_heads, cfg.router_score, cfg.include_first) == (8, 0.25, "straight_through", True)
+    assert cfg.needs_calibration and cfg.uses_calibration
+
+
+def test_paper_preset_is_the_papers_conversion():
+    # arXiv 2505.00315: 4 dense heads kept first, random sigmoid routers scaling the selected rows, expert-choice
+    # top-k, nothing written at skipped tokens, one router per head, first token always included (IsoFLOP runs)
+    paper = MoSAConfig.paper()
+    expected = dict(dense_heads=4, head_choice="first", router_init="random", router_score="sigmoid", fill="zero",
+                    routing="expert_choice", router_granularity="head", include_first=True, kept_heads="dense",
+                    sparse_heads="mosa")
+    assert {k: getattr(paper, k) for k in expected} == expected
+    assert not paper.needs_calibration and not paper.uses_calibration
+    identity = MoSAConfig.paper(sparsity=1, dense_heads=1, router_score="straight_through")
+    assert (identity.sparsity, identity.dense_heads, identity.router_score, identity.fill) == (
+        1, 1, "straight_through", "zero")
+
+
+def test_version_1_dicts_keep_the_values_they_meant():
+    # a version-1 dict lacking keys meant the version-1 defaults: the paper-like conversion of that release
+    old = MoSAConfig.from_dict({"version": 1, "sparsity": 4, "dense_heads": 2})
+    assert (old.head_choice, old.router_init, old.fill, old.routing, old.router_granularity, old.version) == (
+        "first", "random", "zero", "expert_choice", "head", 1)
+    assert MoSAConfig.from_dict(old.to_dict()) == old  # and it round-trips as version 1
+    new = MoSAConfig.from_dict({"sparsity": 4, "dense_heads": 2})  # no version: the current defaults
+    assert new == MoSAConfig(sparsity=4, dense_heads=2)
+    with pytest.raises(ValueError, match="MoSAConfig.version"):
+        MoSAConfig.from_dict({"version": "1"})
+    with pytest.raises(ValueError, match="JSON object"):
+        MoSAConfig.from_dict("garbage")

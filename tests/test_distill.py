@@ -6,9 +6,9 @@ import pytest
 import torch
 from test_surgery import IDENTITY
 from test_train import records, run, weights, world  # noqa: F401  (world: the module fixture)
-from tiny_models import tiny_model
+from tiny_models import tiny_model, plain_config
 
-from mosa_retrofit import MoSAConfig, convert_
+from mosa_retrofit import convert_
 from mosa_retrofit.distill import LayerDistill
 from mosa_retrofit.surgery import attention_layers
 
@@ -36,7 +36,7 @@ def naive_loss(teacher, student, x):
 
 def test_loss_matches_naive_and_vanishes_at_identity():
     teacher = tiny_model("llama")
-    student = convert_(copy.deepcopy(teacher), MoSAConfig(sparsity=4, dense_heads=1, router_score="sigmoid"))
+    student = convert_(copy.deepcopy(teacher), plain_config(sparsity=4, dense_heads=1, router_score="sigmoid"))
     x = ids()
     with LayerDistill(teacher, student) as distill:
         loss = distill.loss(x)
@@ -46,7 +46,7 @@ def test_loss_matches_naive_and_vanishes_at_identity():
     loss.backward()
     m = attention_layers(student)[1][1]
     assert m.mosa_router.grad.abs().sum() > 0 and m.q_proj.weight.grad.abs().sum() > 0
-    same = convert_(copy.deepcopy(teacher), MoSAConfig(dense_heads=1, **IDENTITY))
+    same = convert_(copy.deepcopy(teacher), plain_config(dense_heads=1, **IDENTITY))
     attn = teacher.model.layers[0].self_attn
     n_hooks = len(attn._forward_hooks), len(attn._forward_pre_hooks)
     with LayerDistill(teacher, same) as distill:
@@ -56,7 +56,7 @@ def test_loss_matches_naive_and_vanishes_at_identity():
 
 def test_stops_after_the_last_converted_layer():
     teacher = tiny_model("llama")
-    student = convert_(copy.deepcopy(teacher), MoSAConfig(sparsity=4, dense_heads=1, layers=[0]))
+    student = convert_(copy.deepcopy(teacher), plain_config(sparsity=4, dense_heads=1, layers=[0]))
     calls = []
     teacher.model.layers[1].register_forward_pre_hook(lambda m, a: calls.append(1))
     with LayerDistill(teacher, student) as distill:

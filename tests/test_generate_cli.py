@@ -6,7 +6,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from mosa_retrofit import MoSAConfig, convert_
+from mosa_retrofit import convert_
+from tiny_models import plain_config
 from mosa_retrofit.cli.main import main
 from train_fixtures import make_world
 
@@ -20,7 +21,7 @@ def models(tmp_path_factory):
     for routing in ("causal", "expert_choice"):
         model = AutoModelForCausalLM.from_pretrained(base)
         calib = torch.randint(1, len(tok), (4, 32), generator=torch.Generator().manual_seed(0))
-        convert_(model, MoSAConfig(sparsity=4, dense_heads=1, routing=routing, base_model_name_or_path=str(base)),
+        convert_(model, plain_config(sparsity=4, dense_heads=1, routing=routing, base_model_name_or_path=str(base)),
                  calibration=calib)
         model.save_pretrained(root / routing)
         tok.save_pretrained(root / routing)
@@ -76,6 +77,6 @@ def test_train_with_prompt_adapts_then_samples(tmp_path, capsys):
     assert main(["train", str(recipe), "--prompt", "the cat", "--max-new-tokens", "4"]) == 0
     text = capsys.readouterr().out
     assert "| after adaptation |" in text and "| original model |" in text
-    assert re.search(r"attention FLOPs / KV entries vs the original: [\d.]+x / [\d.]+x at T = 2048", text)
+    assert re.search(r"attention FLOPs / KV bytes / KV entries vs the original: [\d.]+x / [\d.]+x / [\d.]+x at T = 2048", text)
     assert "causal routing, greedy" in text and "KV cache after" in text
     assert main(["train", str(recipe), "--check", "--max-new-tokens", "0"]) == 0  # --check only validates the recipe

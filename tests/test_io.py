@@ -4,17 +4,17 @@ import json
 
 import pytest
 import torch
-from tiny_models import tiny_model
+from tiny_models import tiny_model, plain_config
 
 import mosa_retrofit
-from mosa_retrofit import MoSAConfig, convert_
+from mosa_retrofit import convert_
 from mosa_retrofit.surgery import mosa_layers
 
 
 @pytest.mark.parametrize("family, cfg", [
-    ("llama", MoSAConfig(sparsity=4, dense_heads=2, router_granularity="kv_group", router_score="sigmoid")),
-    ("gpt2", MoSAConfig(sparsity=3, dense_head_ids={"0": [1, 3]}, kept_heads="local", local_window=4)),
-    ("phi3", MoSAConfig(sparsity=2, dense_heads=1, layers=[1])),
+    ("llama", plain_config(sparsity=4, dense_heads=2, router_granularity="kv_group", router_score="sigmoid")),
+    ("gpt2", plain_config(sparsity=3, dense_head_ids={"0": [1, 3]}, kept_heads="local", local_window=4)),
+    ("phi3", plain_config(sparsity=2, dense_heads=1, layers=[1])),
 ])
 def test_round_trip_identical_logits(tmp_path, family, cfg):
     model = tiny_model(family)
@@ -39,7 +39,7 @@ def test_plain_transformers_load_warns_loudly(tmp_path):
     from transformers import AutoModelForCausalLM
 
     model = tiny_model("qwen2")
-    convert_(model, MoSAConfig(sparsity=4, dense_heads=1))
+    convert_(model, plain_config(sparsity=4, dense_heads=1))
     model.save_pretrained(tmp_path)
     with pytest.warns(UserWarning, match="loaded as a plain dense model.*mosa_retrofit.load"):
         dense = AutoModelForCausalLM.from_pretrained(tmp_path)
@@ -50,7 +50,7 @@ def test_convert_on_load_and_errors(tmp_path):
     base = tiny_model("mistral")
     base.save_pretrained(tmp_path)
     ids = torch.randint(0, 128, (1, 16))
-    identity = MoSAConfig(sparsity=1, dense_heads=1, include_first=False, router_score="straight_through")
+    identity = plain_config(sparsity=1, dense_heads=1, include_first=False, router_score="straight_through")
     model = mosa_retrofit.load(str(tmp_path), config=identity)
     assert len(mosa_layers(model)) == 2 and model.config.mosa["base_model_name_or_path"] == str(tmp_path)
     torch.testing.assert_close(model(ids).logits, base(ids).logits, atol=1e-4, rtol=0)

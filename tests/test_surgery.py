@@ -5,9 +5,9 @@ import math
 
 import pytest
 import torch
-from tiny_models import FAMILIES, GQA_FAMILIES, tiny_model
+from tiny_models import FAMILIES, GQA_FAMILIES, tiny_model, plain_config
 
-from mosa_retrofit import MoSAConfig, convert_
+from mosa_retrofit import convert_
 from mosa_retrofit.families import family_of
 from mosa_retrofit.surgery import attention_layers, mosa_layers
 
@@ -35,7 +35,7 @@ def test_identity_sparsity_one_straight_through(family, dense_heads):
         ids, mask = ids_and_mask()
         with torch.no_grad():
             ref, ref_pad = model(ids).logits, model(ids, attention_mask=mask).logits
-            convert_(model, MoSAConfig(dense_heads=dense_heads, **IDENTITY))
+            convert_(model, plain_config(dense_heads=dense_heads, **IDENTITY))
             assert len(mosa_layers(model)) == 2
             out, out_pad = model(ids).logits, model(ids, attention_mask=mask).logits
         torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
@@ -120,7 +120,7 @@ def naive_layer(x, W, dense, mosa_heads, router, sparsity, scale, include_first,
 @pytest.mark.parametrize("granularity, dense", [("head", [1, 2]), ("head", [0]), ("kv_group", [2, 3])])
 def test_converted_layer_matches_naive_reference(granularity, dense):
     model = tiny_model("llama")
-    cfg = MoSAConfig(sparsity=3, dense_head_ids={"0": dense, "1": dense}, router_score="sigmoid",
+    cfg = plain_config(sparsity=3, dense_head_ids={"0": dense, "1": dense}, router_score="sigmoid",
                      router_granularity=granularity, include_first=True)
     x = torch.randn(2, 17, 64)
     _, attn = attention_layers(model)[0]
@@ -146,12 +146,12 @@ def test_gqa_dense_groups_keep_compact_kv_and_uneven_splits_expand(family):
     H, KV, _ = family_of(model).dims(attention_layers(model)[0][1])
     G = H // KV
     n = min(G, H - 1)  # heads of KV head 0 only (MQA: all but one head)
-    convert_(model, MoSAConfig(sparsity=2, dense_heads=n))
+    convert_(model, plain_config(sparsity=2, dense_heads=n))
     m = attention_layers(model)[0][1]
     assert m._mosa_dense_kv == ((0,), n) and m.num_key_value_groups == n
     model2 = tiny_model(family)
     if KV > 1:
-        convert_(model2, MoSAConfig(sparsity=2, dense_head_ids={"0": [0, G], "1": [0]}))
+        convert_(model2, plain_config(sparsity=2, dense_head_ids={"0": [0, G], "1": [0]}))
         m2 = attention_layers(model2)[0][1]
         assert m2._mosa_dense_kv == ((0, 1), 1)  # one dense head in each of two groups
 
@@ -162,7 +162,7 @@ def test_kv_group_routing_shares_selection_and_identity(family):
     ids, _ = ids_and_mask()
     with torch.no_grad():
         ref = model(ids).logits
-        convert_(model, MoSAConfig(dense_heads=2, router_granularity="kv_group", **IDENTITY))
+        convert_(model, plain_config(dense_heads=2, router_granularity="kv_group", **IDENTITY))
         out = model(ids).logits
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
     m = attention_layers(model)[0][1]
@@ -176,10 +176,10 @@ def test_local_kept_heads_match_windowed_dense_model(family):
     model = tiny_model(family)
     ids, mask = ids_and_mask(T=20)
     ref_model = copy.deepcopy(model)
-    convert_(model, MoSAConfig(dense_heads=2, kept_heads="local", local_window=5, **IDENTITY))
+    convert_(model, plain_config(dense_heads=2, kept_heads="local", local_window=5, **IDENTITY))
     # reference: eager model with a hand-made banded mask on the kept heads = run the same layer twice,
     # once with local_window >= T (plain dense) and compare that it then equals the original
-    convert_(ref_model, MoSAConfig(dense_heads=2, kept_heads="local", local_window=10_000, **IDENTITY))
+    convert_(ref_model, plain_config(dense_heads=2, kept_heads="local", local_window=10_000, **IDENTITY))
     original = tiny_model(family)
     with torch.no_grad():
         torch.testing.assert_close(ref_model(ids, attention_mask=mask).logits[mask.bool()],
@@ -203,7 +203,7 @@ def test_sliding_window_layers_keep_their_window_in_mosa_heads():
     ids, _ = ids_and_mask()
     with torch.no_grad():
         ref = model(ids).logits
-        convert_(model, MoSAConfig(dense_heads=0, **IDENTITY))
+        convert_(model, plain_config(dense_heads=0, **IDENTITY))
         torch.testing.assert_close(model(ids).logits, ref, atol=1e-4, rtol=0)
 
 
@@ -212,15 +212,15 @@ def test_sliding_window_layers_keep_their_window_in_mosa_heads():
     (dict(dense_head_ids={"0": [0, 7]}), r"dense_head_ids\['0'\]"),
     (dict(dense_head_ids={"9": [0]}), "names layers"),
     (dict(layers=[0, 5]), "names layers"),
-    (dict(dense_heads=1, router_granularity="kv_group"), "whole KV groups of 2"),
-    (dict(head_choice="scored"), "need calibration"),
-    (dict(router_init="calibrated"), "need calibration"),
+    (dict(head_choice="scored"), "needs calibration text"),
+    (dict(router_init="calibrated"), "needs calibration text"),
+    (dict(head_choice="scored", dense_heads=5), "asks for 5 dense heads"),  # bad layout named before calibrating
 ])
 def test_bad_configs_raise_before_the_model_is_touched(kwargs, message):
     model = tiny_model("llama")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match=message):
-        convert_(model, MoSAConfig(**kwargs))
+        convert_(model, plain_config(**kwargs))
     assert not mosa_layers(model) and not hasattr(model, "mosa_targets")
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
@@ -231,21 +231,21 @@ def test_unsupported_family_lists_supported_ones():
     model = BertLMHeadModel(BertConfig(hidden_size=32, num_attention_heads=2, num_hidden_layers=1,
                                        intermediate_size=64, is_decoder=True))
     with pytest.raises(ValueError, match=r"unsupported model family 'bert'.*supported: \['gemma'"):
-        convert_(model, MoSAConfig())
+        convert_(model, plain_config())
 
 
 def test_already_converted_and_wrong_config_type():
     model = tiny_model("llama")
-    convert_(model, MoSAConfig())
+    convert_(model, plain_config())
     with pytest.raises(ValueError, match="already converted"):
-        convert_(model, MoSAConfig())
+        convert_(model, plain_config())
     with pytest.raises(TypeError, match="MoSAConfig"):
         convert_(tiny_model("llama"), {"sparsity": 8})
 
 
 def test_expert_choice_refuses_incremental_decoding():
     model = tiny_model("llama")
-    convert_(model, MoSAConfig(dense_heads=2))
+    convert_(model, plain_config(dense_heads=2))
     ids, _ = ids_and_mask()
     out = model(ids, use_cache=True)  # training-style forward with a cache works
     with pytest.raises(ValueError, match="cannot decode token by token"):
@@ -254,7 +254,7 @@ def test_expert_choice_refuses_incremental_decoding():
 
 def test_gradients_reach_routers_and_original_weights():
     model = tiny_model("qwen2").train()
-    convert_(model, MoSAConfig(sparsity=4, dense_heads=1, router_score="sigmoid"))
+    convert_(model, plain_config(sparsity=4, dense_heads=1, router_score="sigmoid"))
     ids, _ = ids_and_mask()
     model(ids, labels=ids, use_cache=False).loss.backward()
     m = attention_layers(model)[0][1]

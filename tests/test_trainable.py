@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-from tiny_models import FAMILIES, tiny_model
+from tiny_models import FAMILIES, tiny_model, plain_config
 
-from mosa_retrofit import MoSAConfig, convert_
+from mosa_retrofit import convert_
 from mosa_retrofit.recipe import LoRASpec
 from mosa_retrofit.surgery import mosa_layers
 from mosa_retrofit.trainable import apply_lora, head_masks, remove_hooks, select_trainable
@@ -14,7 +14,7 @@ def test_llama_gqa_masks_by_hand():
     """4 query heads, 2 KV heads (heads 0,1 -> kv 0; 2,3 -> kv 1), head 0 dense: rows of heads 1-3 in q, columns
     of heads 1-3 in o, KV head 1 only (KV head 0 also serves dense head 0), biases likewise."""
     model = tiny_model("llama")  # attention_bias=True, head_dim 16
-    convert_(model, MoSAConfig(sparsity=4, dense_heads=1))
+    convert_(model, plain_config(sparsity=4, dense_heads=1))
     m = mosa_layers(model)[0]
     masks = head_masks(m)
     d = 16
@@ -34,7 +34,7 @@ def test_llama_gqa_masks_by_hand():
 
 def test_gpt2_fused_transposed_layout_by_hand():
     model = tiny_model("gpt2")  # c_attn (D, 3D) = [q | k | v] columns, c_proj (D, D): in x out
-    convert_(model, MoSAConfig(sparsity=4, dense_heads=1))
+    convert_(model, plain_config(sparsity=4, dense_heads=1))
     m = mosa_layers(model)[0]
     before = {n: p.detach().clone() for n, p in m.named_parameters()}
     masks = head_masks(m)
@@ -56,7 +56,7 @@ def test_gpt2_fused_transposed_layout_by_hand():
 def test_masked_gradients_leave_dense_heads_exact(family):
     """One AdamW step on the 'mosa' selection: every dense head's output is unchanged, MoSA heads move."""
     model = tiny_model(family).train()
-    convert_(model, MoSAConfig(sparsity=2, dense_heads=2))
+    convert_(model, plain_config(sparsity=2, dense_heads=2))
     ref = {n: p.detach().clone() for n, p in model.named_parameters()}
     plain, masked = select_trainable(model, "mosa")
     opt = torch.optim.AdamW([{"params": plain}, {"params": [p for p, _ in masked], "weight_decay": 0.0}], lr=1e-2)
@@ -76,7 +76,7 @@ def test_masked_gradients_leave_dense_heads_exact(family):
 def test_lora_deltas_reach_mosa_and_dense_heads(family):
     """The converted attention reads weights, not Linear outputs: a LoRA-wrapped model must equal its merge."""
     model = tiny_model(family)
-    convert_(model, MoSAConfig(sparsity=2, dense_heads=1))
+    convert_(model, plain_config(sparsity=2, dense_heads=1))
     targets = {"llama": ["q_proj", "v_proj", "o_proj"], "gpt2": ["c_attn", "c_proj"], "phi3": ["qkv_proj", "o_proj"]}
     peft_model = apply_lora(model, LoRASpec(r=4, target_modules=targets[family]))
     with torch.no_grad():
@@ -98,6 +98,6 @@ def test_lora_deltas_reach_mosa_and_dense_heads(family):
 
 def test_lora_bad_targets():
     model = tiny_model("llama")
-    convert_(model, MoSAConfig(sparsity=2, dense_heads=1))
+    convert_(model, plain_config(sparsity=2, dense_heads=1))
     with pytest.raises(ValueError, match="c_attn"):
         apply_lora(model, LoRASpec(target_modules=["c_attn"]))

@@ -4,9 +4,9 @@ import copy
 
 import pytest
 import torch
-from tiny_models import FAMILIES, tiny_model
+from tiny_models import FAMILIES, tiny_model, plain_config
 
-from mosa_retrofit import MoSAConfig, convert_
+from mosa_retrofit import convert_
 from mosa_retrofit.surgery import attention_layers, mosa_layers
 from mosa_retrofit.warmup import RouterWarmup, attention_mass, router_warmup_loss
 
@@ -34,7 +34,7 @@ def test_attention_mass_matches_the_models_eager_attention(family):
     mask = torch.ones(2, 20, dtype=torch.long)
     mask[1, :4] = 0
     ref = _original_attention(copy.deepcopy(model), ids, mask)
-    convert_(model, MoSAConfig(sparsity=1, dense_heads=1, include_first=False))
+    convert_(model, plain_config(sparsity=1, dense_heads=1, include_first=False))
     seen = {}
 
     def observe(module, x, W, m, cos, sin):
@@ -74,7 +74,7 @@ def test_kl_loss_against_a_plain_loop():
 
 def test_warmup_gradients_reach_only_routers_through_the_observer():
     model = tiny_model("llama")
-    convert_(model, MoSAConfig(sparsity=4, dense_heads=1))
+    convert_(model, plain_config(sparsity=4, dense_heads=1))
     ids = torch.randint(1, 128, (2, 16))
     layers = mosa_layers(model)
     with RouterWarmup(layers) as w:

@@ -3,6 +3,8 @@
 import torch
 import transformers as tf
 
+from mosa_retrofit import MoSAConfig
+
 VOCAB = 128
 
 # family -> (config class, kwargs): 4 query heads (2 KV heads where the family has GQA), 2 layers
@@ -52,3 +54,14 @@ def tiny_model(family: str, attn_implementation: str | None = None, seed: int = 
             elif p.dim() == 1 and "bias" in name:
                 p.normal_(0, 0.05)
     return model.eval()
+
+
+# The plain, uncalibrated conversion the mechanics tests run on (random routers, first heads dense, zero fill,
+# expert-choice routing, one router per head): it needs no calibration text, so every test states exactly the
+# behaviour it checks. The default MoSAConfig() (calibrated) has tests of its own.
+PLAIN = dict(head_choice="first", router_init="random", fill="zero", routing="expert_choice",
+             router_granularity="head")
+
+
+def plain_config(**kwargs) -> MoSAConfig:
+    return MoSAConfig(**{**PLAIN, **kwargs})

@@ -61,7 +61,8 @@ def recipe_dict(model_dir: Path, data: Path, out: Path, **over) -> dict:
         "output_dir": str(out),
         "seed": 0,
         "model": {"name_or_path": str(model_dir)},
-        "conversion": {"mosa": {"sparsity": 4, "dense_heads": 1, "head_choice": "first", "router_init": "random"}},
+        "conversion": {"mosa": {"sparsity": 4, "dense_heads": 1, "head_choice": "first", "router_init": "random",
+                                "fill": "zero", "routing": "expert_choice", "router_granularity": "head"}},
         "data": {"source": str(data), "block_size": 32, "validation_documents": 6, "validation_tokens": 256},
         "stages": [
             {"name": "router_warmup", "kind": "router_warmup", "steps": 4, "lr": 0.01},
