@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     if cache is None or args.no_cache:
         print(f"\n{length} tokens (no cache)")
         return 0
-    dense, sparse = cache_bytes(cache)
+    dense, sparse, _ = cache_bytes(cache)
     rows = out.sequences.shape[0]
     original = original_kv_bytes(model, length - 1, rows)  # the last token is never cached
     print(f"\nKV cache after {length - 1} tokens: {(dense + sparse) / 1024:,.1f} KiB (dense heads {dense / 1024:,.1f} KiB, "

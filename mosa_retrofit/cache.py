@@ -19,6 +19,7 @@ units and rows), L stored tokens, d head dim, h model width.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -132,16 +133,25 @@ def mosa_cache_layer(cache, layer_idx: int) -> MoSACacheLayerMixin:
     return layer
 
 
-def cache_bytes(cache) -> tuple[int, int]:
-    """(bytes of dense K/V, bytes of MoSA K/V actually holding tokens) in a cache."""
-    dense = mosa = 0
+class CacheBytes(NamedTuple):
+    dense: int  # K/V of the dense (and sliding) heads in the stock storage
+    mosa: int  # K/V rows the MoSA stores hold (selected tokens)
+    allocated: int  # every tensor the cache holds: K/V storage with its unused capacity, positions, counts
+
+
+def cache_bytes(cache) -> CacheBytes:
+    """Bytes of a cache: dense K/V, MoSA K/V holding tokens, and all of its allocated storage."""
+    dense = mosa = allocated = 0
+    size = lambda t: t.numel() * t.element_size() if isinstance(t, Tensor) else 0
     for layer in getattr(cache, "layers", []):
         if getattr(layer, "keys", None) is not None and layer.keys.numel():
-            dense += layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+            dense += size(layer.keys) + size(layer.values)
         if isinstance(layer, MoSACacheLayerMixin) and layer.mosa_k is not None:
             per_token = layer.mosa_k.shape[-1] * layer.mosa_k.element_size() * 2
             mosa += int(layer.mosa_count.sum()) * per_token
-    return dense, mosa
+            allocated += sum(size(t) for t in (layer.mosa_k, layer.mosa_v, layer.mosa_pos, layer.mosa_count,
+                                               layer.mosa_seen_real))
+    return CacheBytes(dense, mosa, dense + allocated)
 
 
 @torch.no_grad()

@@ -11,7 +11,7 @@ nothing stored per token):
   moves, cost almost nothing to sparsify; with fill='mean' they are nearly free.)
 * **sparsifying damage** at sparsity s: Σ_t ‖(ô_t − o_t) W_o‖² summed over a unit's heads, where ô is what the
   head would output as a MoSA unit that selects the T/s tokens (and the first) of highest router target z
-  (below; a KV-group unit selects by the sum of its heads' z): at a selected query, attention renormalised over
+  (below; a KV-group unit by the sum of its heads' z): at a selected query, attention renormalised over
   the selected keys (a softmax over a subset is the full softmax renormalised on it), elsewhere the fill.
   ``head_choice='scored'`` keeps dense the heads, or KV groups, of highest damage: those that MoSA would
   change most. Unlike the energy it sees which heads survive sparse selection (a head that reads a few
@@ -21,7 +21,10 @@ nothing stored per token):
   token t receives (tokens others read), dev = log ‖(o_t − f) W_o‖ (tokens where the head's output departs from
   what it writes when it skips them). The router is the ridge regression  w = argmin Σ_t (x_t·w − z(t))² + λ‖w‖²
   (closed form from Σ x xᵀ and Σ x z), layer-local and cheap, rescaled so the logits have unit RMS on the
-  calibration text. A unit of several heads (router_granularity='kv_group') fits the sum of their targets.
+  calibration text. A KV-group unit (router_granularity='kv_group') caches one K/V row per selected token for
+  all its heads, so it fits the group's own target: log of the mass its heads give token t together plus log
+  ‖Σ_h (o_h(t) − f_h) W_o^h‖ (what they add together), each standardised; other multi-head units fit the sum of
+  their heads' targets.
 """
 
 from __future__ import annotations
@@ -215,22 +218,22 @@ def _accumulate(stats, layer: int, x: Tensor, A: Tensor, values: Tensor, out_map
             z_group = group_mass + _standardise(group_dev.clamp_min(1e-6).log())  # (KV, T)
             s.xtz_group[fill] = s.xtz_group.get(fill, 0) + xd.t() @ z_group.double().t()
         for sparsity in sparsities if fill in fills else ():
-            _simulate(s, fill, f, sparsity, z, z_group, A, values, o, out_maps, include_first)
+            _simulate(s, fill, f, sparsity, z, A, values, o, out_maps, include_first)
     s.out_sum += o.double().sum(1)
     s.sequences += 1
 
 
-def _simulate(s: LayerStats, fill: str, f: Tensor, sparsity: float, z: Tensor, z_group: Tensor | None, A: Tensor,
-              values: Tensor, o: Tensor, out_maps: Tensor, include_first: bool) -> None:
+def _simulate(s: LayerStats, fill: str, f: Tensor, sparsity: float, z: Tensor, A: Tensor, values: Tensor,
+              o: Tensor, out_maps: Tensor, include_first: bool) -> None:
     """Accumulate the damage of turning each head, and each KV group, into a MoSA unit at ``sparsity``: a unit
-    selects the tokens of highest router target (z (H, T) of a head, z_group (KV, T) of a group)."""
+    selects the tokens of highest router target z (H, T) (summed over a group's heads)."""
     H, T, _ = A.shape
     KV = s.kv_heads
     G = H // KV
     k = tokens_per_head(T, sparsity)
     units = [("head", z)]
-    if G > 1:
-        units.append(("kv_group", z_group.repeat_interleave(G, dim=0)))
+    if G > 1:  # a group selects by its heads' summed targets (picked the better dense groups than z_group on
+        units.append(("kv_group", z.view(KV, G, T).sum(1).repeat_interleave(G, dim=0)))  # SmolLM2: 3.8x vs 4.2x)
     for unit, score in units:
         if include_first:
             score = score.clone()

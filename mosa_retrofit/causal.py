@@ -41,6 +41,16 @@ def logit_quantile(router: Tensor, x: Tensor, valid: Tensor | None, plan) -> Ten
     return torch.where(smaller.any(0), (above + below) / 2, above - 1.0)
 
 
+def threshold_rows(ids: Tensor, length: int | None, max_positions: int | None = None) -> Tensor:
+    """Calibration token ids (N, T) regrouped into rows of ``length`` tokens (capped by ``max_positions`` and by
+    the tokens there are; None: unchanged); consecutive rows of calibration text join into longer text."""
+    if length is None:
+        return ids
+    flat = ids.reshape(-1)
+    L = min(length, max_positions or length, flat.numel())
+    return flat[: flat.numel() // L * L].view(-1, L)
+
+
 class _Done(Exception):
     pass
 

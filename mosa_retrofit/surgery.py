@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from .attention import LayerPlan, dense_kv_layout, init_router_, init_threshold_, mosa_class
 from .calibration import LayerStats, collect_stats, default_calibration
+from .causal import calibrate_thresholds_, threshold_rows
 from .config import MoSAConfig
 from .costs import attention_costs, ratios
 from .families import attention_layers, family_of
@@ -203,9 +204,8 @@ def convert_(model: nn.Module, config: MoSAConfig | None = None, calibration: Te
             init_threshold_(m.mosa_threshold, plan.sparsity)
 
     if config.routing == "causal" and calibration is not None:
-        from .causal import calibrate_thresholds_
-
-        calibrate_thresholds_(model, calibration)
+        positions = getattr(model.config, "max_position_embeddings", None)
+        calibrate_thresholds_(model, threshold_rows(calibration, config.threshold_length, positions))
     resolved = dataclasses.replace(config, dense_head_ids={str(i): list(p.dense) for i, p in plans.items()},
                                    layers=sorted(plans))
     model.config.mosa = resolved.to_dict()

@@ -57,8 +57,8 @@ def test_sparsifying_damage_and_group_targets_match_naive(fill):
     """The damage of turning a head (or a KV group) into a MoSA unit, recomputed by hand from the model's own
     attention weights: the unit keeps the first token and the T/s tokens of highest router target, a selected
     query attends the selected keys (softmax renormalised over them), every other token gets the fill; damage =
-    Σ_t ‖Σ_{h in unit} (ô_h − o_h) W_o^h‖². A KV group's target is std(log Σ_h mass_h) + std(log ‖Σ_h (o_h − f_h)
-    W_o^h‖), and its calibrated router the ridge fit to it."""
+    Σ_t ‖Σ_{h in unit} (ô_h − o_h) W_o^h‖², a KV group selecting by its heads' summed targets. A KV group's
+    router is the ridge fit to its own target std(log Σ_h mass_h) + std(log ‖Σ_h (o_h − f_h) W_o^h‖)."""
     model = tiny_model("llama", "eager")  # 4 query heads in 2 KV groups of 2
     ids = torch.randint(0, 128, (3, 24), generator=torch.Generator().manual_seed(0))
     layers = {i: m for i, (_, m) in attention_layers(model).items()}
@@ -103,7 +103,7 @@ def test_sparsifying_damage_and_group_targets_match_naive(fill):
         for h in range(H):
             head_damage[h] += sparsified(h, z[h]).double().pow(2).sum()
         for g, heads in enumerate(groups):
-            group_damage[g] += sum(sparsified(h, zgroup[g]) for h in heads).double().pow(2).sum()
+            group_damage[g] += sum(sparsified(h, z[heads].sum(0)) for h in heads).double().pow(2).sum()
     hook.remove()
     torch.testing.assert_close(stats[0].head_scores(fill, 4, "head"), head_damage, atol=1e-6, rtol=1e-4)
     torch.testing.assert_close(stats[0].head_scores(fill, 4, "kv_group"), group_damage, atol=1e-6, rtol=1e-4)

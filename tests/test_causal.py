@@ -162,7 +162,7 @@ def test_cache_bytes_and_unsupported_operations(tmp_path):
     model = causal_model("llama")
     x = ids(T=16)
     _, cache = _incremental(model, x, prefill=8)
-    dense, mosa = cache_bytes(cache)
+    dense, mosa, allocated = cache_bytes(cache)
     # 1 dense head per layer reads KV head 0 only: 2 layers x (K and V) x B=2 x 1 x 16 tokens x d=16 x 4 bytes
     assert dense == 2 * 2 * 2 * 1 * 16 * 16 * 4
     kept = sum(int(layer.mosa_count.sum()) for layer in cache.layers)

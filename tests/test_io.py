@@ -4,10 +4,10 @@ import json
 
 import pytest
 import torch
-from tiny_models import tiny_model, plain_config
+from tiny_models import FAMILIES, plain_config, tiny_config, tiny_model
 
 import mosa_retrofit
-from mosa_retrofit import convert_
+from mosa_retrofit import MoSAConfig, convert_
 from mosa_retrofit.surgery import mosa_layers
 
 
@@ -56,3 +56,53 @@ def test_convert_on_load_and_errors(tmp_path):
     torch.testing.assert_close(model(ids).logits, base(ids).logits, atol=1e-4, rtol=0)
     with pytest.raises(ValueError, match="not a converted MoSA checkpoint"):
         mosa_retrofit.load(str(tmp_path))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_save_load_identical_logits_with_untied_embeddings(tmp_path, family):
+    """Every family, untied input/output embeddings and non-trivial weights everywhere (routers and fills
+    included): the reloaded model is the saved one (GPT-NeoX renames lm_head <-> embed_out on save/load)."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tiny_config(family, "eager" if family == "gemma2" else "sdpa")
+    cfg.tie_word_embeddings = False
+    model = tf.AutoModelForCausalLM.from_config(cfg).eval()
+    calib = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(1))
+    convert_(model, MoSAConfig(sparsity=2, dense_heads=1), calibration=calib, progress=False)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.08)
+    out_emb, in_emb = model.get_output_embeddings().weight, model.get_input_embeddings().weight
+    assert out_emb.data_ptr() != in_emb.data_ptr() and not torch.equal(out_emb, in_emb[: out_emb.shape[0]])
+    ids = torch.randint(0, 128, (2, 20))
+    with torch.no_grad():
+        ref = model(ids).logits
+    model.save_pretrained(tmp_path)
+    loaded = mosa_retrofit.load(str(tmp_path)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, ref, atol=0, rtol=0)
+    assert loaded.config.mosa == model.config.mosa
+
+
+def test_version_1_checkpoint_loads_with_its_saved_values(tmp_path):
+    """A checkpoint written by config version 1, whose 'mosa' block leaves the then-defaults implicit, loads as
+    it was converted (first heads, random routers, zero fill, expert choice, one router per head)."""
+    model = tiny_model("llama")
+    convert_(model, plain_config(sparsity=2, dense_heads=1, router_score="straight_through"))
+    ids = torch.randint(0, 128, (2, 16))
+    with torch.no_grad():
+        ref = model(ids).logits
+    model.save_pretrained(tmp_path)
+    path = tmp_path / "config.json"
+    cfg = json.loads(path.read_text())
+    for key in ("head_choice", "router_init", "fill", "routing", "router_granularity"):
+        del cfg["mosa"][key]
+    cfg["mosa"]["version"] = 1
+    path.write_text(json.dumps(cfg))
+    loaded = mosa_retrofit.load(str(tmp_path))
+    saved = loaded.config.mosa
+    assert (saved["version"], saved["fill"], saved["routing"], saved["router_granularity"]) == (
+        1, "zero", "expert_choice", "head")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, ref, atol=0, rtol=0)

@@ -89,7 +89,7 @@ def test_causal_decode_and_generate_on_smollm2(smollm2):
     # Against a forward over all 96 tokens, fp32 kernels that change with the length differ by ~1e-7 per op;
     # over 30 layers that reached 8.7e-4 here (the unconverted model's own cached decoding: 8e-5).
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=2e-3, rtol=0)
-    dense, sparse = cache_bytes(cache)
+    dense, sparse, _ = cache_bytes(cache)
     original = 30 * 2 * 3 * 96 * 64 * 4  # 30 layers, K and V, 3 KV heads, 96 tokens, d = 64, fp32
     # dense heads 0-2 share KV head 0 (one cached copy: exactly 1/3); 6 MoSA heads keep ~1/8 of the tokens
     # each, their own K/V copies (6/8/3 = 1/4; measured 0.34 on these 96 tokens: rates vary by text)

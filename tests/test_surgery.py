@@ -260,3 +260,74 @@ def test_gradients_reach_routers_and_original_weights():
     m = attention_layers(model)[0][1]
     assert m.mosa_router.grad.abs().sum() > 0
     assert m.q_proj.weight.grad[16:].abs().sum() > 0  # MoSA heads 1..3 train the original q rows
+
+
+# ----------------------------------------------------------------------------- the GQA-aware default layout
+
+def test_counts_round_up_to_whole_kv_groups_and_say_so(caplog):
+    model = tiny_model("llama")  # 4 query heads in 2 KV groups of 2
+    with caplog.at_level("WARNING", logger="mosa_retrofit"):
+        convert_(model, plain_config(dense_heads=1, router_granularity="kv_group"))
+    assert "dense heads rounded up from 1 to 2 (whole KV groups of 2 query heads) in layers 0-1" in caplog.text
+    for m in mosa_layers(model).values():
+        assert (m.mosa_plan.dense, m.mosa_plan.mosa, m.mosa_plan.granularity) == ((0, 1), (2, 3), "kv_group")
+        assert m.mosa_router.shape[0] == 1  # one router (one selection, one K/V copy) for the group
+
+
+def test_split_groups_route_per_head_and_a_growing_cache_is_named(caplog):
+    model = tiny_model("llama")
+    with caplog.at_level("WARNING", logger="mosa_retrofit"):  # explicit heads split group 0 in layer 0
+        convert_(model, plain_config(sparsity=2, dense_head_ids={"0": [0]}, dense_heads=2, router_granularity="kv_group"))
+    plans = {i: m.mosa_plan for i, m in mosa_layers(model).items()}
+    assert plans[0].granularity == "head" and plans[1].granularity == "kv_group"
+    assert "layer 0: the dense heads split a KV group" in caplog.text
+    # layer 0 caches KV head 0 (T rows) + 3 heads x T/2 rows against 2 x T: the total grows past the original
+    assert "will not shrink the cache" in caplog.text
+
+
+def test_mqa_keeps_the_count_when_whole_groups_would_leave_no_mosa_head(caplog):
+    model = tiny_model("gemma")  # 4 query heads, 1 KV head: a whole group is the whole layer
+    with caplog.at_level("WARNING", logger="mosa_retrofit"):
+        convert_(model, plain_config(dense_heads=1, router_granularity="kv_group"))
+    assert all(m.mosa_plan.dense == (0,) and m.mosa_plan.granularity == "head" for m in mosa_layers(model).values())
+    assert "split a KV group" in caplog.text
+
+
+def test_default_config_shrinks_the_kv_cache_in_bytes_by_the_layout_factor():
+    """MoSAConfig() on a GQA model: one dense KV group + one MoSA unit of the other group. Computed here from the
+    layout: the cost model's KV bytes are (T + k) / (2 T) of the original's; a real prefill caches exactly T dense
+    rows per layer plus the rows the unit's router passes (x_t · w > τ, or the first token), counted here from
+    the router, at 2 · d · 4 bytes a row."""
+    from transformers import DynamicCache
+
+    from mosa_retrofit import MoSAConfig
+    from mosa_retrofit.cache import cache_bytes
+    from mosa_retrofit.costs import cost_ratios
+
+    model = tiny_model("llama")
+    calib = torch.randint(1, 128, (8, 64), generator=torch.Generator().manual_seed(3))
+    convert_(model, MoSAConfig(sparsity=4, dense_heads=1), calibration=calib, progress=False)
+    layers = mosa_layers(model)
+    assert all(len(m.mosa_plan.dense) == 2 and m.mosa_router.shape[0] == 1 for m in layers.values())
+    T, d, L = 64, 16, 2
+    assert cost_ratios(model, T).kv_bytes == pytest.approx((T + T // 4) / (2 * T), abs=1e-12)
+    x = torch.randint(1, 128, (1, T), generator=torch.Generator().manual_seed(4))
+    inputs = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, a, kw, i=i: inputs.__setitem__(i, kw["hidden_states"]),
+                                         with_kwargs=True) for i, m in layers.items()]
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(x, past_key_values=cache, use_cache=True)
+    for h in hooks:
+        h.remove()
+    selected = 0
+    for i, m in layers.items():
+        passes = (inputs[i][0] @ m.mosa_router[0].detach()) > m.mosa_threshold[0]
+        passes[0] = True  # include_first
+        selected += int(passes.sum())
+    row = 2 * d * 4  # K and V, fp32
+    held = cache_bytes(cache)
+    assert held.dense == L * T * row and held.mosa == selected * row
+    original = L * 2 * T * row  # 2 KV heads
+    assert (held.dense + held.mosa) / original == pytest.approx((L * T + selected) / (2 * L * T))
+    assert 0.5 < (held.dense + held.mosa) / original < 0.5 + 0.5 * 0.5  # about (1 + 1/4) / 2

@@ -53,7 +53,7 @@ def bench_generate(model: nn.Module, original: nn.Module, ids: Tensor, contexts:
         figures = []
         for m in (model, original):
             cache, token = _prefill(m, ids[:, :T])
-            dense, sparse = cache_bytes(cache)
+            dense, sparse, _ = cache_bytes(cache)
             t = _decode_time(m, cache, token, decode_tokens) if T == timed_context else None
             figures.append((dense + sparse, t))
             del cache
