@@ -16,6 +16,15 @@ from mosa_retrofit.config import FILLS, GRANULARITIES, HEAD_CHOICES, KEPT_HEADS,
 from mosa_retrofit.evaluate import PROTOCOL
 
 PRESETS = ("default", "paper")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default only where it has one (flags that override a config say theirs in words)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is argparse.SUPPRESS or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
 DEFAULT_CALIBRATION = "wikipedia-offline"
 
 
@@ -46,7 +55,7 @@ def add_parser(sub) -> None:
                     "on --calibration-data. --preset paper gives the MoSA paper's conversion instead. Ends with "
                     "held-out perplexity of the original and the converted model (--no-check skips it). "
                     "Precedence: flags > --config > --preset.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     p.add_argument("model", metavar="MODEL")
     p.add_argument("out", metavar="OUT", help="output folder (must not exist, or use --overwrite)")
     p.add_argument("--preset", choices=PRESETS, default="default",
@@ -95,7 +104,7 @@ def add_parser(sub) -> None:
                     "FLOPs, KV-cache entries (per query head, as in the paper) and KV-cache bytes (what a cache "
                     "holds under GQA) against the original model. With --plot, draw which tokens each MoSA head "
                     "of --layer selects on a sample text.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     i.add_argument("model", metavar="MODEL_OR_DIR")
     i.add_argument("--seq-len", type=int, default=2048, help="T for k, FLOPs and KV cache")
     i.add_argument("--plot", metavar="FILE.png", help="draw the token selection of one layer's MoSA heads")

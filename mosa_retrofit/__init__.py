@@ -8,6 +8,7 @@ __version__ = "0.1.0"
 
 __all__ = ["MoSA", "PureMoSA", "load_reference_state_dict", "mosa_attention", "select_tokens", "tokens_per_head"]
 
+from .assets import resolve_model  # noqa: E402
 from .config import MoSAConfig  # noqa: E402
 from .io import _warn_on_dense_load, load  # noqa: E402
 from .recipe import Recipe  # noqa: E402
@@ -16,4 +17,4 @@ from .train import train  # noqa: E402
 
 _warn_on_dense_load()
 
-__all__ += ["MoSAConfig", "convert_", "load", "Recipe", "train"]
+__all__ += ["MoSAConfig", "convert_", "load", "resolve_model", "Recipe", "train"]

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .compat import find_cache
 from .families import Family, HeadWeights, dense_kv_layout, head_to_kv
 from .rope import apply_rope
 from .sparse import fill_output, mosa_attention
@@ -81,7 +82,7 @@ class MoSAAttentionMixin:
         p = self._mosa_bind(*args, **kwargs)
         x = p["hidden_states"]  # (B, T, D)
         mask = p.get("attention_mask")
-        cache = p.get("past_key_values", p.get("layer_past"))
+        cache = find_cache(p)  # whatever transformers names it
         pe = p.get("position_embeddings")
         extra = p.get(self._mosa_var_kw, {})
         fam, plan = self.mosa_family, self.mosa_plan

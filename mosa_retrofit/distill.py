@@ -18,8 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-_NO_CACHE = ("past_key_values", "past_key_value", "layer_past")
-
+from .compat import without_cache
 
 class _Stop(Exception):
     pass
@@ -57,7 +56,7 @@ class LayerDistill:
 
     def _pre(self, i: int):
         def hook(module, args, kwargs):
-            kwargs = {k: (None if k in _NO_CACHE else v) for k, v in kwargs.items()}
+            kwargs = without_cache(kwargs)
             if "use_cache" in kwargs:
                 kwargs["use_cache"] = False
             self.captured[i] = (args, kwargs)

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from .compat import without_cache
 from .config import FILLS, ROUTER_INITS, ROUTINGS, MoSAConfig
 
 METHODS = ("mosa", "local", "pruned")
@@ -314,9 +315,7 @@ def capture_attention_call(model: nn.Module, layer: int, ids: Tensor) -> tuple[t
     finally:
         handle.remove()
     args, kwargs = seen["call"]
-    kwargs.pop("past_key_values", None)
-    kwargs.pop("past_key_value", None)
-    return args, kwargs
+    return args, without_cache(kwargs)
 
 
 def fwd_bwd(module: nn.Module, args: tuple, kwargs: dict) -> float:
