@@ -46,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer, TextStreamer
 
     from mosa_retrofit.cache import cache_bytes
+    from mosa_retrofit.compat import output_cache
 
     from mosa_retrofit.io import load_any
 
@@ -73,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     if streamer is None:
         print(tokenizer.decode(out.sequences[0], skip_special_tokens=True))
     length = out.sequences.shape[1]
-    cache = getattr(out, "past_key_values", None)
+    cache = output_cache(out)
     if cache is None or args.no_cache:
         print(f"\n{length} tokens (no cache)")
         return 0

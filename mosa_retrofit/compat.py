@@ -24,3 +24,34 @@ def find_cache(arguments: dict):
 def without_cache(kwargs: dict) -> dict:
     """``kwargs`` of an attention call with every ``Cache`` replaced by None (a re-run must not touch it)."""
     return {k: (None if isinstance(v, Cache) else v) for k, v in kwargs.items()}
+
+
+def cache_kwarg(model) -> str:
+    """The name under which ``model.forward`` takes a KV cache: ``cache`` (transformers >= 5.24) or
+    ``past_key_values`` (older releases), read off its signature."""
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def with_cache(model, cache) -> dict:
+    """``{name: cache}`` to pass a KV cache to ``model(...)`` under the name this transformers uses."""
+    return {cache_kwarg(model): cache}
+
+
+def output_cache(output):
+    """The KV cache a model output carries (``cache`` or, on older releases, ``past_key_values``), or None."""
+    for name in ("cache", "past_key_values"):
+        if output.get(name) is not None:
+            return output.get(name)
+    return None
+
+
+def enable_activation_checkpointing(model, checkpoint_kwargs: dict | None = None) -> None:
+    """Activation (gradient) checkpointing, through ``activation_checkpointing_enable`` where transformers has
+    it (``gradient_checkpointing_enable`` is deprecated there) and the older name elsewhere."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpoint_kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs)

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import checkpoint as ckpt
+from .compat import enable_activation_checkpointing
 from .config import MoSAConfig
 from .evaluate import PROTOCOL
 from .recipe import Recipe, StageSpec
@@ -217,7 +218,7 @@ class Trainer:
             state["evals"].append({"name": "after conversion", "ppl": self.evaluate(student), "global_step": 0})
         student.to(acc.device)
         if r.training.gradient_checkpointing:
-            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(student, {"use_reentrant": False})
         if not any(s.kd_weight > 0 or s.kind == "layer_distill" for s in r.stages[state["stage"]:]):
             teacher = None  # no longer needed: free it
         self.teacher, self.student, self.state = teacher, student, state

@@ -4,6 +4,8 @@ import copy
 
 import pytest
 import torch
+
+from mosa_retrofit.compat import output_cache, with_cache
 from test_surgery import IDENTITY, ids_and_mask
 from tiny_models import tiny_model, plain_config
 
@@ -55,9 +57,9 @@ def test_local_sparse_heads(family):
         torch.testing.assert_close(out, kept(ids, attention_mask=mask).logits[sel], atol=1e-4, rtol=0)
         assert not torch.allclose(out, ref, atol=1e-3)
     # prefill with a cache works; token-by-token decoding is refused with a clear message
-    past = local(ids, use_cache=True).past_key_values
+    past = output_cache(local(ids, use_cache=True))
     with pytest.raises(ValueError, match="do not decode token by token"):
-        local(ids[:, -1:], past_key_values=past, use_cache=True)
+        local(ids[:, -1:], **with_cache(local, past), use_cache=True)
 
 
 def test_baseline_costs_against_hand_formulas():

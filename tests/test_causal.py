@@ -4,6 +4,8 @@ import copy
 
 import pytest
 import torch
+
+from mosa_retrofit.compat import with_cache
 from tiny_models import FAMILIES, tiny_model, plain_config
 from transformers import DynamicCache
 
@@ -73,10 +75,10 @@ def _incremental(model, x, mask=None, prefill=10):
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
         m = None if mask is None else mask[:, :prefill]
-        out = [model(x[:, :prefill], attention_mask=m, past_key_values=cache, use_cache=True).logits]
+        out = [model(x[:, :prefill], attention_mask=m, **with_cache(model, cache), use_cache=True).logits]
         for t in range(prefill, x.shape[1]):
             m = None if mask is None else mask[:, : t + 1]
-            out.append(model(x[:, t: t + 1], attention_mask=m, past_key_values=cache, use_cache=True).logits)
+            out.append(model(x[:, t: t + 1], attention_mask=m, **with_cache(model, cache), use_cache=True).logits)
     return torch.cat(out, 1), cache
 
 

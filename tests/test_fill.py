@@ -9,6 +9,8 @@ import copy
 
 import pytest
 import torch
+
+from mosa_retrofit.compat import with_cache
 from test_surgery import IDENTITY, ids_and_mask, naive_layer
 from tiny_models import FAMILIES, tiny_model, plain_config
 
@@ -129,9 +131,9 @@ def test_causal_decode_with_fill_equals_full_forward(family):
     with torch.no_grad():
         full = model(x).logits
         cache = DynamicCache(config=model.config)
-        out = [model(x[:, :8], past_key_values=cache, use_cache=True).logits]
+        out = [model(x[:, :8], **with_cache(model, cache), use_cache=True).logits]
         for t in range(8, 20):
-            out.append(model(x[:, t:t + 1], past_key_values=cache, use_cache=True).logits)
+            out.append(model(x[:, t:t + 1], **with_cache(model, cache), use_cache=True).logits)
     torch.testing.assert_close(torch.cat(out, 1), full, atol=1e-5, rtol=0)
 
 

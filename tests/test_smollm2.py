@@ -6,6 +6,8 @@ import copy
 import pytest
 import torch
 
+from mosa_retrofit.compat import with_cache
+
 pytestmark = pytest.mark.slow
 
 
@@ -84,7 +86,7 @@ def test_plain_cli_convert_keeps_quality_and_shrinks_the_cache(tmp_path, capsys)
     for m in (base, model):
         cache = DynamicCache(config=m.config)
         with torch.no_grad():
-            m(ids, past_key_values=cache, use_cache=True)
+            m(ids, **with_cache(m, cache), use_cache=True)
         caches.append(cache_bytes(cache).allocated)
     # the original: 30 layers x K and V x 3 KV heads x 2048 tokens x d = 64 x 4 bytes
     assert caches[0] == 30 * 2 * 3 * 2048 * 64 * 4
@@ -107,10 +109,10 @@ def test_causal_decode_and_generate_on_smollm2(smollm2):
     with torch.no_grad():
         full = model(ids, use_cache=False).logits
         cache = DynamicCache(config=model.config)
-        steps = [model(ids[:, :64], past_key_values=cache, use_cache=True).logits]
+        steps = [model(ids[:, :64], **with_cache(model, cache), use_cache=True).logits]
         prefix = model(ids[:, :64], use_cache=False).logits
         for t in range(64, 96):
-            steps.append(model(ids[:, t: t + 1], past_key_values=cache, use_cache=True).logits)
+            steps.append(model(ids[:, t: t + 1], **with_cache(model, cache), use_cache=True).logits)
     assert torch.equal(steps[0], prefix)  # prefill through the sparse cache == full forward, bit for bit
     # Against a forward over all 96 tokens, fp32 kernels that change with the length differ by ~1e-7 per op;
     # over 30 layers that reached 8.7e-4 here (the unconverted model's own cached decoding: 8e-5).

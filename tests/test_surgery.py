@@ -5,6 +5,8 @@ import math
 
 import pytest
 import torch
+
+from mosa_retrofit.compat import output_cache, with_cache
 from tiny_models import FAMILIES, GQA_FAMILIES, tiny_model, plain_config
 
 from mosa_retrofit import convert_
@@ -249,7 +251,7 @@ def test_expert_choice_refuses_incremental_decoding():
     ids, _ = ids_and_mask()
     out = model(ids, use_cache=True)  # training-style forward with a cache works
     with pytest.raises(ValueError, match="cannot decode token by token"):
-        model(ids[:, -1:], past_key_values=out.past_key_values, use_cache=True)
+        model(ids[:, -1:], **with_cache(model, output_cache(out)), use_cache=True)
 
 
 def test_gradients_reach_routers_and_original_weights():
@@ -317,7 +319,7 @@ def test_default_config_shrinks_the_kv_cache_in_bytes_by_the_layout_factor():
                                          with_kwargs=True) for i, m in layers.items()]
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(x, past_key_values=cache, use_cache=True)
+        model(x, **with_cache(model, cache), use_cache=True)
     for h in hooks:
         h.remove()
     selected = 0

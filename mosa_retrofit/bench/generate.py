@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ..compat import with_cache
+
 
 @dataclass(frozen=True)
 class GenRow:
@@ -28,16 +30,16 @@ def _prefill(model: nn.Module, ids: Tensor):
 
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = model(input_ids=ids, **with_cache(model, cache), use_cache=True, logits_to_keep=1)
     return cache, out.logits[:, -1:].argmax(-1)
 
 
 def _decode_time(model: nn.Module, cache, token: Tensor, steps: int) -> float:
     with torch.no_grad():
-        model(input_ids=token, past_key_values=cache, use_cache=True)  # warm-up step
+        model(input_ids=token, **with_cache(model, cache), use_cache=True)  # warm-up step
         t0 = time.perf_counter()
         for _ in range(steps):
-            token = model(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1).logits.argmax(-1)
+            token = model(input_ids=token, **with_cache(model, cache), use_cache=True, logits_to_keep=1).logits.argmax(-1)
         return (time.perf_counter() - t0) / steps
 
 
