@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from .compat import without_cache
+from .evaluate import PROTOCOL
 from .config import FILLS, ROUTER_INITS, ROUTINGS, MoSAConfig
 
 METHODS = ("mosa", "local", "pruned")
@@ -100,8 +101,10 @@ class Point:
         heads, otherwise heads are scored by this point's own fill."""
         from .costs import equal_compute_window
 
+        # the committed study's layout: single heads by output energy, one router per head, thresholds on the
+        # calibration rows as given (the default conversion's KV groups are measured in docs/conversion.md)
         common = dict(sparsity=self.sparsity, dense_heads=self.dense, head_choice="scored", include_first=True,
-                      dense_head_ids=dense_head_ids or {})
+                      dense_head_ids=dense_head_ids or {}, router_granularity="head", threshold_length=None)
         if self.method == "mosa":
             return MoSAConfig(**common, routing=self.routing, router_init=self.init, fill=self.fill,
                               router_score="straight_through")
@@ -127,15 +130,16 @@ class StudySpec:
     fill: tuple = ("mean",)
     """What MoSA and pruned heads write at tokens they skip (MoSAConfig.fill): 'zero' (the paper), 'mean'."""
     baselines: tuple = ("local", "pruned")
-    data: str = "wikipedia-offline"
+    data: str = PROTOCOL.data
     """In-domain text: training / calibration documents, and the last ``validation_documents`` held out."""
-    validation_documents: int = 10
+    validation_documents: int = PROTOCOL.validation_documents
     ood_data: str | None = "shakespeare-offline"
     """Out-of-domain check (None: skip): its last ``ood_documents`` documents."""
     ood_documents: int = 2
-    eval_length: int = 1024
-    """Tokens per evaluation block (and per training sequence when adapting)."""
-    eval_tokens: int = 4096
+    eval_length: int = PROTOCOL.block_size
+    """Tokens per evaluation block (and per training sequence when adapting); the defaults of ``data``,
+    ``validation_documents``, ``eval_length`` and ``eval_tokens`` are the evaluation protocol's."""
+    eval_tokens: int = PROTOCOL.tokens
     ood_tokens: int = 2048
     calibration_sequences: int = 8
     calibration_length: int = 512
