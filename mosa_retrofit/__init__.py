@@ -10,11 +10,10 @@ __all__ = ["MoSA", "PureMoSA", "load_reference_state_dict", "mosa_attention", "s
 
 from .assets import resolve_model  # noqa: E402
 from .config import MoSAConfig  # noqa: E402
-from .io import _warn_on_dense_load, load  # noqa: E402
+from .io import load  # noqa: E402
 from .recipe import Recipe  # noqa: E402
 from .surgery import convert_  # noqa: E402
 from .train import train  # noqa: E402
 
-_warn_on_dense_load()
 
 __all__ += ["MoSAConfig", "convert_", "load", "resolve_model", "Recipe", "train"]

@@ -6,9 +6,10 @@ weights under their own names plus ``*.mosa_router`` and ``*.mosa_fill``) and th
 the stock ``from_pretrained`` (dtype, sharding, device_map keep working) by re-applying the surgery in
 ``__init__``. ``load(base_dir, config=...)`` converts on load.
 
-Loading a converted checkpoint with plain ``AutoModelForCausalLM.from_pretrained`` would silently run it
-dense: transformers reports the routers as unexpected keys, nothing more. ``mosa_retrofit`` makes that loud:
-once it is imported, such a load logs a warning and raises a ``UserWarning`` that names ``mosa_retrofit.load``.
+Loading a converted checkpoint with plain ``AutoModelForCausalLM.from_pretrained`` runs it dense: the routers
+are dropped. Importing ``mosa_retrofit`` changes nothing in transformers, so what says so is transformers'
+own load report (the routers, fills and thresholds listed as unexpected keys) and ``warn_if_dense_load``,
+which ``load_any`` (the CLI's loader) and any caller can run on a loaded model.
 """
 
 from __future__ import annotations
@@ -105,27 +106,13 @@ def load(path: str, config: MoSAConfig | None = None, calibration: Tensor | None
     return model
 
 
-def _warn_on_dense_load() -> None:
-    """Make a plain transformers load of a converted checkpoint loud (installed once, on import)."""
-    from transformers import PreTrainedModel
-
-    if getattr(PreTrainedModel.from_pretrained, "_mosa_guard", False):
-        return
-    original = PreTrainedModel.from_pretrained.__func__
-
-    @functools.wraps(original)
-    def from_pretrained(cls, *args, **kwargs):
-        model = original(cls, *args, **kwargs)
-        result = model[0] if isinstance(model, tuple) else model
-        if getattr(result.config, "mosa", None) and not getattr(cls, "_mosa_loader", False) \
-                and not any(hasattr(m, "mosa_plan") for m in result.modules()):
-            logger.warning(DENSE_LOAD_WARNING)
-            warnings.warn(DENSE_LOAD_WARNING, UserWarning, stacklevel=2)
-        return model
-
-    from_pretrained._mosa_guard = True
-    PreTrainedModel.from_pretrained = classmethod(from_pretrained)
-
+def warn_if_dense_load(model: nn.Module) -> bool:
+    """Warn (and return True) when ``model`` carries a converted checkpoint's 'mosa' block but runs dense."""
+    if getattr(model.config, "mosa", None) and not any(hasattr(m, "mosa_plan") for m in model.modules()):
+        logger.warning(DENSE_LOAD_WARNING)
+        warnings.warn(DENSE_LOAD_WARNING, UserWarning, stacklevel=2)
+        return True
+    return False
 
 
 def load_any(name_or_path: str, **kwargs) -> tuple[nn.Module, str]:

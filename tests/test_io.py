@@ -35,15 +35,27 @@ def test_round_trip_identical_logits(tmp_path, family, cfg):
     assert all(p.dtype == torch.bfloat16 for p in bf16.parameters())
 
 
-def test_plain_transformers_load_warns_loudly(tmp_path):
+def test_import_patches_nothing_and_a_dense_load_is_reported(tmp_path):
+    """``import mosa_retrofit`` leaves transformers as it is; a converted checkpoint loaded as a plain model is
+    named by transformers' load report (the routers are unexpected keys) and by ``warn_if_dense_load``."""
+    import subprocess
+    import sys
+
     from transformers import AutoModelForCausalLM
 
+    from mosa_retrofit.io import warn_if_dense_load
+
+    code = ("import transformers; before = transformers.PreTrainedModel.__dict__['from_pretrained']; "
+            "import mosa_retrofit; assert transformers.PreTrainedModel.__dict__['from_pretrained'] is before")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
     model = tiny_model("qwen2")
     convert_(model, plain_config(sparsity=4, dense_heads=1))
     model.save_pretrained(tmp_path)
+    dense, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert not mosa_layers(dense) and any(k.endswith("mosa_router") for k in info["unexpected_keys"])
     with pytest.warns(UserWarning, match="loaded as a plain dense model.*mosa_retrofit.load"):
-        dense = AutoModelForCausalLM.from_pretrained(tmp_path)
-    assert not mosa_layers(dense)
+        assert warn_if_dense_load(dense)
+    assert not warn_if_dense_load(mosa_retrofit.load(str(tmp_path)))
 
 
 def test_convert_on_load_and_errors(tmp_path):
