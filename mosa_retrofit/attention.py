@@ -22,10 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .cache import mosa_attention_cached, mosa_cache_layer
 from .compat import find_cache
 from .families import Family, HeadWeights, dense_kv_layout, head_to_kv
 from .rope import apply_rope
-from .sparse import fill_output, mosa_attention
+from .sparse import fill_output, logit_quantile, mosa_attention
+from .window import sliding_window_attention
 
 
 @dataclass(frozen=True)
@@ -96,8 +98,6 @@ class MoSAAttentionMixin:
                              "run full forwards (use_cache=False)")
         if routed and cache is not None:
             if plan.routing == "causal":
-                from .cache import mosa_cache_layer
-
                 store = mosa_cache_layer(cache, self.layer_idx)  # before the dense heads touch the cache
             elif cache.get_seq_length(self.layer_idx) > 0:
                 raise ValueError(
@@ -209,8 +209,6 @@ class MoSAAttentionMixin:
         off = S - T
         scale = self.mosa_family.scaling(self)
         if off == 0 and window < T:  # no cached prefix: blocked O(T·w) kernel
-            from .window import sliding_window_attention
-
             if groups > 1:
                 k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
             valid = key_padding(mask, T) if mask is not None else None
@@ -253,8 +251,6 @@ class MoSAAttentionMixin:
         valid = key_padding(mask, T)
         causal = plan.routing == "causal"
         if causal and store is not None:
-            from .cache import mosa_attention_cached
-
             return mosa_attention_cached(x, self.mosa_router, w_qkv, w_o, store, threshold=self.mosa_threshold,
                                          valid=valid, **opts)
         y = mosa_attention(x, self.mosa_router, w_qkv, w_o, sparsity=plan.sparsity, attention_mask=valid,
@@ -285,8 +281,6 @@ class MoSAAttentionMixin:
     @torch.no_grad()
     def _mosa_track_threshold(self, x: Tensor, valid: Tensor | None) -> None:
         """Move each unit's threshold toward the batch's (1 - 1/sparsity) quantile of its router logits."""
-        from .causal import logit_quantile
-
         target = logit_quantile(self.mosa_router, x, valid, self.mosa_plan)  # (E,)
         m = self.mosa_plan.threshold_momentum
         target = torch.where(torch.isnan(target), self.mosa_threshold.float(), target)  # rows of only padding
@@ -317,3 +311,8 @@ def init_router_(router: nn.Parameter) -> None:
     """Random router init: N(0, 1/D), logits of unit variance for unit-variance inputs."""
     with torch.no_grad():
         router.normal_(0.0, 1.0 / math.sqrt(router.shape[1]))
+
+
+def mosa_layers(model: nn.Module) -> dict[int, nn.Module]:
+    """Converted attention modules by layer index."""
+    return {int(m.layer_idx): m for m in model.modules() if hasattr(m, "mosa_plan")}

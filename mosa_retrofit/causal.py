@@ -12,33 +12,13 @@ expert-choice top-k the number of tokens per unit varies from row to row; only i
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import Tensor, nn
 
-
-def logit_quantile(router: Tensor, x: Tensor, valid: Tensor | None, plan) -> Tensor:
-    """(E,) (1 - 1/sparsity) quantile of each unit's router logits over the real tokens of x (B, T, h)."""
-    B, T, h = x.shape
-    logits = (x.reshape(B * T, h).float() @ router.float().t())  # (B·T, E)
-    keep = torch.ones(B, T, dtype=torch.bool, device=x.device) if valid is None else valid.clone()
-    if plan.include_first:  # the first token is always selected: it does not count against the budget
-        keep = keep & (keep.int().cumsum(-1) > 1)
-    logits = logits[keep.reshape(-1)]
-    if logits.shape[0] == 0:
-        return torch.full((router.shape[0],), float("nan"), device=x.device)
-    n = logits.shape[0]
-    k = min(max(int(round(n / plan.sparsity)), 1), n)  # tokens to pass
-    v = logits.sort(dim=0, descending=True).values  # (n, E)
-    # halfway between the k-th largest logit and the next smaller distinct one: no calibration logit sits on
-    # the threshold (repeated tokens give equal logits in the first layer), so float noise from another
-    # kernel or batch shape cannot flip a token seen in calibration
-    above = v[k - 1]  # (E,)
-    smaller = v[k:] < above  # (n-k, E), descending: the first True is the next smaller distinct value
-    if smaller.shape[0] == 0:
-        return above - 1.0
-    first = smaller.int().argmax(0)  # (E,)
-    below = v[k:].gather(0, first[None])[0]
-    return torch.where(smaller.any(0), (above + below) / 2, above - 1.0)
+from .attention import init_threshold_, key_padding, mosa_layers
+from .sparse import logit_quantile
 
 
 def threshold_rows(ids: Tensor, length: int | None, max_positions: int | None = None) -> Tensor:
@@ -62,8 +42,6 @@ def calibrate_thresholds_(model: nn.Module, calibration: Tensor | None) -> None:
     Layer l's threshold is set from its input before its MoSA heads run, so later layers see inputs made
     with the thresholds already in place; the pass stops after the last converted layer.
     """
-    from .surgery import mosa_layers
-
     layers = {i: m for i, m in mosa_layers(model).items() if m.mosa_plan.routing == "causal"}
     if not layers or calibration is None:
         return
@@ -72,8 +50,6 @@ def calibrate_thresholds_(model: nn.Module, calibration: Tensor | None) -> None:
     def observe(module, x, W, mask, cos, sin):
         plan = module.mosa_plan
         if plan.sparsity > 1:
-            from .attention import key_padding
-
             tau = logit_quantile(module.mosa_router, x, key_padding(mask, x.shape[1]), plan)
             module.mosa_threshold.copy_(tau.to(module.mosa_threshold.dtype))
         if module.layer_idx == last:
@@ -98,11 +74,6 @@ def make_causal_(model: nn.Module, calibration: Tensor | None, momentum: float =
 
     Routers are kept; thresholds are set on ``calibration`` token ids (N, T) (or the normal quantile if None).
     """
-    import dataclasses
-
-    from .attention import init_threshold_
-    from .surgery import mosa_layers
-
     layers = mosa_layers(model)
     if not layers:
         raise ValueError("the model has no MoSA layers; convert it first")

@@ -20,19 +20,18 @@ from typing import Callable, Iterable, Iterator
 import torch
 from torch import Tensor
 
+from .assets import shakespeare_plays, wikipedia_articles
 from .recipe import DataSpec
 
 _EXTENSIONS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 
 def _wikipedia() -> list[str]:
-    from .assets import wikipedia_articles
 
     return wikipedia_articles()
 
 
 def _shakespeare() -> list[str]:
-    from .assets import shakespeare_plays
 
     return shakespeare_plays()
 

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from .compat import without_cache
+from .surgery import attention_layers, mosa_layers
 
 class _Stop(Exception):
     pass
@@ -28,7 +29,6 @@ class LayerDistill:
     """Context manager: hooks on the teacher's attention modules; ``loss(ids)`` runs one distillation step."""
 
     def __init__(self, teacher: nn.Module, student: nn.Module):
-        from .surgery import attention_layers, mosa_layers
 
         self.student_layers = mosa_layers(student)
         if not self.student_layers:

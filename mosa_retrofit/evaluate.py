@@ -8,10 +8,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from .data import as_blocks, load_corpus, token_stream
+from .recipe import DataSpec
+
 
 def token_blocks(tokenizer, texts: list[str], block: int, max_tokens: int | None = None) -> Tensor:
     """Concatenate ``texts`` (separated by EOS) and cut into non-overlapping (N, block) token blocks."""
-    from .data import as_blocks, token_stream
 
     return as_blocks(token_stream(tokenizer, texts, max_tokens), block).long()
 
@@ -65,8 +67,6 @@ class EvalProtocol:
 
     def blocks(self, tokenizer, max_length: int | None = None) -> Tensor:
         """(N, block_size) validation token ids (blocks shortened to ``max_length``, a model's position limit)."""
-        from .data import load_corpus
-        from .recipe import DataSpec
 
         block = min(self.block_size, max_length or self.block_size)
         spec = DataSpec(source=self.data, block_size=block, validation_documents=self.validation_documents,

@@ -21,8 +21,10 @@ import warnings
 
 from torch import Tensor, nn
 
+from .assets import resolve_model
 from .attention import init_router_
 from .config import MoSAConfig
+from .surgery import convert_
 
 logger = logging.getLogger("mosa_retrofit")
 
@@ -33,7 +35,7 @@ DENSE_LOAD_WARNING = (
 )
 
 
-def _structure_config(config: MoSAConfig) -> MoSAConfig:
+def structure_config(config: MoSAConfig) -> MoSAConfig:
     # Rebuilding needs no calibration: dense heads are stored per layer, routers come from the checkpoint.
     return dataclasses.replace(config, head_choice="first", router_init="random")
 
@@ -41,13 +43,12 @@ def _structure_config(config: MoSAConfig) -> MoSAConfig:
 @functools.lru_cache(maxsize=None)
 def _mosa_model_class(base_cls: type) -> type:
     """The base model class, with an ``__init__`` that re-applies the surgery from ``config.mosa``."""
-    from .surgery import convert_
 
     def __init__(self, config, *args, **kwargs):
         base_cls.__init__(self, config, *args, **kwargs)
         mosa = MoSAConfig.from_dict(config.mosa)
         config.mosa = None  # convert_ refuses converted configs; it writes the resolved block back
-        convert_(self, _structure_config(mosa), progress=False, _structure_only=True)
+        convert_(self, structure_config(mosa), progress=False, _structure_only=True)
         config.mosa = dataclasses.replace(
             MoSAConfig.from_dict(config.mosa), head_choice=mosa.head_choice, router_init=mosa.router_init,
             base_model_name_or_path=mosa.base_model_name_or_path).to_dict()
@@ -70,7 +71,6 @@ def load(path: str, config: MoSAConfig | None = None, calibration: Tensor | None
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .surgery import convert_
 
     hf_config = AutoConfig.from_pretrained(path)
     saved = getattr(hf_config, "mosa", None)
@@ -120,7 +120,6 @@ def load_any(name_or_path: str, **kwargs) -> tuple[nn.Module, str]:
     ``name_or_path`` may also be 'smollm2-135m', the embedded default."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .assets import resolve_model
 
     source = resolve_model(name_or_path)
     if getattr(AutoConfig.from_pretrained(source), "mosa", None):

@@ -5,6 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .assets import wikipedia_articles
+from .sparse import select_tokens
+from .surgery import mosa_layers
+
 
 def plot_selection(model: nn.Module, tokenizer_source: str, path: str, layer: int | None = None,
                    text: str | None = None, max_tokens: int = 64) -> int:
@@ -15,8 +19,6 @@ def plot_selection(model: nn.Module, tokenizer_source: str, path: str, layer: in
     import matplotlib.pyplot as plt
     from transformers import AutoTokenizer
 
-    from .sparse import select_tokens
-    from .surgery import mosa_layers
 
     layers = {i: m for i, m in mosa_layers(model).items() if hasattr(m, "mosa_router")}
     if not layers:
@@ -26,7 +28,6 @@ def plot_selection(model: nn.Module, tokenizer_source: str, path: str, layer: in
         raise ValueError(f"--layer {layer} is not a MoSA layer; MoSA layers: {sorted(layers)}")
     if text is None:
         try:
-            from .assets import wikipedia_articles
 
             text = wikipedia_articles()[-1]
         except FileNotFoundError:

@@ -340,3 +340,28 @@ def mosa_attention(
     if add_to is None:  # in place into fresh zeros: no copy of a (B·T, h) buffer
         return x.new_zeros(B * T, h).index_add_(0, flat, y).view(B, T, h)
     return add_to.reshape(B * T, h).index_add(0, flat, y).view(B, T, h)
+
+
+def logit_quantile(router: Tensor, x: Tensor, valid: Tensor | None, plan) -> Tensor:
+    """(E,) (1 - 1/sparsity) quantile of each unit's router logits over the real tokens of x (B, T, h)."""
+    B, T, h = x.shape
+    logits = (x.reshape(B * T, h).float() @ router.float().t())  # (B·T, E)
+    keep = torch.ones(B, T, dtype=torch.bool, device=x.device) if valid is None else valid.clone()
+    if plan.include_first:  # the first token is always selected: it does not count against the budget
+        keep = keep & (keep.int().cumsum(-1) > 1)
+    logits = logits[keep.reshape(-1)]
+    if logits.shape[0] == 0:
+        return torch.full((router.shape[0],), float("nan"), device=x.device)
+    n = logits.shape[0]
+    k = min(max(int(round(n / plan.sparsity)), 1), n)  # tokens to pass
+    v = logits.sort(dim=0, descending=True).values  # (n, E)
+    # halfway between the k-th largest logit and the next smaller distinct one: no calibration logit sits on
+    # the threshold (repeated tokens give equal logits in the first layer), so float noise from another
+    # kernel or batch shape cannot flip a token seen in calibration
+    above = v[k - 1]  # (E,)
+    smaller = v[k:] < above  # (n-k, E), descending: the first True is the next smaller distinct value
+    if smaller.shape[0] == 0:
+        return above - 1.0
+    first = smaller.int().argmax(0)  # (E,)
+    below = v[k:].gather(0, first[None])[0]
+    return torch.where(smaller.any(0), (above + below) / 2, above - 1.0)

@@ -32,9 +32,18 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from . import checkpoint as ckpt
+from .assets import resolve_model
+from .calibration import collect_stats
 from .compat import without_cache
-from .evaluate import PROTOCOL
 from .config import FILLS, ROUTER_INITS, ROUTINGS, MoSAConfig
+from .costs import attention_costs, equal_compute_window, ratios
+from .data import load_corpus
+from .evaluate import PROTOCOL, nll
+from .io import load
+from .recipe import DataSpec, Recipe
+from .surgery import attention_layers, convert_
+from .train import train
 
 METHODS = ("mosa", "local", "pruned")
 
@@ -99,7 +108,6 @@ class Point:
     def config(self, eval_length: int, dense_head_ids: dict | None = None) -> MoSAConfig:
         """The conversion; ``dense_head_ids`` (resolved once per dense count) makes every method keep the same
         heads, otherwise heads are scored by this point's own fill."""
-        from .costs import equal_compute_window
 
         # the committed study's layout: single heads by output energy, one router per head, thresholds on the
         # calibration rows as given (the default conversion's KV groups are measured in docs/conversion.md)
@@ -234,8 +242,6 @@ class Workbench:
     progress: bool = True
 
     def calibration_stats(self) -> dict:
-        from .calibration import collect_stats
-        from .surgery import attention_layers
 
         if self.stats is None:
             layers = {i: m for i, (_, m) in attention_layers(self.model).items()}
@@ -251,15 +257,12 @@ class Workbench:
         return point.config(self.spec.eval_length, self.dense_ids(point.dense))
 
     def convert(self, point: Point) -> nn.Module:
-        from .surgery import convert_
 
         model = copy.deepcopy(self.model)
         return convert_(model, self.config(point), calibration=self.calibration, stats=self.calibration_stats(),
                         progress=False)
 
     def measure(self, model: nn.Module, point: Point, extra: dict | None = None) -> dict:
-        from .costs import attention_costs, ratios
-        from .evaluate import nll
 
         row = {"key": point.key, **asdict(point)}
         for name, blocks in self.blocks.items():
@@ -276,7 +279,6 @@ class Workbench:
     def time_ratio(self, model: nn.Module, layer: int = 0) -> float:
         """Median over repeats of (converted / original) forward+backward time of attention layer ``layer``,
         one thread, both timed back to back on the same captured inputs (T = spec.time_length)."""
-        from .surgery import attention_layers
 
         if self.timing_call is None:
             self.timing_call = capture_attention_call(self.model, layer, self.timing_ids)
@@ -300,7 +302,6 @@ class _Captured(Exception):
 
 def capture_attention_call(model: nn.Module, layer: int, ids: Tensor) -> tuple[tuple, dict]:
     """The (args, kwargs) the model passes to attention layer ``layer`` for token ids (1, T)."""
-    from .surgery import attention_layers
 
     module = attention_layers(model)[layer][1]
     seen = {}
@@ -349,9 +350,6 @@ def fwd_bwd(module: nn.Module, args: tuple, kwargs: dict) -> float:
 def open_workbench(spec: StudySpec, progress: bool = True) -> Workbench:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .assets import resolve_model
-    from .data import load_corpus
-    from .recipe import DataSpec
 
     source = resolve_model(spec.model)
     tokenizer = AutoTokenizer.from_pretrained(source)
@@ -427,10 +425,6 @@ def run_study(spec: StudySpec, out: str | Path, work: str | Path | None = None, 
 
 def adapt_point(bench: Workbench, point: Point, work: Path, progress: bool) -> dict:
     """Convert and adapt ``point`` with the recipe trainer, then measure the adapted model."""
-    from . import checkpoint as ckpt
-    from .io import load
-    from .recipe import Recipe
-    from .train import train
 
     spec = bench.spec
     mosa = bench.config(point).to_dict()

@@ -13,12 +13,12 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from .attention import LayerPlan, dense_kv_layout, init_router_, init_threshold_, mosa_class
+from .attention import LayerPlan, init_router_, init_threshold_, mosa_class, mosa_layers
 from .calibration import LayerStats, collect_stats, default_calibration
 from .causal import calibrate_thresholds_, threshold_rows
 from .config import MoSAConfig
 from .costs import attention_costs, ratios
-from .families import attention_layers, family_of
+from .families import attention_layers, dense_kv_layout, family_of
 
 logger = logging.getLogger("mosa_retrofit")
 
@@ -217,8 +217,3 @@ def convert_(model: nn.Module, config: MoSAConfig | None = None, calibration: Te
                            "not shrink the cache): under GQA keep whole KV groups dense and route per group "
                            "(router_granularity='kv_group')", ratio)
     return model
-
-
-def mosa_layers(model: nn.Module) -> dict[int, nn.Module]:
-    """Converted attention modules by layer index."""
-    return {int(m.layer_idx): m for m in model.modules() if hasattr(m, "mosa_plan")}

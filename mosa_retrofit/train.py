@@ -33,10 +33,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import checkpoint as ckpt
+from .assets import resolve_model
 from .compat import enable_activation_checkpointing
 from .config import MoSAConfig
-from .evaluate import PROTOCOL
+from .data import BlockSchedule, as_blocks, load_corpus
+from .distill import LayerDistill
+from .evaluate import PROTOCOL, nll
+from .io import load, structure_config
+from .plots import plot_losses
 from .recipe import Recipe, StageSpec
+from .surgery import convert_, mosa_layers
+from .trainable import apply_lora, remove_hooks, select_trainable
+from .warmup import RouterWarmup
 
 
 def lr_factor(step: int, steps: int, warmup_fraction: float, min_ratio: float) -> float:
@@ -115,8 +123,6 @@ class Trainer:
     def _load_models(self):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from .assets import resolve_model
-        from .io import load
 
         r = self.recipe
         dtype = getattr(torch, r.model.dtype)
@@ -139,13 +145,10 @@ class Trainer:
 
     def _convert(self, teacher: nn.Module, corpus, mosa: MoSAConfig | None) -> nn.Module:
         """A converted copy of the teacher: with calibration (fresh run) or from a resolved structure (resume)."""
-        from .data import as_blocks
-        from .io import _structure_config
-        from .surgery import convert_
 
         student = copy.deepcopy(teacher).requires_grad_(True).train()
         if mosa is not None:
-            return convert_(student, _structure_config(mosa), progress=False, _structure_only=True)
+            return convert_(student, structure_config(mosa), progress=False, _structure_only=True)
         conv = self.recipe.conversion
         config = dataclasses.replace(conv.mosa, base_model_name_or_path=self.recipe.model.name_or_path)
         calibration = None
@@ -156,7 +159,6 @@ class Trainer:
 
     def evaluate(self, model: nn.Module) -> float:
         """Validation perplexity, the blocks sharded over processes."""
-        from .evaluate import nll
 
         world, rank = self.acc.num_processes, self.acc.process_index
         with self.acc.autocast():
@@ -169,7 +171,6 @@ class Trainer:
     def run(self) -> dict:
         from accelerate.utils import set_seed
 
-        from .data import BlockSchedule, load_corpus
 
         r, acc = self.recipe, self.acc
         start = time.perf_counter()
@@ -197,7 +198,6 @@ class Trainer:
             if student is None:
                 student = self._convert(teacher, corpus, MoSAConfig.from_dict(state["mosa"]))
             if state["peft"]:
-                from .trainable import apply_lora
 
                 student = apply_lora(student, r.stages[state["stage"]].lora)
             ckpt.load_model(self.resume_from, student)
@@ -245,9 +245,6 @@ class Trainer:
     def _run_stage(self, i: int, stage: StageSpec) -> None:
         from tqdm.auto import tqdm
 
-        from .surgery import mosa_layers
-        from .trainable import apply_lora, remove_hooks, select_trainable
-        from .warmup import RouterWarmup
 
         r, acc, s = self.recipe, self.acc, self.state
         start_step = s["step"] if s["stage"] == i else 0
@@ -286,7 +283,6 @@ class Trainer:
         if warmup:
             observer = RouterWarmup(mosa_layers(model))
         elif stage.kind == "layer_distill":
-            from .distill import LayerDistill
 
             observer = LayerDistill(self.teacher, model)
         else:
@@ -414,7 +410,6 @@ class Trainer:
             table = summary_table(summary)
             (self.out / "summary.md").write_text(table + "\n")
             if r.logging.plot:
-                from .plots import plot_losses
 
                 plot_losses(self.log_file, self.out / "loss.png")
             if self.tb is not None:

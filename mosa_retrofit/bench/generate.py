@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ..cache import cache_bytes
 from ..compat import with_cache
 
 
@@ -48,7 +49,6 @@ def bench_generate(model: nn.Module, original: nn.Module, ids: Tensor, contexts:
     """``ids`` (1, N) with N >= max(contexts); contexts are prefilled, the one equal to ``timed_context`` timed."""
     from tqdm.auto import tqdm
 
-    from ..cache import cache_bytes
 
     rows = []
     for T in tqdm(sorted(set(contexts) | {timed_context}), desc="contexts", disable=not progress):
