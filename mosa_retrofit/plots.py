@@ -28,7 +28,6 @@ def plot_selection(model: nn.Module, tokenizer_source: str, path: str, layer: in
         raise ValueError(f"--layer {layer} is not a MoSA layer; MoSA layers: {sorted(layers)}")
     if text is None:
         try:
-
             text = wikipedia_articles()[-1]
         except FileNotFoundError:
             text = "The capital of France is Paris. It lies on the Seine, and its museums draw millions each year."

@@ -184,9 +184,10 @@ class Trainer:
         vb = E.block_size or min(PROTOCOL.block_size, limit, corpus.validation.numel())
         self.val_blocks = corpus.blocks("validation", vb)[: max((E.tokens or PROTOCOL.tokens) // vb, 1)]
         self.schedule = BlockSchedule(len(self.train_blocks), r.seed)
+        self.protocol = (f"held-out perplexity: {self.val_blocks.numel():,} tokens of the last "
+                         f"{corpus.validation_documents} documents of {r.data.source}, in blocks of {vb}")
         self.say(f"data: {len(self.train_blocks)} training blocks of {r.data.block_size} tokens "
-                 f"({corpus.train_documents} documents); held-out perplexity: {self.val_blocks.numel():,} tokens of the "
-                 f"last {corpus.validation_documents} documents of {r.data.source}, in blocks of {vb}")
+                 f"({corpus.train_documents} documents); {self.protocol}")
         teacher.to(acc.device)
 
         if self.resume_from is not None:
@@ -198,7 +199,6 @@ class Trainer:
             if student is None:
                 student = self._convert(teacher, corpus, MoSAConfig.from_dict(state["mosa"]))
             if state["peft"]:
-
                 student = apply_lora(student, r.stages[state["stage"]].lora)
             ckpt.load_model(self.resume_from, student)
             self.say(f"resuming from {self.resume_from} (stage {r.stages[state['stage']].name if state['stage'] < len(r.stages) else 'done'}, "
@@ -283,7 +283,6 @@ class Trainer:
         if warmup:
             observer = RouterWarmup(mosa_layers(model))
         elif stage.kind == "layer_distill":
-
             observer = LayerDistill(self.teacher, model)
         else:
             observer = contextlib.nullcontext()
@@ -396,7 +395,8 @@ class Trainer:
         acc, s, r = self.acc, self.state, self.recipe
         acc.wait_for_everyone()
         summary = {"output_dir": str(self.out), "evals": s["evals"], "elapsed_s": s["elapsed"],
-                   "tokens": s["samples"] * r.data.block_size, "processes": acc.num_processes}
+                   "tokens": s["samples"] * r.data.block_size, "processes": acc.num_processes,
+                   "evaluation": self.protocol}
         if acc.is_main_process:
             final = self.out / "final"
             tmp = Path(tempfile.mkdtemp(dir=self.out, prefix=".tmp-final-"))
@@ -410,7 +410,6 @@ class Trainer:
             table = summary_table(summary)
             (self.out / "summary.md").write_text(table + "\n")
             if r.logging.plot:
-
                 plot_losses(self.log_file, self.out / "loss.png")
             if self.tb is not None:
                 self.tb.close()
@@ -425,4 +424,6 @@ def summary_table(summary: dict) -> str:
         tokens = f"{e['tokens']:,}" if e.get("tokens") else "-"
         wall = f"{e['time']:.0f} s" if e.get("time") else "-"
         rows.append(f"| {e['name']} | {e['ppl']:.2f} | {tokens} | {wall} |")
+    if summary.get("evaluation"):
+        rows.append(f"\n({summary['evaluation']})")
     return "\n".join(rows)
