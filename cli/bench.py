@@ -105,7 +105,7 @@ def run_generate(args: argparse.Namespace) -> int:
     from mosa_retrofit.bench.generate import bench_generate, format_rows
     from mosa_retrofit.data import token_stream
 
-    from .convert import check_local
+    from .common import check_local
     from mosa_retrofit.io import load_any
 
     if args.decode_context < 2 or args.decode_tokens < 1 or args.threads < 1:

@@ -12,20 +12,14 @@ from pathlib import Path
 
 import torch
 
-from mosa_retrofit.config import FILLS, GRANULARITIES, HEAD_CHOICES, KEPT_HEADS, ROUTER_INITS, ROUTER_SCORES, ROUTINGS
+from mosa_retrofit.config import CHOICES, MoSAConfig
 from mosa_retrofit.evaluate import PROTOCOL
 
+from .common import HelpFormatter, add_dataclass_flags, check_local, given_flags
+
 PRESETS = ("default", "paper")
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows an option's default only where it has one (flags that override a config say theirs in words)."""
-
-    def _get_help_string(self, action):
-        if action.default is None or action.default is argparse.SUPPRESS or action.default is False:
-            return action.help
-        return super()._get_help_string(action)
 DEFAULT_CALIBRATION = "wikipedia-offline"
+CONFIG_SKIP = ("dense_heads_pattern", "dense_head_ids", "base_model_name_or_path", "version")
 
 
 def _count(text: str) -> float:
@@ -62,30 +56,8 @@ def add_parser(sub) -> None:
                    help="default: the best retrofit we know (calibrated); paper: the MoSA paper's conversion "
                         "(4 first heads dense, random sigmoid routers, expert-choice top-k, zero fill)")
     p.add_argument("--config", help="a MoSAConfig JSON file (over the preset; flags given explicitly override it)")
-    p.add_argument("--sparsity", type=float, help="each MoSA head attends T // sparsity tokens (default 8)")
-    p.add_argument("--dense-heads", type=_count,
-                   help="heads kept dense per layer: int or fraction (default 0.25); rounded up to whole KV groups "
-                        "under GQA with --router-granularity kv_group")
-    p.add_argument("--head-choice", choices=HEAD_CHOICES,
-                   help="which heads stay dense: scored (those sparse selection would change most; default), "
-                        "first (paper) or last")
-    p.add_argument("--layers", type=_layers, help="layers to convert: all, 0,1,5 or re:<regex>")
-    p.add_argument("--kept-heads", choices=KEPT_HEADS, help="kept heads are dense or local (sliding window)")
-    p.add_argument("--local-window", type=int, help="window of local kept heads")
-    p.add_argument("--router-score", choices=ROUTER_SCORES,
-                   help="straight_through (default: outputs unscaled, sigmoid gradient) or sigmoid (paper)")
-    p.add_argument("--router-init", choices=ROUTER_INITS,
-                   help="calibrated (default: fitted to the tokens each head needs) or random (paper)")
-    p.add_argument("--fill", choices=FILLS,
-                   help="what MoSA heads write at tokens they skip: mean (default: their calibrated mean output) "
-                        "or zero (paper)")
-    p.add_argument("--router-granularity", choices=GRANULARITIES,
-                   help="kv_group (default: one selection and one K/V copy per GQA group; the cache shrinks in "
-                        "bytes) or head (paper: one per head)")
-    p.add_argument("--routing", choices=ROUTINGS,
-                   help="causal (default: thresholds; can generate) or expert_choice (paper: top-k over the sequence)")
-    p.add_argument("--include-first", action=argparse.BooleanOptionalAction, default=None,
-                   help="MoSA heads always select the first token")
+    p.set_defaults(config_flags=add_dataclass_flags(p, MoSAConfig, choices=CHOICES, skip=CONFIG_SKIP,
+                                                    parsers={"dense_heads": _count, "layers": _layers}))
     p.add_argument("--calibration-data", "--calib-text", dest="calibration_data", default=DEFAULT_CALIBRATION,
                    help="calibration text: 'wikipedia-offline' (embedded; its held-out articles are never used), "
                         "'shakespeare-offline', text/jsonl/parquet files or a hub dataset (falls back to the "
@@ -98,25 +70,10 @@ def add_parser(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.set_defaults(run=run_convert)
 
-    i = sub.add_parser(
-        "inspect", help="per-layer head split, k, attention FLOPs and KV cache against the original",
-        description="Print, per layer, the dense / MoSA / local head split, k at --seq-len and the attention "
-                    "FLOPs, KV-cache entries (per query head, as in the paper) and KV-cache bytes (what a cache "
-                    "holds under GQA) against the original model. With --plot, draw which tokens each MoSA head "
-                    "of --layer selects on a sample text.",
-        formatter_class=HelpFormatter)
-    i.add_argument("model", metavar="MODEL_OR_DIR")
-    i.add_argument("--seq-len", type=int, default=2048, help="T for k, FLOPs and KV cache")
-    i.add_argument("--plot", metavar="FILE.png", help="draw the token selection of one layer's MoSA heads")
-    i.add_argument("--layer", type=int, help="layer to plot (default: the first converted one)")
-    i.add_argument("--text", help="sample text for --plot (default: the start of a Wikipedia article)")
-    i.set_defaults(run=run_inspect)
-
 
 def build_config(args: argparse.Namespace):
     import json
 
-    from mosa_retrofit import MoSAConfig
     from mosa_retrofit.config import PAPER
 
     base = dict(PAPER) if args.preset == "paper" else {}
@@ -131,12 +88,7 @@ def build_config(args: argparse.Namespace):
         if not isinstance(data, dict):
             raise ValueError(f"--config {args.config}: expected a JSON object of MoSAConfig fields")
         base.update(data)
-    flags = dict(sparsity=args.sparsity, dense_heads=args.dense_heads, head_choice=args.head_choice,
-                 layers=args.layers, kept_heads=args.kept_heads, local_window=args.local_window,
-                 router_score=args.router_score, router_init=args.router_init,
-                 router_granularity=args.router_granularity, include_first=args.include_first, routing=args.routing,
-                 fill=args.fill)
-    base.update({k: v for k, v in flags.items() if v is not None})
+    base.update(given_flags(args, args.config_flags))
     return MoSAConfig.from_dict(base)
 
 
@@ -222,12 +174,6 @@ def run_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def check_local(name: str) -> None:
-    """A path-looking MODEL must exist (hub ids like org/name are left to transformers)."""
-    if name.startswith((".", "/", "~")) and not Path(name).expanduser().exists():
-        raise FileNotFoundError(f"{name} does not exist (give a local folder, a hub id or 'smollm2-135m')")
-
-
 def summary(model, T: int) -> str:
     """Per-layer table: head split, k, attention FLOPs, KV entries and KV bytes relative to the original."""
     from mosa_retrofit.costs import attention_costs, ratios
@@ -247,21 +193,3 @@ def summary(model, T: int) -> str:
 
 def _mib(n: int) -> str:
     return f"{n / 2**20:.1f} MiB"
-
-
-def run_inspect(args: argparse.Namespace) -> int:
-    from mosa_retrofit.io import load_any
-
-    if args.seq_len < 1:
-        raise ValueError(f"--seq-len must be >= 1, got {args.seq_len}")
-    check_local(args.model)
-    model, source = load_any(args.model)
-    converted = bool(getattr(model.config, "mosa", None))
-    print(("converted MoSA model" if converted else "original (unconverted) model") + f": {args.model}\n")
-    print(summary(model, args.seq_len))
-    if args.plot:
-        from mosa_retrofit.plots import plot_selection
-
-        layer = plot_selection(model, source, args.plot, args.layer, args.text)
-        print(f"\nwrote {args.plot} (token selection of layer {layer})")
-    return 0

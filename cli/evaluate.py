@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     from mosa_retrofit.data import load_corpus
     from mosa_retrofit.recipe import DataSpec
 
-    from .convert import check_local
+    from .common import check_local
 
     for name in ("block_size", "max_tokens", "batch_size", "cost_seq_len", "validation_documents"):
         if getattr(args, name) < 1:

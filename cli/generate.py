@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.max_new_tokens < 1 or args.num_beams < 1:
         raise ValueError("--max-new-tokens and --num-beams must be >= 1")
-    from .convert import check_local
+    from .common import check_local
 
     check_local(args.model)
     model, source = load_any(args.model)

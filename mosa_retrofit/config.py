@@ -32,6 +32,10 @@ HEAD_CHOICES = ("first", "last", "scored")
 ROUTINGS = ("expert_choice", "causal")
 SPARSE_HEADS = ("mosa", "local", "pruned")
 FILLS = ("zero", "mean")
+CHOICES = {"head_choice": HEAD_CHOICES, "kept_heads": KEPT_HEADS, "router_score": ROUTER_SCORES,
+           "router_init": ROUTER_INITS, "router_granularity": GRANULARITIES, "routing": ROUTINGS,
+           "sparse_heads": SPARSE_HEADS, "fill": FILLS}
+"""The fields that take one of a few words, and the words."""
 
 
 # What a version-1 config meant by a key it does not carry (the defaults of that version).
@@ -141,9 +145,7 @@ class MoSAConfig:
                 _fail("dense_head_ids", key, "keyed by layer indices like '0'")
             if not isinstance(ids, (list, tuple)) or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in ids):
                 _fail(f"dense_head_ids[{key!r}]", ids, "a list of head indices >= 0")
-        for name, valid in (("head_choice", HEAD_CHOICES), ("kept_heads", KEPT_HEADS), ("router_score", ROUTER_SCORES),
-                            ("router_init", ROUTER_INITS), ("router_granularity", GRANULARITIES),
-                           ("routing", ROUTINGS), ("sparse_heads", SPARSE_HEADS), ("fill", FILLS)):
+        for name, valid in CHOICES.items():
             if getattr(self, name) not in valid:
                 _fail(name, getattr(self, name), f"one of {valid}")
         if self.layers != "all":

@@ -115,3 +115,31 @@ def test_convert_with_calibrated_fill_from_a_text_file(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["convert", str(model_dir), str(tmp_path / "x"), "--fill", "average"])
     assert e.value.code == 2 and "invalid choice: 'average'" in capsys.readouterr().err
+
+
+def test_convert_flags_are_generated_from_mosaconfig(capsys):
+    """Every MoSAConfig field a flag can hold has one (help from the field's docstring, its default in words);
+    given flags override the preset, absent ones leave it alone."""
+    import dataclasses
+
+    from mosa_retrofit import MoSAConfig
+    from mosa_retrofit.cli.common import field_docs
+    from mosa_retrofit.cli.convert import CONFIG_SKIP, build_config
+    from mosa_retrofit.cli.main import build_parser
+
+    parser = build_parser()
+    argv = ["convert", "m", "out", "--sparsity", "4", "--no-include-first", "--threshold-length", "none",
+            "--routing", "expert_choice", "--dense-heads", "0.5", "--layers", "0,2"]
+    assert build_config(parser.parse_args(argv)) == MoSAConfig(
+        sparsity=4, include_first=False, threshold_length=None, routing="expert_choice", dense_heads=0.5,
+        layers=[0, 2])
+    assert build_config(parser.parse_args(["convert", "m", "out", "--preset", "paper", "--sparsity", "2"])) == \
+        MoSAConfig.paper(sparsity=2)
+    with pytest.raises(SystemExit):
+        main(["convert", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    docs = field_docs(MoSAConfig)
+    for f in dataclasses.fields(MoSAConfig):
+        if f.name not in CONFIG_SKIP:
+            assert "--" + f.name.replace("_", "-") in text
+            assert " ".join(docs[f.name].split()[:4]) in text  # the docstring is the help

@@ -1,0 +1,82 @@
+"""What the subcommands share: flags generated from a config dataclass, the help formatter, path checks."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import textwrap
+import typing
+from pathlib import Path
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default only where it has one (flags that override a config say theirs in words)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is argparse.SUPPRESS or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def check_local(name: str) -> None:
+    """A path-looking MODEL must exist (hub ids like org/name are left to transformers)."""
+    if name.startswith((".", "/", "~")) and not Path(name).expanduser().exists():
+        raise FileNotFoundError(f"{name} does not exist (give a local folder, a hub id or 'smollm2-135m')")
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of a dataclass (the string literal that follows its annotation)."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for node, after in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
+            docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, *, choices: dict[str, tuple] = {},
+                        parsers: dict[str, typing.Callable] = {}, skip: tuple[str, ...] = ()) -> list[str]:
+    """One ``--field-name`` flag per field of ``cls`` (its type, choices, help from the field's docstring and
+    its default in words); every flag defaults to None, "not given", so it can override a config file.
+    Fields of other types than bool / int / float / str (and not in ``parsers``) are left to the config file.
+    Returns the field names that got a flag."""
+    docs, hints, names = field_docs(cls), typing.get_type_hints(cls), []
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        kind = hints[f.name]
+        optional = type(None) in typing.get_args(kind)
+        base = next((a for a in typing.get_args(kind) if a is not type(None)), kind) if optional else kind
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_text = f"{docs.get(f.name, '')} (default: {default})".strip().replace("%", "%%")  # argparse formats %
+        flag = "--" + f.name.replace("_", "-")
+        if base is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif f.name in parsers or base in (int, float, str):
+            parse = parsers.get(f.name) or (_optional(base) if optional else base)
+            parser.add_argument(flag, type=parse, choices=choices.get(f.name), default=None, help=help_text,
+                                metavar=None if f.name in choices else f.name.upper())
+        else:
+            continue
+        names.append(f.name)
+    return names
+
+
+NULL = object()
+"""What ``--field none`` parses to for an optional field (None itself means "flag not given")."""
+
+
+def given_flags(args: argparse.Namespace, names: list[str]) -> dict:
+    """The generated flags the user gave (value not None; ``none`` given for an optional field is None)."""
+    return {n: (None if v is NULL else v) for n in names if (v := getattr(args, n, None)) is not None}
+
+
+def _optional(kind: type):
+    def parse(text: str):
+        return NULL if text.lower() in ("none", "null") else kind(text)
+    parse.__name__ = kind.__name__
+    return parse
