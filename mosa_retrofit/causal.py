@@ -17,7 +17,8 @@ import dataclasses
 import torch
 from torch import Tensor, nn
 
-from .attention import init_threshold_, key_padding, mosa_layers
+from .attention import init_threshold_, mosa_layers
+from .masks import key_padding
 from .sparse import logit_quantile
 
 

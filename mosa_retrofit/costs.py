@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 from torch import nn
 
-from .families import attention_layers, dense_kv_layout, family_of
+from .families import attention_layers, family_of
 from .sparse import tokens_per_head
 
 
@@ -52,6 +52,21 @@ def equal_compute_window(T: int, sparsity: float) -> int:
 
 
 @dataclass(frozen=True)
+class Dims:
+    D: int  # width
+    d: int  # head dim
+    H: int  # query heads
+    KV: int  # key/value heads
+
+
+@dataclass(frozen=True)
+class GroupCost:
+    flops: int
+    entries: int  # KV-cache entries: cached tokens summed over query heads (the paper's count)
+    rows: int  # K/V rows a cache holds (one key and one value vector each)
+
+
+@dataclass(frozen=True)
 class LayerCost:
     layer: int
     dense: int  # heads running full attention
@@ -76,35 +91,28 @@ class CostRatios(NamedTuple):
 
 
 def attention_costs(model: nn.Module, T: int) -> list[LayerCost]:
-    """Per attention layer, the costs at T tokens of ``model`` and of its unconverted original."""
+    """Per attention layer, the costs at T tokens of ``model`` and of its unconverted original: the sum of what
+    each head group of a converted layer reports (heads.py)."""
     fam = family_of(model)
     rows = []
     for idx, (_, m) in sorted(attention_layers(model, fam).items()):
         H, KV, d = fam.dims(m)
         W = fam.head_weights(m)
-        D = W.wq.shape[2]
+        dims = Dims(W.wq.shape[2], d, H, KV)
         row_bytes = 2 * d * W.wq.element_size()  # one key and one value vector
-        plan = getattr(m, "mosa_plan", None)
-        f0, kv0, b0 = H * dense_flops(D, d, T), H * T, KV * T * row_bytes
-        if plan is None:
+        f0, kv0, b0 = H * dense_flops(dims.D, d, T), H * T, KV * T * row_bytes
+        groups = getattr(m, "mosa_groups", ())
+        if not groups:
             rows.append(LayerCost(idx, H, 0, 0, 0, None, f0, f0, kv0, kv0, b0, b0))
             continue
-        w = min(plan.local_window, T)
+        plan = m.mosa_plan
         n = {"dense": 0, "local": 0, "mosa": 0, "pruned": 0}
         n[plan.kept_heads] += len(plan.dense)
         n[plan.sparse_heads] += len(plan.mosa)
+        costs = [g.cost(T, dims) for g in groups]
         k = tokens_per_head(T, plan.sparsity) if n["mosa"] else None
-        f = (n["dense"] * dense_flops(D, d, T) + n["local"] * local_flops(D, d, T, w)
-             + (n["mosa"] * mosa_flops(D, d, T, k) if k else 0))
-        kv = n["dense"] * T + n["local"] * w + (n["mosa"] * k if k else 0)
-        kept_rows = len(dense_kv_layout(plan.dense, H, KV)[0]) if plan.dense else 0
-        cached = kept_rows * (T if plan.kept_heads == "dense" else w)
-        if plan.sparse_heads == "local":
-            cached += len(dense_kv_layout(plan.mosa, H, KV)[0]) * w
-        elif plan.sparse_heads == "mosa":
-            cached += len(plan.mosa) // plan.heads_per_unit * k
-        rows.append(LayerCost(idx, n["dense"], n["local"], n["mosa"], n["pruned"], k, f, f0, kv, kv0,
-                              cached * row_bytes, b0))
+        rows.append(LayerCost(idx, n["dense"], n["local"], n["mosa"], n["pruned"], k, sum(c.flops for c in costs),
+                              f0, sum(c.entries for c in costs), kv0, sum(c.rows for c in costs) * row_bytes, b0))
     return rows
 
 

@@ -179,9 +179,8 @@ def convert_(model: nn.Module, config: MoSAConfig | None = None, calibration: Te
         weights = family.head_weights(m)
         m.__class__ = mosa_class(type(m))
         m.mosa_family, m.mosa_plan = family, plan
-        if plan.dense:
-            m._mosa_dense_kv = dense_kv_layout(plan.dense, weights.num_heads, weights.num_kv_heads)
-            m.num_key_value_groups = m._mosa_dense_kv[1]  # what the attention backend repeats K/V by
+        if plan.dense:  # what the attention backend repeats the kept heads' K/V by
+            m.num_key_value_groups = dense_kv_layout(plan.dense, weights.num_heads, weights.num_kv_heads)[1]
         G = plan.heads_per_unit if routed else 1
         units = [list(plan.mosa[i: i + G]) for i in range(0, len(plan.mosa), G)]
         ref = weights.wq

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attention import key_padding
+from .masks import key_padding
 from .families import HeadWeights, head_to_kv
 from .rope import apply_rope
 

@@ -10,7 +10,8 @@ from mosa_retrofit.compat import output_cache, with_cache
 from tiny_models import FAMILIES, GQA_FAMILIES, tiny_model, plain_config
 
 from mosa_retrofit import convert_
-from mosa_retrofit.families import family_of
+from mosa_retrofit.families import dense_kv_layout, family_of
+from mosa_retrofit.heads import Call
 from mosa_retrofit.surgery import attention_layers, mosa_layers
 
 IDENTITY = dict(sparsity=1, router_score="straight_through", include_first=False)
@@ -150,12 +151,13 @@ def test_gqa_dense_groups_keep_compact_kv_and_uneven_splits_expand(family):
     n = min(G, H - 1)  # heads of KV head 0 only (MQA: all but one head)
     convert_(model, plain_config(sparsity=2, dense_heads=n))
     m = attention_layers(model)[0][1]
-    assert m._mosa_dense_kv == ((0,), n) and m.num_key_value_groups == n
+    assert dense_kv_layout(m.mosa_plan.dense, H, KV) == ((0,), n) and m.num_key_value_groups == n
     model2 = tiny_model(family)
     if KV > 1:
         convert_(model2, plain_config(sparsity=2, dense_head_ids={"0": [0, G], "1": [0]}))
         m2 = attention_layers(model2)[0][1]
-        assert m2._mosa_dense_kv == ((0, 1), 1)  # one dense head in each of two groups
+        assert dense_kv_layout(m2.mosa_plan.dense, H, KV) == ((0, 1), 1)  # one dense head in each of two groups
+        assert m2.num_key_value_groups == 1
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3_text"])
@@ -192,7 +194,9 @@ def test_local_kept_heads_match_windowed_dense_model(family):
     # local heads alone; with MoSA heads at sparsity 1 everything still sees token 3, so check the band mask
     m = attention_layers(model)[0][1]
     q = k = v = torch.randn(1, 2, 12, 16)
-    a = m._mosa_local(q, k, v, None, 0.0, 1, 5)
+    kept = m.mosa_groups[0]
+    assert kept.kind == "local" and kept.heads == m.mosa_plan.dense
+    a = kept.attend(m, Call(x=None, W=None, mask=None, cache=None, cos=None, sin=None, extra={}), q, k, v, 1)
     s = (q @ k.transpose(-1, -2)) * m.mosa_family.scaling(m)
     i, j = torch.arange(12)[:, None], torch.arange(12)[None]
     band = (j <= i) & (j > i - 5)
