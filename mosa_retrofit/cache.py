@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .sparse import base_output, gated_output, project_selected, router_gates, select_tokens_causal
+from .sparse import (base_output, gated_output, project_selected, router_gates, select_tokens_causal,
+                     softcap_attention)
 
 
 class MoSACacheLayerMixin:
@@ -207,9 +208,7 @@ def mosa_attention_cached(
     kf, vf = keys.reshape(E * B, 1, L, d), values.reshape(E * B, 1, L, d)
     mask = allowed.reshape(E * B, 1, K, L)
     if softcap is not None:
-        s = torch.matmul(qf, kf.transpose(-1, -2)) * scale
-        s = softcap * torch.tanh(s / softcap)
-        a = torch.matmul(s.masked_fill(~mask, float("-inf")).softmax(-1).nan_to_num(0.0), vf)
+        a = softcap_attention(qf, kf, vf, scale, softcap, 0.0, mask)  # (E·B, G, K, d)
     else:
         a = F.scaled_dot_product_attention(qf, kf.expand(-1, G, -1, -1), vf.expand(-1, G, -1, -1),
                                            attn_mask=mask, scale=scale)  # (E·B, G, K, d)

@@ -180,12 +180,18 @@ def _window_mask(idx: Tensor, window: int) -> Tensor:
     return slots & (gap < window)
 
 
-def _softcap_attention(
+def softcap_logits(s: Tensor, cap: float) -> Tensor:
+    """Gemma2's attention logit soft-capping: cap · tanh(s / cap)."""
+    return cap * torch.tanh(s / cap)
+
+
+def softcap_attention(
     q: Tensor, k: Tensor, v: Tensor, scale: float, softcap: float, dropout_p: float, mask: Tensor | None
 ) -> Tensor:
-    # The SDPA kernels have no logit soft-capping (Gemma2), so spell it out.
-    s = torch.matmul(q, k.transpose(-1, -2)) * scale  # (N, G, K, K)
-    s = softcap * torch.tanh(s / softcap)
+    """Attention with soft-capped logits (the SDPA kernels have none, so it is spelled out); q (N, G, K, d),
+    k, v (N, G or 1, L, d), mask broadcastable to (N, G, K, L) (None: causal K = L). A fully masked row gives
+    NaN, for the caller to zero."""
+    s = softcap_logits(torch.matmul(q, k.transpose(-1, -2)) * scale, softcap)  # (N, G, K, L)
     if mask is None:
         n = s.shape[-1]
         mask = torch.ones(n, n, dtype=torch.bool, device=s.device).tril()
@@ -329,7 +335,7 @@ def mosa_attention(
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     mask = _window_mask(idx, sliding_window) if sliding_window is not None and sliding_window < T else None
     if softcap is not None:
-        a = _softcap_attention(q, k, v, scale, softcap, dropout_p, mask)
+        a = softcap_attention(q, k, v, scale, softcap, dropout_p, mask)
     else:
         a = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale, dropout_p=dropout_p, enable_gqa=G > 1

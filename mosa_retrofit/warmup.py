@@ -17,19 +17,18 @@ Shape legend: B batch, T tokens, D width, n MoSA query heads of the layer, E uni
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .masks import key_padding
 from .families import HeadWeights, head_to_kv
+from .masks import key_padding
 from .rope import apply_rope
+from .sparse import softcap_logits
 
 
 def attention_mass(module: nn.Module, x: Tensor, W: HeadWeights, mask, cos, sin) -> tuple[Tensor, Tensor]:
     """Received dense-attention mass per MoSA unit (B, E, T) and the valid-token mask (B, T)."""
     fam, plan = module.mosa_family, module.mosa_plan
     B, T, D = x.shape
-    d = W.head_dim
     heads = torch.tensor(plan.mosa, device=x.device)  # (n,)
     kv_of = head_to_kv(W.num_heads, W.num_kv_heads)
     kv = torch.tensor([kv_of[h] for h in plan.mosa], device=x.device)  # (n,) K/V head of every query head
@@ -48,7 +47,7 @@ def attention_mass(module: nn.Module, x: Tensor, W: HeadWeights, mask, cos, sin)
     s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * fam.scaling(module)  # (B, n, T, T)
     cap = fam.softcap(module)
     if cap is not None:
-        s = cap * torch.tanh(s / cap)
+        s = softcap_logits(s, cap)
     i = torch.arange(T, device=x.device)
     allowed = i[None, :] <= i[:, None]  # (T, T) query i sees key j <= i
     window = fam.sliding_window(module)
