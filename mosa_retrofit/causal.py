@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from .attention import init_threshold_, mosa_layers
+from .compat import StopForward
 from .masks import key_padding
 from .sparse import logit_quantile
 
@@ -30,10 +31,6 @@ def threshold_rows(ids: Tensor, length: int | None, max_positions: int | None = 
     flat = ids.reshape(-1)
     L = min(length, max_positions or length, flat.numel())
     return flat[: flat.numel() // L * L].view(-1, L)
-
-
-class _Done(Exception):
-    pass
 
 
 @torch.no_grad()
@@ -54,7 +51,7 @@ def calibrate_thresholds_(model: nn.Module, calibration: Tensor | None) -> None:
             tau = logit_quantile(module.mosa_router, x, key_padding(mask, x.shape[1]), plan)
             module.mosa_threshold.copy_(tau.to(module.mosa_threshold.dtype))
         if module.layer_idx == last:
-            raise _Done
+            raise StopForward
 
     was_training = model.training
     model.eval()
@@ -62,7 +59,7 @@ def calibrate_thresholds_(model: nn.Module, calibration: Tensor | None) -> None:
         m.mosa_observer = observe
     try:
         model(input_ids=calibration.to(next(model.parameters()).device), use_cache=False)
-    except _Done:
+    except StopForward:
         pass
     finally:
         for m in layers.values():

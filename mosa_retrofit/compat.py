@@ -9,6 +9,11 @@ from __future__ import annotations
 from transformers.cache_utils import Cache
 
 
+class StopForward(Exception):
+    """Raised by a hook to end a model's forward pass once what it needs has been computed; the caller
+    catches it (``except StopForward``)."""
+
+
 def find_cache(arguments: dict):
     """The ``Cache`` among an attention call's bound arguments (one level of ``**kwargs`` included), or None."""
     for value in arguments.values():

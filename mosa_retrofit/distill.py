@@ -18,12 +18,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .compat import without_cache
+from .compat import StopForward, without_cache
 from .surgery import attention_layers, mosa_layers
-
-class _Stop(Exception):
-    pass
-
 
 class LayerDistill:
     """Context manager: hooks on the teacher's attention modules; ``loss(ids)`` runs one distillation step."""
@@ -66,7 +62,7 @@ class LayerDistill:
         def hook(module, args, kwargs, output):
             self.captured[i] = (*self.captured[i], output[0])
             if i == self.last:
-                raise _Stop  # nothing after the last converted layer is needed
+                raise StopForward  # nothing after the last converted layer is needed
         return hook
 
     def loss(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
@@ -75,7 +71,7 @@ class LayerDistill:
         with torch.no_grad():
             try:
                 self.teacher(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-            except _Stop:
+            except StopForward:
                 pass
         real = None if attention_mask is None else attention_mask.bool()[..., None]  # (B, T, 1)
         losses = []

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from . import checkpoint as ckpt
 from .assets import resolve_model
 from .calibration import collect_stats
-from .compat import without_cache
+from .compat import StopForward, without_cache
 from .config import FILLS, ROUTER_INITS, ROUTINGS, MoSAConfig
 from .costs import attention_costs, equal_compute_window, ratios
 from .data import load_corpus
@@ -296,10 +296,6 @@ class Workbench:
         return statistics.median(ratios)
 
 
-class _Captured(Exception):
-    pass
-
-
 def capture_attention_call(model: nn.Module, layer: int, ids: Tensor) -> tuple[tuple, dict]:
     """The (args, kwargs) the model passes to attention layer ``layer`` for token ids (1, T)."""
 
@@ -309,13 +305,13 @@ def capture_attention_call(model: nn.Module, layer: int, ids: Tensor) -> tuple[t
     def hook(mod, args, kwargs):
         seen["call"] = (tuple(a.detach() if isinstance(a, Tensor) else a for a in args),
                         {k: v.detach() if isinstance(v, Tensor) else v for k, v in kwargs.items()})
-        raise _Captured
+        raise StopForward
 
     handle = module.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         with torch.no_grad():
             model(input_ids=ids.to(next(model.parameters()).device), use_cache=False)
-    except _Captured:
+    except StopForward:
         pass
     finally:
         handle.remove()
