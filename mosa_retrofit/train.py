@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import checkpoint as ckpt
@@ -37,14 +36,13 @@ from .assets import resolve_model
 from .compat import enable_activation_checkpointing
 from .config import MoSAConfig
 from .data import BlockSchedule, as_blocks, load_corpus
-from .distill import LayerDistill
 from .evaluate import PROTOCOL, nll
 from .io import load, structure_config
 from .plots import plot_losses
 from .recipe import Recipe, StageSpec
-from .surgery import convert_, mosa_layers
+from .stages import STAGES
+from .surgery import convert_
 from .trainable import apply_lora, remove_hooks, select_trainable
-from .warmup import RouterWarmup
 
 
 def lr_factor(step: int, steps: int, warmup_fraction: float, min_ratio: float) -> float:
@@ -245,7 +243,6 @@ class Trainer:
     def _run_stage(self, i: int, stage: StageSpec) -> None:
         from tqdm.auto import tqdm
 
-
         r, acc, s = self.recipe, self.acc, self.state
         start_step = s["step"] if s["stage"] == i else 0
         s["stage"], s["step"] = i, start_step
@@ -266,8 +263,8 @@ class Trainer:
                                 eps=r.optimizer.eps)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda k: lr_factor(k, stage.steps, r.schedule.warmup_fraction, r.schedule.min_lr_ratio))
-        warmup = stage.kind == "router_warmup"
-        local = stage.kind in ("router_warmup", "layer_distill")  # layer-local losses: no DDP wrapper
+        kind = STAGES[stage.kind](stage, model, self.teacher, acc)
+        local = kind.local  # layer-local losses: no DDP wrapper
         net = model if local else acc.prepare_model(model)
         opt = acc.prepare_optimizer(opt)
         if self.resume_from is not None:  # optimizer/scheduler mid-stage; RNG of every process
@@ -280,16 +277,10 @@ class Trainer:
         n_trainable = sum(int(p.numel()) for p in plain) + sum(int(m.sum()) for _, m in masked)
         self.say(f"stage {stage.name} ({stage.kind}): {stage.steps} steps, global batch {batch} x "
                  f"{r.data.block_size} tokens, {n_trainable:,} trainable parameters, peak lr {peak:g}")
-        if warmup:
-            observer = RouterWarmup(mosa_layers(model))
-        elif stage.kind == "layer_distill":
-            observer = LayerDistill(self.teacher, model)
-        else:
-            observer = contextlib.nullcontext()
         bar = tqdm(total=stage.steps, initial=start_step, desc=stage.name, unit="step",
                    disable=not (self.progress and acc.is_main_process), dynamic_ncols=True)
         net.train()
-        with observer:
+        with kind.context():
             for step in range(start_step, stage.steps):
                 t0 = time.perf_counter()
                 totals: dict[str, Tensor] = {}
@@ -299,7 +290,7 @@ class Trainer:
                     last = m == tc.gradient_accumulation_steps - 1
                     sync = contextlib.nullcontext() if (local or last) else acc.no_sync(net)
                     with sync:
-                        loss, parts = self._loss(stage, net, observer, ids)
+                        loss, parts = kind.loss(net, ids)
                         acc.backward(loss / tc.gradient_accumulation_steps)
                     for k, v in parts.items():
                         totals[k] = totals.get(k, 0) + v / tc.gradient_accumulation_steps
@@ -359,35 +350,6 @@ class Trainer:
                                "tokens": s["stage_log"].get(stage, {}).get("tokens", 0),
                                "time": s["stage_log"].get(stage, {}).get("time", 0.0)})
         self.say(f"validation perplexity ({stage}, step {step}): {ppl:.2f}")
-
-    def _loss(self, stage: StageSpec, net: nn.Module, observer, ids: Tensor) -> tuple[Tensor, dict]:
-        acc = self.acc
-        if stage.kind == "router_warmup":
-            with torch.no_grad(), acc.autocast():
-                net(input_ids=ids, use_cache=False)
-            loss = observer.pop_loss()
-            return loss, {"loss": loss.detach()}
-        if stage.kind == "layer_distill":
-            with acc.autocast():
-                loss = observer.loss(ids)
-            return loss, {"loss": loss.detach()}
-        with acc.autocast():
-            logits = net(input_ids=ids, use_cache=False).logits[:, :-1].float()  # (B, T-1, V)
-        V = logits.shape[-1]
-        lm = F.cross_entropy(logits.reshape(-1, V), ids[:, 1:].reshape(-1))
-        loss = stage.lm_weight * lm
-        parts = {"lm": lm.detach()}
-        if stage.kd_weight > 0:
-            tau = stage.kd_temperature
-            with torch.no_grad(), acc.autocast():
-                t_logits = self.teacher(input_ids=ids, use_cache=False).logits[:, :-1].float()
-            log_t = F.log_softmax(t_logits / tau, -1)
-            log_s = F.log_softmax(logits / tau, -1)
-            kd = (log_t.exp() * (log_t - log_s)).sum(-1).mean() * tau * tau  # KL(teacher ‖ student)
-            loss = loss + stage.kd_weight * kd
-            parts["kd"] = kd.detach()
-        parts["loss"] = loss.detach()
-        return loss, parts
 
     # ------------------------------------------------------------------------------------ the end
 

@@ -81,3 +81,11 @@ def test_bad_files(tmp_path):
     bad.write_text("- just\n- a list\n")
     with pytest.raises(ValueError, match="mapping"):
         Recipe.from_yaml(bad)
+
+
+def test_every_recipe_stage_kind_is_a_registered_stage():
+    from mosa_retrofit.recipe import STAGE_KINDS
+    from mosa_retrofit.stages import STAGES
+
+    assert set(STAGES) == set(STAGE_KINDS)
+    assert [STAGES[k].local for k in ("router_warmup", "layer_distill", "adaptation")] == [True, True, False]

@@ -1,0 +1,103 @@
+"""Training stages, one small class per kind, found in a registry (``StageSpec.kind`` names one).
+
+A stage says what its loss is and what runs around the steps (hooks on the model); what trains is the
+recipe's ``trainable`` / ``lora`` choice, the same for every kind. A new kind is a class registered with
+``@register_stage("name")`` (and its name added to ``recipe.STAGE_KINDS`` so recipes accept it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .attention import mosa_layers
+from .distill import LayerDistill
+from .warmup import RouterWarmup
+
+STAGES: dict[str, type[Stage]] = {}
+
+
+def register_stage(kind: str):
+    def wrap(cls):
+        STAGES[kind] = cls
+        cls.kind = kind
+        return cls
+    return wrap
+
+
+class Stage:
+    """One stage of a run: ``context()`` is entered around its steps, ``loss(net, ids)`` gives each step's loss."""
+
+    local = False
+    """A layer-local loss: the model runs without the data-parallel wrapper, gradients are averaged by hand."""
+
+    def __init__(self, spec, student: nn.Module, teacher: nn.Module | None, acc):
+        self.spec, self.student, self.teacher, self.acc = spec, student, teacher, acc
+        self.observer = None
+
+    def context(self):
+        return contextlib.nullcontext()
+
+    def loss(self, net: nn.Module, ids: Tensor) -> tuple[Tensor, dict]:
+        raise NotImplementedError
+
+
+@register_stage("router_warmup")
+class RouterWarmupStage(Stage):
+    """Only routers learn: each toward the tokens its heads' dense attention relies on (warmup.py)."""
+
+    local = True
+
+    def context(self):
+        self.observer = RouterWarmup(mosa_layers(self.student))
+        return self.observer
+
+    def loss(self, net, ids):
+        with torch.no_grad(), self.acc.autocast():
+            net(input_ids=ids, use_cache=False)
+        loss = self.observer.pop_loss()
+        return loss, {"loss": loss.detach()}
+
+
+@register_stage("layer_distill")
+class LayerDistillStage(Stage):
+    """Each converted attention layer learns the original layer's output on the original inputs (distill.py)."""
+
+    local = True
+
+    def context(self):
+        self.observer = LayerDistill(self.teacher, self.student)
+        return self.observer
+
+    def loss(self, net, ids):
+        with self.acc.autocast():
+            loss = self.observer.loss(ids)
+        return loss, {"loss": loss.detach()}
+
+
+@register_stage("adaptation")
+class AdaptationStage(Stage):
+    """End to end: LM loss, plus ``kd_weight`` × KL(teacher ‖ student) on the logits."""
+
+    def loss(self, net, ids):
+        spec, acc = self.spec, self.acc
+        with acc.autocast():
+            logits = net(input_ids=ids, use_cache=False).logits[:, :-1].float()  # (B, T-1, V)
+        V = logits.shape[-1]
+        lm = F.cross_entropy(logits.reshape(-1, V), ids[:, 1:].reshape(-1))
+        loss = spec.lm_weight * lm
+        parts = {"lm": lm.detach()}
+        if spec.kd_weight > 0:
+            tau = spec.kd_temperature
+            with torch.no_grad(), acc.autocast():
+                t_logits = self.teacher(input_ids=ids, use_cache=False).logits[:, :-1].float()
+            log_t = F.log_softmax(t_logits / tau, -1)
+            log_s = F.log_softmax(logits / tau, -1)
+            kd = (log_t.exp() * (log_t - log_s)).sum(-1).mean() * tau * tau  # KL(teacher ‖ student)
+            loss = loss + spec.kd_weight * kd
+            parts["kd"] = kd.detach()
+        parts["loss"] = loss.detach()
+        return loss, parts
