@@ -25,6 +25,7 @@ import os
 import shutil
 import tempfile
 import time
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
@@ -59,6 +60,32 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True,
     """Run ``recipe``; returns the summary. ``interrupt(stage, step)`` is called mid-step (tests use it to
     simulate a crash after the backward pass and before the optimizer step)."""
     return Trainer(recipe, resume=resume, progress=progress, interrupt=interrupt).run()
+
+
+@dataclass
+class RunState:
+    """Where a run is: saved as ``state.json`` in every checkpoint, read back on ``--resume``."""
+
+    stage: int = 0  # index of the stage running (len(stages): done)
+    step: int = 0  # optimizer steps taken in that stage
+    samples: int = 0  # training sequences consumed by the whole run (the data position)
+    global_step: int = 0  # optimizer steps over all stages
+    elapsed: float = 0.0  # seconds of the run so far
+    peft: bool = False  # LoRA adapters are on the model (a LoRA stage is running)
+    stages: list = field(default_factory=list)  # [{"name", "kind"}] of the recipe that wrote the state
+    evals: list = field(default_factory=list)  # [{"name", "ppl", "global_step", ...}] the summary's rows
+    stage_log: dict = field(default_factory=dict)  # stage name -> {"tokens", "time"}
+    mosa: dict | None = None  # the resolved conversion (config.mosa) of the student
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> RunState:
+        unknown = sorted(set(data) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"checkpoint state has unknown fields {unknown}: written by another mosa_retrofit?")
+        return cls(**data)
 
 
 class Trainer:
@@ -189,70 +216,69 @@ class Trainer:
         teacher.to(acc.device)
 
         if self.resume_from is not None:
-            state = ckpt.read_state(self.resume_from)
-            names = [s["name"] for s in state["stages"]]
+            state = RunState.from_dict(ckpt.read_state(self.resume_from))
+            names = [s["name"] for s in state.stages]
             if names != [s.name for s in r.stages[: len(names)]] or len(names) != len(r.stages):
                 raise ValueError(f"{self.resume_from} was written by a recipe with stages {names}; this recipe has "
                                  f"{[s.name for s in r.stages]}")
             if student is None:
-                student = self._convert(teacher, corpus, MoSAConfig.from_dict(state["mosa"]))
-            if state["peft"]:
-                student = apply_lora(student, r.stages[state["stage"]].lora)
+                student = self._convert(teacher, corpus, MoSAConfig.from_dict(state.mosa))
+            if state.peft:
+                student = apply_lora(student, r.stages[state.stage].lora)
             ckpt.load_model(self.resume_from, student)
-            self.say(f"resuming from {self.resume_from} (stage {r.stages[state['stage']].name if state['stage'] < len(r.stages) else 'done'}, "
-                     f"step {state['step']})")
+            self.say(f"resuming from {self.resume_from} (stage {r.stages[state.stage].name if state.stage < len(r.stages) else 'done'}, "
+                     f"step {state.step})")
         else:
             if self.out.exists() and not ckpt.checkpoints(self.out):
                 (self.out / "metrics.jsonl").unlink(missing_ok=True)
-            state = {"stage": 0, "step": 0, "samples": 0, "global_step": 0, "elapsed": 0.0, "peft": False,
-                     "stages": [{"name": s.name, "kind": s.kind} for s in r.stages], "evals": [], "stage_log": {}}
+            state = RunState(stages=[{"name": s.name, "kind": s.kind} for s in r.stages])
             if r.evaluation.before_conversion:
                 self.say("measuring the original model ...")
-                state["evals"].append({"name": "original model", "ppl": self.evaluate(teacher), "global_step": 0})
+                state.evals.append({"name": "original model", "ppl": self.evaluate(teacher), "global_step": 0})
             if student is None:
                 student = self._convert(teacher, corpus, None)
-            state["mosa"] = student.config.mosa
+            state.mosa = student.config.mosa
             student.to(acc.device)
-            state["evals"].append({"name": "after conversion", "ppl": self.evaluate(student), "global_step": 0})
+            state.evals.append({"name": "after conversion", "ppl": self.evaluate(student), "global_step": 0})
         student.to(acc.device)
         if r.training.gradient_checkpointing:
             enable_activation_checkpointing(student, {"use_reentrant": False})
-        if not any(s.kd_weight > 0 or s.kind == "layer_distill" for s in r.stages[state["stage"]:]):
+        if not any(s.kd_weight > 0 or s.kind == "layer_distill" for s in r.stages[state.stage:]):
             teacher = None  # no longer needed: free it
         self.teacher, self.student, self.state = teacher, student, state
-        self._open_logs(state["global_step"])
+        self._open_logs(state.global_step)
         if self.resume_from is None:
-            for e in state["evals"]:
+            for e in state.evals:
                 self.log({"split": "validation", "stage": e["name"], "step": 0, "global_step": 0,
                           "loss": math.log(e["ppl"]), "ppl": e["ppl"], "tokens": 0})
-        for e in state["evals"]:
+        for e in state.evals:
             self.say(f"perplexity {e['name']}: {e['ppl']:.2f}")
         if self.resume_from is None:
             self._save(None, None)
-        self.state["elapsed"] += time.perf_counter() - start
+        self.state.elapsed += time.perf_counter() - start
 
-        for i in range(state["stage"], len(r.stages)):
+        for i in range(state.stage, len(r.stages)):
             self._run_stage(i, r.stages[i])
         return self._finish()
 
     def _save(self, optimizer, scheduler) -> None:
         s = self.state
-        ckpt.save(self.acc, self.out, s["global_step"], self.student, optimizer, scheduler, s,
+        ckpt.save(self.acc, self.out, s.global_step, self.student, optimizer, scheduler, s.to_dict(),
                   self.recipe.checkpointing.keep_last)
 
     def _run_stage(self, i: int, stage: StageSpec) -> None:
         from tqdm.auto import tqdm
 
         r, acc, s = self.recipe, self.acc, self.state
-        start_step = s["step"] if s["stage"] == i else 0
-        s["stage"], s["step"] = i, start_step
+        start_step = s.step if s.stage == i else 0
+        s.stage, s.step = i, start_step
         if start_step >= stage.steps:  # the checkpoint was written at the end of this stage
-            s["stage"], s["step"] = i + 1, 0
+            s.stage, s.step = i + 1, 0
             return
         t_stage = time.perf_counter()
-        if stage.lora is not None and not s["peft"]:
+        if stage.lora is not None and not s.peft:
             self.student = apply_lora(self.student, stage.lora)
-            s["peft"] = True
+            s.peft = True
         model = self.student
         plain, masked = select_trainable(model, stage.trainable, lora=stage.lora is not None)
         params = plain + [p for p, _ in masked]
@@ -285,7 +311,7 @@ class Trainer:
                 t0 = time.perf_counter()
                 totals: dict[str, Tensor] = {}
                 for m in range(tc.gradient_accumulation_steps):
-                    idx = self.schedule.micro_batch(s["samples"], tc.micro_batch_size, m, acc.process_index, world)
+                    idx = self.schedule.micro_batch(s.samples, tc.micro_batch_size, m, acc.process_index, world)
                     ids = self.train_blocks[idx].to(acc.device).long()
                     last = m == tc.gradient_accumulation_steps - 1
                     sync = contextlib.nullcontext() if (local or last) else acc.no_sync(net)
@@ -308,22 +334,22 @@ class Trainer:
                 opt.step()
                 sched.step()
                 opt.zero_grad(set_to_none=True)
-                s["samples"] += batch
-                s["step"] = step + 1
-                s["global_step"] += 1
+                s.samples += batch
+                s.step = step + 1
+                s.global_step += 1
                 dt = time.perf_counter() - t0
-                s["elapsed"] += dt
-                log = s["stage_log"].setdefault(stage.name, {"tokens": 0, "time": 0.0})
+                s.elapsed += dt
+                log = s.stage_log.setdefault(stage.name, {"tokens": 0, "time": 0.0})
                 log["tokens"] += tokens_per_step
                 log["time"] += dt
                 values = {k: acc.reduce(v.detach(), "mean").item() for k, v in totals.items()}
                 bar.update(1)
                 bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_step / dt:,.0f}")
-                g = s["global_step"]
+                g = s.global_step
                 if (step + 1) % r.logging.every == 0 or step == start_step or step + 1 == stage.steps:
                     self.log({"split": "train", "stage": stage.name, "step": step + 1, "global_step": g, **values,
                               "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": tokens_per_step / dt,
-                              "tokens": s["samples"] * r.data.block_size, "elapsed": s["elapsed"]})
+                              "tokens": s.samples * r.data.block_size, "elapsed": s.elapsed})
                 if r.evaluation.every and (step + 1) % r.evaluation.every == 0 and step + 1 < stage.steps:
                     self._eval_record(stage.name, step + 1, None)
                 if g % r.checkpointing.every == 0 and step + 1 < stage.steps:
@@ -332,23 +358,23 @@ class Trainer:
         remove_hooks(masked)
         if stage.lora is not None:
             self.student = self.student.merge_and_unload()
-            s["peft"] = False
+            s.peft = False
         self.student.requires_grad_(True)
-        s["step"] = stage.steps
+        s.step = stage.steps
         self._eval_record(stage.name, stage.steps, f"after {stage.name}")
         self._save(None, None)
         self.say(f"stage {stage.name} done in {time.perf_counter() - t_stage:.0f} s")
-        s["stage"], s["step"] = i + 1, 0
+        s.stage, s.step = i + 1, 0
 
     def _eval_record(self, stage: str, step: int, name: str | None) -> None:
         s = self.state
         ppl = self.evaluate(self.student)
-        self.log({"split": "validation", "stage": stage, "step": step, "global_step": s["global_step"],
-                  "loss": math.log(ppl), "ppl": ppl, "tokens": s["samples"] * self.recipe.data.block_size})
+        self.log({"split": "validation", "stage": stage, "step": step, "global_step": s.global_step,
+                  "loss": math.log(ppl), "ppl": ppl, "tokens": s.samples * self.recipe.data.block_size})
         if name is not None:
-            s["evals"].append({"name": name, "ppl": ppl, "global_step": s["global_step"],
-                               "tokens": s["stage_log"].get(stage, {}).get("tokens", 0),
-                               "time": s["stage_log"].get(stage, {}).get("time", 0.0)})
+            s.evals.append({"name": name, "ppl": ppl, "global_step": s.global_step,
+                               "tokens": s.stage_log.get(stage, {}).get("tokens", 0),
+                               "time": s.stage_log.get(stage, {}).get("time", 0.0)})
         self.say(f"validation perplexity ({stage}, step {step}): {ppl:.2f}")
 
     # ------------------------------------------------------------------------------------ the end
@@ -356,8 +382,8 @@ class Trainer:
     def _finish(self) -> dict:
         acc, s, r = self.acc, self.state, self.recipe
         acc.wait_for_everyone()
-        summary = {"output_dir": str(self.out), "evals": s["evals"], "elapsed_s": s["elapsed"],
-                   "tokens": s["samples"] * r.data.block_size, "processes": acc.num_processes,
+        summary = {"output_dir": str(self.out), "evals": s.evals, "elapsed_s": s.elapsed,
+                   "tokens": s.samples * r.data.block_size, "processes": acc.num_processes,
                    "evaluation": self.protocol}
         if acc.is_main_process:
             final = self.out / "final"
