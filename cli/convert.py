@@ -67,7 +67,8 @@ def add_parser(sub) -> None:
     p.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,
                    help="after converting, measure held-out perplexity of the original and the converted model "
                         f"({PROTOCOL.describe()}; about half a minute for SmolLM2-135M on 2 CPU cores)")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace OUT if it holds a converted checkpoint written by this tool and nothing else")
     p.set_defaults(run=run_convert)
 
 
@@ -130,8 +131,7 @@ def run_convert(args: argparse.Namespace) -> int:
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise ValueError(f"{out} exists; choose another OUT or pass --overwrite")
+    check_output(out, args.model, args.overwrite)
     check_local(args.model)
     source = resolve_model(args.model)
     config = dataclasses.replace(config, base_model_name_or_path=args.model)
@@ -158,9 +158,12 @@ def run_convert(args: argparse.Namespace) -> int:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)  # atomic: OUT is either complete or absent
+        previous = out.parent / f".{out.name}.old-{os.getpid()}" if out.exists() else None
+        if previous is not None:
+            os.replace(out, previous)  # a checked, converted checkpoint (check_output), moved aside first
+        os.replace(tmp, out)  # OUT is the old or the new checkpoint, never half of one
+        if previous is not None:
+            shutil.rmtree(previous)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(summary(model, 2048))
@@ -172,6 +175,40 @@ def run_convert(args: argparse.Namespace) -> int:
             print("the converted model needs adaptation before use: mosa-retrofit train (see recipes/)")
     print(f"\nsaved to {out}; load with mosa_retrofit.load({str(out)!r})")
     return 0
+
+
+# what save_pretrained of a converted model and its tokenizer write
+_CHECKPOINT_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
+                     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+                     "tokenizer.model", "added_tokens.json", "chat_template.jinja", "chat_template.json")
+
+
+def check_output(out: Path, model: str, overwrite: bool) -> None:
+    """OUT must not exist, or (with --overwrite) be a folder that holds a converted checkpoint and nothing
+    else; never the input model, a folder holding it, the working directory, a home or a root folder."""
+    if not out.exists():
+        return
+    if not overwrite:
+        raise ValueError(f"{out} exists; choose another OUT or pass --overwrite")
+    target = out.resolve()
+    source = Path(model).expanduser().resolve() if Path(model).expanduser().exists() else None
+    protected = {Path.cwd().resolve(), Path.home().resolve(), Path(target.anchor)}
+    if target in protected or (source is not None and (source == target or target in source.parents)):
+        raise ValueError(f"--overwrite refuses OUT = {out}: it is the input model, a folder holding it, the working "
+                         "directory, a home or a root folder")
+    if not target.is_dir() or not (target / "config.json").is_file():
+        raise ValueError(f"--overwrite refuses OUT = {out}: it is not a converted checkpoint folder")
+    import json
+
+    try:
+        converted = bool(json.loads((target / "config.json").read_text()).get("mosa"))
+    except (ValueError, OSError):
+        converted = False
+    unexpected = sorted(p.name for p in target.iterdir() if p.name not in _CHECKPOINT_FILES
+                        and not p.name.startswith("model-0"))
+    if not converted or unexpected:
+        why = "its config.json has no 'mosa' block" if not converted else f"it also holds {unexpected[:5]}"
+        raise ValueError(f"--overwrite refuses OUT = {out}: {why} (only a folder written by convert is replaced)")
 
 
 def summary(model, T: int) -> str:

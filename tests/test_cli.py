@@ -143,3 +143,33 @@ def test_convert_flags_are_generated_from_mosaconfig(capsys):
         if f.name not in CONFIG_SKIP:
             assert "--" + f.name.replace("_", "-") in text
             assert " ".join(docs[f.name].split()[:4]) in text  # the docstring is the help
+
+
+def test_overwrite_replaces_only_a_converted_checkpoint(tmp_path, monkeypatch, capsys):
+    """--overwrite never deletes what the user owns: the working directory, the input model or a folder holding
+    it, a folder with other files; it replaces a folder convert wrote, and a failed run leaves no temporary folder."""
+    from tiny_models import tiny_model
+
+    models = tmp_path / "models"
+    base = models / "base"
+    tiny_model("llama").save_pretrained(base)
+    (models / "notes.txt").write_text("mine")
+    fast = ["--preset", "paper", "--dense-heads", "1", "--no-check", "--overwrite"]
+    monkeypatch.chdir(models)
+    for out in (".", str(base), str(models)):
+        assert main(["convert", str(base), out, *fast]) == 2
+        assert "--overwrite refuses" in capsys.readouterr().err
+    assert (models / "notes.txt").read_text() == "mine" and (base / "config.json").exists()
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.json").write_text('{"mosa": {"sparsity": 8}}')
+    (other / "thesis.tex").write_text("mine")
+    assert main(["convert", str(base), str(other), *fast]) == 2 and (other / "thesis.tex").exists()
+    assert "also holds ['thesis.tex']" in capsys.readouterr().err
+    out = tmp_path / "out"
+    assert main(["convert", str(base), str(out), *fast[:-1]]) == 0
+    first = (out / "model.safetensors").stat().st_mtime_ns
+    assert main(["convert", str(base), str(out), *fast, "--sparsity", "2"]) == 0
+    assert (out / "model.safetensors").stat().st_mtime_ns >= first and '"sparsity": 2' in (out / "config.json").read_text()
+    assert main(["convert", str(base), str(tmp_path / "bad"), *fast, "--layers", "7"]) == 2  # fails in convert_
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folders left behind
