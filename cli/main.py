@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import bench, convert, evaluate, generate, inspect_model, study, train
+from . import bench, convert, evaluate, generate, inspect_model, long_context, study, train
 
 # name -> module with add_parser(subparsers) and run(args)
-COMMANDS = {"convert": convert, "inspect": inspect_model, "train": train, "eval": evaluate, "generate": generate,
-            "bench": bench, "study": study}
+COMMANDS = {"convert": convert, "inspect": inspect_model, "train": train, "eval": evaluate, "long": long_context,
+            "generate": generate, "bench": bench, "study": study}
 
 
 def build_parser() -> argparse.ArgumentParser:

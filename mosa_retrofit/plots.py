@@ -19,7 +19,6 @@ def plot_selection(model: nn.Module, tokenizer_source: str, path: str, layer: in
     import matplotlib.pyplot as plt
     from transformers import AutoTokenizer
 
-
     layers = {i: m for i, m in mosa_layers(model).items() if hasattr(m, "mosa_router")}
     if not layers:
         raise ValueError("the model has no MoSA layers to plot; convert it first")
@@ -103,4 +102,36 @@ def plot_losses(metrics_jsonl, path) -> None:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_long_context(grids: dict[str, dict], curves: dict[str, dict], path) -> None:
+    """Passkey heat maps (length x depth, one per model) beside perplexity against context (one line each)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(grids)
+    fig, axes = plt.subplots(1, n + 1, figsize=(4.2 * (n + 1), 3.8))
+    for ax, (name, grid) in zip(axes, grids.items()):
+        lengths = sorted({L for L, _ in grid})
+        depths = sorted({d for _, d in grid})
+        values = [[grid[(L, d)] for L in lengths] for d in depths]
+        im = ax.imshow(values, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto", origin="upper")
+        ax.set_xticks(range(len(lengths)), [str(L) for L in lengths])
+        ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
+        ax.set_xlabel("context length (tokens)")
+        ax.set_ylabel("depth of the key")
+        ax.set_title(f"passkey: {name}", fontsize=9)
+    fig.colorbar(im, ax=axes[:n], fraction=0.03, label="accuracy")
+    ax = axes[-1]
+    for name, curve in curves.items():
+        ax.plot(list(curve), list(curve.values()), "o-", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("tokens of context before the scored tokens")
+    ax.set_ylabel("perplexity of the same final tokens")
+    ax.legend(fontsize=8)
+    ax.set_title("perplexity against context", fontsize=9)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)

@@ -1,0 +1,99 @@
+"""``mosa-retrofit long MODEL``: passkey retrieval and perplexity against context, beside the original model."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .common import HelpFormatter, check_local
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
+    return values
+
+
+def _depths(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated fractions, got {text!r}") from None
+    if not values or not all(0 <= v <= 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected fractions in [0, 1], got {text!r}")
+    return values
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "long", help="long-context evaluation: passkey retrieval (lengths x depths) and perplexity against context",
+        description="Measure MODEL and the original model beside it (--baseline; default: the converted model's "
+                    "base) on long contexts: passkey retrieval (a 5-digit key hidden in filler at each depth of "
+                    "each length, scored exactly by teacher forcing; --variant multi hides several keys and asks "
+                    "for one) and perplexity of the same final --score-tokens of long documents (Shakespeare's "
+                    "plays, embedded) given each --contexts amount of text before them. Prints both tables and "
+                    "draws OUT/long_context.png (heat maps and curves).",
+        formatter_class=HelpFormatter)
+    p.add_argument("model", metavar="MODEL_OR_DIR")
+    p.add_argument("--baseline", default="auto", help="the model to measure beside MODEL ('auto': its base; 'none')")
+    p.add_argument("--lengths", type=_ints, default=[1024, 2048, 4096], help="passkey prompt lengths in tokens")
+    p.add_argument("--depths", type=_depths, default=[0.0, 0.25, 0.5, 0.75, 1.0], help="depths of the key")
+    p.add_argument("--trials", type=int, default=4, help="keys per (length, depth)")
+    p.add_argument("--variant", choices=("single", "multi"), default="single")
+    p.add_argument("--contexts", type=_ints, default=[256, 512, 1024, 2048, 4096],
+                   help="tokens of context before the scored tokens")
+    p.add_argument("--score-tokens", type=int, default=256, help="final tokens scored in each document")
+    p.add_argument("--documents", type=int, default=4, help="long documents scored")
+    p.add_argument("--out", default="out/long", help="folder for long_context.png")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from transformers import AutoTokenizer
+
+    from mosa_retrofit.assets import shakespeare_plays
+    from mosa_retrofit.io import load_any
+    from mosa_retrofit.longctx import context_documents, context_perplexity, passkey_grid
+    from mosa_retrofit.plots import plot_long_context
+
+    for name in ("trials", "score_tokens", "documents"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    check_local(args.model)
+    model, source = load_any(args.model)
+    base = args.baseline
+    if base == "auto":
+        base = (getattr(model.config, "mosa", None) or {}).get("base_model_name_or_path")
+    models = {args.model: model}
+    if base and base != "none":
+        check_local(base)
+        models[base] = load_any(base)[0]
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    docs = context_documents(tokenizer, shakespeare_plays(), max(args.contexts), args.score_tokens)[: args.documents]
+    if not docs:
+        raise ValueError(f"no document has {max(args.contexts) + args.score_tokens} tokens; lower --contexts")
+    grids, curves = {}, {}
+    for name, m in models.items():
+        grids[name] = passkey_grid(m, tokenizer, args.lengths, args.depths, args.trials, args.variant)
+        curves[name] = context_perplexity(m, docs, args.contexts, args.score_tokens)
+    print(f"\npasskey ({args.variant}) accuracy over {args.trials} keys per cell, averaged over depths "
+          f"{', '.join(f'{d:.0%}' for d in args.depths)}:\n")
+    print("| model | " + " | ".join(str(L) for L in args.lengths) + " |")
+    print("|---|" + "---|" * len(args.lengths))
+    for name, grid in grids.items():
+        cells = [sum(grid[(L, d)] for d in args.depths) / len(args.depths) for L in args.lengths]
+        print(f"| {name} | " + " | ".join(f"{c:.2f}" for c in cells) + " |")
+    print(f"\nperplexity of the final {args.score_tokens} tokens of {len(docs)} plays given L tokens before them:\n")
+    print("| model | " + " | ".join(f"L = {L}" for L in args.contexts) + " |")
+    print("|---|" + "---|" * len(args.contexts))
+    for name, curve in curves.items():
+        print(f"| {name} | " + " | ".join(f"{curve[L]:.2f}" for L in args.contexts) + " |")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    plot_long_context(grids, curves, out / "long_context.png")
+    print(f"\nwrote {out / 'long_context.png'}")
+    return 0
