@@ -113,7 +113,7 @@ def plot_long_context(grids: dict[str, dict], curves: dict[str, dict], path) -> 
     import matplotlib.pyplot as plt
 
     n = len(grids)
-    fig, axes = plt.subplots(1, n + 1, figsize=(4.2 * (n + 1), 3.8))
+    fig, axes = plt.subplots(1, n + 1, figsize=(4.4 * (n + 1), 3.8), layout="constrained")
     for ax, (name, grid) in zip(axes, grids.items()):
         lengths = sorted({L for L, _ in grid})
         depths = sorted({d for _, d in grid})
@@ -124,7 +124,7 @@ def plot_long_context(grids: dict[str, dict], curves: dict[str, dict], path) -> 
         ax.set_xlabel("context length (tokens)")
         ax.set_ylabel("depth of the key")
         ax.set_title(f"passkey: {name}", fontsize=9)
-    fig.colorbar(im, ax=axes[:n], fraction=0.03, label="accuracy")
+    fig.colorbar(im, ax=axes[n - 1], label="accuracy")
     ax = axes[-1]
     for name, curve in curves.items():
         ax.plot(list(curve), list(curve.values()), "o-", label=name)
