@@ -56,6 +56,10 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, *, choices: 
         flag = "--" + f.name.replace("_", "-")
         if base is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif typing.get_origin(base) is tuple and f.name not in parsers:
+            item = typing.get_args(base)[0]
+            parser.add_argument(flag, type=_comma_list(item), default=None, metavar="A,B,...",
+                                help=help_text + (f" (any of {', '.join(choices[f.name])})" if f.name in choices else ""))
         elif f.name in parsers or base in (int, float, str):
             parse = parsers.get(f.name) or (_optional(base) if optional else base)
             parser.add_argument(flag, type=parse, choices=choices.get(f.name), default=None, help=help_text,
@@ -73,6 +77,15 @@ NULL = object()
 def given_flags(args: argparse.Namespace, names: list[str]) -> dict:
     """The generated flags the user gave (value not None; ``none`` given for an optional field is None)."""
     return {n: (None if v is NULL else v) for n in names if (v := getattr(args, n, None)) is not None}
+
+
+def _comma_list(kind: type):
+    def parse(text: str) -> tuple:
+        try:
+            return tuple(kind(v) for v in text.split(",") if v.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {kind.__name__}, got {text!r}")
+    return parse
 
 
 def _optional(kind: type):

@@ -148,3 +148,15 @@ def test_results_file_is_plain_json_lines(world):
     root, *_ = world
     rows = [json.loads(line) for line in (root / "out" / "results.jsonl").read_text().splitlines()]
     assert {"key", "ppl_val", "ppl_ood", "flops_256", "kv_256", "time_ratio"} <= set(rows[0])
+
+
+def test_study_flags_are_generated_from_the_spec():
+    from mosa_retrofit.cli.main import build_parser
+    from mosa_retrofit.cli.study import spec_from_args
+
+    args = build_parser().parse_args(["study", "--sparsity", "4,8", "--ood-data", "none", "--baselines", "",
+                                      "--adapt", "mosa:3:4:causal:calibrated:mean", "local:1:2", "--adapt-steps", "5",
+                                      "--goal-kv", "0.35"])
+    assert spec_from_args(args) == StudySpec(sparsity=(4.0, 8.0), ood_data=None, baselines=(), adapt_steps=5,
+                                             adapt=("mosa:3:4:causal:calibrated:mean", "local:1:2"), goal_kv=0.35)
+    assert spec_from_args(build_parser().parse_args(["study"])) == StudySpec()

@@ -94,44 +94,64 @@ class StudySpec:
     """What the study sweeps and how it measures (defaults: the committed SmolLM2 study)."""
 
     model: str = "smollm2-135m"
-    dense_heads: tuple = (1, 3, 6)
-    sparsity: tuple = (2, 4, 8, 16)
-    routing: tuple = ROUTINGS
-    router_init: tuple = ROUTER_INITS
-    fill: tuple = ("mean",)
+    """The model converted: 'smollm2-135m' (embedded), a folder or a hub id."""
+    dense_heads: tuple[int, ...] = (1, 3, 6)
+    """Dense heads kept per layer (every method keeps the same ones: highest output energy)."""
+    sparsity: tuple[float, ...] = (2, 4, 8, 16)
+    """A MoSA head attends T / sparsity tokens; the baselines get the same compute."""
+    routing: tuple[str, ...] = ROUTINGS
+    """'expert_choice' (paper: top-k of the whole sequence) and/or 'causal' (thresholds: decodable)."""
+    router_init: tuple[str, ...] = ROUTER_INITS
+    """'random' (paper) and/or 'calibrated' (routers fitted to what each head needs)."""
+    fill: tuple[str, ...] = ("mean",)
     """What MoSA and pruned heads write at tokens they skip (MoSAConfig.fill): 'zero' (the paper), 'mean'."""
-    baselines: tuple = ("local", "pruned")
+    baselines: tuple[str, ...] = ("local", "pruned")
+    """Baselines at equal compute: 'local' (sliding-window heads) and/or 'pruned' (heads removed); '' for none."""
     data: str = PROTOCOL.data
     """In-domain text: training / calibration documents, and the last ``validation_documents`` held out."""
     validation_documents: int = PROTOCOL.validation_documents
+    """Documents of ``data`` held out for perplexity."""
     ood_data: str | None = "shakespeare-offline"
-    """Out-of-domain check (None: skip): its last ``ood_documents`` documents."""
+    """Out-of-domain check (none: skip): its last ``ood_documents`` documents."""
     ood_documents: int = 2
+    """Documents of ``ood_data`` scored."""
     eval_length: int = PROTOCOL.block_size
     """Tokens per evaluation block (and per training sequence when adapting); the defaults of ``data``,
     ``validation_documents``, ``eval_length`` and ``eval_tokens`` are the evaluation protocol's."""
     eval_tokens: int = PROTOCOL.tokens
+    """Held-out in-domain tokens scored."""
     ood_tokens: int = 2048
+    """Out-of-domain tokens scored."""
     calibration_sequences: int = 8
+    """Training-split sequences read once to score heads, fit routers, fills and thresholds."""
     calibration_length: int = 512
-    cost_lengths: tuple = (2048, 8192)
+    """Tokens per calibration sequence."""
+    cost_lengths: tuple[int, ...] = (2048, 8192)
+    """Sequence lengths T at which FLOPs and KV-cache ratios are counted."""
     time_length: int = 2048
     """Sequence length of the forward+backward timing of one attention layer (1 thread)."""
     time_repeats: int = 3
-    adapt: tuple = ()
+    """Timings per point (the median is kept)."""
+    adapt: tuple[str, ...] = ()
     """Point keys (``Point.key`` without '@') adapted by the recipe trainer: ``adapt_distill_steps`` steps of
     layer distillation (attention weights, routers, fills), then ``adapt_steps`` end-to-end steps (LM +
     distillation to the original's logits, attention weights)."""
     adapt_distill_steps: int = 0
+    """Layer-distillation steps per adapted point (each attention layer learns the original's output)."""
     adapt_distill_lr: float = 1e-3
+    """Peak learning rate of layer distillation."""
     adapt_steps: int = 0
+    """End-to-end steps per adapted point (LM + distillation to the original's logits)."""
     adapt_lr: float = 1e-3
+    """Peak learning rate of the end-to-end steps (cosine)."""
     adapt_trainable: str = "attention"
     """What the end-to-end steps train: 'attention' (converted layers' weights, routers, fills) or 'all'."""
     adapt_batch: int = 2
     """Sequences of ``eval_length`` tokens per optimizer step."""
     seed: int = 0
+    """Seed of random routers and of adaptation."""
     batch_size: int = 4
+    """Blocks per forward when scoring perplexity."""
     goal_ppl_ratio: float = 1.05
     """The goal: perplexity at most this times the original's ..."""
     goal_flops: float = 1 / 3
