@@ -17,6 +17,7 @@ fill, causal routing); ``MoSAConfig.paper()`` is the conversion of the MoSA pape
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import asdict, dataclass, field, fields
 from numbers import Real
@@ -128,8 +129,9 @@ class MoSAConfig:
     """Format version of this config."""
 
     def __post_init__(self) -> None:
-        if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, Real) or not self.sparsity >= 1:
-            _fail("sparsity", self.sparsity, "a number >= 1")
+        if (isinstance(self.sparsity, bool) or not isinstance(self.sparsity, Real) or not self.sparsity >= 1
+                or not math.isfinite(self.sparsity)):
+            _fail("sparsity", self.sparsity, "a finite number >= 1")
         if not _is_count(self.dense_heads):
             _fail("dense_heads", self.dense_heads, "an integer >= 0 or a fraction in [0, 1)")
         if not isinstance(self.dense_heads_pattern, dict):

@@ -169,6 +169,9 @@ def convert_(model: nn.Module, config: MoSAConfig | None = None, calibration: Te
     if not _structure_only:
         for note in notes:
             logger.warning("mosa_retrofit: %s", note)
+        if not plans:
+            logger.warning("mosa_retrofit: this config converts no attention layer (every head of the selected "
+                           "layers stays dense, or no layer is selected): the model is unchanged")
     if fitted and stats is None:
         stats = collect_stats(model, calibration, {i: layers[i][1] for i in plans}, progress, sparsities=())
     if fitted and any(i not in stats for i in plans):

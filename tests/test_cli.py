@@ -85,7 +85,9 @@ def test_convert_and_inspect_a_local_checkpoint(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, needle", [
     (["convert", "./no/such/model", "x", "--sparsity", "2"], "does not exist"),
-    (["convert", "m", "x", "--sparsity", "0.5"], "MoSAConfig.sparsity must be a number >= 1"),
+    (["convert", "m", "x", "--sparsity", "0.5"], "MoSAConfig.sparsity must be a finite number >= 1"),
+    (["convert", "m", "x", "--sparsity", "inf"], "MoSAConfig.sparsity must be a finite number >= 1, got inf"),
+    (["convert", "m", "x", "--config", "/no/such.json"], "--config /no/such.json does not exist"),
     (["convert", "m", "x", "--dense-heads", "2.5"], "integer >= 0 or a fraction"),
     (["inspect", "/no/such/dir"], "does not exist"),
 ])
@@ -173,3 +175,13 @@ def test_overwrite_replaces_only_a_converted_checkpoint(tmp_path, monkeypatch, c
     assert (out / "model.safetensors").stat().st_mtime_ns >= first and '"sparsity": 2' in (out / "config.json").read_text()
     assert main(["convert", str(base), str(tmp_path / "bad"), *fast, "--layers", "7"]) == 2  # fails in convert_
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folders left behind
+
+
+def test_malformed_config_json_names_the_file_and_line(tmp_path, capsys):
+    bad = tmp_path / "c.json"
+    bad.write_text('{\n  "sparsity": 8,\n  "dense_heads": \n}\n')
+    assert main(["convert", "m", "x", "--config", str(bad)]) == 2
+    assert f"--config {bad}: not valid JSON (line 4" in capsys.readouterr().err
+    bad.write_text('{"version": "1"}')
+    assert main(["convert", "m", "x", "--config", str(bad)]) == 2
+    assert "MoSAConfig.version must be an integer in 1..2, got '1'" in capsys.readouterr().err

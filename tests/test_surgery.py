@@ -337,3 +337,10 @@ def test_default_config_shrinks_the_kv_cache_in_bytes_by_the_layout_factor():
     original = L * 2 * T * row  # 2 KV heads
     assert (held.dense + held.mosa) / original == pytest.approx((L * T + selected) / (2 * L * T))
     assert 0.5 < (held.dense + held.mosa) / original < 0.5 + 0.5 * 0.5  # about (1 + 1/4) / 2
+
+
+def test_a_config_that_converts_nothing_says_so(caplog):
+    model = tiny_model("llama")  # 4 heads per layer
+    with caplog.at_level("WARNING", logger="mosa_retrofit"):
+        convert_(model, plain_config(dense_heads=4))
+    assert not mosa_layers(model) and "converts no attention layer" in caplog.text
