@@ -9,6 +9,7 @@ its index or its name). ``Recipe.to_yaml`` writes a recipe that loads back to an
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -143,7 +144,7 @@ class StageSpec:
         _check(self.kind in STAGE_KINDS, "kind", self.kind, f"one of {STAGE_KINDS}")
         _positive_int("steps", self.steps)
         if self.lr is not None:
-            _check(self.lr > 0, "lr", self.lr, "> 0")
+            _check(self.lr > 0 and math.isfinite(self.lr), "lr", self.lr, "a finite number > 0")
         _check(self.trainable in TRAINABLE, "trainable", self.trainable, f"one of {TRAINABLE}")
         for name in ("lm_weight", "kd_weight"):
             _check(getattr(self, name) >= 0, name, getattr(self, name), ">= 0")
@@ -176,7 +177,7 @@ class OptimizerSpec:
     """Clip the global gradient norm (None: no clipping)."""
 
     def __post_init__(self):
-        _check(self.lr > 0, "lr", self.lr, "> 0")
+        _check(self.lr > 0 and math.isfinite(self.lr), "lr", self.lr, "a finite number > 0")
         _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, ">= 0")
         _check(isinstance(self.betas, list) and len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
                "betas", self.betas, "two numbers in [0, 1)")

@@ -330,6 +330,13 @@ class Trainer:
                     grad_norm = acc.clip_grad_norm_(params, r.optimizer.grad_clip)
                 else:
                     grad_norm = torch.tensor(float("nan"))
+                values = {k: acc.reduce(v.detach(), "mean").item() for k, v in totals.items()}
+                if not all(math.isfinite(v) for v in values.values()) or (
+                        r.optimizer.grad_clip is not None and not math.isfinite(float(grad_norm))):
+                    raise ValueError(
+                        f"training diverged in stage {stage.name} at step {step + 1}: loss {values['loss']}, gradient "
+                        f"norm {float(grad_norm)}; nothing from this step was applied or saved (lower the learning "
+                        f"rate, then --resume from the last checkpoint)")
                 lr = sched.get_last_lr()[0]
                 opt.step()
                 sched.step()
@@ -342,7 +349,6 @@ class Trainer:
                 log = s.stage_log.setdefault(stage.name, {"tokens": 0, "time": 0.0})
                 log["tokens"] += tokens_per_step
                 log["time"] += dt
-                values = {k: acc.reduce(v.detach(), "mean").item() for k, v in totals.items()}
                 bar.update(1)
                 bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_step / dt:,.0f}")
                 g = s.global_step

@@ -240,3 +240,37 @@ def test_cli_eval_reports_model_and_baseline(world, tmp_path, capsys):
                  "--max-tokens", "256", "--causal"]) == 0
     causal_row = [line for line in capsys.readouterr().out.splitlines() if "(causal routing)" in line]
     assert len(causal_row) == 1 and float(causal_row[0].split("|")[2]) > 1
+
+
+def test_a_diverging_run_stops_and_saves_nothing_non_finite(world, tmp_path, monkeypatch):
+    """A step whose gradients are not finite stops the run with a message naming the stage and step; no
+    checkpoint holds non-finite weights and the last good one survives."""
+    import pytest
+
+    from mosa_retrofit.recipe import Recipe
+    from mosa_retrofit.train import Trainer
+
+    out = tmp_path / "nan"
+    seen = {}
+    real = Trainer._run_stage
+
+    def run_stage(self, i, stage):
+        seen["trainer"] = self
+        return real(self, i, stage)
+
+    def diverge(stage, step):  # runs after the backward pass: NaN gradients, as a diverging step gives
+        if stage == "adaptation" and step == 2:
+            for p in seen["trainer"].student.parameters():
+                if p.grad is not None:
+                    p.grad.fill_(float("nan"))
+
+    monkeypatch.setattr(Trainer, "_run_stage", run_stage)
+    with pytest.raises(ValueError, match=r"training diverged in stage adaptation at step 3: .* gradient norm nan"):
+        run(world, out, interrupt=diverge, checkpointing={"every": 2, "keep_last": 3})
+    checkpoints = sorted(out.glob("checkpoint-*"))
+    assert checkpoints
+    for ckpt_dir in checkpoints:
+        assert all(torch.isfinite(t).all() for t in weights(ckpt_dir).values()), ckpt_dir
+    assert not (out / "final").exists()
+    with pytest.raises(ValueError, match="optimizer.lr must be a finite number > 0"):
+        Recipe.from_dict(recipe_dict(*world, out), ["optimizer.lr=.inf"])
