@@ -71,7 +71,6 @@ def load(path: str, config: MoSAConfig | None = None, calibration: Tensor | None
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-
     hf_config = AutoConfig.from_pretrained(path)
     saved = getattr(hf_config, "mosa", None)
     if config is None and not saved:
@@ -103,6 +102,11 @@ def load(path: str, config: MoSAConfig | None = None, calibration: Tensor | None
         for name, p in model.named_parameters():
             if name in missing_routers:
                 init_router_(p)
+    bad = [name for name, t in model.named_parameters() if "mosa_" in name and not t.isfinite().all()]
+    bad += [name for name, t in model.named_buffers() if "mosa_" in name and t.isnan().any()]  # -inf: pass all
+    if bad:
+        raise ValueError(f"{path} holds non-finite MoSA weights ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}): "
+                         "the checkpoint was saved from a diverged run; use an earlier checkpoint")
     return model
 
 

@@ -20,6 +20,7 @@ import contextlib
 import copy
 import dataclasses
 import json
+import logging
 import math
 import os
 import shutil
@@ -60,6 +61,8 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True,
     """Run ``recipe``; returns the summary. ``interrupt(stage, step)`` is called mid-step (tests use it to
     simulate a crash after the backward pass and before the optimizer step)."""
     return Trainer(recipe, resume=resume, progress=progress, interrupt=interrupt).run()
+
+logger = logging.getLogger("mosa_retrofit")
 
 
 @dataclass
@@ -391,6 +394,13 @@ class Trainer:
         summary = {"output_dir": str(self.out), "evals": s.evals, "elapsed_s": s.elapsed,
                    "tokens": s.samples * r.data.block_size, "processes": acc.num_processes,
                    "evaluation": self.protocol}
+        converted = next((e for e in s.evals if e["name"] == "after conversion"), None)
+        if converted is not None and s.evals[-1] is not converted and s.evals[-1]["ppl"] > converted["ppl"]:
+            summary["warning"] = (f"validation perplexity ended at {s.evals[-1]['ppl']:.2f}, worse than right after "
+                                  f"conversion ({converted['ppl']:.2f}): training made the model worse (lower the "
+                                  "learning rate?)")
+            if acc.is_main_process:
+                logger.warning("mosa_retrofit: %s", summary["warning"])
         if acc.is_main_process:
             final = self.out / "final"
             tmp = Path(tempfile.mkdtemp(dir=self.out, prefix=".tmp-final-"))

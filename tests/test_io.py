@@ -118,3 +118,28 @@ def test_version_1_checkpoint_loads_with_its_saved_values(tmp_path):
         1, "zero", "expert_choice", "head")
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, ref, atol=0, rtol=0)
+
+
+def test_a_checkpoint_with_non_finite_routers_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = tiny_model("llama")
+    convert_(model, plain_config(sparsity=2, dense_heads=1))
+    model.save_pretrained(tmp_path)
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    name = next(k for k in tensors if k.endswith("mosa_router"))
+    tensors[name][0, 0] = float("nan")
+    save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=f"non-finite MoSA weights.*{name}"):
+        mosa_retrofit.load(str(tmp_path))
+
+
+def test_converting_a_converted_checkpoint_is_refused(tmp_path, capsys):
+    from mosa_retrofit.cli.main import main
+
+    model = tiny_model("llama")
+    convert_(model, plain_config(sparsity=2, dense_heads=1))
+    model.save_pretrained(tmp_path / "converted")
+    assert main(["convert", str(tmp_path / "converted"), str(tmp_path / "again"), "--preset", "paper",
+                 "--dense-heads", "1", "--no-check"]) == 2
+    assert "already converted" in capsys.readouterr().err and not (tmp_path / "again").exists()

@@ -274,3 +274,13 @@ def test_a_diverging_run_stops_and_saves_nothing_non_finite(world, tmp_path, mon
     assert not (out / "final").exists()
     with pytest.raises(ValueError, match="optimizer.lr must be a finite number > 0"):
         Recipe.from_dict(recipe_dict(*world, out), ["optimizer.lr=.inf"])
+
+
+def test_a_run_that_ends_worse_than_its_conversion_warns(world, tmp_path, monkeypatch, caplog):
+    from mosa_retrofit.train import Trainer
+
+    scores = iter([10.0, 20.0, 25.0, 30.0, 35.0])  # original, after conversion, after each stage, ...
+    monkeypatch.setattr(Trainer, "evaluate", lambda self, model: next(scores))
+    with caplog.at_level("WARNING", logger="mosa_retrofit"):
+        summary = run(world, tmp_path / "worse")
+    assert "worse than right after conversion (20.00)" in summary["warning"] and "worse than right after" in caplog.text
