@@ -133,6 +133,9 @@ def load_corpus(spec: DataSpec, tokenizer, progress: bool = True, validation_onl
     docs, stream = documents(spec)
     V = spec.validation_documents
     if docs is not None:
+        docs = [d for d in docs if d and d.strip()]
+        if not docs:
+            raise ValueError(f"data.source {spec.source!r} holds no text")
         if len(docs) <= V:
             raise ValueError(f"data.validation_documents = {V} leaves no training documents ({len(docs)} in all)")
         train_docs, val_docs = docs[:-V], docs[-V:]

@@ -185,3 +185,15 @@ def test_malformed_config_json_names_the_file_and_line(tmp_path, capsys):
     bad.write_text('{"version": "1"}')
     assert main(["convert", "m", "x", "--config", str(bad)]) == 2
     assert "MoSAConfig.version must be an integer in 1..2, got '1'" in capsys.readouterr().err
+
+
+def test_empty_prompt_and_empty_data_get_one_line(tmp_path, capsys):
+    from train_fixtures import make_world
+
+    model_dir, _ = make_world(tmp_path)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n\n \n")
+    assert main(["generate", str(model_dir), "  ", "--max-new-tokens", "2"]) == 2
+    assert "PROMPT is empty" in capsys.readouterr().err
+    assert main(["eval", str(model_dir), "--data", str(empty)]) == 2
+    assert f"data.source {str(empty)!r} holds no text" in capsys.readouterr().err
