@@ -394,7 +394,11 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ValueError(f"override {item!r} must look like section.key=value")
-        value = yaml.safe_load(raw) if raw else None
+        try:
+            value = yaml.safe_load(raw) if raw else None
+        except yaml.YAMLError as e:
+            problem = str(e).splitlines()[0]
+            raise ValueError(f"override {item!r}: its value is not valid YAML ({problem})") from None
         parts = key.split(".")
         node: Any = data
         for i, part in enumerate(parts):

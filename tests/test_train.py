@@ -207,6 +207,8 @@ def test_cli_train_check_overrides_and_errors(world, tmp_path):
     path = tmp_path / "r.yaml"
     yaml.safe_dump(recipe_dict(model_dir, data, tmp_path / "out"), path.open("w"))
     assert main(["train", str(path), "stages.adaptation.steps=2", "--check"]) == 0
+    assert main(["train", str(path), "--check", "stages.adaptation.steps=2"]) == 0  # overrides after options too
+    assert main(["train", str(path), "--check", "optimizer.lr=[1,"]) == 2  # a malformed override: one line
     assert main(["train", str(path), "stages.adaptation.stepz=2", "--check"]) == 2
     assert main(["train", str(tmp_path / "missing.yaml")]) == 2
     assert not (tmp_path / "out").exists()  # nothing ran
