@@ -6,12 +6,12 @@ import argparse
 import dataclasses
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
+from mosa_retrofit.calibration import calibration_ids
 from mosa_retrofit.config import CHOICES, MoSAConfig
 from mosa_retrofit.evaluate import PROTOCOL
 
@@ -91,31 +91,6 @@ def build_config(args: argparse.Namespace):
         base.update(data)
     base.update(given_flags(args, args.config_flags))
     return MoSAConfig.from_dict(base)
-
-
-def calibration_ids(tokenizer, data: str, sequences: int, length: int, progress: bool = True):
-    """(sequences, length) calibration token ids from ``data``: the embedded texts without the documents the
-    evaluation protocol holds out, or all of a user's files / hub dataset (an unreachable hub dataset falls back
-    to the embedded text with a warning)."""
-    from mosa_retrofit.data import BUILTIN_SOURCES, documents, token_stream
-    from mosa_retrofit.recipe import DataSpec
-
-    n = sequences * length
-    try:
-        docs, stream = documents(DataSpec(source=data, block_size=max(length, 2), streaming=True))
-        if docs is not None and data in BUILTIN_SOURCES:
-            docs = docs[:-PROTOCOL.validation_documents]  # never calibrate on the held-out documents
-        ids = token_stream(tokenizer, docs if docs is not None else stream, n, progress, "tokenising calibration text")
-    except (ConnectionError, OSError) as e:  # a hub dataset that cannot be reached (a missing file is an error)
-        if data in BUILTIN_SOURCES or Path(data.split(",")[0]).suffix or Path(data).exists():
-            raise
-        print(f"warning: calibration data {data!r} could not be read ({type(e).__name__}: {e}); using the embedded "
-              f"{DEFAULT_CALIBRATION} text instead", file=sys.stderr)
-        return calibration_ids(tokenizer, DEFAULT_CALIBRATION, sequences, length, progress)
-    if ids.numel() < n:
-        raise ValueError(f"--calibration-data {data!r} has {ids.numel()} tokens; --calib-sequences "
-                         f"{sequences} x --calib-length {length} needs {n}")
-    return ids.long().view(sequences, length)
 
 
 def run_convert(args: argparse.Namespace) -> int:

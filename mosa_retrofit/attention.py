@@ -77,15 +77,14 @@ class MoSAAttentionMixin:
         groups = self.mosa_groups
         for group in groups:
             group.check_decode(self, call)
-        routed = next((g for g in groups if isinstance(g, MoSAHeads)), None)
-        store = routed.store(self, call) if routed is not None else None  # before the kept heads write the cache
-        if routed is not None and self.mosa_observer is not None:
+            group.prepare(self, call)
+        if self.mosa_observer is not None and any(isinstance(g, MoSAHeads) for g in groups):
             self.mosa_observer(self, call.x, call.W, call.mask, cos, sin)
         out = None
         for group in groups:
             if group.role == "sparse" and out is None and call.W.bo is not None:
                 out = call.W.bo.expand_as(call.x)  # no kept heads: the output bias, once
-            out = group.forward(self, call, out, store) if group is routed else group.forward(self, call, out)
+            out = group.forward(self, call, out)
         if out is None:  # every head pruned, no output bias
             out = torch.zeros_like(call.x)
         return self.mosa_family.output_dropout(self, out), None

@@ -29,20 +29,25 @@ nothing stored per token):
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .assets import wikipedia_articles
-from .evaluate import split_articles, token_blocks
+from .data import BUILTIN_SOURCES, documents, token_stream
+from .evaluate import PROTOCOL
 from .families import family_of, head_to_kv
+from .recipe import DataSpec
 from .sparse import tokens_per_head
 
 FILL_KINDS = ("zero", "mean")
 UNITS = ("head", "kv_group")
+
+logger = logging.getLogger("mosa_retrofit")
 
 
 @dataclass
@@ -97,11 +102,34 @@ class LayerStats:
         return torch.stack([mean[hs].reshape(-1) for hs in heads])
 
 
+def calibration_ids(tokenizer, data: str = "wikipedia-offline", sequences: int = 16, length: int = 512,
+                    progress: bool = True) -> Tensor:
+    """(sequences, length) calibration token ids from ``data``: an embedded text without the documents the
+    evaluation protocol holds out, or all of a user's files / hub dataset (one that cannot be reached falls back
+    to the embedded Wikipedia text, with a warning)."""
+    n = sequences * length
+    try:
+        docs, stream = documents(DataSpec(source=data, block_size=max(length, 2), streaming=True))
+        if docs is not None and data in BUILTIN_SOURCES:
+            docs = docs[:-PROTOCOL.validation_documents]  # never calibrate on the held-out documents
+        ids = token_stream(tokenizer, docs if docs is not None else stream, n, progress, "tokenising calibration text")
+    except (ConnectionError, OSError) as e:  # a hub dataset that cannot be reached (a missing file is an error)
+        if data in BUILTIN_SOURCES or Path(data.split(",")[0]).suffix or Path(data).exists():
+            raise
+        logger.warning("mosa_retrofit: calibration data %r could not be read (%s: %s); using the embedded "
+                       "wikipedia-offline text instead", data, type(e).__name__, e)
+        return calibration_ids(tokenizer, "wikipedia-offline", sequences, length, progress)
+    if ids.numel() < n:
+        raise ValueError(f"calibration data {data!r} has {ids.numel()} tokens; {sequences} sequences x {length} "
+                         f"tokens need {n}")
+    return ids.long().view(sequences, length)
+
+
 def default_calibration(model: nn.Module, tokenizer=None, sequences: int = 16, length: int = 512) -> Tensor:
     """(sequences, length) token ids of the embedded Wikipedia text (training articles only: the held-out ones
     stay unseen), tokenised by ``tokenizer`` or by the model's own (``model.name_or_path``)."""
     if tokenizer is None:
-        from transformers import AutoTokenizer
+        from transformers import AutoTokenizer  # (only when no tokenizer was given)
 
         source = getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None)
         try:
@@ -113,8 +141,7 @@ def default_calibration(model: nn.Module, tokenizer=None, sequences: int = 16, l
                          "fill) and the model has no tokenizer to read the default text with: pass calibration="
                          "token ids (N, T) or tokenizer=..., or use MoSAConfig.paper(), which needs none")
     limit = getattr(model.config, "max_position_embeddings", None) or length
-    length = min(length, limit)
-    return token_blocks(tokenizer, split_articles(wikipedia_articles())[0], length, sequences * length)
+    return calibration_ids(tokenizer, "wikipedia-offline", sequences, min(length, limit), progress=False)
 
 
 def collect_stats(model: nn.Module, input_ids: Tensor, attention_modules: dict[int, nn.Module],
@@ -203,9 +230,10 @@ def _accumulate(stats, layer: int, x: Tensor, A: Tensor, values: Tensor, out_map
     mass = _standardise(received.clamp_min(1e-6).log())  # (H, T)
     s.xtz_mass += xd.t() @ mass.double().t()
     G = H // kv_heads
+    grams = {"head": _gram(out_maps, H), "kv_group": _gram(out_maps, kv_heads)}  # (H, d, d), (KV, G·d, G·d)
+    group_gram = grams["kv_group"]
     if G > 1:  # a KV group caches one K/V row per token for all its heads: the mass its heads give it together
         group_mass = _standardise(received.view(kv_heads, G, T).sum(1).clamp_min(1e-6).log())  # (KV, T)
-        group_gram = _gram(out_maps, kv_heads)  # (KV, G·d, G·d)
     for fill, f in (("zero", torch.zeros_like(o[:, :1])), ("mean", o.mean(1, keepdim=True))):
         dev = torch.matmul(o - f, out_maps).norm(dim=-1)  # (H, T) what the head adds beyond its fill
         s.energy[fill] += dev.double().pow(2).sum(-1)
@@ -218,13 +246,13 @@ def _accumulate(stats, layer: int, x: Tensor, A: Tensor, values: Tensor, out_map
             z_group = group_mass + _standardise(group_dev.clamp_min(1e-6).log())  # (KV, T)
             s.xtz_group[fill] = s.xtz_group.get(fill, 0) + xd.t() @ z_group.double().t()
         for sparsity in sparsities if fill in fills else ():
-            _simulate(s, fill, f, sparsity, z, A, values, o, out_maps, include_first)
+            _simulate(s, fill, f, sparsity, z, A, values, o, grams, include_first)
     s.out_sum += o.double().sum(1)
     s.sequences += 1
 
 
 def _simulate(s: LayerStats, fill: str, f: Tensor, sparsity: float, z: Tensor, A: Tensor, values: Tensor,
-              o: Tensor, out_maps: Tensor, include_first: bool) -> None:
+              o: Tensor, grams: dict, include_first: bool) -> None:
     """Accumulate the damage of turning each head, and each KV group, into a MoSA unit at ``sparsity``: a unit
     selects the tokens of highest router target z (H, T) (summed over a group's heads)."""
     H, T, _ = A.shape
@@ -248,8 +276,7 @@ def _simulate(s: LayerStats, fill: str, f: Tensor, sparsity: float, z: Tensor, A
         delta = o_hat - o  # (H, T, d) change of each head's output; the layer's is Σ_h delta_h W_o^h
         if unit == "kv_group":  # a group's heads change the output together: ‖[δ_1 .. δ_G] W_g‖², W_g (G·d, D)
             delta = delta.view(KV, G, T, -1).transpose(1, 2).reshape(KV, T, -1)  # (KV, T, G·d)
-        gram = _gram(out_maps, KV if unit == "kv_group" else H)  # (U, G·d, G·d) or (H, d, d)
         key = (unit, fill, sparsity)
-        s.damage[key] = s.damage.get(key, 0) + (torch.matmul(delta, gram) * delta).sum((-1, -2)).double()
+        s.damage[key] = s.damage.get(key, 0) + (torch.matmul(delta, grams[unit]) * delta).sum((-1, -2)).double()
     if G == 1:  # one head per KV group: a group is a head
         s.damage[("kv_group", fill, sparsity)] = s.damage[("head", fill, sparsity)]

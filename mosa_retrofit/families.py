@@ -8,6 +8,7 @@ shapes: H query heads, KV key/value heads, d head dim, D model width.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from torch import Tensor, nn
@@ -226,6 +227,7 @@ def head_to_kv(num_heads: int, num_kv_heads: int) -> list[int]:
     return [h // group for h in range(num_heads)]
 
 
+@functools.lru_cache(maxsize=None)  # read on every forward (decode steps included); pure
 def dense_kv_layout(dense: tuple[int, ...], num_heads: int, num_kv_heads: int) -> tuple[tuple[int, ...], int]:
     """KV heads the dense heads read, and the query heads per KV head for the backend's ``repeat_kv``.
 

@@ -56,6 +56,7 @@ class Call:
     cos: Tensor | None  # RoPE tables (B, T, R), or None for families without RoPE
     sin: Tensor | None
     extra: dict  # the backend's extra keyword arguments
+    store: object = None  # the layer's sparse K/V store in ``cache`` (causal MoSA heads, set by ``prepare``)
 
 
 @dataclass
@@ -74,6 +75,9 @@ class HeadGroup:
 
     def check_decode(self, layer, call: Call) -> None:
         """Raise if this group cannot continue a cache that already holds tokens."""
+
+    def prepare(self, layer, call: Call) -> None:
+        """Runs for every group before any group writes the cache."""
 
 
 def head_groups(plan) -> tuple[HeadGroup, ...]:
@@ -204,14 +208,13 @@ class MoSAHeads(HeadGroup):
                 "sequence); convert with MoSAConfig(routing='causal') to generate, or run full forwards "
                 "(use_cache=False)")
 
-    def store(self, layer, call: Call):
-        """The layer's sparse K/V store in this forward's cache (causal routing), taken before the kept heads
-        write the cache; None without a cache."""
+    def prepare(self, layer, call: Call) -> None:
+        """Takes the layer's sparse K/V store in this forward's cache (causal routing) before the kept heads
+        write the cache."""
         if self.plan.routing == "causal" and call.cache is not None:
-            return mosa_cache_layer(call.cache, layer.layer_idx)
-        return None
+            call.store = mosa_cache_layer(call.cache, layer.layer_idx)
 
-    def forward(self, layer, call: Call, out: Tensor | None, store=None) -> Tensor:
+    def forward(self, layer, call: Call, out: Tensor | None) -> Tensor:
         fam, plan, x, W = layer.mosa_family, self.plan, call.x, call.W
         B, T, _ = x.shape
         w_qkv, b_qkv, w_o = layer.mosa_memo("mosa", lambda: self.weights(W))
@@ -232,8 +235,8 @@ class MoSAHeads(HeadGroup):
                     fill=layer.mosa_fill if plan.fill == "mean" else None)
         valid = key_padding(call.mask, T)
         causal = plan.routing == "causal"
-        if causal and store is not None:
-            return mosa_attention_cached(x, layer.mosa_router, w_qkv, w_o, store, threshold=layer.mosa_threshold,
+        if causal and call.store is not None:
+            return mosa_attention_cached(x, layer.mosa_router, w_qkv, w_o, call.store, threshold=layer.mosa_threshold,
                                          valid=valid, **opts)
         y = mosa_attention(x, layer.mosa_router, w_qkv, w_o, sparsity=plan.sparsity, attention_mask=valid,
                            dropout_p=fam.dropout(layer) if layer.training else 0.0,
