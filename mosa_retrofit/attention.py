@@ -43,6 +43,7 @@ class LayerPlan:
     threshold_momentum: float = 0.05
     sparse_heads: str = "mosa"  # what the heads in ``mosa`` run: 'mosa' | 'local' | 'pruned' (baselines)
     fill: str = "zero"  # what MoSA / pruned heads write at tokens they skip: 'zero' | 'mean' (``mosa_fill``)
+    sink_tokens: int = 4  # first tokens every query of streaming / mosa_keys heads sees
 
     @property
     def heads_per_unit(self) -> int:

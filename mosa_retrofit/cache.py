@@ -38,6 +38,7 @@ class MoSACacheLayerMixin:
         self.mosa_k = self.mosa_v = self.mosa_pos = self.mosa_count = None
         self.mosa_seen = 0  # tokens this layer has processed (cache positions)
         self.mosa_seen_real = None  # (B,) real (non-padding) tokens seen per row
+        self.mosa_window_store = None  # the rows of windowed heads (streaming / mosa_keys), window_store.py
 
     # -- what generate() and the masks ask
     def get_seq_length(self) -> int:
@@ -56,6 +57,8 @@ class MoSACacheLayerMixin:
             self.mosa_pos, self.mosa_count = fn(self.mosa_pos, 1), fn(self.mosa_count, 1)
         if self.mosa_seen_real is not None:
             self.mosa_seen_real = fn(self.mosa_seen_real, 0)
+        if self.mosa_window_store is not None:
+            self.mosa_window_store.map(fn)
 
     def reorder_cache(self, beam_idx: Tensor) -> None:
         if self.is_initialized and self.keys is not None and self.keys.numel():
@@ -152,6 +155,10 @@ def cache_bytes(cache) -> CacheBytes:
             mosa += int(layer.mosa_count.sum()) * per_token
             allocated += sum(size(t) for t in (layer.mosa_k, layer.mosa_v, layer.mosa_pos, layer.mosa_count,
                                                layer.mosa_seen_real))
+        if isinstance(layer, MoSACacheLayerMixin) and getattr(layer, "mosa_window_store", None) is not None:
+            held, total = layer.mosa_window_store.nbytes()
+            mosa += held
+            allocated += total
     return CacheBytes(dense, mosa, dense + allocated)
 
 

@@ -125,9 +125,8 @@ def calibration_ids(tokenizer, data: str = "wikipedia-offline", sequences: int =
     return ids.long().view(sequences, length)
 
 
-def default_calibration(model: nn.Module, tokenizer=None, sequences: int = 16, length: int = 512) -> Tensor:
-    """(sequences, length) token ids of the embedded Wikipedia text (training articles only: the held-out ones
-    stay unseen), tokenised by ``tokenizer`` or by the model's own (``model.name_or_path``)."""
+def model_tokenizer(model: nn.Module, tokenizer=None):
+    """``tokenizer``, or the model's own (found through ``model.name_or_path``); a clear error if neither."""
     if tokenizer is None:
         from transformers import AutoTokenizer  # (only when no tokenizer was given)
 
@@ -137,9 +136,17 @@ def default_calibration(model: nn.Module, tokenizer=None, sequences: int = 16, l
         except (OSError, ValueError):
             tokenizer = None
     if tokenizer is None:
-        raise ValueError("this conversion needs calibration text (scored dense heads, calibrated routers or a mean "
-                         "fill) and the model has no tokenizer to read the default text with: pass calibration="
-                         "token ids (N, T) or tokenizer=..., or use MoSAConfig.paper(), which needs none")
+        raise ValueError("this conversion needs calibration text (scored or retrieval dense heads, calibrated "
+                         "routers or a mean fill) and the model has no tokenizer to read the default text with: "
+                         "pass calibration= token ids (N, T) or tokenizer=..., or use MoSAConfig.paper(), which "
+                         "needs none")
+    return tokenizer
+
+
+def default_calibration(model: nn.Module, tokenizer=None, sequences: int = 16, length: int = 512) -> Tensor:
+    """(sequences, length) token ids of the embedded Wikipedia text (training articles only: the held-out ones
+    stay unseen), tokenised by ``tokenizer`` or by the model's own (``model.name_or_path``)."""
+    tokenizer = model_tokenizer(model, tokenizer)
     limit = getattr(model.config, "max_position_embeddings", None) or length
     return calibration_ids(tokenizer, "wikipedia-offline", sequences, min(length, limit), progress=False)
 

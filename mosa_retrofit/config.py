@@ -29,11 +29,12 @@ ROUTER_SCORES = ("sigmoid", "straight_through")
 ROUTER_INITS = ("random", "calibrated")
 GRANULARITIES = ("head", "kv_group")
 KEPT_HEADS = ("dense", "local")
-HEAD_CHOICES = ("first", "last", "scored")
+HEAD_CHOICES = ("first", "last", "scored", "retrieval")
+DENSE_SCOPES = ("layer", "model")
 ROUTINGS = ("expert_choice", "causal")
-SPARSE_HEADS = ("mosa", "local", "pruned")
+SPARSE_HEADS = ("mosa", "mosa_keys", "local", "streaming", "pruned")
 FILLS = ("zero", "mean")
-CHOICES = {"head_choice": HEAD_CHOICES, "kept_heads": KEPT_HEADS, "router_score": ROUTER_SCORES,
+CHOICES = {"head_choice": HEAD_CHOICES, "dense_scope": DENSE_SCOPES, "kept_heads": KEPT_HEADS, "router_score": ROUTER_SCORES,
            "router_init": ROUTER_INITS, "router_granularity": GRANULARITIES, "routing": ROUTINGS,
            "sparse_heads": SPARSE_HEADS, "fill": FILLS}
 """The fields that take one of a few words, and the words."""
@@ -42,7 +43,7 @@ CHOICES = {"head_choice": HEAD_CHOICES, "kept_heads": KEPT_HEADS, "router_score"
 # What a version-1 config meant by a key it does not carry (the defaults of that version).
 V1_DEFAULTS = dict(sparsity=8, dense_heads=0.25, head_choice="first", router_init="random", fill="zero",
                    router_granularity="head", routing="expert_choice", router_score="straight_through",
-                   include_first=True, threshold_length=None)
+                   include_first=True, threshold_length=None, dense_scope="layer")
 
 # The MoSA paper's conversion (arXiv 2505.00315): 4 dense heads first, random sigmoid routers that scale each
 # selected output row, expert-choice top-k, nothing written at skipped tokens, one router per head; the
@@ -84,18 +85,29 @@ class MoSAConfig:
     """Explicit dense head indices per layer, e.g. {"0": [0, 4]}; wins over counts."""
     head_choice: str = "scored"
     """Which heads a count keeps dense: 'scored' (those whose replacement would change the layer output most,
-    per KV group with ``router_granularity='kv_group'``; needs calibration text), 'first' (paper) or 'last'."""
+    per KV group with ``router_granularity='kv_group'``; needs calibration text), 'retrieval' (those that read
+    a hidden key back when asked for it: attention mass from the answer onto the key, on synthetic multi-key
+    prompts in calibration text; retrieval.py), 'first' (paper) or 'last'."""
+    dense_scope: str = "layer"
+    """'layer': ``dense_heads`` is the count in every layer; 'model': ``dense_heads`` (a fraction, or a count
+    per layer) sets the model's total, placed on the highest-scoring heads or KV groups wherever they are (some
+    layers keep several, others none); needs head_choice 'scored' or 'retrieval'."""
     layers: Any = "all"
     """Layers converted: 'all', a list of layer indices, or 're:<regex on the layer index>'."""
     kept_heads: str = "dense"
     """Kept heads are 'dense' (full causal attention) or 'local' (sliding window of ``local_window``)."""
     local_window: int = 256
-    """Window of local heads (kept or replaced): query t sees keys t-local_window+1 .. t."""
+    """Window of local, streaming and mosa_keys heads: query t sees keys t-local_window+1 .. t."""
+    sink_tokens: int = 4
+    """Streaming and mosa_keys heads: the first tokens every query also sees (attention sinks, StreamingLLM)."""
     sparse_heads: str = "mosa"
-    """What the non-kept heads become: 'mosa' (this library), or one of two baselines for studies: 'local'
-    (sliding-window heads of ``local_window`` tokens) or 'pruned' (removed: they contribute nothing, or their
-    mean with fill='mean'). Baselines have no routers: the router fields and ``routing`` do not apply to them,
-    nor ``fill`` to local heads (they write at every token)."""
+    """What the non-kept heads become: 'mosa' (the paper's head: routed tokens attend routed tokens, output at
+    those tokens only), 'mosa_keys' (key selection, a departure from the paper: every query attends the
+    ``sink_tokens`` first tokens, its last ``local_window`` tokens and the routed tokens before them; output at
+    every token), or a baseline for studies: 'local' (sliding-window heads of ``local_window`` tokens),
+    'streaming' (sinks + window, DuoAttention's streaming heads) or 'pruned' (removed: they contribute nothing,
+    or their mean with fill='mean'). Baselines have no routers: the router fields and ``routing`` do not apply to
+    them, nor ``fill`` to heads that write at every token (local, streaming, mosa_keys)."""
     include_first: bool = True
     """Every MoSA head always selects the first token (attention sinks live there)."""
     fill: str = "mean"
@@ -158,9 +170,14 @@ class MoSAConfig:
                 _fail("layers", self.layers, "'all', a list of layer indices or 're:<regex>'")
         if isinstance(self.local_window, bool) or not isinstance(self.local_window, int) or self.local_window < 1:
             _fail("local_window", self.local_window, "an integer >= 1")
-        if self.sparse_heads == "local" and self.kept_heads == "local":
-            _fail("sparse_heads", self.sparse_heads, "'mosa' or 'pruned' when kept_heads='local' (every head "
-                  "would be a local head)")
+        if isinstance(self.sink_tokens, bool) or not isinstance(self.sink_tokens, int) or self.sink_tokens < 0:
+            _fail("sink_tokens", self.sink_tokens, "an integer >= 0")
+        if self.dense_scope == "model" and self.head_choice not in ("scored", "retrieval"):
+            _fail("dense_scope", self.dense_scope, f"'layer' with head_choice={self.head_choice!r} ('model' places "
+                  "dense heads by score: head_choice 'scored' or 'retrieval')")
+        if self.sparse_heads in ("local", "streaming") and self.kept_heads == "local":
+            _fail("sparse_heads", self.sparse_heads, "'mosa', 'mosa_keys' or 'pruned' when kept_heads='local' "
+                  "(every head would be a windowed head)")
         if isinstance(self.threshold_momentum, bool) or not isinstance(self.threshold_momentum, Real) or not (
                 0 <= self.threshold_momentum <= 1):
             _fail("threshold_momentum", self.threshold_momentum, "a number in [0, 1]")
@@ -188,14 +205,23 @@ class MoSAConfig:
     def needs_calibration(self) -> bool:
         """Whether converting needs calibration text: scored heads, calibrated routers or a mean fill. (Causal
         thresholds use calibration text when given, else the normal quantile of unit-RMS logits.)"""
-        routed = self.sparse_heads == "mosa"
-        return (self.head_choice == "scored" or (routed and self.router_init == "calibrated")
-                or (self.fill == "mean" and self.sparse_heads != "local"))
+        return (self.head_choice in ("scored", "retrieval") or (self.routed and self.router_init == "calibrated")
+                or (self.fill == "mean" and self.fills))
 
     @property
     def uses_calibration(self) -> bool:
         """Whether calibration text, when given, is used: ``needs_calibration`` or causal thresholds."""
-        return self.needs_calibration or (self.sparse_heads == "mosa" and self.routing == "causal")
+        return self.needs_calibration or (self.routed and self.routing == "causal")
+
+    @property
+    def routed(self) -> bool:
+        """Whether the sparse heads have routers (MoSA heads, in either form)."""
+        return self.sparse_heads in ("mosa", "mosa_keys")
+
+    @property
+    def fills(self) -> bool:
+        """Whether the sparse heads write a fill where they have no output (paper-form MoSA heads, pruned)."""
+        return self.sparse_heads in ("mosa", "pruned")
 
     # ------------------------------------------------------------------------------------ per layer
 
@@ -207,7 +233,8 @@ class MoSAConfig:
         return layer in self.layers
 
     def dense_count(self, layer: int, num_heads: int) -> int:
-        """Number of dense heads in ``layer`` of ``num_heads`` query heads."""
+        """Number of dense heads in ``layer`` of ``num_heads`` query heads (with dense_scope='model': its share
+        of the model's total)."""
         if str(layer) in self.dense_head_ids:
             return len(self.dense_head_ids[str(layer)])
         value = self.dense_heads

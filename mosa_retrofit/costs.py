@@ -2,10 +2,13 @@
 
 FLOPs per head at T tokens (causal half of the score/value products, projections included):
 dense 8·D·d·T + 2·d·T², MoSA 8·D·d·k + 2·d·k² + 2·D·T (router), local 8·D·d·T + 4·d·P(T, w) where
-P = T·w - w(w-1)/2 is the number of query-key pairs of a causal window of w (T²/2 for w = T), pruned 0.
+P = T·w - w(w-1)/2 is the number of query-key pairs of a causal window of w (T²/2 for w = T), streaming local
++ 4·d·s·T (s sinks), key-selection MoSA streaming + 4·d·T·k/2 (on average half of the k routed tokens precede a
+query) + 2·D·T, pruned 0.
 
 KV entries (the paper's measure) count one key/value pair per *query head* and cached token: T (dense), k
-(MoSA), min(w, T) (local). KV bytes count what a cache really holds under GQA: 2·d·(bytes per value) per
+(MoSA), min(w, T) (local), min(w, T) + s (streaming), min(w, T) + s + k (key-selection MoSA: window, sinks
+and routed tokens, an upper bound: routed tokens inside the window are cached once). KV bytes count what a cache really holds under GQA: 2·d·(bytes per value) per
 cached *K/V row*: the original caches KV rows of T tokens; kept heads cache each K/V head they read once when
 they fill whole groups (else one copy per head, see ``attention.dense_kv_layout``); a MoSA unit (one head, or
 one KV group with ``router_granularity='kv_group'``) caches one K/V row per selected token (k of T).
@@ -38,6 +41,12 @@ def window_pairs(T: int, w: int) -> int:
 
 def local_flops(D: int, d: int, T: int, w: int) -> int:
     return 8 * D * d * T + 4 * d * window_pairs(T, w)
+
+
+def keys_flops(D: int, d: int, T: int, w: int, extra: float) -> int:
+    """Key-selection / streaming head: projections at every token, its causal window, and ``extra`` keys per
+    query on average (sinks, routed tokens before the window) plus the router (2·D·T, counted by the caller)."""
+    return 8 * D * d * T + 4 * d * (window_pairs(T, w) + int(extra * T))
 
 
 def equal_compute_window(T: int, sparsity: float) -> int:
@@ -107,8 +116,9 @@ def attention_costs(model: nn.Module, T: int) -> list[LayerCost]:
             continue
         plan = m.mosa_plan
         n = {"dense": 0, "local": 0, "mosa": 0, "pruned": 0}
-        n[plan.kept_heads] += len(plan.dense)
-        n[plan.sparse_heads] += len(plan.mosa)
+        column = {"streaming": "local", "mosa_keys": "mosa"}  # the table's columns: windowed / routed / ...
+        n[column.get(plan.kept_heads, plan.kept_heads)] += len(plan.dense)
+        n[column.get(plan.sparse_heads, plan.sparse_heads)] += len(plan.mosa)
         costs = [g.cost(T, dims) for g in groups]
         k = tokens_per_head(T, plan.sparsity) if n["mosa"] else None
         rows.append(LayerCost(idx, n["dense"], n["local"], n["mosa"], n["pruned"], k, sum(c.flops for c in costs),

@@ -26,12 +26,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .cache import mosa_attention_cached, mosa_cache_layer
-from .costs import Dims, GroupCost, dense_flops, local_flops, mosa_flops
+from .costs import Dims, GroupCost, dense_flops, keys_flops, local_flops, mosa_flops
 from .families import HeadWeights, dense_kv_layout, head_to_kv
 from .masks import key_padding
 from .rope import apply_rope
-from .sparse import fill_output, logit_quantile, mosa_attention, tokens_per_head
-from .window import banded_attention, sliding_window_attention
+from .sparse import fill_output, logit_quantile, mosa_attention, router_gates, select_tokens, tokens_per_head
+from .window import Extra, banded_attention, sliding_window_attention
+from .window_store import WindowStore
 
 HEAD_GROUPS: dict[str, type[HeadGroup]] = {}
 
@@ -283,3 +284,174 @@ def _head_weights(W: HeadWeights, heads: tuple[int, ...], kv_heads: tuple[int, .
     pick = lambda t, i: None if t is None else t[i].reshape(-1)
     return (W.wq[dense].reshape(-1, D), pick(W.bq, dense), W.wk[kv].reshape(-1, D), pick(W.bk, kv),
             W.wv[kv].reshape(-1, D), pick(W.bv, kv), W.wo[:, dense].reshape(D, -1))
+
+
+class WindowedHeads(MoSAHeads):
+    """Heads whose every query sees the first ``plan.sink_tokens`` real tokens of its row (attention sinks), its
+    last ``plan.local_window`` tokens and, for key-selection MoSA heads, the tokens its unit routed: one softmax
+    over those keys, an output at every token (no fill). With a cache, a store keeps per unit exactly the rows a
+    later query can still see (window_store.py), so prefill + token-by-token decoding computes what a full
+    forward computes. Units are the MoSA units of the plan (a KV group's heads share K/V, or one head each)."""
+
+    routed: ClassVar[bool] = False
+
+    def check_decode(self, layer, call: Call) -> None:
+        if not self.routed or call.cache is None or call.cache.get_seq_length(layer.layer_idx) == 0:
+            return
+        super().check_decode(layer, call)  # expert choice cannot decode
+        if self.plan.router_score != "straight_through":
+            raise ValueError("MoSA heads 'mosa_keys' decode token by token with router_score='straight_through' "
+                             "only (sigmoid gates scale routed values differently inside and beyond the window); "
+                             "run full forwards (use_cache=False)")
+
+    def prepare(self, layer, call: Call) -> None:
+        if call.cache is not None and (not self.routed or self.plan.routing == "causal"):
+            call.store = mosa_cache_layer(call.cache, layer.layer_idx)
+
+    def forward(self, layer, call: Call, out: Tensor | None) -> Tensor:
+        fam, plan, x, W = layer.mosa_family, self.plan, call.x, call.W
+        B, T, _ = x.shape
+        d, units = W.head_dim, self.units
+        E, G = len(units), len(units[0])
+        kv_of = head_to_kv(W.num_heads, W.num_kv_heads)
+        unit_kv = tuple(kv_of[u[0]] for u in units)  # (E,) the K/V head each unit reads
+        wq, bq, wk, bk, wv, bv, wo = layer.mosa_memo(self.kind, lambda: _head_weights(W, self.heads, unit_kv))
+        q = F.linear(x, wq, bq).view(B, T, -1, d).transpose(1, 2)  # (B, E·G, T, d)
+        k, v = (F.linear(x, w_, b_).view(B, T, E, d).transpose(1, 2) for w_, b_ in ((wk, bk), (wv, bv)))  # (B, E, T, d)
+        pre = fam.query_prescale(layer)
+        q = q * pre if pre != 1.0 else q
+        q_norm, k_norm = fam.norms(layer)
+        if q_norm is not None:
+            q, k = q_norm(q), k_norm(k)
+        if call.cos is not None:
+            cos, sin = call.cos[:, None], call.sin[:, None]
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        host = call.store  # the layer's cache-side state (None: no cache)
+        valid = key_padding(call.mask, T)
+        real = valid if valid is not None else torch.ones(B, T, dtype=torch.bool, device=x.device)
+        seen_real = torch.zeros(B, dtype=torch.long, device=x.device)
+        offset = 0
+        if host is not None:
+            seen_real = host.mosa_seen_real if host.mosa_seen_real is not None else seen_real
+            offset = host.mosa_seen
+            host.mosa_seen += T
+            host.mosa_seen_real = seen_real + real.long().sum(-1)
+        index = seen_real[:, None] + real.long().cumsum(-1) - 1  # (B, T) index among the row's real tokens
+        sink = real & (index < plan.sink_tokens)
+        chosen, gate = self.route(layer, x, valid, real & (index == 0))  # (E, B, T) bool, (E, B, T) or None
+        keep = chosen | sink  # (E, B, T) rows every later query sees
+        w = plan.local_window
+        reach = fam.sliding_window(layer)  # the layer's own window (Gemma, Mistral), if any
+        w = min(w, reach or w)
+        scale, dropout = fam.scaling(layer), (fam.dropout(layer) if layer.training else 0.0)
+        store = None
+        if host is not None:
+            if getattr(host, "mosa_window_store", None) is None:
+                host.mosa_window_store = WindowStore(w, reach)
+            store = host.mosa_window_store
+        pos = (offset + torch.arange(T, device=x.device)).expand(E, B, T)
+        k_e, v_e = k.transpose(0, 1), v.transpose(0, 1)  # (E, B, T, d)
+        if store is None or store.k is None:  # nothing cached before these tokens: the blocked kernel
+            a = self.attend_full(q, k, v, keep, sink, gate, valid, w, reach, scale, dropout, G)  # (B, E·G, T, d)
+            a = a.transpose(1, 2).reshape(B, T, -1)
+        else:
+            a = self.attend_cached(q, store.rows(k_e, v_e, pos, keep, real.expand(E, B, T)), pos[0, 0], w, reach,
+                                   scale, G)  # (B, T, E·G·d)
+        if store is not None:
+            store.retain(*store.rows(k_e, v_e, pos, keep, real.expand(E, B, T)), next_pos=offset + T)
+        bias = W.bo if out is None else None
+        y = F.linear(a, wo, bias)  # (B, T, D)
+        if self.routed and plan.routing == "causal" and layer.training and plan.sparsity > 1 and (
+                plan.threshold_momentum > 0):
+            self.track_threshold(layer, x, valid)
+        return y if out is None else out + y
+
+    def route(self, layer, x: Tensor, valid: Tensor | None, first: Tensor) -> tuple[Tensor, Tensor | None]:
+        """(E, B, T) tokens each unit routes, and the gates of their values (None: no router)."""
+        E, (B, T) = len(self.units), x.shape[:2]
+        return torch.zeros(E, B, T, dtype=torch.bool, device=x.device), None
+
+    @staticmethod
+    def attend_full(q, k, v, keep, sink, gate, valid, w, reach, scale, dropout, G) -> Tensor:
+        """Blocked window attention with the kept rows (sinks, routed tokens) as extra keys: (B, E·G, T, d)."""
+        E, B, T = keep.shape
+        M = int(keep.sum(-1).max()) if keep.numel() else 0
+        extra = None
+        if M:
+            at_pos = torch.arange(T, device=q.device)
+            key = torch.where(keep, at_pos, at_pos + T).sort(dim=-1).values[..., :M]  # (E, B, M) kept first
+            idx = key.remainder(T)
+            ok = key < T
+            at = idx.permute(1, 0, 2)[..., None].expand(B, E, M, k.shape[-1])  # (B, E, M, d)
+            ve = v.gather(2, at)
+            if gate is not None:  # routed values carry the router gate (sinks do not)
+                g = torch.where(sink[None].expand_as(gate), torch.ones_like(gate), gate).gather(-1, idx)  # (E, B, M)
+                ve = ve * g.permute(1, 0, 2)[..., None].to(ve.dtype)
+            extra = Extra(k.gather(2, at), ve, idx.permute(1, 0, 2), ok.permute(1, 0, 2))
+            extra = Extra(*(t.repeat_interleave(G, dim=1) for t in extra))  # units -> their query heads
+        kk, vv = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
+        return sliding_window_attention(q, kk, vv, w, scale, valid, dropout, extra, reach)
+
+    @staticmethod
+    def attend_cached(q, rows, qpos, w, reach, scale, G) -> Tensor:
+        """New queries against stored + new rows (E, B, L, ...): (B, T, E·G·d)."""
+        k, v, pos, keep, ok = rows
+        E, B, L, d = k.shape
+        T = q.shape[2]
+        qp = qpos.view(1, 1, T, 1)
+        kp = pos[:, :, None, :]  # (E, B, 1, L)
+        allowed = ok[:, :, None, :] & (kp <= qp) & ((qp - kp < w) | keep[:, :, None, :])
+        if reach is not None:
+            allowed = allowed & (qp - kp < reach)
+        allowed = allowed | (kp == qp)  # a padded query still sees itself: no empty row
+        qe = q.view(B, E, G, T, d).transpose(0, 1).reshape(E * B, G, T, d)
+        a = F.scaled_dot_product_attention(qe, k.reshape(E * B, 1, L, d).expand(-1, G, -1, -1),
+                                           v.reshape(E * B, 1, L, d).expand(-1, G, -1, -1),
+                                           attn_mask=allowed.reshape(E * B, 1, T, L), scale=scale)  # (E·B, G, T, d)
+        return a.view(E, B, G, T, d).permute(1, 3, 0, 2, 4).reshape(B, T, E * G * d)
+
+
+@register_heads("streaming")
+class StreamingHeads(WindowedHeads):
+    """DuoAttention's streaming heads (a baseline): sinks + a recent window, no router. They decode with a cache
+    of (sinks + window) rows per unit."""
+
+    def cost(self, T: int, dims: Dims) -> GroupCost:
+        n, w = len(self.heads), min(self.plan.local_window, T)
+        s = min(self.plan.sink_tokens, max(T - w, 0))
+        return GroupCost(n * keys_flops(dims.D, dims.d, T, w, s), n * (w + s), len(self.units) * (w + s))
+
+
+@register_heads("mosa_keys")
+class MoSAKeysHeads(WindowedHeads):
+    """Key-selection MoSA heads (a departure from the paper): each unit's router selects tokens as *keys*; every
+    query attends the sinks, its recent window and the routed tokens before it. Routed values are multiplied by
+    the router gate (its gradient path; ×1 forward with straight-through scores). Attention costs T·(w + s + k)
+    instead of k², the cache holds window + sinks + routed rows."""
+
+    routed = True
+
+    def route(self, layer, x: Tensor, valid: Tensor | None, first: Tensor) -> tuple[Tensor, Tensor | None]:
+        plan = self.plan
+        logits = torch.einsum("ed,btd->ebt", layer.mosa_router, x)  # (E, B, T)
+        if plan.routing == "causal":
+            chosen = logits.detach() > layer.mosa_threshold.view(-1, 1, 1).to(logits.dtype)
+            if valid is not None:
+                chosen = chosen & valid
+            if plan.include_first:
+                chosen = chosen | first
+        else:
+            sel = select_tokens(logits, plan.sparsity, plan.include_first, valid)
+            hit = torch.ones_like(sel.idx, dtype=torch.bool) if sel.live is None else sel.live
+            chosen = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, sel.idx, hit)
+        return chosen, router_gates(logits, plan.router_score)
+
+    def cost(self, T: int, dims: Dims) -> GroupCost:
+        n, w, k = len(self.heads), min(self.plan.local_window, T), tokens_per_head(T, self.plan.sparsity)
+        far = max(T - w, 0)
+        s = min(self.plan.sink_tokens, far)
+        k_far = min(k, far)  # routed tokens that can lie before a window
+        rows = len(self.units) * (w + s + k_far)
+        return GroupCost(n * keys_flops(dims.D, dims.d, T, w, s + k_far / 2) + len(self.units) * 2 * dims.D * T,
+                         n * (w + s + k_far), rows)

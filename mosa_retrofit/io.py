@@ -37,7 +37,7 @@ DENSE_LOAD_WARNING = (
 
 def structure_config(config: MoSAConfig) -> MoSAConfig:
     # Rebuilding needs no calibration: dense heads are stored per layer, routers come from the checkpoint.
-    return dataclasses.replace(config, head_choice="first", router_init="random")
+    return dataclasses.replace(config, head_choice="first", router_init="random", dense_scope="layer")
 
 
 @functools.lru_cache(maxsize=None)
@@ -51,7 +51,7 @@ def _mosa_model_class(base_cls: type) -> type:
         convert_(self, structure_config(mosa), progress=False, _structure_only=True)
         config.mosa = dataclasses.replace(
             MoSAConfig.from_dict(config.mosa), head_choice=mosa.head_choice, router_init=mosa.router_init,
-            base_model_name_or_path=mosa.base_model_name_or_path).to_dict()
+            dense_scope=mosa.dense_scope, base_model_name_or_path=mosa.base_model_name_or_path).to_dict()
 
     # The loader class keeps the base's name and module: transformers looks its checkpoint conversions up by
     # class name / model_type and skips them for classes outside transformers (GPT-NeoX's embed_out -> lm_head).

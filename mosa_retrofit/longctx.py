@@ -32,6 +32,7 @@ class Prompt:
     needle_at: int  # index of the asked needle's first token
     key: str
     filler_tokens: int  # tokens of filler around the needle(s): depth d puts the needle near d · filler_tokens
+    needle_tokens: int = 0  # tokens of the asked needle's sentence
 
 
 def passkey_prompt(tokenizer, length: int, depth: float, rng: random.Random, variant: str = "single",
@@ -76,7 +77,7 @@ def passkey_prompt(tokenizer, length: int, depth: float, rng: random.Random, var
     ids += text[cursor:] + question
     answer_start = len(ids)
     ids += answer
-    return Prompt(torch.tensor([ids]), answer_start, needle_at, key, budget)
+    return Prompt(torch.tensor([ids]), answer_start, needle_at, key, budget, len(needles[asked]))
 
 
 @torch.no_grad()

@@ -14,19 +14,23 @@ import torch
 from torch import Tensor, nn
 
 from .attention import LayerPlan, init_router_, init_threshold_, mosa_class, mosa_layers
-from .calibration import LayerStats, collect_stats, default_calibration
+from .calibration import LayerStats, collect_stats, default_calibration, model_tokenizer
 from .causal import calibrate_thresholds_, threshold_rows
 from .config import MoSAConfig
 from .costs import attention_costs, ratios
 from .families import attention_layers, dense_kv_layout, family_of
+from .retrieval import default_retrieval_prompts, retrieval_scores
 
 logger = logging.getLogger("mosa_retrofit")
 
 
 def plan_layers(model: nn.Module, config: MoSAConfig, stats: dict[int, LayerStats] | None = None,
                 filter_fn: Callable[[nn.Module, str], bool] | None = None,
-                notes: list[str] | None = None) -> dict[int, LayerPlan]:
+                notes: list[str] | None = None, retrieval: dict[int, Tensor] | None = None) -> dict[int, LayerPlan]:
     """Per converted layer, which heads stay dense and which become MoSA heads (validates everything).
+
+    ``stats`` (calibration) scores heads for ``head_choice='scored'``, ``retrieval`` ((H,) per layer,
+    retrieval.py) for ``head_choice='retrieval'``.
 
     ``notes`` (if given) receives one line per adjustment a user should know of: a dense count rounded up to
     whole KV groups, or layers whose dense heads split a KV group (their MoSA heads then route one by one).
@@ -42,13 +46,16 @@ def plan_layers(model: nn.Module, config: MoSAConfig, stats: dict[int, LayerStat
         bad = [i for i in config.layers if i not in layers]
         raise ValueError(f"MoSAConfig.layers names layers {bad}; the model has layers 0..{max(layers)}")
     plans, rounded, split = {}, {}, []
-    for idx, (name, m) in sorted(layers.items()):
-        if not config.converts_layer(idx) or (filter_fn is not None and not filter_fn(m, name)):
-            continue
+    selected = {idx: m for idx, (name, m) in sorted(layers.items())
+                if config.converts_layer(idx) and (filter_fn is None or filter_fn(m, name))}
+    placed = _place_dense(config, family, selected, stats, retrieval) if config.dense_scope == "model" else {}
+    for idx, m in selected.items():
         H, KV, _ = family.dims(m)
         G = H // KV
         granularity = config.router_granularity if G > 1 else "head"
-        if str(idx) in config.dense_head_ids:
+        if idx in placed and str(idx) not in config.dense_head_ids:
+            dense = placed[idx]
+        elif str(idx) in config.dense_head_ids:
             dense = sorted(config.dense_head_ids[str(idx)])
             if len(set(dense)) != len(dense) or (dense and dense[-1] >= H):
                 raise ValueError(f"MoSAConfig.dense_head_ids['{idx}'] = {dense}: need distinct heads in 0..{H - 1}")
@@ -61,7 +68,7 @@ def plan_layers(model: nn.Module, config: MoSAConfig, stats: dict[int, LayerStat
             if granularity == "kv_group" and n % G and -(-n // G) * G < H:
                 n = -(-n // G) * G  # whole KV groups: each K/V row is cached once
                 rounded.setdefault((asked, n, G), []).append(idx)
-            dense = _choose_dense(config, stats, idx, n, H, KV, whole_groups=granularity == "kv_group")
+            dense = _choose_dense(config, stats, retrieval, idx, n, H, KV, whole_groups=granularity == "kv_group")
         mosa = [h for h in range(H) if h not in dense]
         if granularity == "kv_group" and any(0 < sum(h in mosa for h in range(g * G, (g + 1) * G)) < G
                                              for g in range(KV)):
@@ -69,8 +76,9 @@ def plan_layers(model: nn.Module, config: MoSAConfig, stats: dict[int, LayerStat
             split.append(idx)
         if config.kept_heads == "local" and family.softcap(m) is not None and dense:
             raise ValueError("kept_heads='local' does not support attention logit soft-capping (Gemma2); use 'dense'")
-        if config.sparse_heads == "local" and family.softcap(m) is not None:
-            raise ValueError("sparse_heads='local' does not support attention logit soft-capping (Gemma2)")
+        if config.sparse_heads in ("local", "streaming", "mosa_keys") and family.softcap(m) is not None:
+            raise ValueError(f"sparse_heads={config.sparse_heads!r} does not support attention logit soft-capping "
+                             "(Gemma2); use 'mosa' or 'pruned'")
         if not mosa:
             continue  # every head stays dense: the layer is left as it is
         plans[idx] = LayerPlan(
@@ -78,6 +86,7 @@ def plan_layers(model: nn.Module, config: MoSAConfig, stats: dict[int, LayerStat
             router_score=config.router_score, granularity=granularity, kept_heads=config.kept_heads,
             local_window=config.local_window, group_size=G, routing=config.routing,
             threshold_momentum=config.threshold_momentum, sparse_heads=config.sparse_heads, fill=config.fill,
+            sink_tokens=config.sink_tokens,
         )
     if notes is not None:
         for (asked, n, G), idxs in rounded.items():
@@ -91,20 +100,44 @@ def plan_layers(model: nn.Module, config: MoSAConfig, stats: dict[int, LayerStat
     return plans
 
 
-def _choose_dense(config: MoSAConfig, stats, idx: int, n: int, H: int, KV: int, whole_groups: bool) -> list[int]:
+def _scores(config: MoSAConfig, stats, retrieval, idx: int, KV: int, unit: str) -> Tensor:
+    """(KV,) or (H,): how much each KV group / head should stay dense, by ``config.head_choice``."""
+    if config.head_choice == "retrieval":  # attention mass from answers onto hidden keys, summed per group
+        score = retrieval[idx].float()
+        return score.view(KV, -1).sum(1) if unit == "kv_group" else score
+    # scored: the heads (or KV groups) that sparse selection would change most
+    return stats[idx].head_scores(config.fill, config.sparsity, unit)
+
+
+def _choose_dense(config: MoSAConfig, stats, retrieval, idx: int, n: int, H: int, KV: int,
+                  whole_groups: bool) -> list[int]:
     """``n`` dense heads of a layer by ``config.head_choice`` (whole KV groups where ``whole_groups`` allows)."""
     if config.head_choice == "first":
         return list(range(n))
     if config.head_choice == "last":
         return list(range(H - n, H))
-    # scored: keep dense the heads (or KV groups) that sparse selection would change most
     G = H // KV
     if whole_groups and G > 1 and n % G == 0:
-        score = stats[idx].head_scores(config.fill, config.sparsity, "kv_group")  # (KV,)
-        groups = score.argsort(descending=True)[: n // G].tolist()
+        groups = _scores(config, stats, retrieval, idx, KV, "kv_group").argsort(descending=True)[: n // G].tolist()
         return sorted(h for g in groups for h in range(g * G, (g + 1) * G))
-    score = stats[idx].head_scores(config.fill, config.sparsity, "head")  # (H,)
-    return sorted(score.argsort(descending=True)[:n].tolist())
+    return sorted(_scores(config, stats, retrieval, idx, KV, "head").argsort(descending=True)[:n].tolist())
+
+
+def _place_dense(config: MoSAConfig, family, modules: dict, stats, retrieval) -> dict[int, list[int]]:
+    """dense_scope='model': the layers' dense counts summed, then given to the highest-scoring units (whole KV
+    groups with router_granularity='kv_group', else heads) wherever they are. {layer: dense heads}."""
+    units, total = [], 0.0
+    for idx, m in modules.items():
+        H, KV, _ = family.dims(m)
+        G = H // KV if config.router_granularity == "kv_group" else 1
+        total += config.dense_count(idx, H) / G
+        score = _scores(config, stats, retrieval, idx, KV, "kv_group" if G > 1 else "head")
+        units += [(float(v), idx, [u * G + h for h in range(G)]) for u, v in enumerate(score)]
+    keep = sorted(units, key=lambda t: -t[0])[: int(round(total))]
+    placed = {idx: [] for idx in modules}
+    for _, idx, heads in keep:
+        placed[idx] += heads
+    return {idx: sorted(h) for idx, h in placed.items()}
 
 
 def _layer_list(idxs: list[int]) -> str:
@@ -119,7 +152,7 @@ def _layer_list(idxs: list[int]) -> str:
 def convert_(model: nn.Module, config: MoSAConfig | None = None, calibration: Tensor | None = None,
              filter_fn: Callable[[nn.Module, str], bool] | None = None, progress: bool = True,
              stats: dict[int, LayerStats] | None = None, tokenizer=None,
-             _structure_only: bool = False) -> nn.Module:
+             retrieval: dict[int, Tensor] | None = None, _structure_only: bool = False) -> nn.Module:
     """Convert ``model``'s attention to hybrid MoSA in place and return it.
 
     Args:
@@ -133,7 +166,10 @@ def convert_(model: nn.Module, config: MoSAConfig | None = None, calibration: Te
         stats: calibration statistics from ``calibration.collect_stats`` on this (unconverted) model, to reuse
             one calibration pass across many conversions (a sweep); causal routing still needs ``calibration``
             for its thresholds.
-        tokenizer: the model's tokenizer, for the default calibration text.
+        tokenizer: the model's tokenizer, for the default calibration text and retrieval prompts.
+        retrieval: retrieval scores ``{layer: (H,)}`` from ``retrieval.retrieval_scores`` on this model, for
+            ``head_choice='retrieval'`` (default: measured on 16 multi-key prompts of 1,024 tokens built from
+            the embedded Wikipedia text).
         _structure_only: build the layers a saved checkpoint describes (its dense heads are resolved) without
             fitting anything: the weights come from the checkpoint (used by ``load`` and resumed training).
 
@@ -152,20 +188,26 @@ def convert_(model: nn.Module, config: MoSAConfig | None = None, calibration: Te
                          "to change a conversion")
     if calibration is not None and (not isinstance(calibration, Tensor) or calibration.dim() != 2):
         raise ValueError(f"calibration must be a (N, T) tensor of token ids, got {getattr(calibration, 'shape', calibration)}")
-    routed = config.sparse_heads == "mosa"  # the baselines have no routers
-    fitted = not _structure_only and ((config.fill == "mean" and config.sparse_heads != "local")
+    routed = config.routed  # the baselines have no routers
+    fitted = not _structure_only and ((config.fill == "mean" and config.fills)
                                       or (routed and config.router_init == "calibrated"))
     layers = attention_layers(model, family)
-    if not _structure_only and config.needs_calibration and calibration is None and stats is None:
-        plan_layers(model, dataclasses.replace(config, head_choice="first"), None, filter_fn)  # validate first
+    needs_text = config.head_choice == "scored" or fitted  # (retrieval heads read prompts of their own)
+    if not _structure_only and needs_text and calibration is None and stats is None:
+        plan_layers(model, dataclasses.replace(config, head_choice="first", dense_scope="layer"), None,
+                    filter_fn)  # validate first
         calibration = default_calibration(model, tokenizer)
+    if config.head_choice == "retrieval" and retrieval is None and not _structure_only:
+        length = min(1024, getattr(model.config, "max_position_embeddings", None) or 1024)
+        prompts = default_retrieval_prompts(model_tokenizer(model, tokenizer), length=length)
+        retrieval = retrieval_scores(model, prompts, [i for i in layers if config.converts_layer(i)], progress)
     if config.head_choice == "scored" and stats is None:
         plans_probe = {i for i in layers if config.converts_layer(i)}
         stats = collect_stats(model, calibration, {i: layers[i][1] for i in plans_probe}, progress,
                               sparsities=(config.sparsity,), include_first=config.include_first,
                               fills=(config.fill,))
     notes: list[str] = []
-    plans = plan_layers(model, config, stats, filter_fn, notes)  # raises before anything is modified
+    plans = plan_layers(model, config, stats, filter_fn, notes, retrieval)  # raises before anything is modified
     if not _structure_only:
         for note in notes:
             logger.warning("mosa_retrofit: %s", note)
@@ -187,7 +229,7 @@ def convert_(model: nn.Module, config: MoSAConfig | None = None, calibration: Te
         G = plan.heads_per_unit if routed else 1
         units = [list(plan.mosa[i: i + G]) for i in range(0, len(plan.mosa), G)]
         ref = weights.wq
-        if plan.fill == "mean" and plan.sparse_heads != "local":
+        if plan.fill == "mean" and config.fills:
             m.mosa_fill = nn.Parameter(torch.zeros(len(units), G * weights.head_dim, device=ref.device,
                                                    dtype=ref.dtype))
             if not _structure_only:

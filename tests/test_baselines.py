@@ -115,3 +115,68 @@ def test_blocked_sliding_window_matches_explicit_band(T, w):
         s = (q @ k.transpose(-1, -2)) * 0.3
         ref = s.masked_fill(~band, float("-inf")).softmax(-1) @ v
         torch.testing.assert_close(sliding_window_attention(q, k, v, w, 0.3, key_valid), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("T, w", [(13, 4), (16, 4), (20, 19), (9, 3)])
+def test_window_with_extra_keys_matches_explicit_mask(T, w):
+    """Band + extra keys (sinks, routed tokens) in one softmax: query i sees j in its band, and an extra key at
+    position p iff p <= i - w (and i - p < reach)."""
+    from mosa_retrofit.window import Extra, sliding_window_attention
+
+    g = torch.Generator().manual_seed(T * 7 + w)
+    B, n, d = 2, 3, 8
+    q, k, v = (torch.randn(B, n, T, d, generator=g) for _ in range(3))
+    pos = torch.stack([torch.randperm(T, generator=g)[:4].sort().values for _ in range(B * n)]).view(B, n, 4)
+    ok = torch.rand(B, n, 4, generator=g) > 0.3
+    at = pos[..., None].expand(B, n, 4, d)
+    i, j = torch.arange(T)[:, None], torch.arange(T)[None]
+    for reach in (None, w + 3):
+        band = (j <= i) & (j > i - w)
+        extra_mask = torch.zeros(B, n, T, T, dtype=torch.bool)  # (B, n, query, key) via the extra keys
+        for b in range(B):
+            for h in range(n):
+                for m in range(4):
+                    p = int(pos[b, h, m])
+                    seen = (torch.arange(T) - p >= w) & bool(ok[b, h, m])
+                    if reach is not None:
+                        seen = seen & (torch.arange(T) - p < reach)
+                    extra_mask[b, h, :, p] |= seen
+        s = (q @ k.transpose(-1, -2)) * 0.3
+        ref = s.masked_fill(~(band | extra_mask), float("-inf")).softmax(-1) @ v
+        out = sliding_window_attention(q, k, v, w, 0.3, None, 0.0, Extra(k.gather(2, at), v.gather(2, at), pos, ok),
+                                       reach)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "qwen3", "gemma3_text"])
+def test_streaming_heads(family):
+    """sparse_heads='streaming' (DuoAttention's streaming heads): a window >= T is the original model; without
+    sinks it is the sliding-window baseline; sinks change the output; decoding is refused."""
+    ids, mask = ids_and_mask(T=20)
+    sel = mask.bool()
+    run = lambda **kw: convert_(tiny_model(family), plain_config(dense_head_ids=KEEP, **kw))
+    with torch.no_grad():
+        ref = tiny_model(family)(ids, attention_mask=mask).logits[sel]
+        wide = run(sparse_heads="streaming", local_window=64)(ids, attention_mask=mask).logits[sel]
+        torch.testing.assert_close(wide, ref, atol=1e-4, rtol=0)
+        no_sinks = run(sparse_heads="streaming", local_window=5, sink_tokens=0)(ids, attention_mask=mask).logits[sel]
+        local = run(sparse_heads="local", local_window=5)(ids, attention_mask=mask).logits[sel]
+        if family != "gemma3_text":  # (its sliding layers already bound the local baseline differently)
+            torch.testing.assert_close(no_sinks, local, atol=1e-4, rtol=0)
+        sinks = run(sparse_heads="streaming", local_window=5, sink_tokens=2)
+        assert not torch.allclose(sinks(ids, attention_mask=mask).logits[sel], no_sinks, atol=1e-3)
+    # (decoding with a cache: tests/test_mosa_keys.py, against the full forward)
+
+
+def test_streaming_costs_against_hand_formulas():
+    D, d, T, H, w, s = 64, 16, 64, 4, 8, 2
+    pairs = sum(min(t + 1, w) for t in range(T))
+    model = convert_(tiny_model("llama"), plain_config(dense_head_ids=KEEP, sparse_heads="streaming", local_window=w,
+                                                     sink_tokens=s))
+    dense = 8 * D * d * T + 2 * d * T * T
+    for row in attention_costs(model, T):
+        assert row.flops == dense + 3 * (8 * D * d * T + 4 * d * (pairs + s * T))
+        assert row.kv == T + 3 * (w + s)
+        # 2 KV heads of 2 query heads each: kept head 1 caches KV head 0 once; the streaming heads 0, 2, 3 read
+        # KV heads unevenly (1 + 2), so each keeps its own copy (attention.dense_kv_layout)
+        assert row.kv_bytes == (T + 3 * (w + s)) * 2 * d * 4

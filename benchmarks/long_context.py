@@ -1,0 +1,140 @@
+"""Long context at equal KV bytes: SmolLM2-135M and its conversions, no training, all in one run.
+
+    python benchmarks/long_context.py [--lengths 2048,4096,8192] [--trials 2] [--documents 2] [--quick]
+
+Measures the original model and each conversion below (all keep the same dense KV groups, chosen by retrieval
+score over the whole model, so only the other heads differ) on:
+  * passkey retrieval (multi-key variant: four named keys, one asked) at each length x depth, teacher forced;
+  * perplexity of the final 256 tokens of Shakespeare's plays given L tokens before them (L up to 7,936: with
+    the scored tokens, the model's 8,192 positions);
+  * KV-cache bytes and attention FLOPs at 8,192 tokens against the original (cost model), and the time of one
+    8,192-token forward against the original's (measured in this run).
+Writes benchmarks/results/long_context.md and docs/results/long_context_frontier.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+# name -> MoSAConfig fields ({} is the library default; None is the original model). Equal KV bytes at 8,192
+# tokens: streaming window 384 + 4 sinks = mosa_keys window 128 + 4 sinks + 8192/32 routed tokens.
+RETRIEVAL = dict(head_choice="retrieval", dense_scope="model", dense_heads=0.25)
+MODELS = {
+    "original": None,
+    "MoSA, paper's head (3 dense heads per layer, sparsity 8)": dict(sparsity=8, dense_heads=3),
+    "streaming baseline (DuoAttention-style), window 384": dict(**RETRIEVAL, sparse_heads="streaming",
+                                                                 local_window=384),
+    "MoSA key selection, window 128 + 1/32 routed": dict(**RETRIEVAL, sparse_heads="mosa_keys", local_window=128,
+                                                         sparsity=32),
+    "sliding-window baseline, window 388": dict(**RETRIEVAL, sparse_heads="local", local_window=388),
+}
+
+
+def ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--lengths", type=ints, default=[2048, 4096, 8192], help="passkey prompt lengths")
+    p.add_argument("--depths", default="0.1,0.5,0.9", help="depths of the asked key")
+    p.add_argument("--trials", type=int, default=2, help="keys per (length, depth)")
+    p.add_argument("--contexts", type=ints, default=[256, 512, 1024, 2048, 4096, 7936])
+    p.add_argument("--documents", type=int, default=2, help="plays scored")
+    p.add_argument("--models", default="", help="comma-separated indices into the model list (default: all)")
+    p.add_argument("--out", default="benchmarks/results/long_context.md")
+    p.add_argument("--plot", default="docs/results/long_context_frontier.png")
+    args = p.parse_args()
+    depths = [float(d) for d in args.depths.split(",")]
+
+    from transformers import AutoTokenizer
+
+    from mosa_retrofit import MoSAConfig, convert_
+    from mosa_retrofit.assets import shakespeare_plays
+    from mosa_retrofit.calibration import collect_stats, default_calibration
+    from mosa_retrofit.costs import cost_ratios
+    from mosa_retrofit.evaluate import PROTOCOL, perplexity
+    from mosa_retrofit.families import attention_layers
+    from mosa_retrofit.io import load_any
+    from mosa_retrofit.longctx import context_documents, context_perplexity, passkey_grid
+    from mosa_retrofit.plots import plot_long_context
+    from mosa_retrofit.retrieval import default_retrieval_prompts, retrieval_scores
+    from mosa_retrofit.study import machine
+
+    started = time.time()
+    original, source = load_any("smollm2-135m")
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    calibration = default_calibration(original, tokenizer)
+    layers = attention_layers(original)
+    stats = collect_stats(original, calibration, {i: m for i, (_, m) in layers.items()}, sparsities=(8,), fills=("mean",))
+    retrieval = retrieval_scores(original, default_retrieval_prompts(tokenizer))
+    docs = context_documents(tokenizer, shakespeare_plays(), max(args.contexts), 256)[: args.documents]
+    blocks = PROTOCOL.blocks(tokenizer)
+    probe = torch.randint(0, 1000, (1, 8192), generator=torch.Generator().manual_seed(0))
+
+    def forward_time(model) -> float:
+        with torch.no_grad():
+            t = time.perf_counter()
+            model(input_ids=probe, use_cache=False)
+            return time.perf_counter() - t
+
+    chosen = list(MODELS.items())
+    if args.models:
+        chosen = [chosen[int(i)] for i in args.models.split(",")]
+    if chosen[0][1] is not None:
+        chosen.insert(0, ("original", None))
+    rows, grids, curves = [], {}, {}
+    for name, fields in chosen:
+        model = original
+        if fields is not None:
+            model = load_any("smollm2-135m")[0]
+            convert_(model, MoSAConfig(**fields), calibration=calibration, stats=stats, retrieval=retrieval,
+                     progress=False)
+        model.eval()
+        print(f"\n== {name}", flush=True)
+        grids[name] = passkey_grid(model, tokenizer, args.lengths, depths, args.trials, "multi")
+        curves[name] = context_perplexity(model, docs, args.contexts)
+        cost = cost_ratios(model, 8192) if fields is not None else None
+        rows.append(dict(name=name, config=fields, ppl=perplexity(model, blocks), seconds=forward_time(model),
+                         kv=cost.kv_bytes if cost else 1.0, flops=cost.flops if cost else 1.0))
+        print(json.dumps({**rows[-1], "passkey": {f"{L}@{d}": v for (L, d), v in grids[name].items()},
+                          "curve": curves[name]}), flush=True)
+
+    base = rows[0]
+    passkey = lambda g, L: sum(g[(L, d)] for d in depths) / len(depths)
+    lines = ["# Long context at equal KV bytes: SmolLM2-135M-Instruct conversions, no training", "",
+             f"Command: `python benchmarks/long_context.py --lengths {','.join(map(str, args.lengths))} --trials "
+             f"{args.trials} --documents {args.documents}`", "",
+             f"Machine: {machine()}; {time.strftime('%Y-%m-%d')}; {time.time() - started:.0f} s in all.", "",
+             f"Passkey: multi-key variant (four named keys, one asked), {args.trials} keys x depths "
+             f"{', '.join(f'{d:.0%}' for d in depths)} per length, teacher forced. Perplexity: the final 256 tokens "
+             f"of {len(docs)} plays given L tokens of the play before them. Held-out: {PROTOCOL.describe()}. "
+             "KV bytes and attention FLOPs at 8,192 tokens against the original (cost model); forward time: one "
+             "8,192-token forward against the original's, same run.", "",
+             "| model | KV bytes @8k | attn FLOPs @8k | 8k forward time | held-out ppl | "
+             + " | ".join(f"passkey @{L}" for L in args.lengths) + " | "
+             + " | ".join(f"ppl, L={L}" for L in args.contexts) + " |",
+             "|---|---|---|---|---|" + "---|" * (len(args.lengths) + len(args.contexts))]
+    for r in rows:
+        g, c = grids[r["name"]], curves[r["name"]]
+        lines.append(f"| {r['name']} | {r['kv']:.3f}x | {r['flops']:.3f}x | {r['seconds'] / base['seconds']:.2f}x | "
+                     f"{r['ppl']:.2f} | " + " | ".join(f"{passkey(g, L):.2f}" for L in args.lengths) + " | "
+                     + " | ".join(f"{c[L]:.2f}" for L in args.contexts) + " |")
+    lines += ["", "Configurations (MoSAConfig fields; the rest are the defaults):", ""]
+    lines += [f"- {r['name']}: `{json.dumps(r['config'])}`" for r in rows if r["config"] is not None]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
+    Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
+    plot_long_context(grids, curves, Path(args.plot))
+    print("\n".join(lines))
+    print(f"\nwrote {out} and {args.plot}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,154 @@
+"""Key-selection MoSA heads (sparse_heads='mosa_keys'): against a plain masked-attention reference, identity
+invariants, gradients to the router, costs."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_surgery import IDENTITY, ids_and_mask
+from tiny_models import FAMILIES, plain_config, tiny_model
+
+from mosa_retrofit import convert_
+from mosa_retrofit.attention import mosa_layers
+from mosa_retrofit.costs import attention_costs
+
+KEEP = {"0": [1], "1": [2]}
+
+
+def masked_reference(family: str, masks: dict, ids):
+    """The *original* model with each layer's attention replaced by plain softmax attention under ``masks``
+    {layer: (H, T, T) bool} (computed in the test from the converted model's routers)."""
+    from transformers import AttentionInterface
+
+    def attend(module, q, k, v, attention_mask, scaling=None, dropout=0.0, **kw):
+        G = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)
+        s = (q @ k.transpose(-1, -2)) * scaling  # (B, H, T, T)
+        return (s.masked_fill(~masks[module.layer_idx], -math.inf).softmax(-1) @ v).transpose(1, 2), None
+
+    AttentionInterface.register("test_masked_reference", attend)
+    model = tiny_model(family)
+    model.set_attn_implementation("test_masked_reference")
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2", "opt"])
+@pytest.mark.parametrize("w, sinks, sparsity", [(3, 2, 4), (5, 0, 3), (1, 1, 6)])
+def test_every_query_attends_sinks_window_and_routed_keys(family, w, sinks, sparsity):
+    """Query i of sparse head h sees key j <= i iff i - j < w, j < sinks, or j is among the unit's top-k router
+    scores (expert choice, the first token forced); kept heads see every key before them."""
+    T = 20
+    ids, _ = ids_and_mask(T=T)
+    model = convert_(tiny_model(family), plain_config(dense_head_ids=KEEP, sparse_heads="mosa_keys", local_window=w,
+                                                      sink_tokens=sinks, sparsity=sparsity,
+                                                      router_score="straight_through", include_first=True))
+    inputs = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, a, kw, i=i: inputs.__setitem__(i, kw.get("hidden_states", a[0] if a else None)),
+                                         with_kwargs=True) for i, m in mosa_layers(model).items()]
+    with torch.no_grad():
+        out = model(ids).logits
+    for h in hooks:
+        h.remove()
+    H = 4
+    i, j = torch.arange(T)[:, None], torch.arange(T)[None]
+    causal = j <= i
+    masks = {}
+    for layer, m in mosa_layers(model).items():
+        x = inputs[layer]  # (B, T, D)
+        mask = causal.expand(ids.shape[0], H, T, T).clone()
+        k = min(max(T // sparsity, 2), T)
+        for e, head in enumerate(m.mosa_plan.mosa):
+            score = x @ m.mosa_router[e]  # (B, T)
+            score[:, 0] = math.inf
+            chosen = torch.zeros_like(score, dtype=torch.bool).scatter(1, score.topk(k, dim=1).indices, True)
+            mask[:, head] = causal & ((i - j < w) | (j < sinks) | chosen[:, None, :])
+        masks[layer] = mask
+    torch.testing.assert_close(out, masked_reference(family, masks, ids), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "gemma2"])
+def test_identity_every_token_selected(family):
+    """Sparsity 1 with straight-through scores: every key is routed, so every head is its original."""
+    ids, mask = ids_and_mask()
+    sel = mask.bool()
+    with torch.no_grad():
+        ref = tiny_model(family)(ids, attention_mask=mask).logits[sel]
+        model = convert_(tiny_model(family), plain_config(dense_heads=1, sparse_heads="mosa_keys", local_window=2,
+                                                          sink_tokens=0, **IDENTITY))
+        torch.testing.assert_close(model(ids, attention_mask=mask).logits[sel], ref, atol=1e-4, rtol=0)
+
+
+def test_routers_get_gradients_and_softcap_is_refused():
+    model = convert_(tiny_model("llama").train(), plain_config(dense_head_ids=KEEP, sparse_heads="mosa_keys",
+                                                               local_window=2, sparsity=4))
+    ids, _ = ids_and_mask()
+    model(ids, labels=ids, use_cache=False).loss.backward()
+    assert all(m.mosa_router.grad is not None and m.mosa_router.grad.abs().sum() > 0
+               for m in mosa_layers(model).values())
+    with pytest.raises(ValueError, match="does not support attention logit soft-capping"):
+        convert_(tiny_model("gemma2"), plain_config(sparse_heads="mosa_keys"))
+
+
+def test_costs_against_hand_formulas():
+    D, d, T, w, s, sparsity = 64, 16, 64, 8, 2, 4
+    k = T // sparsity
+    model = convert_(tiny_model("llama"), plain_config(dense_head_ids=KEEP, sparse_heads="mosa_keys", local_window=w,
+                                                      sink_tokens=s, sparsity=sparsity))
+    pairs = sum(min(t + 1, w) for t in range(T))
+    dense = 8 * D * d * T + 2 * d * T * T
+    head = 8 * D * d * T + 4 * d * (pairs + int((s + k / 2) * T))  # sinks, and half of the routed keys on average
+    for row in attention_costs(model, T):
+        assert row.flops == dense + 3 * head + 3 * 2 * D * T  # + one router per head
+        assert row.kv == T + 3 * (w + s + k)
+        assert row.kv_bytes == (T + 3 * (w + s + k)) * 2 * d * 4
+
+
+WINDOWED = [dict(sparse_heads="mosa_keys", routing="causal", local_window=3, sink_tokens=2, sparsity=4),
+            dict(sparse_heads="streaming", local_window=4, sink_tokens=2)]
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "gemma2"])
+@pytest.mark.parametrize("kind", WINDOWED, ids=lambda k: k["sparse_heads"])
+def test_decode_with_the_window_store_equals_full_forward(family, kind):
+    """Prefill + token-by-token decoding (left padding, a batch) gives the full forward's logits, while the store
+    keeps only sinks, routed tokens and the last window; generate() with a cache equals without."""
+    from test_causal import _incremental
+
+    g = torch.Generator().manual_seed(7)
+    model = convert_(tiny_model(family), plain_config(dense_head_ids=KEEP, **kind),
+                     calibration=torch.randint(1, 128, (4, 32), generator=g))
+    x = torch.randint(1, 128, (2, 24), generator=g)
+    mask = torch.ones_like(x)
+    mask[1, :5] = 0
+    with torch.no_grad():
+        full = model(x, attention_mask=mask, use_cache=False).logits
+    inc, cache = _incremental(model, x, mask)
+    real = mask.bool()
+    torch.testing.assert_close(inc[real], full[real], atol=1e-4, rtol=0)
+    stores = [layer.mosa_window_store for layer in cache.layers if getattr(layer, "mosa_window_store", None)]
+    assert len(stores) == 2
+    for store in stores:
+        held = store.valid.sum(-1)  # (E, B) rows kept per unit and row
+        w = kind["local_window"]  # the next query (position 24) sees 24 - w + 1 .. 24: w - 1 stored rows
+        assert bool((held >= w - 1).all()) and held.float().mean() < 24  # (a unit may route every token)
+        assert bool((store.pos[store.valid & ~store.keep] > 24 - w).all())  # besides sinks and routed: the window
+    opts = dict(attention_mask=mask[:, :9], max_new_tokens=8, pad_token_id=0, do_sample=False)
+    with torch.no_grad():
+        a = model.generate(x[:, :9], use_cache=True, **opts)
+        b = model.generate(x[:, :9], use_cache=False, **opts)
+        beam = model.generate(x[:, :9], use_cache=True, num_beams=3, **opts)
+        beam_nc = model.generate(x[:, :9], use_cache=False, num_beams=3, **opts)
+    assert torch.equal(a, b) and torch.equal(beam, beam_nc)
+
+
+def test_expert_choice_and_sigmoid_keys_refuse_to_decode():
+    from test_causal import _incremental
+
+    x = torch.randint(1, 128, (1, 16), generator=torch.Generator().manual_seed(0))
+    for over, msg in ((dict(routing="expert_choice"), "expert-choice routing cannot decode"),
+                      (dict(routing="causal", router_score="sigmoid"), "straight_through")):
+        model = convert_(tiny_model("llama"), plain_config(dense_head_ids=KEEP, sparse_heads="mosa_keys", **over))
+        with pytest.raises(ValueError, match=msg):
+            _incremental(model, x)
