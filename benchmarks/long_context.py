@@ -24,14 +24,14 @@ import torch
 # name -> MoSAConfig fields ({} is the library default; None is the original model). Equal KV bytes at 8,192
 # tokens: streaming window 384 + 4 sinks = mosa_keys window 128 + 4 sinks + 8192/32 routed tokens.
 RETRIEVAL = dict(head_choice="retrieval", dense_scope="model", dense_heads=0.25)
+V2 = dict(sparsity=8, dense_heads=3, head_choice="scored", dense_scope="layer", sparse_heads="mosa")
 MODELS = {
     "original": None,
-    "MoSA, paper's head (3 dense heads per layer, sparsity 8)": dict(sparsity=8, dense_heads=3),
+    "default conversion: MoSA key selection, window 256 + 1/64 routed": {},
     "streaming baseline (DuoAttention-style), window 384": dict(**RETRIEVAL, sparse_heads="streaming",
                                                                  local_window=384),
-    "MoSA key selection, window 128 + 1/32 routed": dict(**RETRIEVAL, sparse_heads="mosa_keys", local_window=128,
-                                                         sparsity=32),
     "sliding-window baseline, window 388": dict(**RETRIEVAL, sparse_heads="local", local_window=388),
+    "MoSA, the paper's head form (previous default: 3 dense heads per layer, sparsity 8)": V2,
 }
 
 
@@ -42,10 +42,11 @@ def ints(text: str) -> list[int]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--lengths", type=ints, default=[2048, 4096, 8192], help="passkey prompt lengths")
-    p.add_argument("--depths", default="0.1,0.5,0.9", help="depths of the asked key")
-    p.add_argument("--trials", type=int, default=2, help="keys per (length, depth)")
-    p.add_argument("--contexts", type=ints, default=[256, 512, 1024, 2048, 4096, 7936])
-    p.add_argument("--documents", type=int, default=2, help="plays scored")
+    p.add_argument("--depths", default="0.25,0.75", help="depths of the asked key")
+    p.add_argument("--variant", default="single", choices=("single", "multi"), help="passkey variant")
+    p.add_argument("--trials", type=int, default=4, help="keys per (length, depth)")
+    p.add_argument("--contexts", type=ints, default=[512, 1024, 2048, 4096, 7936])
+    p.add_argument("--documents", type=int, default=1, help="plays scored")
     p.add_argument("--models", default="", help="comma-separated indices into the model list (default: all)")
     p.add_argument("--out", default="benchmarks/results/long_context.md")
     p.add_argument("--plot", default="docs/results/long_context_frontier.png")
@@ -71,7 +72,10 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(source)
     calibration = default_calibration(original, tokenizer)
     layers = attention_layers(original)
-    stats = collect_stats(original, calibration, {i: m for i, (_, m) in layers.items()}, sparsities=(8,), fills=("mean",))
+    windows = tuple({MoSAConfig(**f).local_window for f in MODELS.values()
+                     if f is not None and MoSAConfig(**f).sparse_heads == "mosa_keys"})
+    stats = collect_stats(original, calibration, {i: m for i, (_, m) in layers.items()}, sparsities=(8,),
+                          fills=("mean",), windows=windows)
     retrieval = retrieval_scores(original, default_retrieval_prompts(tokenizer))
     docs = context_documents(tokenizer, shakespeare_plays(), max(args.contexts), 256)[: args.documents]
     blocks = PROTOCOL.blocks(tokenizer)
@@ -97,7 +101,7 @@ def main() -> None:
                      progress=False)
         model.eval()
         print(f"\n== {name}", flush=True)
-        grids[name] = passkey_grid(model, tokenizer, args.lengths, depths, args.trials, "multi")
+        grids[name] = passkey_grid(model, tokenizer, args.lengths, depths, args.trials, args.variant)
         curves[name] = context_perplexity(model, docs, args.contexts)
         cost = cost_ratios(model, 8192) if fields is not None else None
         rows.append(dict(name=name, config=fields, ppl=perplexity(model, blocks), seconds=forward_time(model),
@@ -108,10 +112,11 @@ def main() -> None:
     base = rows[0]
     passkey = lambda g, L: sum(g[(L, d)] for d in depths) / len(depths)
     lines = ["# Long context at equal KV bytes: SmolLM2-135M-Instruct conversions, no training", "",
-             f"Command: `python benchmarks/long_context.py --lengths {','.join(map(str, args.lengths))} --trials "
-             f"{args.trials} --documents {args.documents}`", "",
+             f"Command: `python benchmarks/long_context.py --lengths {','.join(map(str, args.lengths))} --depths "
+             f"{args.depths} --trials {args.trials} --variant {args.variant} --documents {args.documents}`", "",
              f"Machine: {machine()}; {time.strftime('%Y-%m-%d')}; {time.time() - started:.0f} s in all.", "",
-             f"Passkey: multi-key variant (four named keys, one asked), {args.trials} keys x depths "
+             f"Passkey: {'multi-key variant (four named keys, one asked)' if args.variant == 'multi' else 'one key'}"
+             f", {args.trials} keys x depths "
              f"{', '.join(f'{d:.0%}' for d in depths)} per length, teacher forced. Perplexity: the final 256 tokens "
              f"of {len(docs)} plays given L tokens of the play before them. Held-out: {PROTOCOL.describe()}. "
              "KV bytes and attention FLOPs at 8,192 tokens against the original (cost model); forward time: one "

@@ -126,7 +126,7 @@ def run_convert(args: argparse.Namespace) -> int:
     if args.check:
         blocks = PROTOCOL.blocks(tokenizer, getattr(model.config, "max_position_embeddings", None))
         before = perplexity(model, blocks, progress=True)
-    convert_(model, config, calibration=calibration)
+    convert_(model, config, calibration=calibration, tokenizer=tokenizer)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:

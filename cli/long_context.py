@@ -48,6 +48,9 @@ def add_parser(sub) -> None:
                    help="tokens of context before the scored tokens")
     p.add_argument("--score-tokens", type=int, default=256, help="final tokens scored in each document")
     p.add_argument("--documents", type=int, default=4, help="long documents scored")
+    p.add_argument("--prefill", type=int, default=None,
+                   help="tokens of the prefill whose KV-cache bytes and time are measured (default: the longest "
+                        "--lengths; 0: skip)")
     p.add_argument("--out", default="out/long", help="folder for long_context.png")
     p.set_defaults(run=run)
 
@@ -57,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
 
     from mosa_retrofit.assets import shakespeare_plays
     from mosa_retrofit.io import load_any
-    from mosa_retrofit.longctx import context_documents, context_perplexity, passkey_grid
+    from mosa_retrofit.longctx import context_documents, context_perplexity, passkey_grid, prefill_footprint
     from mosa_retrofit.plots import plot_long_context
 
     for name in ("trials", "score_tokens", "documents"):
@@ -68,18 +71,22 @@ def run(args: argparse.Namespace) -> int:
     base = args.baseline
     if base == "auto":
         base = (getattr(model.config, "mosa", None) or {}).get("base_model_name_or_path")
-    models = {args.model: model}
-    if base and base != "none":
+    models = {}
+    if base and base != "none":  # the original first: the footprint ratios are against it
         check_local(base)
         models[base] = load_any(base)[0]
+    models[args.model] = model
     tokenizer = AutoTokenizer.from_pretrained(source)
     docs = context_documents(tokenizer, shakespeare_plays(), max(args.contexts), args.score_tokens)[: args.documents]
     if not docs:
         raise ValueError(f"no document has {max(args.contexts) + args.score_tokens} tokens; lower --contexts")
-    grids, curves = {}, {}
+    grids, curves, footprints = {}, {}, {}
+    prefill = max(args.lengths) if args.prefill is None else args.prefill
     for name, m in models.items():
         grids[name] = passkey_grid(m, tokenizer, args.lengths, args.depths, args.trials, args.variant)
         curves[name] = context_perplexity(m, docs, args.contexts, args.score_tokens)
+        if prefill:
+            footprints[name] = prefill_footprint(m, prefill)
     print(f"\npasskey ({args.variant}) accuracy over {args.trials} keys per cell, averaged over depths "
           f"{', '.join(f'{d:.0%}' for d in args.depths)}:\n")
     print("| model | " + " | ".join(str(L) for L in args.lengths) + " |")
@@ -92,6 +99,13 @@ def run(args: argparse.Namespace) -> int:
     print("|---|" + "---|" * len(args.contexts))
     for name, curve in curves.items():
         print(f"| {name} | " + " | ".join(f"{curve[L]:.2f}" for L in args.contexts) + " |")
+    if footprints:
+        first_bytes, first_time = next(iter(footprints.values()))
+        print(f"\nKV cache held after one {prefill}-token prefill, and its time (ratios against the first row):\n")
+        print("| model | KV cache | prefill time |\n|---|---|---|")
+        for name, (held, seconds) in footprints.items():
+            print(f"| {name} | {held / 2**20:.1f} MiB ({held / max(first_bytes, 1):.3f}x) | "
+                  f"{seconds / first_time:.2f}x |")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     plot_long_context(grids, curves, out / "long_context.png")

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from .compat import find_cache
 from .families import Family
-from .heads import Call, HeadGroup, MoSAHeads, head_groups
+from .heads import Call, HeadGroup, head_groups
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,7 @@ class MoSAAttentionMixin:
         for group in groups:
             group.check_decode(self, call)
             group.prepare(self, call)
-        if self.mosa_observer is not None and any(isinstance(g, MoSAHeads) for g in groups):
+        if self.mosa_observer is not None and any(getattr(g, "routed", False) for g in groups):
             self.mosa_observer(self, call.x, call.W, call.mask, cos, sin)
         out = None
         for group in groups:

@@ -59,6 +59,8 @@ class LayerStats:
     out_sum: Tensor  # (H, d) Σ_t o_t
     kv_heads: int = 1  # KV groups of the layer
     xtz_group: dict = field(default_factory=dict)  # fill -> (D, KV) Σ x z_g, the router target of each KV group
+    xtz_far: dict = field(default_factory=dict)  # window -> (D, H) Σ x far_h, the key-selection target per head
+    xtz_far_group: dict = field(default_factory=dict)  # window -> (D, KV) Σ x far_g, per KV group
     damage: dict = field(default_factory=dict)  # (unit, fill, sparsity) -> (H,) or (KV,) sparsifying damage
     sequences: int = 0
     tokens: float = 0.0
@@ -76,18 +78,25 @@ class LayerStats:
             raise ValueError("group scores need the sparsifying damage: collect_stats(..., sparsities=...)")
         return self.energy[fill]
 
-    def fit_router(self, heads: list[list[int]], fill: str = "zero", ridge: float = 1e-2) -> Tensor:
+    def fit_router(self, heads: list[list[int]], fill: str = "zero", ridge: float = 1e-2,
+                   window: int | None = None) -> Tensor:
         """Routers (E, D) for units of ``heads[e]``: a whole KV group fits its group target, other units the sum
-        of their heads' targets."""
+        of their heads' targets. ``window``: key-selection units (they route keys for queries beyond their
+        recent ``window``) fit the *far* target instead: the attention a token receives from queries at least
+        ``window`` tokens later (needs ``collect_stats(..., windows=(window,))``)."""
         D = self.xtx.shape[0]
         reg = ridge * self.xtx.diagonal().mean() * torch.eye(D, dtype=self.xtx.dtype)
-        xtz = self.xtz_mass + self.xtz_dev[fill]
+        if window is not None and window not in self.xtz_far:
+            raise ValueError(f"no key-selection router targets for window {window}: collect_stats(..., "
+                             f"windows=({window},)); have {sorted(self.xtz_far)}")
+        xtz = self.xtz_far[window] if window is not None else self.xtz_mass + self.xtz_dev[fill]
+        group_xtz = self.xtz_far_group.get(window) if window is not None else self.xtz_group.get(fill)
         G = xtz.shape[1] // self.kv_heads
 
         def target(hs: list[int]) -> Tensor:
             g = hs[0] // G
-            if fill in self.xtz_group and G > 1 and list(hs) == list(range(g * G, (g + 1) * G)):
-                return self.xtz_group[fill][:, g]
+            if group_xtz is not None and G > 1 and list(hs) == list(range(g * G, (g + 1) * G)):
+                return group_xtz[:, g]
             return xtz[:, hs].sum(-1)
 
         z = torch.stack([target(hs) for hs in heads], dim=1)  # (D, E)
@@ -153,10 +162,11 @@ def default_calibration(model: nn.Module, tokenizer=None, sequences: int = 16, l
 
 def collect_stats(model: nn.Module, input_ids: Tensor, attention_modules: dict[int, nn.Module],
                   progress: bool = True, sparsities: tuple = (2, 4, 8, 16), include_first: bool = True,
-                  fills: tuple = FILL_KINDS) -> dict[int, LayerStats]:
+                  fills: tuple = FILL_KINDS, windows: tuple = ()) -> dict[int, LayerStats]:
     """Run ``input_ids`` (N, T) one sequence at a time through the unconverted ``model`` (eager attention).
 
-    ``sparsities`` / ``fills``: where the sparsifying damage of every head and KV group is simulated."""
+    ``sparsities`` / ``fills``: where the sparsifying damage of every head and KV group is simulated;
+    ``windows``: the recent windows of key-selection heads whose router targets are accumulated."""
     stats: dict[int, LayerStats] = {}
     inputs: dict[int, Tensor] = {}
     hooks = []
@@ -173,6 +183,8 @@ def collect_stats(model: nn.Module, input_ids: Tensor, attention_modules: dict[i
             W = family_of(module).head_weights(module)
             _accumulate(stats, layer, x, A[0], _values(W, x), _out_maps(W), W.num_kv_heads, sparsities,
                         include_first, fills)
+            for window in windows:
+                _accumulate_far(stats[layer], x, A[0], window)
         return hook
 
     for layer, m in attention_modules.items():
@@ -256,6 +268,31 @@ def _accumulate(stats, layer: int, x: Tensor, A: Tensor, values: Tensor, out_map
             _simulate(s, fill, f, sparsity, z, A, values, o, grams, include_first)
     s.out_sum += o.double().sum(1)
     s.sequences += 1
+
+
+def _accumulate_far(s: LayerStats, x: Tensor, A: Tensor, window: int) -> None:
+    """Key-selection router targets: per head (and KV group), log of the mean attention a token receives from
+    the queries at least ``window`` tokens after it (those that can reach it only if it is routed),
+    standardised over the tokens that have such queries (0 for the others)."""
+    H, T, _ = A.shape
+    i = torch.arange(T, device=A.device)
+    far = (i[:, None] - i[None, :]) >= window  # (T, T) query i, key j
+    count = far.sum(0)  # (T,) far queries of each key
+    has = count > 0
+    if not bool(has.any()):
+        return
+    received = (A * far).sum(1) / count.clamp_min(1)  # (H, T) mean far attention per far query
+    G = H // s.kv_heads
+
+    def target(mass: Tensor) -> Tensor:  # (U, T) -> standardised log over keys with far queries, 0 elsewhere
+        z = torch.zeros_like(mass)
+        z[:, has] = _standardise(mass[:, has].clamp_min(1e-6).log())
+        return z
+
+    xd = x.double()
+    s.xtz_far[window] = s.xtz_far.get(window, 0) + xd.t() @ target(received).double().t()
+    group = received.view(s.kv_heads, G, T).sum(1)  # (KV, T)
+    s.xtz_far_group[window] = s.xtz_far_group.get(window, 0) + xd.t() @ target(group).double().t()
 
 
 def _simulate(s: LayerStats, fill: str, f: Tensor, sparsity: float, z: Tensor, A: Tensor, values: Tensor,

@@ -40,7 +40,8 @@ def calibrate_thresholds_(model: nn.Module, calibration: Tensor | None) -> None:
     Layer l's threshold is set from its input before its MoSA heads run, so later layers see inputs made
     with the thresholds already in place; the pass stops after the last converted layer.
     """
-    layers = {i: m for i, m in mosa_layers(model).items() if m.mosa_plan.routing == "causal"}
+    layers = {i: m for i, m in mosa_layers(model).items()
+              if m.mosa_plan.routing == "causal" and hasattr(m, "mosa_router")}  # (baselines have no routers)
     if not layers or calibration is None:
         return
     last = max(layers)

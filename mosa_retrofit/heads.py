@@ -196,6 +196,8 @@ class MoSAHeads(HeadGroup):
     """Routed heads: each unit (a head, or a KV group) attends the tokens its router selects (sparse.py); with
     causal routing a cache keeps only those tokens' K/V (cache.py)."""
 
+    routed: ClassVar[bool] = True  # the group has routers (``layer.mosa_router``)
+
     @property
     def units(self) -> list[list[int]]:
         G = self.plan.heads_per_unit

@@ -14,12 +14,16 @@ from __future__ import annotations
 
 import math
 import random
+import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
+
+from .cache import cache_bytes
+from .compat import output_cache
 
 FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ")
 NAMES = ("apple", "river", "candle", "mirror", "garden", "pencil", "window", "forest")
@@ -131,3 +135,17 @@ def context_perplexity(model: nn.Module, docs: list[Tensor], contexts: list[int]
                 bar.update(1)
             result[L] = math.exp(total / count)
     return result
+
+
+@torch.no_grad()
+def prefill_footprint(model: nn.Module, length: int, seed: int = 0) -> tuple[int, float]:
+    """(bytes of K/V rows the model's cache holds after one ``length``-token prefill, seconds it took). Heads that
+    keep no cache (expert-choice MoSA, study baselines) hold nothing there: measure causal-routing models."""
+    model.eval()
+    device = next(model.parameters()).device
+    ids = torch.randint(0, model.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(seed))
+    start = time.perf_counter()
+    out = model(input_ids=ids.to(device), use_cache=True)
+    seconds = time.perf_counter() - start
+    held = cache_bytes(output_cache(out))
+    return held.dense + held.mosa, seconds

@@ -214,8 +214,10 @@ def convert_(model: nn.Module, config: MoSAConfig | None = None, calibration: Te
         if not plans:
             logger.warning("mosa_retrofit: this config converts no attention layer (every head of the selected "
                            "layers stays dense, or no layer is selected): the model is unchanged")
-    if fitted and stats is None:
-        stats = collect_stats(model, calibration, {i: layers[i][1] for i in plans}, progress, sparsities=())
+    windows = (config.local_window,) if routed and config.sparse_heads == "mosa_keys" else ()
+    if fitted and (stats is None or any(i in stats and w not in stats[i].xtz_far for i in plans for w in windows)):
+        stats = collect_stats(model, calibration, {i: layers[i][1] for i in plans}, progress, sparsities=(),
+                              windows=windows)
     if fitted and any(i not in stats for i in plans):
         raise ValueError(f"stats lack layers {sorted(i for i in plans if i not in stats)} that this config converts")
 
@@ -240,7 +242,8 @@ def convert_(model: nn.Module, config: MoSAConfig | None = None, calibration: Te
         m.mosa_router = nn.Parameter(torch.empty(len(units), weights.wq.shape[2], device=ref.device, dtype=ref.dtype))
         if config.router_init == "calibrated" and not _structure_only:
             with torch.no_grad():
-                m.mosa_router.copy_(stats[idx].fit_router(units, config.fill).to(ref.dtype))
+                window = config.local_window if config.sparse_heads == "mosa_keys" else None
+                m.mosa_router.copy_(stats[idx].fit_router(units, config.fill, window=window).to(ref.dtype))
         else:
             init_router_(m.mosa_router)
         if plan.routing == "causal":

@@ -183,7 +183,8 @@ class Trainer:
         if config.uses_calibration:
             n = conv.calibration_sequences * conv.calibration_length
             calibration = as_blocks(corpus.train[:n], conv.calibration_length).long()
-        return convert_(student, config, calibration=calibration, progress=self.progress and self.acc.is_main_process)
+        return convert_(student, config, calibration=calibration, progress=self.progress and self.acc.is_main_process,
+                        tokenizer=getattr(self, "tokenizer", None))
 
     def evaluate(self, model: nn.Module) -> float:
         """Validation perplexity, the blocks sharded over processes."""

@@ -84,8 +84,8 @@ class RouterWarmup:
     def __init__(self, layers: dict[int, nn.Module]):
         baseline = sorted(i for i, m in layers.items() if m.mosa_plan.sparse_heads != "mosa")
         if baseline:
-            raise ValueError(f"router warm-up needs MoSA heads, but layers {baseline} are a "
-                             f"sparse_heads={layers[baseline[0]].mosa_plan.sparse_heads!r} baseline without routers")
+            raise ValueError(f"router warm-up needs MoSA heads of the paper's form (sparse_heads='mosa'), but layers "
+                             f"{baseline} have sparse_heads={layers[baseline[0]].mosa_plan.sparse_heads!r}")
         self.layers = layers
         self.losses: list[Tensor] = []
 

@@ -165,6 +165,10 @@ def test_streaming_heads(family):
             torch.testing.assert_close(no_sinks, local, atol=1e-4, rtol=0)
         sinks = run(sparse_heads="streaming", local_window=5, sink_tokens=2)
         assert not torch.allclose(sinks(ids, attention_mask=mask).logits[sel], no_sinks, atol=1e-3)
+    # causal routing (the default) sets thresholds for routed heads only: streaming heads have none
+    calibrated = convert_(tiny_model(family), plain_config(dense_head_ids=KEEP, sparse_heads="streaming",
+                                                           routing="causal"), calibration=ids)
+    assert not any(hasattr(m, "mosa_threshold") for m in mosa_layers(calibrated).values())
     # (decoding with a cache: tests/test_mosa_keys.py, against the full forward)
 
 

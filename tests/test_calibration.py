@@ -141,3 +141,39 @@ def test_precomputed_stats_replace_the_calibration_pass():
         assert torch.equal(ma[1].mosa_router, mb[1].mosa_router) and torch.equal(ma[1].mosa_fill, mb[1].mosa_fill)
     with pytest.raises(ValueError, match=r"stats lack layers \[1\]"):
         convert_(tiny_model("llama"), plain_config(sparsity=8, router_init="calibrated"), stats={0: stats[0]})
+
+
+def test_key_selection_router_fits_the_far_attention_target():
+    """Key-selection routers: ridge fit to log(mean attention a token receives from queries >= w later),
+    standardised over the tokens that have such queries (0 for the others); a KV group sums its heads' mass."""
+    model = tiny_model("llama", "eager")
+    ids = torch.randint(0, 128, (3, 24), generator=torch.Generator().manual_seed(1))
+    layers = {i: m for i, (_, m) in attention_layers(model).items()}
+    w = 5
+    stats = collect_stats(model, ids, layers, progress=False, sparsities=(), windows=(w,))
+    attn = layers[0]
+    captured = {}
+    hook = attn.register_forward_pre_hook(lambda m, a, kw: captured.__setitem__("x", kw["hidden_states"]),
+                                          with_kwargs=True)
+    xs, z_head, z_group = [], [], []
+    for row in ids:
+        with torch.no_grad():
+            A = model(row[None], output_attentions=True).attentions[0][0]  # (H, T, T)
+        T = A.shape[-1]
+        per_key = lambda heads: torch.stack([
+            sum(A[h, i, j] for h in heads for i in range(j + w, T)) / (T - j - w) for j in range(T - w)])
+        for target, heads in ((z_head, [1]), (z_group, [2, 3])):  # head 1; KV group 1 = heads 2 and 3
+            z = torch.zeros(T)
+            z[: T - w] = _std(per_key(heads).clamp_min(1e-6).log())
+            target.append(z)
+        xs.append(captured["x"][0])
+    hook.remove()
+    X = torch.cat(xs).double()
+    lam = 1e-2 * (X * X).sum(0).mean()
+    for heads, zs in (([1], z_head), ([2, 3], z_group)):
+        z = torch.cat(zs).double()
+        r = torch.linalg.solve(X.t() @ X + lam * torch.eye(64, dtype=torch.float64), X.t() @ z)
+        r = r / (X @ r).pow(2).mean().sqrt()
+        torch.testing.assert_close(stats[0].fit_router([heads], window=w)[0], r, atol=1e-6, rtol=1e-4)
+    with pytest.raises(ValueError, match="no key-selection router targets for window 7"):
+        stats[0].fit_router([[1]], window=7)
