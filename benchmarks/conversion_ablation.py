@@ -45,7 +45,7 @@ def main() -> None:
     for choice, init, fill in itertools.product(("first", "scored"), ("random", "calibrated"), ("zero", "mean")):
         torch.manual_seed(0)  # the same random routers for every random-init row
         config = MoSAConfig(sparsity=args.sparsity, dense_heads=args.dense_heads, head_choice=choice,
-                            router_init=init, fill=fill, routing=args.routing, include_first=True,
+                            sparse_heads="mosa", dense_scope="layer", router_init=init, fill=fill, routing=args.routing, include_first=True,
                             router_score="straight_through")
         converted = convert_(copy.deepcopy(model), config, calibration=bench.calibration, stats=stats, progress=False)
         val, ood = ppl(converted, "val"), ppl(converted, "ood")

@@ -118,7 +118,7 @@ def main() -> None:
              f"Passkey: {'multi-key variant (four named keys, one asked)' if args.variant == 'multi' else 'one key'}"
              f", {args.trials} keys x depths "
              f"{', '.join(f'{d:.0%}' for d in depths)} per length, teacher forced. Perplexity: the final 256 tokens "
-             f"of {len(docs)} plays given L tokens of the play before them. Held-out: {PROTOCOL.describe()}. "
+             f"of {len(docs)} play(s) given L tokens of the play before them. Held-out: {PROTOCOL.describe()}. "
              "KV bytes and attention FLOPs at 8,192 tokens against the original (cost model); forward time: one "
              "8,192-token forward against the original's, same run.", "",
              "| model | KV bytes @8k | attn FLOPs @8k | 8k forward time | held-out ppl | "

@@ -273,14 +273,13 @@ def _accumulate(stats, layer: int, x: Tensor, A: Tensor, values: Tensor, out_map
 def _accumulate_far(s: LayerStats, x: Tensor, A: Tensor, window: int) -> None:
     """Key-selection router targets: per head (and KV group), log of the mean attention a token receives from
     the queries at least ``window`` tokens after it (those that can reach it only if it is routed),
-    standardised over the tokens that have such queries (0 for the others)."""
+    standardised over the tokens that have such queries (0 for the others). Calibration rows shorter than twice
+    the window use half the row as the distance (the same kind of target, the only one such rows can show)."""
     H, T, _ = A.shape
     i = torch.arange(T, device=A.device)
-    far = (i[:, None] - i[None, :]) >= window  # (T, T) query i, key j
+    far = (i[:, None] - i[None, :]) >= min(window, max(T // 2, 1))  # (T, T) query i, key j
     count = far.sum(0)  # (T,) far queries of each key
     has = count > 0
-    if not bool(has.any()):
-        return
     received = (A * far).sum(1) / count.clamp_min(1)  # (H, T) mean far attention per far query
     G = H // s.kv_heads
 

@@ -101,7 +101,8 @@ class MoSAConfig:
     dense_scope: str = "model"
     """'layer': ``dense_heads`` is the count in every layer; 'model': ``dense_heads`` (a fraction, or a count
     per layer) sets the model's total, placed on the highest-scoring heads or KV groups wherever they are (some
-    layers keep several, others none); needs head_choice 'scored' or 'retrieval'."""
+    layers keep several, others none). Scores come from head_choice 'scored' or 'retrieval'; with 'first' or
+    'last' there is nothing to rank, and every layer keeps its own count."""
     layers: Any = "all"
     """Layers converted: 'all', a list of layer indices, or 're:<regex on the layer index>'."""
     kept_heads: str = "dense"
@@ -182,9 +183,6 @@ class MoSAConfig:
             _fail("local_window", self.local_window, "an integer >= 1")
         if isinstance(self.sink_tokens, bool) or not isinstance(self.sink_tokens, int) or self.sink_tokens < 0:
             _fail("sink_tokens", self.sink_tokens, "an integer >= 0")
-        if self.dense_scope == "model" and self.head_choice not in ("scored", "retrieval"):
-            _fail("dense_scope", self.dense_scope, f"'layer' with head_choice={self.head_choice!r} ('model' places "
-                  "dense heads by score: head_choice 'scored' or 'retrieval')")
         if self.sparse_heads in ("local", "streaming") and self.kept_heads == "local":
             _fail("sparse_heads", self.sparse_heads, "'mosa', 'mosa_keys' or 'pruned' when kept_heads='local' "
                   "(every head would be a windowed head)")

@@ -106,14 +106,18 @@ def plot_losses(metrics_jsonl, path) -> None:
 
 
 def plot_long_context(grids: dict[str, dict], curves: dict[str, dict], path) -> None:
-    """Passkey heat maps (length x depth, one per model) beside perplexity against context (one line each)."""
+    """Passkey heat maps (length x depth, one per model) above perplexity against context (one line each)."""
+    import textwrap
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     n = len(grids)
-    fig, axes = plt.subplots(1, n + 1, figsize=(4.4 * (n + 1), 3.8), layout="constrained")
+    fig = plt.figure(figsize=(max(3.2 * n, 9), 7.6), layout="constrained")
+    top, bottom = fig.subfigures(2, 1, height_ratios=(1, 1.25))
+    axes = top.subplots(1, n, squeeze=False)[0]
     for ax, (name, grid) in zip(axes, grids.items()):
         lengths = sorted({L for L, _ in grid})
         depths = sorted({d for _, d in grid})
@@ -123,15 +127,16 @@ def plot_long_context(grids: dict[str, dict], curves: dict[str, dict], path) -> 
         ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
         ax.set_xlabel("context length (tokens)")
         ax.set_ylabel("depth of the key")
-        ax.set_title(f"passkey: {name}", fontsize=9)
-    fig.colorbar(im, ax=axes[n - 1], label="accuracy")
-    ax = axes[-1]
+        ax.set_title(textwrap.fill(name, 32), fontsize=8)
+    top.colorbar(im, ax=list(axes), label="passkey accuracy", shrink=0.8)
+    ax = bottom.subplots()
     for name, curve in curves.items():
         ax.plot(list(curve), list(curve.values()), "o-", label=name)
     ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
     ax.set_xlabel("tokens of context before the scored tokens")
-    ax.set_ylabel("perplexity of the same final tokens")
-    ax.legend(fontsize=8)
+    ax.set_ylabel("perplexity of the same final tokens (log)")
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     ax.set_title("perplexity against context", fontsize=9)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)

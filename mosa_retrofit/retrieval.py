@@ -71,7 +71,7 @@ def retrieval_scores(model: nn.Module, prompts: list[Prompt], layers: list[int] 
 
     AttentionInterface.register(PROBE, _probe_attention)
     family = family_of(model)
-    modules = {i: m for i, (_, m) in attention_layers(model, family).items() if layers is None or i in layers}
+    modules = {i: m for i, (_, m) in attention_layers(model, family).items()}  # (every layer runs the probe)
     for i, m in modules.items():
         m.mosa_retrieval_mass = torch.zeros(family.head_weights(m).num_heads)
     previous, was_training = model.config._attn_implementation, model.training
@@ -85,7 +85,7 @@ def retrieval_scores(model: nn.Module, prompts: list[Prompt], layers: list[int] 
             for m in modules.values():
                 m.mosa_retrieval_probe = (rows, span)
             model(input_ids=prompt.ids.to(device), use_cache=False)
-        return {i: m.mosa_retrieval_mass.clone() for i, m in modules.items()}
+        return {i: m.mosa_retrieval_mass.clone() for i, m in modules.items() if layers is None or i in layers}
     finally:
         model.set_attn_implementation(previous)
         model.train(was_training)

@@ -48,7 +48,8 @@ def plan_layers(model: nn.Module, config: MoSAConfig, stats: dict[int, LayerStat
     plans, rounded, split = {}, {}, []
     selected = {idx: m for idx, (name, m) in sorted(layers.items())
                 if config.converts_layer(idx) and (filter_fn is None or filter_fn(m, name))}
-    placed = _place_dense(config, family, selected, stats, retrieval) if config.dense_scope == "model" else {}
+    ranked = config.dense_scope == "model" and config.head_choice in ("scored", "retrieval")
+    placed = _place_dense(config, family, selected, stats, retrieval) if ranked else {}
     for idx, m in selected.items():
         H, KV, _ = family.dims(m)
         G = H // KV

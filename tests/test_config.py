@@ -7,7 +7,7 @@ from mosa_retrofit import MoSAConfig
 
 def test_minimal_config_and_json_round_trip(tmp_path):
     cfg = MoSAConfig(sparsity=8, dense_heads=3)
-    assert cfg.sparsity == 8 and cfg.dense_heads == 3 and cfg.version == 2
+    assert cfg.sparsity == 8 and cfg.dense_heads == 3 and cfg.version == 3
     full = MoSAConfig(sparsity=16, dense_heads=0.25, dense_heads_pattern={"0-2": 9, "re:1[0-9]": 0},
                       dense_head_ids={"5": [0, 3]}, layers=[0, 1, 5, 12], kept_heads="local", local_window=64,
                       router_granularity="kv_group", router_init="calibrated", head_choice="scored")
@@ -49,12 +49,21 @@ def test_frozen():
         MoSAConfig().sparsity = 2
 
 
-def test_defaults_are_the_calibrated_retrofit():
+def test_defaults_keep_long_context():
     cfg = MoSAConfig()
-    assert (cfg.head_choice, cfg.router_init, cfg.fill, cfg.routing, cfg.router_granularity) == (
-        "scored", "calibrated", "mean", "causal", "kv_group")
-    assert (cfg.sparsity, cfg.dense_heads, cfg.router_score, cfg.include_first) == (8, 0.25, "straight_through", True)
-    assert cfg.needs_calibration and cfg.uses_calibration
+    assert (cfg.head_choice, cfg.dense_scope, cfg.dense_heads, cfg.sparse_heads) == (
+        "retrieval", "model", 0.25, "mosa_keys")
+    assert (cfg.local_window, cfg.sink_tokens, cfg.sparsity) == (256, 4, 64)
+    assert (cfg.router_init, cfg.routing, cfg.router_granularity, cfg.router_score, cfg.include_first) == (
+        "calibrated", "causal", "kv_group", "straight_through", True)
+    assert cfg.needs_calibration and cfg.uses_calibration and cfg.routed and not cfg.fills
+
+
+def test_version_2_dicts_keep_the_values_they_meant():
+    old = MoSAConfig.from_dict({"version": 2, "sparsity": 8, "dense_heads": 3})
+    assert (old.head_choice, old.dense_scope, old.sparse_heads, old.fill, old.routing) == (
+        "scored", "layer", "mosa", "mean", "causal")
+    assert old.version == 2
 
 
 def test_paper_preset_is_the_papers_conversion():

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from tiny_models import FAMILIES, plain_config, tiny_config, tiny_model
+from tiny_models import FAMILIES, default_config, fake_retrieval, plain_config, tiny_config, tiny_model
 
 import mosa_retrofit
 from mosa_retrofit import MoSAConfig, convert_
@@ -81,7 +81,8 @@ def test_save_load_identical_logits_with_untied_embeddings(tmp_path, family):
     cfg.tie_word_embeddings = False
     model = tf.AutoModelForCausalLM.from_config(cfg).eval()
     calib = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(1))
-    convert_(model, MoSAConfig(sparsity=2, dense_heads=1), calibration=calib, progress=False)
+    convert_(model, default_config(family, sparsity=2, dense_heads=1, local_window=4), calibration=calib,
+             retrieval=fake_retrieval(model), progress=False)  # the default conversion
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.08)

@@ -152,3 +152,34 @@ def test_expert_choice_and_sigmoid_keys_refuse_to_decode():
         model = convert_(tiny_model("llama"), plain_config(dense_head_ids=KEEP, sparse_heads="mosa_keys", **over))
         with pytest.raises(ValueError, match=msg):
             _incremental(model, x)
+
+
+def test_default_conversion_caches_sinks_window_and_routed_rows_only():
+    """MoSAConfig() on a GQA model (2 layers, 2 KV groups of 2 heads): a quarter of the heads dense = one KV
+    group in the whole model, placed at the highest retrieval score; every other group is a key-selection unit.
+    After a 64-token prefill the cache holds T rows for the dense group and, per unit, the union of the 4 sinks,
+    the last w - 1 tokens and the tokens its router passes (x_t · w > τ, or the first), counted here."""
+    from mosa_retrofit import MoSAConfig
+    from mosa_retrofit.cache import cache_bytes
+    from tiny_models import fake_retrieval, prefill_capturing_inputs
+
+    model = tiny_model("llama")
+    scores = fake_retrieval(model)
+    calib = torch.randint(1, 128, (8, 64), generator=torch.Generator().manual_seed(3))
+    w, T, d = 8, 64, 16
+    convert_(model, MoSAConfig(local_window=w, sparsity=8), calibration=calib, retrieval=scores, progress=False)
+    best = max(((float(s.view(2, 2).sum(1)[g]), i, g) for i, s in scores.items() for g in range(2)))
+    layers = mosa_layers(model)
+    for i, m in layers.items():
+        assert m.mosa_plan.dense == ((2 * best[2], 2 * best[2] + 1) if i == best[1] else ())
+    x = torch.randint(1, 128, (1, T), generator=torch.Generator().manual_seed(4))
+    cache, inputs = prefill_capturing_inputs(model, x)
+    rows = T  # the dense group: every token of one KV head
+    t = torch.arange(T)
+    for i, m in layers.items():
+        for e in range(m.mosa_router.shape[0]):
+            routed = (inputs[i][0] @ m.mosa_router[e].detach()) > m.mosa_threshold[e]
+            rows += int(((t < 4) | (t > T - w) | routed | (t == 0)).sum())
+    held = cache_bytes(cache)
+    assert held.dense + held.mosa == rows * 2 * d * 4
+    assert rows < 0.6 * 2 * 2 * T  # against the original's 2 layers x 2 KV heads x T rows

@@ -89,3 +89,20 @@ def test_every_recipe_stage_kind_is_a_registered_stage():
 
     assert set(STAGES) == set(STAGE_KINDS)
     assert [STAGES[k].local for k in ("router_warmup", "layer_distill", "adaptation")] == [True, True, False]
+
+
+def test_long_recipe_conversion_is_the_default_and_converts_alike_from_json(tmp_path):
+    """recipes/smollm2-long.yaml (the long-context goal): its conversion.mosa block is the default conversion
+    written out, and the same block as JSON given to `convert --config` builds the same config."""
+    import json
+
+    from mosa_retrofit.cli.convert import build_config
+    from mosa_retrofit.cli.main import build_parser
+
+    path = Path(__file__).parent.parent / "recipes" / "smollm2-long.yaml"
+    recipe = Recipe.from_yaml(path)
+    assert recipe.conversion.mosa == MoSAConfig()
+    block = tmp_path / "conversion.json"
+    block.write_text(json.dumps(yaml.safe_load(path.read_text())["conversion"]["mosa"]))
+    args = build_parser().parse_args(["convert", "smollm2-135m", str(tmp_path / "out"), "--config", str(block)])
+    assert build_config(args) == recipe.conversion.mosa

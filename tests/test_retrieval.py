@@ -55,8 +55,8 @@ def test_dense_groups_go_where_the_scores_are():
 
 
 def test_bad_scope_and_missing_tokenizer_are_clear():
-    with pytest.raises(ValueError, match="dense_scope must be 'layer' with head_choice='first'"):
-        MoSAConfig(dense_scope="model", head_choice="first")
+    with pytest.raises(ValueError, match="dense_scope must be one of"):
+        MoSAConfig(dense_scope="global")
     with pytest.raises(ValueError, match="sink_tokens must be an integer >= 0"):
         MoSAConfig(sink_tokens=-1)
     with pytest.raises(ValueError, match="no tokenizer"):

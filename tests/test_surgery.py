@@ -299,33 +299,26 @@ def test_mqa_keeps_the_count_when_whole_groups_would_leave_no_mosa_head(caplog):
     assert "split a KV group" in caplog.text
 
 
-def test_default_config_shrinks_the_kv_cache_in_bytes_by_the_layout_factor():
-    """MoSAConfig() on a GQA model: one dense KV group + one MoSA unit of the other group. Computed here from the
-    layout: the cost model's KV bytes are (T + k) / (2 T) of the original's; a real prefill caches exactly T dense
+def test_paper_form_kv_group_layout_shrinks_the_kv_cache_in_bytes_by_the_layout_factor():
+    """Paper-form heads routed per KV group (the version-2 default) on a GQA model: one dense KV group + one
+    MoSA unit of the other group. Computed here from the layout: the cost model's KV bytes are (T + k) / (2 T) of the original's; a real prefill caches exactly T dense
     rows per layer plus the rows the unit's router passes (x_t · w > τ, or the first token), counted here from
     the router, at 2 · d · 4 bytes a row."""
-    from transformers import DynamicCache
-
     from mosa_retrofit import MoSAConfig
     from mosa_retrofit.cache import cache_bytes
     from mosa_retrofit.costs import cost_ratios
+    from tiny_models import prefill_capturing_inputs
 
     model = tiny_model("llama")
     calib = torch.randint(1, 128, (8, 64), generator=torch.Generator().manual_seed(3))
-    convert_(model, MoSAConfig(sparsity=4, dense_heads=1), calibration=calib, progress=False)
+    convert_(model, MoSAConfig(sparsity=4, dense_heads=1, sparse_heads="mosa", head_choice="scored",
+                               dense_scope="layer"), calibration=calib, progress=False)
     layers = mosa_layers(model)
     assert all(len(m.mosa_plan.dense) == 2 and m.mosa_router.shape[0] == 1 for m in layers.values())
     T, d, L = 64, 16, 2
     assert cost_ratios(model, T).kv_bytes == pytest.approx((T + T // 4) / (2 * T), abs=1e-12)
     x = torch.randint(1, 128, (1, T), generator=torch.Generator().manual_seed(4))
-    inputs = {}
-    hooks = [m.register_forward_pre_hook(lambda mod, a, kw, i=i: inputs.__setitem__(i, kw["hidden_states"]),
-                                         with_kwargs=True) for i, m in layers.items()]
-    cache = DynamicCache(config=model.config)
-    with torch.no_grad():
-        model(x, **with_cache(model, cache), use_cache=True)
-    for h in hooks:
-        h.remove()
+    cache, inputs = prefill_capturing_inputs(model, x)
     selected = 0
     for i, m in layers.items():
         passes = (inputs[i][0] @ m.mosa_router[0].detach()) > m.mosa_threshold[0]

@@ -60,8 +60,43 @@ def tiny_model(family: str, attn_implementation: str | None = None, seed: int = 
 # expert-choice routing, one router per head): it needs no calibration text, so every test states exactly the
 # behaviour it checks. The default MoSAConfig() (calibrated) has tests of its own.
 PLAIN = dict(head_choice="first", router_init="random", fill="zero", routing="expert_choice",
-             router_granularity="head")
+             router_granularity="head", sparse_heads="mosa", sparsity=8, dense_scope="layer")
 
 
 def plain_config(**kwargs) -> MoSAConfig:
     return MoSAConfig(**{**PLAIN, **kwargs})
+
+
+def fake_retrieval(model) -> dict:
+    """Retrieval scores ``{layer: (H,)}`` for models without a tokenizer (convert_(..., retrieval=...)): distinct
+    per head and layer, so the default conversion's dense-head placement is deterministic."""
+    from mosa_retrofit.families import attention_layers, family_of
+
+    fam = family_of(model)
+    g = torch.Generator().manual_seed(5)
+    return {i: torch.rand(fam.dims(m)[0], generator=g) for i, (_, m) in attention_layers(model, fam).items()}
+
+
+def default_config(family: str, **over) -> MoSAConfig:
+    """MoSAConfig() with ``over``; Gemma2 (soft-capped logits) keeps the paper's head form."""
+    return MoSAConfig(**({"sparse_heads": "mosa"} if family == "gemma2" else {}), **over)
+
+
+def prefill_capturing_inputs(model, x):
+    """One prefill of ``x`` into a fresh DynamicCache; returns (cache, {layer: the converted layer's input})."""
+    from transformers import DynamicCache
+
+    from mosa_retrofit.attention import mosa_layers
+    from mosa_retrofit.compat import with_cache
+
+    inputs = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, a, kw, i=i: inputs.__setitem__(i, kw["hidden_states"]),
+                                         with_kwargs=True) for i, m in mosa_layers(model).items()]
+    cache = DynamicCache(config=model.config)
+    try:
+        with torch.no_grad():
+            model(x, **with_cache(model, cache), use_cache=True)
+    finally:
+        for h in hooks:
+            h.remove()
+    return cache, inputs

@@ -48,6 +48,8 @@ def make_world(root: Path, family: str = "llama", seed: int = 0) -> tuple[Path, 
     cfg = tiny_config(family)
     cfg.vocab_size = len(tokenizer)
     cfg.eos_token_id = tokenizer.eos_token_id
+    if hasattr(cfg, "max_position_embeddings"):
+        cfg.max_position_embeddings = 1024  # room for the retrieval prompts of the default conversion
     torch.manual_seed(seed)
     model = tf.AutoModelForCausalLM.from_config(cfg)
     model_dir = root / f"tiny-{family}"
@@ -62,7 +64,8 @@ def recipe_dict(model_dir: Path, data: Path, out: Path, **over) -> dict:
         "seed": 0,
         "model": {"name_or_path": str(model_dir)},
         "conversion": {"mosa": {"sparsity": 4, "dense_heads": 1, "head_choice": "first", "router_init": "random",
-                                "fill": "zero", "routing": "expert_choice", "router_granularity": "head"}},
+                                "fill": "zero", "routing": "expert_choice", "router_granularity": "head",
+                                "sparse_heads": "mosa", "dense_scope": "layer"}},
         "data": {"source": str(data), "block_size": 32, "validation_documents": 6, "validation_tokens": 256},
         "stages": [
             {"name": "router_warmup", "kind": "router_warmup", "steps": 4, "lr": 0.01},

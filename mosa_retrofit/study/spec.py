@@ -75,9 +75,10 @@ class Point:
         # the committed study's layout: single heads by output energy, one router per head, thresholds on the
         # calibration rows as given (the default conversion's KV groups are measured in docs/conversion.md)
         common = dict(sparsity=self.sparsity, dense_heads=self.dense, head_choice="scored", include_first=True,
-                      dense_head_ids=dense_head_ids or {}, router_granularity="head", threshold_length=None)
-        if self.method == "mosa":
-            return MoSAConfig(**common, routing=self.routing, router_init=self.init, fill=self.fill,
+                      dense_head_ids=dense_head_ids or {}, router_granularity="head", threshold_length=None,
+                      dense_scope="layer")
+        if self.method == "mosa":  # the paper's head form
+            return MoSAConfig(**common, sparse_heads="mosa", routing=self.routing, router_init=self.init, fill=self.fill,
                               router_score="straight_through")
         if self.method == "local":
             return MoSAConfig(**common, sparse_heads="local",
