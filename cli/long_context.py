@@ -40,12 +40,14 @@ def add_parser(sub) -> None:
         formatter_class=HelpFormatter)
     p.add_argument("model", metavar="MODEL_OR_DIR")
     p.add_argument("--baseline", default="auto", help="the model to measure beside MODEL ('auto': its base; 'none')")
-    p.add_argument("--lengths", type=_ints, default=[1024, 2048, 4096], help="passkey prompt lengths in tokens")
-    p.add_argument("--depths", type=_depths, default=[0.0, 0.25, 0.5, 0.75, 1.0], help="depths of the key")
-    p.add_argument("--trials", type=int, default=4, help="keys per (length, depth)")
+    p.add_argument("--lengths", type=_ints, default=[1024, 2048, 4096, 8192],
+                   help="passkey prompt lengths in tokens (those beyond the model's positions are dropped)")
+    p.add_argument("--depths", type=_depths, default=[0.1, 0.5, 0.9], help="depths of the key")
+    p.add_argument("--trials", type=int, default=2, help="keys per (length, depth)")
     p.add_argument("--variant", choices=("single", "multi"), default="single")
-    p.add_argument("--contexts", type=_ints, default=[256, 512, 1024, 2048, 4096],
-                   help="tokens of context before the scored tokens")
+    p.add_argument("--contexts", type=_ints, default=[512, 1024, 2048, 4096, 7936],
+                   help="tokens of context before the scored tokens (with --score-tokens at most the model's "
+                        "positions; longer ones are dropped)")
     p.add_argument("--score-tokens", type=int, default=256, help="final tokens scored in each document")
     p.add_argument("--documents", type=int, default=4, help="long documents scored")
     p.add_argument("--prefill", type=int, default=None,
@@ -77,6 +79,16 @@ def run(args: argparse.Namespace) -> int:
         models[base] = load_any(base)[0]
     models[args.model] = model
     tokenizer = AutoTokenizer.from_pretrained(source)
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit:
+        lengths = [L for L in args.lengths if L <= limit]
+        contexts = [L for L in args.contexts if L + args.score_tokens <= limit]
+        if not lengths or not contexts:
+            raise ValueError(f"the model has {limit} positions: give --lengths <= {limit} and --contexts <= "
+                             f"{limit - args.score_tokens}")
+        if lengths != args.lengths or contexts != args.contexts:
+            print(f"the model has {limit} positions: passkey lengths {lengths}, contexts {contexts}")
+        args.lengths, args.contexts = lengths, contexts
     docs = context_documents(tokenizer, shakespeare_plays(), max(args.contexts), args.score_tokens)[: args.documents]
     if not docs:
         raise ValueError(f"no document has {max(args.contexts) + args.score_tokens} tokens; lower --contexts")

@@ -116,11 +116,23 @@ def test_long_command_prints_both_tables_and_draws_the_plot(tmp_path, capsys):
 
     model_dir, _ = make_world(tmp_path)
     out = tmp_path / "plots"
-    assert main(["long", str(model_dir), "--baseline", str(model_dir), "--lengths", "120", "--depths", "0,1",
-                 "--trials", "1", "--contexts", "16,64", "--score-tokens", "16", "--documents", "1",
+    assert main(["long", str(model_dir), "--baseline", str(model_dir), "--lengths", "120,5000", "--depths", "0,1",
+                 "--trials", "1", "--contexts", "16,64,1020", "--score-tokens", "16", "--documents", "1",
                  "--out", str(out)]) == 0
     text = capsys.readouterr().out
+    assert "the model has 1024 positions: passkey lengths [120], contexts [16, 64]" in text
     assert "| model | 120 |" in text and "| model | L = 16 | L = 64 |" in text
+    # tiny llama: 2 layers x K and V x 2 KV heads x 120 tokens x d = 16 x 4 bytes
+    assert f"| {model_dir} | {2 * 2 * 2 * 120 * 16 * 4 / 2**20:.1f} MiB (1.000x) |" in text
     assert (out / "long_context.png").stat().st_size > 0
     with pytest.raises(SystemExit):
         main(["long", str(model_dir), "--depths", "1.5"])
+
+
+def test_prefill_footprint_counts_what_the_cache_holds():
+    from tiny_models import tiny_model
+
+    from mosa_retrofit.longctx import prefill_footprint
+
+    held, seconds = prefill_footprint(tiny_model("llama"), 40)
+    assert held == 2 * 2 * 2 * 40 * 16 * 4 and seconds > 0  # layers x K/V x KV heads x tokens x d x fp32
