@@ -98,4 +98,8 @@ def default_retrieval_prompts(tokenizer, count: int = 16, length: int = 1024) ->
     """Retrieval prompts over the embedded Wikipedia training articles (never the held-out ones)."""
     articles = wikipedia_articles()[: -PROTOCOL.validation_documents]
     texts = [" ".join(articles[i: i + 10]) for i in range(0, min(len(articles), 40), 10)]
-    return retrieval_prompts(tokenizer, texts, count, length)
+    try:
+        return retrieval_prompts(tokenizer, texts, count, length)
+    except ValueError as e:  # the model's positions cannot hold four keys and a question
+        raise ValueError(f"head_choice='retrieval' hides 4 keys in prompts of {length} tokens, the model's "
+                         f"positions allow no more and that is too short ({e}); use head_choice='scored'") from None

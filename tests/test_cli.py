@@ -100,7 +100,8 @@ def test_convert_and_inspect_errors(argv, needle, capsys):
 
 
 def test_convert_with_calibrated_fill_from_a_text_file(tmp_path, capsys):
-    """--fill mean --head-choice scored --router-init calibrated on a checkpoint with a tokenizer and --calib-text."""
+    """Paper-form heads with --fill mean --head-choice scored --router-init calibrated on a checkpoint with a
+    tokenizer and --calib-text."""
     from train_fixtures import make_world
 
     import mosa_retrofit
@@ -109,8 +110,8 @@ def test_convert_with_calibrated_fill_from_a_text_file(tmp_path, capsys):
     model_dir, data = make_world(tmp_path)
     out = tmp_path / "out"
     assert main(["convert", str(model_dir), str(out), "--sparsity", "4", "--dense-heads", "1", "--head-choice",
-                 "scored", "--router-init", "calibrated", "--fill", "mean", "--calib-text", str(data),
-                 "--calib-sequences", "2", "--calib-length", "32"]) == 0
+                 "scored", "--router-init", "calibrated", "--fill", "mean", "--sparse-heads", "mosa",
+                 "--calib-text", str(data), "--calib-sequences", "2", "--calib-length", "32"]) == 0
     model = mosa_retrofit.load(str(out))
     layers = mosa_layers(model)
     assert model.config.mosa["fill"] == "mean" and all(m.mosa_fill.abs().sum() > 0 for m in layers.values())
@@ -184,7 +185,9 @@ def test_malformed_config_json_names_the_file_and_line(tmp_path, capsys):
     assert f"--config {bad}: not valid JSON (line 4" in capsys.readouterr().err
     bad.write_text('{"version": "1"}')
     assert main(["convert", "m", "x", "--config", str(bad)]) == 2
-    assert "MoSAConfig.version must be an integer in 1..2, got '1'" in capsys.readouterr().err
+    from mosa_retrofit.config import CONFIG_VERSION
+
+    assert f"MoSAConfig.version must be an integer in 1..{CONFIG_VERSION}, got '1'" in capsys.readouterr().err
 
 
 def test_empty_prompt_and_empty_data_get_one_line(tmp_path, capsys):

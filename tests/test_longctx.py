@@ -114,7 +114,7 @@ def test_long_command_prints_both_tables_and_draws_the_plot(tmp_path, capsys):
 
     from mosa_retrofit.cli.main import main
 
-    model_dir, _ = make_world(tmp_path)
+    model_dir, _ = make_world(tmp_path, positions=1024)
     out = tmp_path / "plots"
     assert main(["long", str(model_dir), "--baseline", str(model_dir), "--lengths", "120,5000", "--depths", "0,1",
                  "--trials", "1", "--contexts", "16,64,1020", "--score-tokens", "16", "--documents", "1",

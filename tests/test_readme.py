@@ -22,7 +22,7 @@ def test_the_readme_has_a_python_example():
 def test_python_block_runs(path, index, code, tmp_path, monkeypatch):
     from train_fixtures import make_world
 
-    model_dir, _ = make_world(tmp_path)
+    model_dir, _ = make_world(tmp_path, positions=1024)  # the default conversion's retrieval prompts fit
     code = code.replace('mosa_retrofit.resolve_model("smollm2-135m")', repr(str(model_dir)))
     monkeypatch.chdir(tmp_path)  # "out/..." lands in the temporary folder
     torch.manual_seed(0)

@@ -61,3 +61,16 @@ def test_bad_scope_and_missing_tokenizer_are_clear():
         MoSAConfig(sink_tokens=-1)
     with pytest.raises(ValueError, match="no tokenizer"):
         convert_(tiny_model("llama"), plain_config(head_choice="retrieval"))
+
+
+def test_a_model_too_short_for_retrieval_prompts_gets_one_clear_line(tmp_path):
+    from train_fixtures import make_world
+
+    from mosa_retrofit.cli.main import main
+
+    model_dir, _ = make_world(tmp_path)  # 128 positions
+    with pytest.raises(ValueError, match="head_choice='retrieval' hides 4 keys in prompts of 128 tokens"):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        convert_(AutoModelForCausalLM.from_pretrained(model_dir), tokenizer=AutoTokenizer.from_pretrained(model_dir))
+    assert main(["convert", str(model_dir), str(tmp_path / "out"), "--head-choice", "scored", "--no-check"]) == 0

@@ -37,8 +37,9 @@ def make_tokenizer(text: str, vocab: int = 160):
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
 
 
-def make_world(root: Path, family: str = "llama", seed: int = 0) -> tuple[Path, Path]:
-    """(model folder with tokenizer, corpus .txt) under ``root``."""
+def make_world(root: Path, family: str = "llama", seed: int = 0, positions: int | None = None) -> tuple[Path, Path]:
+    """(model folder with tokenizer, corpus .txt) under ``root``; ``positions``: max_position_embeddings (1024
+    leaves room for the retrieval prompts of the default conversion)."""
     import transformers as tf
 
     text = corpus_text()
@@ -48,8 +49,8 @@ def make_world(root: Path, family: str = "llama", seed: int = 0) -> tuple[Path, 
     cfg = tiny_config(family)
     cfg.vocab_size = len(tokenizer)
     cfg.eos_token_id = tokenizer.eos_token_id
-    if hasattr(cfg, "max_position_embeddings"):
-        cfg.max_position_embeddings = 1024  # room for the retrieval prompts of the default conversion
+    if positions is not None:
+        cfg.max_position_embeddings = positions
     torch.manual_seed(seed)
     model = tf.AutoModelForCausalLM.from_config(cfg)
     model_dir = root / f"tiny-{family}"
