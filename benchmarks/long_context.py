@@ -32,6 +32,8 @@ MODELS = {
                                                                  local_window=384),
     "sliding-window baseline, window 388": dict(**RETRIEVAL, sparse_heads="local", local_window=388),
     "MoSA, the paper's head form (previous default: 3 dense heads per layer, sparsity 8)": V2,
+    "pruning baseline (the other heads removed, their mean output kept)": dict(**RETRIEVAL, sparse_heads="pruned",
+                                                                              fill="mean"),
 }
 
 
@@ -113,7 +115,8 @@ def main() -> None:
     passkey = lambda g, L: sum(g[(L, d)] for d in depths) / len(depths)
     lines = ["# Long context at equal KV bytes: SmolLM2-135M-Instruct conversions, no training", "",
              f"Command: `python benchmarks/long_context.py --lengths {','.join(map(str, args.lengths))} --depths "
-             f"{args.depths} --trials {args.trials} --variant {args.variant} --documents {args.documents}`", "",
+             f"{args.depths} --trials {args.trials} --variant {args.variant} --documents {args.documents}"
+             + (f" --models {args.models} --out {args.out}" if args.models else "") + "`", "",
              f"Machine: {machine()}; {time.strftime('%Y-%m-%d')}; {time.time() - started:.0f} s in all.", "",
              f"Passkey: {'multi-key variant (four named keys, one asked)' if args.variant == 'multi' else 'one key'}"
              f", {args.trials} keys x depths "
