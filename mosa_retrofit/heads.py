@@ -101,22 +101,12 @@ class DenseHeads(HeadGroup):
     window: int | None = None
 
     def forward(self, layer, call: Call, out: Tensor | None) -> Tensor:
-        fam, x, W = layer.mosa_family, call.x, call.W
+        x, W = call.x, call.W
         B, T, _ = x.shape
         d = W.head_dim
         kv_heads, groups = dense_kv_layout(self.heads, W.num_heads, W.num_kv_heads)
         wq, bq, wk, bk, wv, bv, wo = layer.mosa_memo(self.role, lambda: _head_weights(W, self.heads, kv_heads))
-        q, k, v = F.linear(x, wq, bq), F.linear(x, wk, bk), F.linear(x, wv, bv)
-        q = q.view(B, T, -1, d).transpose(1, 2)  # (B, n, T, d)
-        k, v = (t.view(B, T, -1, d).transpose(1, 2) for t in (k, v))  # (B, n_kv, T, d)
-        pre = fam.query_prescale(layer)
-        q = q * pre if pre != 1.0 else q
-        q_norm, k_norm = fam.norms(layer)
-        if q_norm is not None:
-            q, k = q_norm(q), k_norm(k)
-        if call.cos is not None:
-            cos, sin = call.cos[:, None], call.sin[:, None]
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = _project(layer, call, (wq, bq, wk, bk, wv, bv), d)  # (B, n, T, d), 2 x (B, n_kv, T, d)
         if self.cached and call.cache is not None:
             k, v = call.cache.update(k, v, layer.layer_idx)
         a = self.attend(layer, call, q, k, v, groups)  # (B, T, n, d)
@@ -278,6 +268,23 @@ class MoSAHeads(HeadGroup):
         return GroupCost(n * mosa_flops(dims.D, dims.d, T, k), n * k, len(self.units) * k)
 
 
+def _project(layer, call: Call, weights: tuple, d: int) -> tuple[Tensor, Tensor, Tensor]:
+    """q (B, n, T, d) and k, v (B, n_kv, T, d) of a group's heads: projected, prescaled, normed, rotated."""
+    fam, x = layer.mosa_family, call.x
+    B, T, _ = x.shape
+    wq, bq, wk, bk, wv, bv = weights
+    q, k, v = (F.linear(x, w_, b_).view(B, T, -1, d).transpose(1, 2) for w_, b_ in ((wq, bq), (wk, bk), (wv, bv)))
+    pre = fam.query_prescale(layer)
+    q = q * pre if pre != 1.0 else q
+    q_norm, k_norm = fam.norms(layer)
+    if q_norm is not None:
+        q, k = q_norm(q), k_norm(k)
+    if call.cos is not None:
+        cos, sin = call.cos[:, None], call.sin[:, None]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    return q, k, v
+
+
 def _head_weights(W: HeadWeights, heads: tuple[int, ...], kv_heads: tuple[int, ...]) -> tuple:
     """Rows of q/k/v of ``heads`` (and of their ``kv_heads``) and columns of o, as matrices for F.linear."""
     D = W.wq.shape[2]
@@ -318,16 +325,7 @@ class WindowedHeads(MoSAHeads):
         kv_of = head_to_kv(W.num_heads, W.num_kv_heads)
         unit_kv = tuple(kv_of[u[0]] for u in units)  # (E,) the K/V head each unit reads
         wq, bq, wk, bk, wv, bv, wo = layer.mosa_memo(self.kind, lambda: _head_weights(W, self.heads, unit_kv))
-        q = F.linear(x, wq, bq).view(B, T, -1, d).transpose(1, 2)  # (B, E·G, T, d)
-        k, v = (F.linear(x, w_, b_).view(B, T, E, d).transpose(1, 2) for w_, b_ in ((wk, bk), (wv, bv)))  # (B, E, T, d)
-        pre = fam.query_prescale(layer)
-        q = q * pre if pre != 1.0 else q
-        q_norm, k_norm = fam.norms(layer)
-        if q_norm is not None:
-            q, k = q_norm(q), k_norm(k)
-        if call.cos is not None:
-            cos, sin = call.cos[:, None], call.sin[:, None]
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = _project(layer, call, (wq, bq, wk, bk, wv, bv), d)  # (B, E·G, T, d), 2 x (B, E, T, d)
 
         host = call.store  # the layer's cache-side state (None: no cache)
         valid = key_padding(call.mask, T)
