@@ -4,15 +4,20 @@ A checkpoint is a folder ``checkpoint-<global step>`` with
   * ``model.safetensors``: the whole training model (student, with LoRA adapters when a LoRA stage is open),
   * ``optimizer.pt`` and ``scheduler.pt`` of the open stage,
   * ``rng-<rank>.pt``: Python, NumPy and torch RNG states of every process,
-  * ``state.json``: stage, step within the stage, samples consumed, elapsed time, metrics so far.
+  * ``state.json``: stage, step within the stage, samples consumed, elapsed time, metrics so far,
+  * ``manifest.json``, written last: the size and SHA-256 of every other file.
 Every process writes into ``.tmp-checkpoint-<step>``; the main process then renames it (atomic on POSIX),
-so a folder named ``checkpoint-*`` is always complete and a run killed at any point loses at most the steps
-since the last one. Stale temporary folders are removed by the next save.
+so a run killed at any point loses at most the steps since the last checkpoint. Stale temporary folders are
+removed by the next save. A checkpoint damaged after it was written (a truncated or missing file, a full
+disk, a copy gone wrong) fails its manifest: ``usable`` skips it for the newest intact one, and the run
+resumed from there ends bit-identical to an uninterrupted one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import random
 import re
@@ -24,6 +29,8 @@ import torch
 from torch import nn
 
 _NAME = re.compile(r"checkpoint-(\d+)$")
+MANIFEST = "manifest.json"
+logger = logging.getLogger("mosa_retrofit")
 
 
 def rng_state() -> dict:
@@ -50,9 +57,81 @@ def checkpoints(root: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def latest(root: str | Path) -> Path | None:
-    found = checkpoints(root)
-    return found[-1] if found else None
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(folder: Path) -> None:
+    """``manifest.json``: the size and SHA-256 of every file in ``folder`` (written last, flushed to disk)."""
+    files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
+    with open(folder / MANIFEST, "w") as f:
+        json.dump({"format": 1, "files": files}, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def problem(path: Path, legacy: bool = False) -> str | None:
+    """Why the checkpoint folder ``path`` cannot be resumed from, or None when it is complete and intact:
+    every file its manifest lists is present with its size and hash, and the state parses. ``legacy``: the
+    run was written before manifests existed; then the files every resume reads must be present (a missing
+    optimizer is caught when it is needed, by ``load_training``)."""
+    manifest = path / MANIFEST
+    if manifest.exists():
+        try:
+            files = json.loads(manifest.read_text())["files"]
+        except (ValueError, KeyError, TypeError):
+            return f"{MANIFEST} is unreadable"
+        for name, entry in files.items():
+            f = path / name
+            if not f.is_file():
+                return f"{name} is missing"
+            if f.stat().st_size != entry["bytes"]:
+                return f"{name} has {f.stat().st_size:,} bytes, the manifest says {entry['bytes']:,}"
+            if _sha256(f) != entry["sha256"]:
+                return f"{name} does not match its SHA-256 in the manifest"
+    elif not legacy:
+        return f"{MANIFEST} is missing (written last: the checkpoint is incomplete or was altered)"
+    for name in ("state.json", "model.safetensors", "rng-0.pt"):
+        if not (path / name).is_file():
+            return f"{name} is missing"
+    try:
+        read_state(path)["step"]
+    except (ValueError, KeyError, TypeError):
+        return "state.json is unreadable"
+    return None
+
+
+def usable(root: str | Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """(the newest intact checkpoint under ``root`` or None if there is none, [(newer damaged checkpoint,
+    why)]). Raises if checkpoints exist but none is intact."""
+    found, damaged = checkpoints(root), []
+    legacy = not any((p / MANIFEST).exists() for p in found)  # a run written before manifests existed
+    for path in reversed(found):
+        why = problem(path, legacy)
+        if why is None:
+            return path, damaged
+        damaged.append((path, why))
+    if damaged:
+        raise ValueError(f"no usable checkpoint in {root}: " + "; ".join(f"{p.name}: {w}" for p, w in damaged)
+                         + "; start a new run in another output_dir")
+    return None, []
+
+
+def set_aside(damaged: list[tuple[Path, str]]) -> None:
+    """Rename damaged checkpoints to ``damaged-checkpoint-<step>``: kept for a look, never resumed from, never
+    counted by ``keep_last`` (so a damaged folder cannot push out an intact one)."""
+    for path, why in damaged:
+        target = path.with_name("damaged-" + path.name)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(path, target)
+        logger.warning("%s is damaged (%s): moved to %s, resuming from an earlier checkpoint", path, why,
+                       target.name)
 
 
 def save(accelerator, root: str | Path, step: int, model: nn.Module, optimizer, scheduler, state: dict,
@@ -77,6 +156,7 @@ def save(accelerator, root: str | Path, step: int, model: nn.Module, optimizer, 
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        write_manifest(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -98,7 +178,10 @@ def load_model(path: Path, model: nn.Module) -> None:
 
 def load_training(path: Path, optimizer, scheduler, rank: int) -> None:
     """Optimizer, scheduler and this process's RNG states."""
-    if optimizer is not None and (path / "optimizer.pt").exists():
+    if optimizer is not None:
+        if not (path / "optimizer.pt").exists():  # never restart the optimizer and the schedule silently
+            raise ValueError(f"{path} has no optimizer.pt to continue its stage with; resume from an earlier "
+                             "checkpoint (move this one away) or start a new run")
         optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
         scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
     rng = path / f"rng-{rank}.pt"

@@ -99,7 +99,6 @@ class Trainer:
 
         self.recipe, self.progress, self.interrupt = recipe, progress, interrupt
         self.out = Path(recipe.output_dir)
-        self.resume_from = ckpt.latest(self.out) if resume else None
         if not resume and (ckpt.checkpoints(self.out) or (self.out / "final").exists()):
             raise ValueError(f"output_dir {self.out} already holds a run; resume it with --resume or choose "
                              "another output_dir")
@@ -109,6 +108,10 @@ class Trainer:
         if state and state.get("_mixed_precision") != recipe.training.mixed_precision and world == 1:
             AcceleratorState._reset_state()  # a second run in this process with another precision
         self.acc = Accelerator(mixed_precision=recipe.training.mixed_precision, cpu=multi_cpu)
+        self.resume_from, damaged = ckpt.usable(self.out) if resume else (None, [])
+        self.acc.wait_for_everyone()  # every process has chosen before the damaged ones are moved
+        if damaged and self.acc.is_main_process:
+            ckpt.set_aside(damaged)
         self.log_file = self.out / "metrics.jsonl"
         self.tb = None
 
