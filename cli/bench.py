@@ -105,12 +105,10 @@ def run_generate(args: argparse.Namespace) -> int:
     from mosa_retrofit.bench.generate import bench_generate, format_rows
     from mosa_retrofit.data import token_stream
 
-    from .common import check_local
     from mosa_retrofit.io import load_any
 
     if args.decode_context < 2 or args.decode_tokens < 1 or args.threads < 1:
         raise ValueError("--decode-context must be >= 2, --decode-tokens and --threads >= 1")
-    check_local(args.model)
     model, source = load_any(args.model)
     mosa = getattr(model.config, "mosa", None) or {}
     if mosa.get("routing") != "causal":
@@ -118,7 +116,6 @@ def run_generate(args: argparse.Namespace) -> int:
     base = args.baseline or mosa.get("base_model_name_or_path")
     if base is None:
         raise ValueError(f"{args.model} names no base model; give --baseline")
-    check_local(base)
     original, _ = load_any(base)
     torch.set_num_threads(args.threads)
     from mosa_retrofit.assets import wikipedia_articles

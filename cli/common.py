@@ -1,4 +1,4 @@
-"""What the subcommands share: flags generated from a config dataclass, the help formatter, path checks."""
+"""What the subcommands share: flags generated from a config dataclass, the help formatter."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import dataclasses
 import inspect
 import textwrap
 import typing
-from pathlib import Path
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -18,12 +17,6 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if action.default is None or action.default is argparse.SUPPRESS or action.default is False:
             return action.help
         return super()._get_help_string(action)
-
-
-def check_local(name: str) -> None:
-    """A path-looking MODEL must exist (hub ids like org/name are left to transformers)."""
-    if name.startswith((".", "/", "~")) and not Path(name).expanduser().exists():
-        raise FileNotFoundError(f"{name} does not exist (give a local folder, a hub id or 'smollm2-135m')")
 
 
 def field_docs(cls: type) -> dict[str, str]:

@@ -15,7 +15,7 @@ from mosa_retrofit.calibration import calibration_ids
 from mosa_retrofit.config import CHOICES, MoSAConfig
 from mosa_retrofit.evaluate import PROTOCOL
 
-from .common import HelpFormatter, add_dataclass_flags, check_local, given_flags
+from .common import HelpFormatter, add_dataclass_flags, given_flags
 
 PRESETS = ("default", "paper")
 DEFAULT_CALIBRATION = "wikipedia-offline"
@@ -94,12 +94,13 @@ def build_config(args: argparse.Namespace):
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from mosa_retrofit import convert_
     from mosa_retrofit.assets import resolve_model
     from mosa_retrofit.evaluate import perplexity
     from mosa_retrofit.families import family_of
+    from mosa_retrofit.surgery import check_config
 
     config = build_config(args)  # validates every value before anything is loaded
     for name in ("calib_sequences", "calib_length"):
@@ -107,8 +108,13 @@ def run_convert(args: argparse.Namespace) -> int:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     out = Path(args.out)
     check_output(out, args.model, args.overwrite)
-    check_local(args.model)
     source = resolve_model(args.model)
+    saved = getattr(AutoConfig.from_pretrained(source), "mosa", None)
+    if saved:
+        base = saved.get("base_model_name_or_path") if isinstance(saved, dict) else None
+        raise ValueError(f"{args.model} is already converted (its config.json has a 'mosa' block): load it with "
+                         f"mosa_retrofit.load, or convert the original{f' ({base})' if base else ''} again to change "
+                         "the conversion")
     config = dataclasses.replace(config, base_model_name_or_path=args.model)
     print(f"loading {args.model} ...", flush=True)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
@@ -117,6 +123,7 @@ def run_convert(args: argparse.Namespace) -> int:
     except (OSError, ValueError):
         tokenizer = None  # a bare checkpoint: fine unless calibration or the check needs to tokenize text
     family_of(model)  # unsupported families fail here, before any work
+    check_config(model, config)  # and every value the model must fit
     if tokenizer is None and (config.needs_calibration or args.check):
         raise ValueError(f"{args.model} has no tokenizer, which calibration and the check need (use --preset paper "
                          "--no-check for a bare checkpoint)")

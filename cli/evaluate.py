@@ -55,7 +55,6 @@ def run(args: argparse.Namespace) -> int:
     from mosa_retrofit.data import load_corpus
     from mosa_retrofit.recipe import DataSpec
 
-    from .common import check_local
 
     for name in ("block_size", "max_tokens", "batch_size", "cost_seq_len", "validation_documents"):
         if getattr(args, name) < 1:
@@ -64,7 +63,6 @@ def run(args: argparse.Namespace) -> int:
                     block_size=args.block_size, validation_documents=args.validation_documents,
                     validation_tokens=max(args.max_tokens, args.block_size),
                     max_train_tokens=16 * args.block_size + 1)  # read only for --causal calibration
-    check_local(args.model)
     model, source = load_any(args.model)
     tokenizer = AutoTokenizer.from_pretrained(source)
     corpus = load_corpus(spec, tokenizer, progress=False, validation_only=not args.causal)
@@ -82,7 +80,6 @@ def run(args: argparse.Namespace) -> int:
         if base is None:
             raise ValueError(f"{args.model} names no base model; give --baseline BASE")
     if base is not None:
-        check_local(base)
         baseline, _ = load_any(base)
         b_ppl, b_tps = _measure(baseline, blocks, args.batch_size)
         rows.append((base, b_ppl, b_tps, cost_ratios(baseline, args.cost_seq_len)))

@@ -49,13 +49,11 @@ def run(args: argparse.Namespace) -> int:
     from mosa_retrofit.compat import output_cache
     from mosa_retrofit.io import load_any
 
-    from .common import check_local
 
     if args.max_new_tokens < 1 or args.num_beams < 1:
         raise ValueError("--max-new-tokens and --num-beams must be >= 1")
     if not args.prompt.strip():
         raise ValueError("PROMPT is empty: give the text to continue")
-    check_local(args.model)
     model, source = load_any(args.model)
     mosa = getattr(model.config, "mosa", None) or {}
     if mosa and mosa.get("routing", "expert_choice") != "causal" and not args.no_cache:

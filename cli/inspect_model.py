@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import HelpFormatter, check_local
+from .common import HelpFormatter
 from .convert import summary
 
 
@@ -29,7 +29,6 @@ def run(args: argparse.Namespace) -> int:
 
     if args.seq_len < 1:
         raise ValueError(f"--seq-len must be >= 1, got {args.seq_len}")
-    check_local(args.model)
     model, source = load_any(args.model)
     converted = bool(getattr(model.config, "mosa", None))
     print(("converted MoSA model" if converted else "original (unconverted) model") + f": {args.model}\n")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import HelpFormatter, check_local
+from .common import HelpFormatter
 
 
 def _ints(text: str) -> list[int]:
@@ -68,14 +68,12 @@ def run(args: argparse.Namespace) -> int:
     for name in ("trials", "score_tokens", "documents"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    check_local(args.model)
     model, source = load_any(args.model)
     base = args.baseline
     if base == "auto":
         base = (getattr(model.config, "mosa", None) or {}).get("base_model_name_or_path")
     models = {}
     if base and base != "none":  # the original first: the footprint ratios are against it
-        check_local(base)
         models[base] = load_any(base)[0]
     models[args.model] = model
     tokenizer = AutoTokenizer.from_pretrained(source)

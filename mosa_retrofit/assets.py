@@ -66,9 +66,37 @@ def smollm2_dir() -> Path:
     return target
 
 
+_HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
+
+
 def resolve_model(name_or_path: str) -> str:
-    """``smollm2-135m`` -> the cached embedded model; anything else (folder or hub id) unchanged."""
-    return str(smollm2_dir()) if name_or_path == DEFAULT_MODEL else name_or_path
+    """``smollm2-135m`` -> the cached embedded model; a folder or a hub id unchanged, once it is known to exist.
+
+    A name that is no folder is looked up on the hub (a cached copy counts), so a typo or an offline machine
+    gets one clear line instead of a connection traceback from deep inside transformers."""
+    if name_or_path == DEFAULT_MODEL:
+        return str(smollm2_dir())
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return name_or_path
+    hint = f"give a model folder, a hub id such as HuggingFaceTB/SmolLM2-135M, or {DEFAULT_MODEL!r}"
+    if path.exists() or not _HUB_ID.fullmatch(name_or_path):
+        raise FileNotFoundError(f"{name_or_path}: {'not a folder' if path.exists() else 'no such folder'}; {hint}")
+    from huggingface_hub import file_exists, try_to_load_from_cache
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if isinstance(try_to_load_from_cache(name_or_path, "config.json"), str):
+        return name_or_path
+    try:
+        found = file_exists(name_or_path, "config.json")
+    except HfHubHTTPError:  # gated, private without a token, ...: transformers says what to do
+        return name_or_path
+    except Exception as e:  # offline mode, no DNS, refused, timed out
+        raise FileNotFoundError(f"{name_or_path}: no such folder, and the hub is not reachable to look it up "
+                                f"({type(e).__name__}); {hint}") from None
+    if not found:
+        raise FileNotFoundError(f"{name_or_path}: no such folder, and no model of that name on the hub; {hint}")
+    return name_or_path
 
 
 def _clean_wikitext(text: str) -> str:

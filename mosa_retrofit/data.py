@@ -109,6 +109,8 @@ def documents(spec: DataSpec) -> tuple[list[str] | None, Iterator[str] | None]:
         missing = [f for f in files if not Path(f).is_file()]
         if not files or missing:
             raise FileNotFoundError(f"data.source {spec.source!r}: no such file {missing[0] if missing else spec.source}")
+        if all(Path(f).stat().st_size == 0 for f in files):  # datasets fails on these with a traceback
+            raise ValueError(f"data.source {spec.source!r} holds no text (empty file{'s' if len(files) > 1 else ''})")
         kinds = {_EXTENSIONS.get(Path(f).suffix) for f in files}
         if None in kinds or len(kinds) > 1:
             raise ValueError(f"data.source files must all be one of {sorted(_EXTENSIONS)}, got {files}")

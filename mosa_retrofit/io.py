@@ -87,8 +87,16 @@ def load(path: str, config: MoSAConfig | None = None, calibration: Tensor | None
         return convert_(model, config, calibration=calibration)
     if config is not None:
         hf_config.mosa = config.to_dict()
+    user_ignores = kwargs.pop("ignore_mismatched_sizes", False)
     model, info = _mosa_model_class(base_cls).from_pretrained(path, config=hf_config, output_loading_info=True,
-                                                             **kwargs)
+                                                             ignore_mismatched_sizes=True, **kwargs)
+    wrong = [(name, tuple(saved), tuple(built)) for name, saved, built in sorted(info.get("mismatched_keys", ()))
+             if "mosa_" in name or not user_ignores]
+    if wrong:
+        name, saved, built = wrong[0]
+        raise ValueError(f"{path}: {name} has shape {saved} in the checkpoint, the structure in config.json's "
+                         f"'mosa' block needs {built}{f' ({len(wrong) - 1} more tensors too)' if len(wrong) > 1 else ''}"
+                         "; was the checkpoint or its 'mosa' block (dense_head_ids, ...) edited?")
     missing = info.get("missing_keys", [])
     missing_fill = [k for k in missing if k.endswith("mosa_fill")]
     if missing_fill:

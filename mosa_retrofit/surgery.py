@@ -150,6 +150,26 @@ def _layer_list(idxs: list[int]) -> str:
     return f"layers {idxs}"
 
 
+def check_config(model: nn.Module, config: MoSAConfig, filter_fn: Callable[[nn.Module, str], bool] | None = None
+                 ) -> None:
+    """Raise ValueError, naming the value, if ``convert_(model, config, filter_fn=...)`` would fail or convert
+    nothing: an already converted model, layers or heads the model lacks, a config that keeps every head dense,
+    a sparsity that routes less than one token per sequence. Cheap: no calibration, nothing modified."""
+    if mosa_layers(model) or getattr(model.config, "mosa", None):
+        raise ValueError("this model is already converted (it has MoSA attention layers or a 'mosa' config "
+                         "block); load a converted checkpoint with mosa_retrofit.load, and convert the original "
+                         "to change a conversion")
+    plans = plan_layers(model, dataclasses.replace(config, head_choice="first", dense_scope="layer"), None, filter_fn)
+    if not plans:
+        raise ValueError(f"this config converts no attention layer (dense_heads={config.dense_heads!r} keeps every "
+                         f"head of the selected layers dense, or layers={config.layers!r} / the filter selects none): "
+                         "nothing to convert; keep fewer heads dense or select some layers")
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if config.routed and isinstance(positions, int) and config.sparsity > positions:
+        raise ValueError(f"MoSAConfig.sparsity={config.sparsity:g} routes less than one token per sequence of the "
+                         f"model's {positions} positions; use a sparsity in 1..{positions}")
+
+
 def convert_(model: nn.Module, config: MoSAConfig | None = None, calibration: Tensor | None = None,
              filter_fn: Callable[[nn.Module, str], bool] | None = None, progress: bool = True,
              stats: dict[int, LayerStats] | None = None, tokenizer=None,
@@ -183,10 +203,8 @@ def convert_(model: nn.Module, config: MoSAConfig | None = None, calibration: Te
     if not isinstance(config, MoSAConfig):
         raise TypeError(f"config must be a MoSAConfig, got {type(config).__name__}")
     family = family_of(model)
-    if mosa_layers(model) or getattr(model.config, "mosa", None):
-        raise ValueError("this model is already converted (it has MoSA attention layers or a 'mosa' config "
-                         "block); load a converted checkpoint with mosa_retrofit.load, and convert the original "
-                         "to change a conversion")
+    if not _structure_only:  # validate before any calibration work
+        check_config(model, config, filter_fn)
     if calibration is not None and (not isinstance(calibration, Tensor) or calibration.dim() != 2):
         raise ValueError(f"calibration must be a (N, T) tensor of token ids, got {getattr(calibration, 'shape', calibration)}")
     routed = config.routed  # the baselines have no routers
@@ -195,8 +213,6 @@ def convert_(model: nn.Module, config: MoSAConfig | None = None, calibration: Te
     layers = attention_layers(model, family)
     needs_text = config.head_choice == "scored" or fitted  # (retrieval heads read prompts of their own)
     if not _structure_only and needs_text and calibration is None and stats is None:
-        plan_layers(model, dataclasses.replace(config, head_choice="first", dense_scope="layer"), None,
-                    filter_fn)  # validate first
         calibration = default_calibration(model, tokenizer)
     if config.head_choice == "retrieval" and retrieval is None and not _structure_only:
         length = min(1024, getattr(model.config, "max_position_embeddings", None) or 1024)
@@ -212,9 +228,6 @@ def convert_(model: nn.Module, config: MoSAConfig | None = None, calibration: Te
     if not _structure_only:
         for note in notes:
             logger.warning("mosa_retrofit: %s", note)
-        if not plans:
-            logger.warning("mosa_retrofit: this config converts no attention layer (every head of the selected "
-                           "layers stays dense, or no layer is selected): the model is unchanged")
     windows = (config.local_window,) if routed and config.sparse_heads == "mosa_keys" else ()
     if fitted and (stats is None or any(i in stats and w not in stats[i].xtz_far for i in plans for w in windows)):
         stats = collect_stats(model, calibration, {i: layers[i][1] for i in plans}, progress, sparsities=(),

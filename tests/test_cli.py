@@ -84,14 +84,18 @@ def test_convert_and_inspect_a_local_checkpoint(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, needle", [
-    (["convert", "./no/such/model", "x", "--sparsity", "2"], "does not exist"),
+    (["convert", "./no/such/model", "x", "--sparsity", "2"], "./no/such/model: no such folder; give a model folder"),
     (["convert", "m", "x", "--sparsity", "0.5"], "MoSAConfig.sparsity must be a finite number >= 1"),
     (["convert", "m", "x", "--sparsity", "inf"], "MoSAConfig.sparsity must be a finite number >= 1, got inf"),
     (["convert", "m", "x", "--config", "/no/such.json"], "--config /no/such.json does not exist"),
     (["convert", "m", "x", "--dense-heads", "2.5"], "integer >= 0 or a fraction"),
-    (["inspect", "/no/such/dir"], "does not exist"),
+    (["inspect", "/no/such/dir"], "/no/such/dir: no such folder"),
+    (["eval", "some-org/no-such-model"], "some-org/no-such-model: no such folder, and the hub is not reachable"),
 ])
-def test_convert_and_inspect_errors(argv, needle, capsys):
+def test_convert_and_inspect_errors(argv, needle, capsys, monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # as on a machine without network
     try:
         code = main(argv)
     except SystemExit as e:
@@ -176,6 +180,14 @@ def test_overwrite_replaces_only_a_converted_checkpoint(tmp_path, monkeypatch, c
     assert (out / "model.safetensors").stat().st_mtime_ns >= first and '"sparsity": 2' in (out / "config.json").read_text()
     assert main(["convert", str(base), str(tmp_path / "bad"), *fast, "--layers", "7"]) == 2  # fails in convert_
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folders left behind
+
+
+def test_a_name_the_hub_does_not_know_is_one_line(monkeypatch, capsys):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "file_exists", lambda repo, name: False)  # the hub answered: no such repo
+    assert main(["generate", "some-org/typo", "hello"]) == 2
+    assert "some-org/typo: no such folder, and no model of that name on the hub" in capsys.readouterr().err
 
 
 def test_malformed_config_json_names_the_file_and_line(tmp_path, capsys):

@@ -1,6 +1,7 @@
 """Save / load of converted models: round trip, dtype, convert-on-load, loud plain-transformers load."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -144,3 +145,40 @@ def test_converting_a_converted_checkpoint_is_refused(tmp_path, capsys):
     assert main(["convert", str(tmp_path / "converted"), str(tmp_path / "again"), "--preset", "paper",
                  "--dense-heads", "1", "--no-check"]) == 2
     assert "already converted" in capsys.readouterr().err and not (tmp_path / "again").exists()
+
+
+def test_a_damaged_or_edited_checkpoint_names_the_tensor_or_field(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = tiny_model("llama")  # 4 heads of 16, 2 KV heads, hidden 64
+    convert_(model, plain_config(sparsity=2, dense_head_ids={"0": [0], "1": [0]}))  # 3 MoSA heads per layer
+    model.save_pretrained(tmp_path / "ok")
+
+    def copy_with(name, tensors=None, mosa=None):
+        import shutil
+
+        shutil.copytree(tmp_path / "ok", tmp_path / name)
+        if tensors is not None:
+            saved = load_file(str(tmp_path / name / "model.safetensors"))
+            tensors(saved)
+            save_file(saved, str(tmp_path / name / "model.safetensors"), metadata={"format": "pt"})
+        if mosa is not None:
+            cfg = json.loads((tmp_path / name / "config.json").read_text())
+            cfg["mosa"] = mosa(cfg["mosa"])
+            (tmp_path / name / "config.json").write_text(json.dumps(cfg))
+        return str(tmp_path / name)
+
+    key = "model.layers.1.self_attn.mosa_router"
+    narrow = copy_with("narrow", tensors=lambda t: t.__setitem__(key, t[key][:, :-1].clone()))
+    with pytest.raises(ValueError, match=rf"{key} has shape \(3, 63\) in the checkpoint, .* needs \(3, 64\)"):
+        mosa_retrofit.load(narrow)
+    # dense heads edited to a valid choice with another count: the routers no longer fit
+    edited = copy_with("edited", mosa=lambda m: {**m, "dense_head_ids": {"0": [0], "1": [0, 1]}})
+    with pytest.raises(ValueError, match=rf"{key} has shape \(3, 64\) .* needs \(2, 64\).*dense_head_ids"):
+        mosa_retrofit.load(edited)
+    for bad, needle in [(lambda m: "garbage", "a MoSAConfig must be a JSON object of fields, got str: 'garbage'"),
+                        (lambda m: {**m, "version": "2"}, "MoSAConfig.version must be an integer in 1..3, got '2'"),
+                        (lambda m: {**m, "dense_head_ids": {"0": [0, 9]}},
+                         r"MoSAConfig.dense_head_ids\['0'\] = \[0, 9\]: need distinct heads in 0..3")]:
+        with pytest.raises(ValueError, match=re.escape(needle) if "\\" not in needle else needle):
+            mosa_retrofit.load(copy_with(f"bad{len(list(tmp_path.iterdir()))}", mosa=bad))

@@ -1,6 +1,6 @@
 """Every python block of the README and of docs/ runs as written, on a tiny model (so the examples cannot rot).
 
-The embedded model's name is replaced by a tiny Llama with a tokenizer, and ``out/`` paths by a temporary
+The embedded model's name is replaced by a tiny Llama (8 heads) with a tokenizer, and ``out/`` paths by a temporary
 folder; everything else runs unchanged (calibration on the embedded Wikipedia text included)."""
 
 import re
@@ -22,7 +22,8 @@ def test_the_readme_has_a_python_example():
 def test_python_block_runs(path, index, code, tmp_path, monkeypatch):
     from train_fixtures import make_world
 
-    model_dir, _ = make_world(tmp_path, positions=1024)  # the default conversion's retrieval prompts fit
+    # the default conversion's retrieval prompts fit; 8 heads: the paper's 4 dense heads leave some to convert
+    model_dir, _ = make_world(tmp_path, positions=1024, heads=8)
     code = code.replace('mosa_retrofit.resolve_model("smollm2-135m")', repr(str(model_dir)))
     monkeypatch.chdir(tmp_path)  # "out/..." lands in the temporary folder
     torch.manual_seed(0)

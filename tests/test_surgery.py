@@ -2,6 +2,7 @@
 
 import copy
 import math
+import re
 
 import pytest
 import torch
@@ -332,8 +333,18 @@ def test_paper_form_kv_group_layout_shrinks_the_kv_cache_in_bytes_by_the_layout_
     assert 0.5 < (held.dense + held.mosa) / original < 0.5 + 0.5 * 0.5  # about (1 + 1/4) / 2
 
 
-def test_a_config_that_converts_nothing_says_so(caplog):
-    model = tiny_model("llama")  # 4 heads per layer
-    with caplog.at_level("WARNING", logger="mosa_retrofit"):
-        convert_(model, plain_config(dense_heads=4))
-    assert not mosa_layers(model) and "converts no attention layer" in caplog.text
+@pytest.mark.parametrize("over, needle", [
+    (dict(dense_heads=4), "converts no attention layer (dense_heads=4 keeps every head"),
+    (dict(dense_heads=0.9), "converts no attention layer (dense_heads=0.9"),  # rounds to 4 of 4
+    (dict(sparsity=1e12), "MoSAConfig.sparsity=1e+12 routes less than one token per sequence of the model's 128"),
+])
+def test_a_config_that_converts_nothing_or_nearly_is_refused(over, needle):
+    model = tiny_model("llama")  # 4 heads per layer, 128 positions
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        convert_(model, plain_config(**over))
+    assert not mosa_layers(model) and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match="converts no attention layer"):
+        convert_(model, plain_config(), filter_fn=lambda m, name: False)
+
+

@@ -37,9 +37,11 @@ def make_tokenizer(text: str, vocab: int = 160):
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
 
 
-def make_world(root: Path, family: str = "llama", seed: int = 0, positions: int | None = None) -> tuple[Path, Path]:
+def make_world(root: Path, family: str = "llama", seed: int = 0, positions: int | None = None,
+               heads: int | None = None) -> tuple[Path, Path]:
     """(model folder with tokenizer, corpus .txt) under ``root``; ``positions``: max_position_embeddings (1024
-    leaves room for the retrieval prompts of the default conversion)."""
+    leaves room for the retrieval prompts of the default conversion); ``heads``: query heads (Llama-like
+    families; the same hidden size, smaller heads)."""
     import transformers as tf
 
     text = corpus_text()
@@ -51,6 +53,8 @@ def make_world(root: Path, family: str = "llama", seed: int = 0, positions: int 
     cfg.eos_token_id = tokenizer.eos_token_id
     if positions is not None:
         cfg.max_position_embeddings = positions
+    if heads is not None:
+        cfg.num_attention_heads, cfg.head_dim = heads, cfg.hidden_size // heads
     torch.manual_seed(seed)
     model = tf.AutoModelForCausalLM.from_config(cfg)
     model_dir = root / f"tiny-{family}"
