@@ -25,14 +25,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .cache import mosa_attention_cached, mosa_cache_layer
+from .cache import LayerStore, layer_store, mosa_attention_cached
 from .costs import Dims, GroupCost, dense_flops, keys_flops, local_flops, mosa_flops
 from .families import HeadWeights, dense_kv_layout, head_to_kv
 from .masks import key_padding
 from .rope import apply_rope
 from .sparse import fill_output, logit_quantile, mosa_attention, router_gates, select_tokens, tokens_per_head
 from .window import Extra, banded_attention, sliding_window_attention
-from .window_store import WindowStore
 
 HEAD_GROUPS: dict[str, type[HeadGroup]] = {}
 
@@ -57,7 +56,7 @@ class Call:
     cos: Tensor | None  # RoPE tables (B, T, R), or None for families without RoPE
     sin: Tensor | None
     extra: dict  # the backend's extra keyword arguments
-    store: object = None  # the layer's sparse K/V store in ``cache`` (causal MoSA heads, set by ``prepare``)
+    store: LayerStore | None = None  # the layer's sparse state in ``cache`` (set by ``prepare``)
 
 
 @dataclass
@@ -205,7 +204,7 @@ class MoSAHeads(HeadGroup):
         """Takes the layer's sparse K/V store in this forward's cache (causal routing) before the kept heads
         write the cache."""
         if self.plan.routing == "causal" and call.cache is not None:
-            call.store = mosa_cache_layer(call.cache, layer.layer_idx)
+            call.store = layer_store(call.cache, layer.layer_idx)
 
     def forward(self, layer, call: Call, out: Tensor | None) -> Tensor:
         fam, plan, x, W = layer.mosa_family, self.plan, call.x, call.W
@@ -315,7 +314,7 @@ class WindowedHeads(MoSAHeads):
 
     def prepare(self, layer, call: Call) -> None:
         if call.cache is not None and (not self.routed or self.plan.routing == "causal"):
-            call.store = mosa_cache_layer(call.cache, layer.layer_idx)
+            call.store = layer_store(call.cache, layer.layer_idx)
 
     def forward(self, layer, call: Call, out: Tensor | None) -> Tensor:
         fam, plan, x, W = layer.mosa_family, self.plan, call.x, call.W
@@ -327,16 +326,11 @@ class WindowedHeads(MoSAHeads):
         wq, bq, wk, bk, wv, bv, wo = layer.mosa_memo(self.kind, lambda: _head_weights(W, self.heads, unit_kv))
         q, k, v = _project(layer, call, (wq, bq, wk, bk, wv, bv), d)  # (B, E·G, T, d), 2 x (B, E, T, d)
 
-        host = call.store  # the layer's cache-side state (None: no cache)
+        host = call.store  # the layer's LayerStore (None: no cache)
         valid = key_padding(call.mask, T)
         real = valid if valid is not None else torch.ones(B, T, dtype=torch.bool, device=x.device)
-        seen_real = torch.zeros(B, dtype=torch.long, device=x.device)
-        offset = 0
-        if host is not None:
-            seen_real = host.mosa_seen_real if host.mosa_seen_real is not None else seen_real
-            offset = host.mosa_seen
-            host.mosa_seen += T
-            host.mosa_seen_real = seen_real + real.long().sum(-1)
+        offset, seen_real = host.advance(real) if host is not None else (0, torch.zeros(B, dtype=torch.long,
+                                                                                         device=x.device))
         index = seen_real[:, None] + real.long().cumsum(-1) - 1  # (B, T) index among the row's real tokens
         sink = real & (index < plan.sink_tokens)
         chosen, gate = self.route(layer, x, valid, real & (index == 0))  # (E, B, T) bool, (E, B, T) or None
@@ -345,11 +339,7 @@ class WindowedHeads(MoSAHeads):
         reach = fam.sliding_window(layer)  # the layer's own window (Gemma, Mistral), if any
         w = min(w, reach or w)
         scale, dropout = fam.scaling(layer), (fam.dropout(layer) if layer.training else 0.0)
-        store = None
-        if host is not None:
-            if getattr(host, "mosa_window_store", None) is None:
-                host.mosa_window_store = WindowStore(w, reach)
-            store = host.mosa_window_store
+        store = host.window_store(w, reach) if host is not None else None
         pos = (offset + torch.arange(T, device=x.device)).expand(E, B, T)
         k_e, v_e = k.transpose(0, 1), v.transpose(0, 1)  # (E, B, T, d)
         if store is None or store.k is None:  # nothing cached before these tokens: the blocked kernel

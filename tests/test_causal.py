@@ -11,7 +11,7 @@ from transformers import DynamicCache
 
 import mosa_retrofit
 from mosa_retrofit import convert_
-from mosa_retrofit.cache import cache_bytes
+from mosa_retrofit.cache import cache_bytes, layer_stores
 from mosa_retrofit.sparse import select_tokens_causal
 from mosa_retrofit.surgery import mosa_layers
 
@@ -93,9 +93,9 @@ def test_incremental_decode_equals_full_forward(family):
     inc, cache = _incremental(model, x, mask)
     real = mask.bool()
     torch.testing.assert_close(inc[real], full[real], atol=1e-4, rtol=0)
-    layers = [layer for layer in cache.layers if type(layer).__name__.startswith("MoSA")]
-    assert len(layers) == 2 and all(layer.get_seq_length() == 24 for layer in layers)
-    counts = torch.stack([layer.mosa_count for layer in layers])  # (layers, E, B): tokens each unit keeps
+    stores = layer_stores(cache)
+    assert len(stores) == 2 and all(cache.get_seq_length(i) == 24 for i in stores)
+    counts = torch.stack([s.routed.count for s in stores.values()])  # (layers, E, B): tokens each unit keeps
     assert 0 < counts.float().mean() < 24  # sparse: not everything is cached
 
 
@@ -167,7 +167,7 @@ def test_cache_bytes_and_unsupported_operations(tmp_path):
     dense, mosa, allocated = cache_bytes(cache)
     # 1 dense head per layer reads KV head 0 only: 2 layers x (K and V) x B=2 x 1 x 16 tokens x d=16 x 4 bytes
     assert dense == 2 * 2 * 2 * 1 * 16 * 16 * 4
-    kept = sum(int(layer.mosa_count.sum()) for layer in cache.layers)
+    kept = sum(int(s.routed.count.sum()) for s in layer_stores(cache).values())
     assert mosa == kept * 2 * 16 * 4 and 0 < kept < 2 * 3 * 2 * 16
     with pytest.raises(NotImplementedError, match="cannot be cropped"):
         cache.crop(-1)
@@ -198,3 +198,27 @@ def test_bad_routing_config():
         plain_config(routing="sometimes")
     with pytest.raises(ValueError, match="threshold_momentum"):
         plain_config(threshold_momentum=2)
+
+
+def test_the_sparse_state_is_a_project_store_behind_a_stock_cache_layer():
+    """The stock cache layer of a converted layer is replaced by a subclass of the same class (no class swap of
+    a live object) that counts every token; the sparse K/V lives in the LayerStore; beam reorders reach it."""
+    from transformers.cache_utils import DynamicLayer
+
+    from mosa_retrofit.cache import LayerStore, RoutedStore
+
+    model = causal_model("llama")
+    x = ids(T=12)
+    _, cache = _incremental(model, x, prefill=8)
+    stores = layer_stores(cache)
+    assert sorted(stores) == [0, 1]
+    for i, store in stores.items():
+        layer = cache.layers[i]
+        assert isinstance(layer, DynamicLayer) and type(layer) is not DynamicLayer and layer.mosa is store
+        assert isinstance(store, LayerStore) and isinstance(store.routed, RoutedStore) and store.seen == 12
+        assert layer.get_seq_length() == 12 and layer.keys.shape[-2] == 12  # the dense heads' stock storage
+    before = {i: s.routed.k.clone() for i, s in stores.items()}
+    counts = {i: s.routed.count.clone() for i, s in stores.items()}
+    cache.reorder_cache(torch.tensor([1, 0]))  # swap the two rows, as beam search does
+    for i, s in layer_stores(cache).items():
+        assert torch.equal(s.routed.k, before[i].flip(1)) and torch.equal(s.routed.count, counts[i].flip(1))

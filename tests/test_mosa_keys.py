@@ -127,7 +127,9 @@ def test_decode_with_the_window_store_equals_full_forward(family, kind):
     inc, cache = _incremental(model, x, mask)
     real = mask.bool()
     torch.testing.assert_close(inc[real], full[real], atol=1e-4, rtol=0)
-    stores = [layer.mosa_window_store for layer in cache.layers if getattr(layer, "mosa_window_store", None)]
+    from mosa_retrofit.cache import layer_stores
+
+    stores = [s.window for s in layer_stores(cache).values() if s.window is not None]
     assert len(stores) == 2
     for store in stores:
         held = store.valid.sum(-1)  # (E, B) rows kept per unit and row
