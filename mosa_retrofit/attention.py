@@ -104,8 +104,11 @@ class MoSAAttentionMixin:
         step processes one token, so inference keeps the gathered copies (keyed by every parameter's storage
         and version counter: optimizer steps, loads and moves all invalidate them).
         """
-        if torch.is_grad_enabled() or any(hasattr(m, "base_layer") for m in self.children()):
-            return build()  # (LoRA-wrapped projections can be switched on and off without touching parameters)
+        if (torch.is_grad_enabled() or any(hasattr(m, "base_layer") for m in self.children())
+                or getattr(self, "_mosa_sharded", False)):
+            # LoRA-wrapped projections can be switched on and off without touching parameters; FSDP gathers
+            # parameters into buffers it reuses for other layers
+            return build()
         key = tuple((p.data_ptr(), p._version) for p in self.parameters())
         memo = self.__dict__.setdefault("_mosa_cache_weights", {})
         if name in memo and memo[name][0] == key:

@@ -3,6 +3,8 @@
 A checkpoint is a folder ``checkpoint-<global step>`` with
   * ``model.safetensors``: the whole training model (student, with LoRA adapters when a LoRA stage is open),
   * ``optimizer.pt`` and ``scheduler.pt`` of the open stage,
+  * or, for a model sharded with FSDP, ``sharded/``: a torch.distributed.checkpoint folder of model and
+    optimizer shards written by every process (with ``scheduler.pt`` beside it),
   * ``rng-<rank>.pt``: Python, NumPy and torch RNG states of every process,
   * ``state.json``: stage, step within the stage, samples consumed, elapsed time, metrics so far,
   * ``manifest.json``, written last: the size and SHA-256 of every other file.
@@ -27,6 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+
+from . import sharding
 
 _NAME = re.compile(r"checkpoint-(\d+)$")
 MANIFEST = "manifest.json"
@@ -67,8 +71,8 @@ def _sha256(path: Path) -> str:
 
 def write_manifest(folder: Path) -> None:
     """``manifest.json``: the size and SHA-256 of every file in ``folder`` (written last, flushed to disk)."""
-    files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
-             for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
+    files = {p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST}
     with open(folder / MANIFEST, "w") as f:
         json.dump({"format": 1, "files": files}, f, indent=1)
         f.flush()
@@ -96,14 +100,21 @@ def problem(path: Path, legacy: bool = False) -> str | None:
                 return f"{name} does not match its SHA-256 in the manifest"
     elif not legacy:
         return f"{MANIFEST} is missing (written last: the checkpoint is incomplete or was altered)"
-    for name in ("state.json", "model.safetensors", "rng-0.pt"):
+    for name in ("state.json", "rng-0.pt"):
         if not (path / name).is_file():
             return f"{name} is missing"
+    if not (path / "model.safetensors").is_file() and not is_sharded(path):
+        return "model.safetensors is missing"
     try:
         read_state(path)["step"]
     except (ValueError, KeyError, TypeError):
         return "state.json is unreadable"
     return None
+
+
+def is_sharded(path: Path) -> bool:
+    """Whether the checkpoint ``path`` holds a sharded (FSDP) model."""
+    return (path / "sharded" / ".metadata").is_file()
 
 
 def usable(root: str | Path) -> tuple[Path | None, list[tuple[Path, str]]]:
@@ -148,10 +159,15 @@ def save(accelerator, root: str | Path, step: int, model: nn.Module, optimizer, 
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     torch.save(rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
+    sharded = sharding.is_sharded(model)
+    if sharded:
+        sharding.save_sharded(tmp / "sharded", model, optimizer)
     if accelerator.is_main_process:
-        save_model(accelerator.unwrap_model(model), str(tmp / "model.safetensors"))
+        if not sharded:
+            save_model(accelerator.unwrap_model(model), str(tmp / "model.safetensors"))
         if optimizer is not None:
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            if not sharded:
+                torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
     accelerator.wait_for_everyone()
@@ -176,9 +192,14 @@ def load_model(path: Path, model: nn.Module) -> None:
     _load(model, str(path / "model.safetensors"), strict=True)
 
 
-def load_training(path: Path, optimizer, scheduler, rank: int) -> None:
-    """Optimizer, scheduler and this process's RNG states."""
-    if optimizer is not None:
+def load_training(path: Path, optimizer, scheduler, rank: int, model: nn.Module | None = None) -> None:
+    """Optimizer, scheduler and this process's RNG states (and, from a sharded checkpoint, the sharded model's
+    weights: ``model`` must be sharded as when it was saved)."""
+    if is_sharded(path):
+        sharding.load_sharded(path / "sharded", model, optimizer)
+        if optimizer is not None:
+            scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+    elif optimizer is not None:
         if not (path / "optimizer.pt").exists():  # never restart the optimizer and the schedule silently
             raise ValueError(f"{path} has no optimizer.pt to continue its stage with; resume from an earlier "
                              "checkpoint (move this one away) or start a new run")

@@ -23,6 +23,7 @@ from .config import MoSAConfig
 STAGE_KINDS = ("router_warmup", "layer_distill", "adaptation")
 TRAINABLE = ("routers", "mosa", "attention", "all")
 PRECISIONS = ("no", "bf16", "fp16")
+DISTRIBUTED = ("ddp", "fsdp")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -207,11 +208,16 @@ class TrainingSpec:
     mixed_precision: str = "no"
     """'no', 'bf16' or 'fp16' (accelerate autocast)."""
     gradient_checkpointing: bool = False
+    distributed: str = "ddp"
+    """With several processes: 'ddp' (every process holds the whole model) or 'fsdp' (PyTorch FSDP2: student and
+    teacher sharded per decoder layer from the first adaptation stage on, sharded checkpoints; router warm-up
+    and layer distillation run before it on whole models)."""
 
     def __post_init__(self):
         _positive_int("micro_batch_size", self.micro_batch_size)
         _positive_int("gradient_accumulation_steps", self.gradient_accumulation_steps)
         _check(self.mixed_precision in PRECISIONS, "mixed_precision", self.mixed_precision, f"one of {PRECISIONS}")
+        _check(self.distributed in DISTRIBUTED, "distributed", self.distributed, f"one of {DISTRIBUTED}")
 
 
 @dataclass(frozen=True)
@@ -284,6 +290,17 @@ class Recipe:
         names = [s.name for s in self.stages]
         dup = sorted({n for n in names if names.count(n) > 1})
         _check(not dup, "stages", dup, "uniquely named (duplicate names)")
+        if self.training.distributed == "fsdp":
+            first = next((i for i, s in enumerate(self.stages) if s.kind == "adaptation"), len(self.stages))
+            late = [s.name for s in self.stages[first:] if s.kind != "adaptation"]
+            if late:
+                raise ValueError(f"recipe.stages {late}: with training.distributed=fsdp, router_warmup and "
+                                 "layer_distill stages come before the first adaptation stage (they run on whole "
+                                 "models; sharding starts there)")
+            lora = [s.name for s in self.stages if s.lora is not None]
+            if lora:
+                raise ValueError(f"recipe.stages {lora}: LoRA is not supported with training.distributed=fsdp (the "
+                                 "adapters would not be sharded); use ddp, or train MoSA slices (trainable: mosa)")
 
     # ------------------------------------------------------------------------------------ (de)serialise
 

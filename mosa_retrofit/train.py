@@ -34,7 +34,9 @@ import torch
 from torch import Tensor, nn
 
 from . import checkpoint as ckpt
+from . import sharding
 from .assets import resolve_model
+from .attention import mosa_layers
 from .compat import enable_activation_checkpointing
 from .config import MoSAConfig
 from .data import BlockSchedule, as_blocks, load_corpus
@@ -44,7 +46,7 @@ from .plots import plot_losses
 from .recipe import Recipe, StageSpec
 from .stages import STAGES
 from .surgery import convert_
-from .trainable import apply_lora, remove_hooks, select_trainable
+from .trainable import apply_lora, head_masks, remove_hooks, select_trainable
 
 
 def lr_factor(step: int, steps: int, warmup_fraction: float, min_ratio: float) -> float:
@@ -114,6 +116,8 @@ class Trainer:
             ckpt.set_aside(damaged)
         self.log_file = self.out / "metrics.jsonl"
         self.tb = None
+        self.fsdp = recipe.training.distributed == "fsdp" and self.acc.num_processes > 1
+        self.sharded = False  # sharding starts at the first stage that is not layer-local (adaptation)
 
     # ------------------------------------------------------------------------------------ plumbing
 
@@ -192,9 +196,14 @@ class Trainer:
     def evaluate(self, model: nn.Module) -> float:
         """Validation perplexity, the blocks sharded over processes."""
 
-        world, rank = self.acc.num_processes, self.acc.process_index
+        world, rank, bs = self.acc.num_processes, self.acc.process_index, self.recipe.evaluation.batch_size
+        mine = self.val_blocks[rank::world]
         with self.acc.autocast():
-            total, count = nll(model, self.val_blocks[rank::world], self.recipe.evaluation.batch_size)
+            total, count = nll(model, mine, bs)
+            if sharding.is_sharded(model):  # as many forwards as the process with the most blocks
+                most = -(-len(self.val_blocks) // world)
+                sharding.idle_forwards(model, self.val_blocks[:1].to(self.acc.device).long(),
+                                       -(-most // bs) - -(-len(mine) // bs))
         t = self.acc.reduce(torch.tensor([total, float(count)], dtype=torch.float64, device=self.acc.device), "sum")
         return math.exp(t[0].item() / t[1].item())
 
@@ -232,7 +241,8 @@ class Trainer:
                 student = self._convert(teacher, corpus, MoSAConfig.from_dict(state.mosa))
             if state.peft:
                 student = apply_lora(student, r.stages[state.stage].lora)
-            ckpt.load_model(self.resume_from, student)
+            if not ckpt.is_sharded(self.resume_from):  # sharded weights are read once the model is sharded
+                ckpt.load_model(self.resume_from, student)
             self.say(f"resuming from {self.resume_from} (stage {r.stages[state.stage].name if state.stage < len(r.stages) else 'done'}, "
                      f"step {state.step})")
         else:
@@ -268,6 +278,19 @@ class Trainer:
             self._run_stage(i, r.stages[i])
         return self._finish()
 
+    def _shard(self) -> None:
+        """FSDP: shard student and teacher (once), and read the weights of a sharded checkpoint being resumed."""
+        if self.fsdp and not self.sharded:
+            if any(st.trainable == "mosa" for st in self.recipe.stages):
+                for m in mosa_layers(self.student).values():
+                    m._mosa_head_masks = head_masks(m)  # read off whole parameters, before they are sharded
+            sharding.shard_(self.student)
+            if self.teacher is not None:
+                sharding.shard_(self.teacher)
+            self.sharded = True
+            self.say(f"FSDP: student{' and teacher' if self.teacher is not None else ''} sharded over "
+                     f"{self.acc.num_processes} processes, per decoder layer")
+
     def _save(self, optimizer, scheduler) -> None:
         s = self.state
         ckpt.save(self.acc, self.out, s.global_step, self.student, optimizer, scheduler, s.to_dict(),
@@ -286,8 +309,11 @@ class Trainer:
         if stage.lora is not None and not s.peft:
             self.student = apply_lora(self.student, stage.lora)
             s.peft = True
+        if not STAGES[stage.kind].local:
+            self._shard()
         model = self.student
-        plain, masked = select_trainable(model, stage.trainable, lora=stage.lora is not None)
+        plain, masked = select_trainable(model, stage.trainable, lora=stage.lora is not None, hooks=not self.sharded)
+        masks = [(p, sharding.local_mask(p, m)) for p, m in masked] if self.sharded else []  # applied by hand
         params = plain + [p for p, _ in masked]
         decay = r.optimizer.weight_decay
         groups = [{"params": plain, "weight_decay": decay}, {"params": [p for p, _ in masked], "weight_decay": 0.0}]
@@ -298,10 +324,11 @@ class Trainer:
             opt, lambda k: lr_factor(k, stage.steps, r.schedule.warmup_fraction, r.schedule.min_lr_ratio))
         kind = STAGES[stage.kind](stage, model, self.teacher, acc)
         local = kind.local  # layer-local losses: no DDP wrapper
-        net = model if local else acc.prepare_model(model)
-        opt = acc.prepare_optimizer(opt)
+        net = model if (local or self.sharded) else acc.prepare_model(model)
+        if not self.sharded:
+            opt = acc.prepare_optimizer(opt)
         if self.resume_from is not None:  # optimizer/scheduler mid-stage; RNG of every process
-            ckpt.load_training(self.resume_from, opt if start_step > 0 else None, sched, acc.process_index)
+            ckpt.load_training(self.resume_from, opt if start_step > 0 else None, sched, acc.process_index, model)
             self.resume_from = None
         tc = r.training
         world = acc.num_processes
@@ -321,7 +348,9 @@ class Trainer:
                     idx = self.schedule.micro_batch(s.samples, tc.micro_batch_size, m, acc.process_index, world)
                     ids = self.train_blocks[idx].to(acc.device).long()
                     last = m == tc.gradient_accumulation_steps - 1
-                    sync = contextlib.nullcontext() if (local or last) else acc.no_sync(net)
+                    if self.sharded:
+                        net.set_requires_gradient_sync(last)
+                    sync = contextlib.nullcontext() if (local or last or self.sharded) else acc.no_sync(net)
                     with sync:
                         loss, parts = kind.loss(net, ids)
                         acc.backward(loss / tc.gradient_accumulation_steps)
@@ -331,9 +360,15 @@ class Trainer:
                     for p in params:
                         if p.grad is not None:
                             p.grad = acc.reduce(p.grad, "mean")
+                for p, mask in masks:  # frozen rows of the MoSA slices
+                    if p.grad is not None:
+                        p.grad.mul_(mask)
                 if self.interrupt is not None:
                     self.interrupt(stage.name, step)
-                if r.optimizer.grad_clip is not None:
+                if r.optimizer.grad_clip is not None and self.sharded:
+                    grad_norm = torch.tensor(sharding.as_float(
+                        torch.nn.utils.clip_grad_norm_(params, r.optimizer.grad_clip)))
+                elif r.optimizer.grad_clip is not None:
                     grad_norm = acc.clip_grad_norm_(params, r.optimizer.grad_clip)
                 else:
                     grad_norm = torch.tensor(float("nan"))
@@ -405,11 +440,15 @@ class Trainer:
                                   "learning rate?)")
             if acc.is_main_process:
                 logger.warning("mosa_retrofit: %s", summary["warning"])
+        if self.resume_from is not None and ckpt.is_sharded(self.resume_from):  # resumed after the last stage
+            self._shard()
+            ckpt.load_training(self.resume_from, None, None, acc.process_index, self.student)
+        full = sharding.full_state_dict(self.student) if self.sharded else None  # collective
         if acc.is_main_process:
             final = self.out / "final"
             tmp = Path(tempfile.mkdtemp(dir=self.out, prefix=".tmp-final-"))
             model = acc.unwrap_model(self.student)
-            model.save_pretrained(tmp)
+            model.save_pretrained(tmp, **({"state_dict": full} if full is not None else {}))
             self.tokenizer.save_pretrained(tmp)
             if final.exists():
                 shutil.rmtree(final)

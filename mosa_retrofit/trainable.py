@@ -26,8 +26,11 @@ def head_masks(module: nn.Module) -> dict[str, Tensor]:
 
     Finds the slices generically: every parameter is temporarily filled with its own element indices
     (float64, offset per parameter), the family's ``head_weights`` views are read, and the indices found
-    in the MoSA heads' views are marked. Works for split, fused and transposed layouts alike.
+    in the MoSA heads' views are marked. Works for split, fused and transposed layouts alike. A module about
+    to be sharded keeps its masks (``_mosa_head_masks``): sharded parameters cannot be filled this way.
     """
+    if "_mosa_head_masks" in module.__dict__:
+        return module.__dict__["_mosa_head_masks"]
     fam, plan = module.mosa_family, module.mosa_plan
     params = {n: p for n, p in module.named_parameters() if n not in ("mosa_router", "mosa_fill")}
     saved, offsets, total = {}, {}, 0
@@ -76,10 +79,12 @@ def apply_lora(model: nn.Module, lora) -> nn.Module:
     return get_peft_model(model, cfg)
 
 
-def select_trainable(model: nn.Module, trainable: str, lora: bool = False) -> tuple[list[nn.Parameter], list]:
+def select_trainable(model: nn.Module, trainable: str, lora: bool = False, hooks: bool = True
+                     ) -> tuple[list[nn.Parameter], list]:
     """Set ``requires_grad`` for a stage; returns (plain parameters, [(parameter, mask)]) that train.
 
-    Masks are applied by gradient hooks (removed by ``remove_hooks``).
+    Masks are applied by gradient hooks (removed by ``remove_hooks``); with ``hooks=False`` the caller applies
+    them to the gradients (FSDP writes a sharded parameter's gradient without running its hooks).
     """
     layers = mosa_layers(model)
     for p in model.parameters():
@@ -113,7 +118,8 @@ def select_trainable(model: nn.Module, trainable: str, lora: bool = False) -> tu
         p.requires_grad_(True)
     for p, mask in masked:
         p.requires_grad_(True)
-        p._mosa_mask_hook = p.register_hook(lambda g, mask=mask: g * mask)
+        if hooks:
+            p._mosa_mask_hook = p.register_hook(lambda g, mask=mask: g * mask)
     return plain, masked
 
 
