@@ -1,4 +1,5 @@
-"""``mosa-retrofit eval MODEL --data ...``: perplexity, tokens/s, attention FLOPs and KV cache (bytes, entries)."""
+"""``mosa-retrofit eval MODEL --data ...``: perplexity, tokens/s, attention FLOPs and KV cache (bytes, entries);
+``--tasks T1,T2``: lm-evaluation-harness tasks instead (``mosa_retrofit.harness``)."""
 
 from __future__ import annotations
 
@@ -33,6 +34,13 @@ def add_parser(sub) -> None:
     p.add_argument("--cost-seq-len", type=int, default=8192, help="T at which FLOPs and the KV cache are counted")
     p.add_argument("--causal", action="store_true",
                    help="switch an expert-choice model to causal routing first (thresholds set on 16 training blocks)")
+    h = p.add_argument_group("lm-evaluation-harness (the [eval] extra)")
+    h.add_argument("--tasks", metavar="T1,T2",
+                   help="run these lm-eval tasks through its Hugging Face wrapper instead of the perplexity "
+                        "measurement (--data and the cost flags are then unused); lm-eval's own tasks fetch their "
+                        "datasets from the hub")
+    h.add_argument("--include-path", metavar="DIR", help="a folder of lm-eval task YAMLs (local tasks)")
+    h.add_argument("--limit", type=float, metavar="N", help="documents per task (a fraction if < 1)")
     p.set_defaults(run=run)
 
 
@@ -47,6 +55,38 @@ def _measure(model, blocks, batch_size: int) -> tuple[float, float]:
     return math.exp(total / count), blocks.numel() / (time.perf_counter() - t0)
 
 
+def _run_tasks(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from mosa_retrofit import harness
+
+    try:
+        harness.require_lm_eval()
+    except ImportError as e:  # the CLI's one-line error
+        raise ValueError(str(e)) from None
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not tasks:
+        raise ValueError(f"--tasks names no task: {args.tasks!r}")
+    if args.include_path is not None and not Path(args.include_path).is_dir():
+        raise ValueError(f"--include-path {args.include_path} is not a folder")
+    if args.limit is not None and args.limit <= 0:
+        raise ValueError(f"--limit must be > 0, got {args.limit:g}")
+    if args.baseline is not None or args.causal:
+        raise ValueError("--baseline and --causal do not apply to --tasks; evaluate each model on its own")
+    limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
+    results = harness.evaluate_tasks(args.model, tasks, include_path=args.include_path, limit=limit,
+                                     batch_size=args.batch_size)["results"]
+    print(f"lm-eval on {args.model}" + (f" (--limit {args.limit:g})" if limit else "") + "\n")
+    print("| task | metric | value |")
+    print("|---|---|---|")
+    for task, metrics in results.items():
+        for key, value in metrics.items():
+            metric, _, kind = key.partition(",")
+            if kind and "_stderr" not in metric and isinstance(value, (int, float)):
+                print(f"| {task} | {metric if kind == 'none' else key} | {value:.4f} |")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
@@ -59,6 +99,10 @@ def run(args: argparse.Namespace) -> int:
     for name in ("block_size", "max_tokens", "batch_size", "cost_seq_len", "validation_documents"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.tasks is not None:
+        return _run_tasks(args)
+    if args.include_path is not None or args.limit is not None:
+        raise ValueError("--include-path and --limit apply to --tasks only")
     spec = DataSpec(source=args.data, name=args.data_name, split=args.split, text_field=args.text_field,
                     block_size=args.block_size, validation_documents=args.validation_documents,
                     validation_tokens=max(args.max_tokens, args.block_size),
