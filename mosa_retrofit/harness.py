@@ -17,6 +17,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
+from .io import load_any
+
 if TYPE_CHECKING:
     from lm_eval.models.huggingface import HFLM
 
@@ -45,8 +47,6 @@ def harness_model(name_or_path: str, batch_size: int = 1, **load_kwargs: Any) ->
     """
     lm_eval = require_lm_eval()
     from transformers import AutoTokenizer
-
-    from .io import load_any
 
     model, source = load_any(str(name_or_path), **load_kwargs)
     if batch_size != 1 and (getattr(model.config, "mosa", None) or {}).get("routing") == "expert_choice":
