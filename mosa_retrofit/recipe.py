@@ -210,8 +210,8 @@ class TrainingSpec:
     gradient_checkpointing: bool = False
     distributed: str = "ddp"
     """With several processes: 'ddp' (every process holds the whole model) or 'fsdp' (PyTorch FSDP2: student and
-    teacher sharded per decoder layer from the first adaptation stage on, sharded checkpoints; router warm-up
-    and layer distillation run before it on whole models)."""
+    teacher sharded per decoder layer from the first adaptation stage on, sharded checkpoints, LoRA adapters
+    whole on every process; router warm-up and layer distillation run before it on whole models)."""
 
     def __post_init__(self):
         _positive_int("micro_batch_size", self.micro_batch_size)
@@ -297,10 +297,7 @@ class Recipe:
                 raise ValueError(f"recipe.stages {late}: with training.distributed=fsdp, router_warmup and "
                                  "layer_distill stages come before the first adaptation stage (they run on whole "
                                  "models; sharding starts there)")
-            lora = [s.name for s in self.stages if s.lora is not None]
-            if lora:
-                raise ValueError(f"recipe.stages {lora}: LoRA is not supported with training.distributed=fsdp (the "
-                                 "adapters would not be sharded); use ddp, or train MoSA slices (trainable: mosa)")
+
 
     # ------------------------------------------------------------------------------------ (de)serialise
 

@@ -40,10 +40,14 @@ def shard_(model: nn.Module) -> nn.Module:
     return model
 
 
-def is_sharded(model: nn.Module) -> bool:
+def is_dtensor(t: Tensor) -> bool:
     from torch.distributed.tensor import DTensor
 
-    return any(isinstance(p, DTensor) for p in model.parameters())
+    return isinstance(t, DTensor)
+
+
+def is_sharded(model: nn.Module) -> bool:
+    return any(is_dtensor(p) for p in model.parameters())
 
 
 def local_mask(param: Tensor, mask: Tensor) -> Tensor:
@@ -55,9 +59,16 @@ def local_mask(param: Tensor, mask: Tensor) -> Tensor:
     return mask
 
 
-def as_float(value) -> float:
-    """A scalar tensor (or DTensor, as gradient clipping returns under FSDP) as a Python float."""
-    return float(value.full_tensor() if hasattr(value, "full_tensor") else value)
+def clip_grad_norm_(params: list[Tensor], max_norm: float) -> float:
+    """``torch.nn.utils.clip_grad_norm_`` over sharded (DTensor) and whole (e.g. LoRA adapters kept on every
+    process, their gradients already averaged) parameters together; returns the total norm before clipping."""
+    grads = [p.grad for p in params if p.grad is not None]
+    squares = [g.detach().float().pow(2).sum() for g in grads]  # (a DTensor's sum covers every shard)
+    total = torch.stack([s.full_tensor() if is_dtensor(s) else s for s in squares]).sum().sqrt()
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for g in grads:
+        g.mul_(coef.to(g.dtype))
+    return float(total)
 
 
 def full_state_dict(model: nn.Module) -> dict[str, Tensor]:

@@ -46,7 +46,7 @@ from .plots import plot_losses
 from .recipe import Recipe, StageSpec
 from .stages import STAGES
 from .surgery import convert_
-from .trainable import apply_lora, head_masks, remove_hooks, select_trainable
+from .trainable import apply_lora, head_masks, merge_lora, remove_hooks, select_trainable
 
 
 def lr_factor(step: int, steps: int, warmup_fraction: float, min_ratio: float) -> float:
@@ -118,6 +118,7 @@ class Trainer:
         self.tb = None
         self.fsdp = recipe.training.distributed == "fsdp" and self.acc.num_processes > 1
         self.sharded = False  # sharding starts at the first stage that is not layer-local (adaptation)
+        self.lora_on = False  # LoRA adapters are on the student
 
     # ------------------------------------------------------------------------------------ plumbing
 
@@ -239,8 +240,9 @@ class Trainer:
                                  f"{[s.name for s in r.stages]}")
             if student is None:
                 student = self._convert(teacher, corpus, MoSAConfig.from_dict(state.mosa))
-            if state.peft:
+            if state.peft and not self.fsdp:  # (under FSDP: on the sharded model, at the stage's start)
                 student = apply_lora(student, r.stages[state.stage].lora)
+                self.lora_on = True
             if not ckpt.is_sharded(self.resume_from):  # sharded weights are read once the model is sharded
                 ckpt.load_model(self.resume_from, student)
             self.say(f"resuming from {self.resume_from} (stage {r.stages[state.stage].name if state.stage < len(r.stages) else 'done'}, "
@@ -306,11 +308,11 @@ class Trainer:
             s.stage, s.step = i + 1, 0
             return
         t_stage = time.perf_counter()
-        if stage.lora is not None and not s.peft:
-            self.student = apply_lora(self.student, stage.lora)
-            s.peft = True
         if not STAGES[stage.kind].local:
-            self._shard()
+            self._shard()  # before LoRA: the adapters stay whole on every process, their gradients averaged by hand
+        if stage.lora is not None and not self.lora_on:
+            self.student = apply_lora(self.student, stage.lora)
+            s.peft = self.lora_on = True
         model = self.student
         plain, masked = select_trainable(model, stage.trainable, lora=stage.lora is not None, hooks=not self.sharded)
         masks = [(p, sharding.local_mask(p, m)) for p, m in masked] if self.sharded else []  # applied by hand
@@ -356,9 +358,9 @@ class Trainer:
                         acc.backward(loss / tc.gradient_accumulation_steps)
                     for k, v in parts.items():
                         totals[k] = totals.get(k, 0) + v / tc.gradient_accumulation_steps
-                if local and world > 1:
+                if (local and world > 1) or self.sharded:  # (FSDP reduces its sharded parameters itself)
                     for p in params:
-                        if p.grad is not None:
+                        if p.grad is not None and not sharding.is_dtensor(p):
                             p.grad = acc.reduce(p.grad, "mean")
                 for p, mask in masks:  # frozen rows of the MoSA slices
                     if p.grad is not None:
@@ -366,8 +368,7 @@ class Trainer:
                 if self.interrupt is not None:
                     self.interrupt(stage.name, step)
                 if r.optimizer.grad_clip is not None and self.sharded:
-                    grad_norm = torch.tensor(sharding.as_float(
-                        torch.nn.utils.clip_grad_norm_(params, r.optimizer.grad_clip)))
+                    grad_norm = torch.tensor(sharding.clip_grad_norm_(params, r.optimizer.grad_clip))
                 elif r.optimizer.grad_clip is not None:
                     grad_norm = acc.clip_grad_norm_(params, r.optimizer.grad_clip)
                 else:
@@ -405,8 +406,8 @@ class Trainer:
         bar.close()
         remove_hooks(masked)
         if stage.lora is not None:
-            self.student = self.student.merge_and_unload()
-            s.peft = False
+            self.student = merge_lora(self.student)
+            s.peft = self.lora_on = False
         self.student.requires_grad_(True)
         s.step = stage.steps
         self._eval_record(stage.name, stage.steps, f"after {stage.name}")

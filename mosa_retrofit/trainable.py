@@ -79,6 +79,25 @@ def apply_lora(model: nn.Module, lora) -> nn.Module:
     return get_peft_model(model, cfg)
 
 
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold LoRA adapters into their base weights and return the model without them (peft's
+    ``merge_and_unload``; for base weights sharded by FSDP, the update ``B A · scale`` is laid out as the
+    shards are and added in place)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    sharded = [m for m in model.modules() if hasattr(m, "get_delta_weight") and hasattr(m, "lora_A")
+               and isinstance(m.get_base_layer().weight, DTensor)]
+    if not sharded:
+        return model.merge_and_unload()
+    with torch.no_grad():
+        for m in sharded:
+            w = m.get_base_layer().weight
+            for adapter in m.active_adapters:
+                delta = m.get_delta_weight(adapter).to(w.dtype)  # (out, in), as the base weight is laid out
+                w.add_(distribute_tensor(delta.to(w.device), w.device_mesh, w.placements))
+    return model.unload()
+
+
 def select_trainable(model: nn.Module, trainable: str, lora: bool = False, hooks: bool = True
                      ) -> tuple[list[nn.Parameter], list]:
     """Set ``requires_grad`` for a stage; returns (plain parameters, [(parameter, mask)]) that train.
