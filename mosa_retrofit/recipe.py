@@ -210,8 +210,8 @@ class TrainingSpec:
     gradient_checkpointing: bool = False
     distributed: str = "ddp"
     """With several processes: 'ddp' (every process holds the whole model) or 'fsdp' (PyTorch FSDP2: student and
-    teacher sharded per decoder layer from the first adaptation stage on, sharded checkpoints, LoRA adapters
-    whole on every process; router warm-up and layer distillation run before it on whole models)."""
+    teacher sharded per decoder layer, sharded checkpoints, LoRA adapters whole on every process; layer
+    distillation stages run first, on whole models)."""
 
     def __post_init__(self):
         _positive_int("micro_batch_size", self.micro_batch_size)
@@ -291,12 +291,11 @@ class Recipe:
         dup = sorted({n for n in names if names.count(n) > 1})
         _check(not dup, "stages", dup, "uniquely named (duplicate names)")
         if self.training.distributed == "fsdp":
-            first = next((i for i, s in enumerate(self.stages) if s.kind == "adaptation"), len(self.stages))
-            late = [s.name for s in self.stages[first:] if s.kind != "adaptation"]
+            first = next((i for i, s in enumerate(self.stages) if s.kind != "layer_distill"), len(self.stages))
+            late = [s.name for s in self.stages[first:] if s.kind == "layer_distill"]
             if late:
-                raise ValueError(f"recipe.stages {late}: with training.distributed=fsdp, router_warmup and "
-                                 "layer_distill stages come before the first adaptation stage (they run on whole "
-                                 "models; sharding starts there)")
+                raise ValueError(f"recipe.stages {late}: with training.distributed=fsdp, layer_distill stages come "
+                                 "first (they run on whole models; sharding starts at the first other stage)")
 
 
     # ------------------------------------------------------------------------------------ (de)serialise

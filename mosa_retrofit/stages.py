@@ -33,6 +33,8 @@ class Stage:
 
     local = False
     """A layer-local loss: the model runs without the data-parallel wrapper, gradients are averaged by hand."""
+    shardable = True
+    """Runs on a model sharded by FSDP (``training.distributed: fsdp``); sharding starts at the first such stage."""
 
     def __init__(self, spec, student: nn.Module, teacher: nn.Module | None, acc):
         self.spec, self.student, self.teacher, self.acc = spec, student, teacher, acc
@@ -67,6 +69,7 @@ class LayerDistillStage(Stage):
     """Each converted attention layer learns the original layer's output on the original inputs (distill.py)."""
 
     local = True
+    shardable = False  # (its losses are taken inside the forward, from gathered parameters)
 
     def context(self):
         self.observer = LayerDistill(self.teacher, self.student)

@@ -308,7 +308,7 @@ class Trainer:
             s.stage, s.step = i + 1, 0
             return
         t_stage = time.perf_counter()
-        if not STAGES[stage.kind].local:
+        if STAGES[stage.kind].shardable:
             self._shard()  # before LoRA: the adapters stay whole on every process, their gradients averaged by hand
         if stage.lora is not None and not self.lora_on:
             self.student = apply_lora(self.student, stage.lora)
@@ -358,10 +358,14 @@ class Trainer:
                         acc.backward(loss / tc.gradient_accumulation_steps)
                     for k, v in parts.items():
                         totals[k] = totals.get(k, 0) + v / tc.gradient_accumulation_steps
-                if (local and world > 1) or self.sharded:  # (FSDP reduces its sharded parameters itself)
+                if (local and world > 1) or self.sharded:
                     for p in params:
-                        if p.grad is not None and not sharding.is_dtensor(p):
+                        if p.grad is None:
+                            continue
+                        if not sharding.is_dtensor(p):
                             p.grad = acc.reduce(p.grad, "mean")
+                        elif local:  # a local loss gathered the shard: it holds the sum over processes
+                            p.grad.div_(world)  # (in other stages FSDP's reduce-scatter averaged it)
                 for p, mask in masks:  # frozen rows of the MoSA slices
                     if p.grad is not None:
                         p.grad.mul_(mask)

@@ -25,6 +25,14 @@ from .rope import apply_rope
 from .sparse import softcap_logits
 
 
+def gathered(param: Tensor) -> Tensor:
+    """``param`` whole: a sharded DTensor is gathered, its gradient going back to the shards as a sum over
+    processes (``Partial``); any other tensor as it is."""
+    from torch.distributed.tensor import DTensor, Partial
+
+    return param.full_tensor(grad_placements=[Partial()]) if isinstance(param, DTensor) else param
+
+
 def attention_mass(module: nn.Module, x: Tensor, W: HeadWeights, mask, cos, sin) -> tuple[Tensor, Tensor]:
     """Received dense-attention mass per MoSA unit (B, E, T) and the valid-token mask (B, T)."""
     fam, plan = module.mosa_family, module.mosa_plan
@@ -87,14 +95,12 @@ class RouterWarmup:
             raise ValueError(f"router warm-up needs MoSA heads of the paper's form (sparse_heads='mosa'), but layers "
                              f"{baseline} have sparse_heads={layers[baseline[0]].mosa_plan.sparse_heads!r}")
         self.layers = layers
-        self.losses: list[Tensor] = []
+        self.seen: list[tuple[nn.Module, Tensor, Tensor, Tensor]] = []
 
     def _observe(self, module, x, W, mask, cos, sin) -> None:
         with torch.no_grad():
             mass, valid = attention_mass(module, x.detach(), W, mask, cos, sin)
-        with torch.enable_grad():
-            self.losses.append(router_warmup_loss(module.mosa_router, x.detach(), mass, valid,
-                                                  module.mosa_plan.include_first))
+        self.seen.append((module, x.detach(), mass, valid))  # the loss is taken after the forward (pop_loss)
 
     def __enter__(self) -> RouterWarmup:
         for m in self.layers.values():
@@ -106,9 +112,13 @@ class RouterWarmup:
             m.__dict__.pop("mosa_observer", None)
 
     def pop_loss(self) -> Tensor:
-        """Mean of the collected layer losses (and reset)."""
-        if not self.losses:
+        """Mean of the layer losses of the forwards since the last call (and reset). Taken after the forward,
+        from each router as the module holds it then: under FSDP the sharded parameter, gathered here so that
+        its gradient is reduce-scattered back into the shards (summed over processes)."""
+        if not self.seen:
             raise RuntimeError("no converted layer ran: nothing to warm up")
-        loss = torch.stack(self.losses).mean()
-        self.losses = []
-        return loss
+        with torch.enable_grad():
+            losses = [router_warmup_loss(gathered(m.mosa_router), x, mass, valid, m.mosa_plan.include_first)
+                      for m, x, mass, valid in self.seen]
+        self.seen = []
+        return torch.stack(losses).mean()

@@ -53,8 +53,8 @@ def weights(out):
 
 @pytest.fixture(scope="module")
 def two(world, tmp_path_factory):
-    """The reference 2-process FSDP run: router warm-up (whole models), then adaptation (all weights + KD to a
-    sharded teacher), checkpoints every 3 steps."""
+    """The reference 2-process FSDP run: router warm-up (sharded: each router gathered, its gradient
+    reduce-scattered), then adaptation (all weights + KD to a sharded teacher), checkpoints every 3 steps."""
     root = tmp_path_factory.mktemp("fsdp")
     torchrun(fsdp_recipe(world, root / "two"), root)
     return root / "two"
@@ -142,10 +142,10 @@ def test_lora_under_fsdp_matches_one_process_and_resumes(world, tmp_path):
 
 
 def test_fsdp_recipe_errors():
-    with pytest.raises(ValueError, match=r"\['w'\]: with training.distributed=fsdp, router_warmup"):
+    with pytest.raises(ValueError, match=r"\['d'\]: with training.distributed=fsdp, layer_distill stages come"):
         Recipe.from_dict(recipe_dict(Path("m"), Path("d.txt"), Path("o"), training={"distributed": "fsdp"},
                                      stages=[{"name": "a", "kind": "adaptation", "steps": 2},
-                                             {"name": "w", "kind": "router_warmup", "steps": 2}]))
+                                             {"name": "d", "kind": "layer_distill", "steps": 2}]))
     with pytest.raises(ValueError, match="distributed must be one of"):
         Recipe.from_dict(recipe_dict(Path("m"), Path("d.txt"), Path("o"), training={"distributed": "zero3"}))
 
