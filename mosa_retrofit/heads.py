@@ -234,7 +234,7 @@ class MoSAHeads(HeadGroup):
                            dropout_p=fam.dropout(layer) if layer.training else 0.0,
                            threshold=layer.mosa_threshold if causal else None, **opts)
         if causal and layer.training and plan.sparsity > 1 and plan.threshold_momentum > 0:
-            self.track_threshold(layer, x, valid)
+            self.track_threshold(layer, x, valid, y)
         return y
 
     def weights(self, W: HeadWeights) -> tuple:
@@ -255,16 +255,33 @@ class MoSAHeads(HeadGroup):
         return w_qkv, b_qkv, w_o
 
     @torch.no_grad()
-    def track_threshold(self, layer, x: Tensor, valid: Tensor | None) -> None:
-        """Move each unit's threshold toward the batch's (1 - 1/sparsity) quantile of its router logits."""
+    def track_threshold(self, layer, x: Tensor, valid: Tensor | None, y: Tensor) -> None:
+        """Move each unit's threshold toward the batch's (1 - 1/sparsity) quantile of its router logits.
+
+        The new value is written when the backward pass reaches this group's output ``y`` (at once when no
+        backward will come): activation checkpointing recomputes the forward in between, and that recomputation
+        must select with the threshold the forward selected with."""
         target = logit_quantile(layer.mosa_router, x, valid, self.plan)  # (E,)
         m = self.plan.threshold_momentum
-        target = torch.where(torch.isnan(target), layer.mosa_threshold.float(), target)  # rows of only padding
-        layer.mosa_threshold.mul_(1 - m).add_(m * target.to(layer.mosa_threshold.dtype))
+        t = layer.mosa_threshold
+        target = torch.where(torch.isnan(target), t.float(), target)  # rows of only padding
+        layer._mosa_threshold_next = t * (1 - m) + m * target.to(t.dtype)
+        if y.requires_grad:
+            y.register_hook(lambda grad: _commit_threshold(layer))
+        else:
+            _commit_threshold(layer)
 
     def cost(self, T: int, dims: Dims) -> GroupCost:
         n, k = len(self.heads), tokens_per_head(T, self.plan.sparsity)
         return GroupCost(n * mosa_flops(dims.D, dims.d, T, k), n * k, len(self.units) * k)
+
+
+@torch.no_grad()
+def _commit_threshold(layer) -> None:
+    """Write the threshold a training forward computed (see ``MoSAHeads.track_threshold``); once."""
+    nxt = layer.__dict__.pop("_mosa_threshold_next", None)
+    if nxt is not None:
+        layer.mosa_threshold.copy_(nxt)
 
 
 def _project(layer, call: Call, weights: tuple, d: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -354,7 +371,7 @@ class WindowedHeads(MoSAHeads):
         y = F.linear(a, wo, bias)  # (B, T, D)
         if self.routed and plan.routing == "causal" and layer.training and plan.sparsity > 1 and (
                 plan.threshold_momentum > 0):
-            self.track_threshold(layer, x, valid)
+            self.track_threshold(layer, x, valid, y)
         return y if out is None else out + y
 
     def route(self, layer, x: Tensor, valid: Tensor | None, first: Tensor) -> tuple[Tensor, Tensor | None]:

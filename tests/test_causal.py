@@ -222,3 +222,31 @@ def test_the_sparse_state_is_a_project_store_behind_a_stock_cache_layer():
     cache.reorder_cache(torch.tensor([1, 0]))  # swap the two rows, as beam search does
     for i, s in layer_stores(cache).items():
         assert torch.equal(s.routed.k, before[i].flip(1)) and torch.equal(s.routed.count, counts[i].flip(1))
+
+
+@pytest.mark.parametrize("kind", ["mosa", "mosa_keys"])
+def test_threshold_tracking_under_activation_checkpointing(kind):
+    """Training with causal routing moves the thresholds every forward; activation checkpointing recomputes the
+    forward during backward, which must select with the thresholds the forward used. Checkpointed training
+    gives the same thresholds (bit for bit), losses and gradients as plain training, step after step."""
+    from mosa_retrofit.compat import enable_activation_checkpointing
+
+    over = {"sparse_heads": kind, "router_score": "straight_through"} if kind == "mosa_keys" else {}
+    over.update(local_window=6, sink_tokens=2) if kind == "mosa_keys" else None
+    plain, ckpt = causal_model("llama", **over).train(), causal_model("llama", **over).train()
+    enable_activation_checkpointing(ckpt, {"use_reentrant": False})
+    layers = [mosa_layers(m) for m in (plain, ckpt)]
+    start = {i: m.mosa_threshold.clone() for i, m in layers[0].items()}
+    for step in range(3):
+        x = ids(B=2, T=40, seed=10 + step)
+        grads = []
+        for model in (plain, ckpt):
+            model.zero_grad(set_to_none=True)
+            logits = model(x, use_cache=False).logits
+            loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
+            loss.backward()
+            grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+        torch.testing.assert_close(grads[1], grads[0], atol=1e-5, rtol=1e-4)
+        for i in layers[0]:
+            assert torch.equal(layers[1][i].mosa_threshold, layers[0][i].mosa_threshold)
+    assert any(not torch.equal(start[i], m.mosa_threshold) for i, m in layers[0].items())  # they did move
