@@ -117,7 +117,7 @@ class Trainer:
         self.log_file = self.out / "metrics.jsonl"
         self.tb = None
         self.fsdp = recipe.training.distributed == "fsdp" and self.acc.num_processes > 1
-        self.sharded = False  # sharding starts at the first stage that is not layer-local (adaptation)
+        self.sharded = False  # FSDP: sharding starts at the first shardable stage (stages.py)
         self.lora_on = False  # LoRA adapters are on the student
 
     # ------------------------------------------------------------------------------------ plumbing
@@ -281,7 +281,7 @@ class Trainer:
         return self._finish()
 
     def _shard(self) -> None:
-        """FSDP: shard student and teacher (once), and read the weights of a sharded checkpoint being resumed."""
+        """FSDP: shard student and teacher, once (a sharded checkpoint is read into them by ``load_training``)."""
         if self.fsdp and not self.sharded:
             if any(st.trainable == "mosa" for st in self.recipe.stages):
                 for m in mosa_layers(self.student).values():

@@ -204,13 +204,18 @@ def _trim(tokens: list[int], eos: int) -> list[int]:
     return tokens[: tokens.index(eos) + 1] if eos in tokens else tokens
 
 
-def test_batched_left_padding_equals_each_prompt_alone(converted):
-    model, path = converted
+def left_padded(path):
+    """The tokenizer set to pad on the left (with EOS) and PROMPTS padded into one batch."""
     tok = tf.AutoTokenizer.from_pretrained(path)
     tok.padding_side = "left"
     tok.pad_token = tok.eos_token
+    return tok, tok(PROMPTS, return_tensors="pt", padding=True)
+
+
+def test_batched_left_padding_equals_each_prompt_alone(converted):
+    model, path = converted
+    tok, batch = left_padded(path)
     eos = tok.eos_token_id
-    batch = tok(PROMPTS, return_tensors="pt", padding=True)
     lengths = [len(tok(p).input_ids) for p in PROMPTS]
     assert len(set(lengths)) == 3 and (batch.attention_mask == 0).any()
     width = batch.input_ids.shape[1]
@@ -253,10 +258,7 @@ def test_batched_left_padding_equals_each_prompt_alone(converted):
 
 def test_batched_beam_search_with_left_padding(converted):
     model, path = converted
-    tok = tf.AutoTokenizer.from_pretrained(path)
-    tok.padding_side = "left"
-    tok.pad_token = tok.eos_token
-    batch = tok(PROMPTS, return_tensors="pt", padding=True)
+    tok, batch = left_padded(path)
     width = batch.input_ids.shape[1]
     opts = dict(attention_mask=batch.attention_mask, pad_token_id=tok.pad_token_id, num_beams=2, **GREEDY)
     with torch.no_grad():
