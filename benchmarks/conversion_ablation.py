@@ -28,7 +28,7 @@ def main() -> None:
     args = p.parse_args()
 
     from mosa_retrofit import MoSAConfig, convert_
-    from mosa_retrofit.evaluate import perplexity
+    from mosa_retrofit.eval.perplexity import perplexity
     from mosa_retrofit.study import StudySpec, machine, open_workbench
 
     torch.manual_seed(0)

@@ -13,8 +13,8 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from mosa_retrofit import MoSAConfig, convert_
-from mosa_retrofit.io import structure_config
-from mosa_retrofit.sharding import training_memory
+from mosa_retrofit.convert.serialization import structure_config
+from mosa_retrofit.train.sharding import training_memory
 
 MODELS = {  # the published shapes (config.json of the hub checkpoints)
     "Llama-3.2-1B": LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,

@@ -58,15 +58,16 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from mosa_retrofit import MoSAConfig, convert_
-    from mosa_retrofit.assets import shakespeare_plays
-    from mosa_retrofit.calibration import collect_stats, default_calibration
-    from mosa_retrofit.costs import cost_ratios
-    from mosa_retrofit.evaluate import PROTOCOL, perplexity
-    from mosa_retrofit.families import attention_layers
-    from mosa_retrofit.io import load_any
-    from mosa_retrofit.longctx import context_documents, context_perplexity, passkey_grid
-    from mosa_retrofit.plots import plot_long_context
-    from mosa_retrofit.retrieval import default_retrieval_prompts, retrieval_scores
+    from mosa_retrofit.text.assets import shakespeare_plays
+    from mosa_retrofit.convert.calibration import collect_stats, default_calibration
+    from mosa_retrofit.convert.costs import cost_ratios
+    from mosa_retrofit.eval.perplexity import perplexity
+    from mosa_retrofit.text.protocol import PROTOCOL
+    from mosa_retrofit.convert.families import attention_layers
+    from mosa_retrofit.convert.serialization import load_any
+    from mosa_retrofit.eval.long_context import context_documents, context_perplexity, passkey_grid
+    from mosa_retrofit.eval.plots import plot_long_context
+    from mosa_retrofit.convert.retrieval import default_retrieval_prompts, retrieval_scores
     from mosa_retrofit.study import machine
 
     started = time.time()

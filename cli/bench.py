@@ -72,7 +72,11 @@ def add_parser(sub) -> None:
 
 
 def run_attention(args: argparse.Namespace) -> int:
-    from mosa_retrofit.bench.attention import bench_attention, format_table, profile_mosa
+    from mosa_retrofit.bench.attention import (
+        bench_attention,
+        format_table,
+        profile_mosa,
+    )
 
     if args.hybrid_dense_heads >= args.heads or args.hybrid_dense_heads < 0:
         raise ValueError(f"--hybrid-dense-heads must be in [0, --heads - 1 = {args.heads - 1}], got {args.hybrid_dense_heads}")
@@ -103,9 +107,8 @@ def run_generate(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
     from mosa_retrofit.bench.generate import bench_generate, format_rows
-    from mosa_retrofit.data import token_stream
-
-    from mosa_retrofit.io import load_any
+    from mosa_retrofit.convert.serialization import load_any
+    from mosa_retrofit.text.data import token_stream
 
     if args.decode_context < 2 or args.decode_tokens < 1 or args.threads < 1:
         raise ValueError("--decode-context must be >= 2, --decode-tokens and --threads >= 1")
@@ -118,7 +121,7 @@ def run_generate(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.model} names no base model; give --baseline")
     original, _ = load_any(base)
     torch.set_num_threads(args.threads)
-    from mosa_retrofit.assets import wikipedia_articles
+    from mosa_retrofit.text.assets import wikipedia_articles
 
     tokenizer = AutoTokenizer.from_pretrained(source)
     need = max(max(args.contexts), args.decode_context) + 1

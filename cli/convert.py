@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
-from mosa_retrofit.calibration import calibration_ids
-from mosa_retrofit.config import CHOICES, MoSAConfig
-from mosa_retrofit.evaluate import PROTOCOL
+from mosa_retrofit.convert.calibration import calibration_ids
+from mosa_retrofit.convert.config import CHOICES, MoSAConfig
+from mosa_retrofit.text.protocol import PROTOCOL
 
 from .common import HelpFormatter, add_dataclass_flags, given_flags
 
@@ -75,7 +75,7 @@ def add_parser(sub) -> None:
 def build_config(args: argparse.Namespace):
     import json
 
-    from mosa_retrofit.config import PAPER
+    from mosa_retrofit.convert.config import PAPER
 
     base = dict(PAPER) if args.preset == "paper" else {}
     if args.config:
@@ -97,10 +97,10 @@ def run_convert(args: argparse.Namespace) -> int:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from mosa_retrofit import convert_
-    from mosa_retrofit.assets import resolve_model
-    from mosa_retrofit.evaluate import perplexity
-    from mosa_retrofit.families import family_of
-    from mosa_retrofit.surgery import check_config
+    from mosa_retrofit.convert.families import family_of
+    from mosa_retrofit.convert.surgery import check_config
+    from mosa_retrofit.eval.perplexity import perplexity
+    from mosa_retrofit.text.assets import resolve_model
 
     config = build_config(args)  # validates every value before anything is loaded
     for name in ("calib_sequences", "calib_length"):
@@ -195,7 +195,7 @@ def check_output(out: Path, model: str, overwrite: bool) -> None:
 
 def summary(model, T: int) -> str:
     """Per-layer table: head split, k, attention FLOPs, KV entries and KV bytes relative to the original."""
-    from mosa_retrofit.costs import attention_costs, ratios
+    from mosa_retrofit.convert.costs import attention_costs, ratios
 
     rows = ["| layer | dense | local | MoSA | k | attention FLOPs × | KV entries × | KV bytes × |",
             "|---|---|---|---|---|---|---|---|"]

@@ -1,11 +1,11 @@
 """``mosa-retrofit eval MODEL --data ...``: perplexity, tokens/s, attention FLOPs and KV cache (bytes, entries);
-``--tasks T1,T2``: lm-evaluation-harness tasks instead (``mosa_retrofit.harness``)."""
+``--tasks T1,T2``: lm-evaluation-harness tasks instead (``mosa_retrofit.eval.harness``)."""
 
 from __future__ import annotations
 
 import argparse
 
-from mosa_retrofit.evaluate import PROTOCOL
+from mosa_retrofit.text.protocol import PROTOCOL
 
 
 def add_parser(sub) -> None:
@@ -48,7 +48,7 @@ def _measure(model, blocks, batch_size: int) -> tuple[float, float]:
     import math
     import time
 
-    from mosa_retrofit.evaluate import nll
+    from mosa_retrofit.eval.perplexity import nll
 
     t0 = time.perf_counter()
     total, count = nll(model, blocks, batch_size, progress=True)
@@ -58,7 +58,7 @@ def _measure(model, blocks, batch_size: int) -> tuple[float, float]:
 def _run_tasks(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from mosa_retrofit import harness
+    from mosa_retrofit.eval import harness
 
     try:
         harness.require_lm_eval()
@@ -90,10 +90,9 @@ def _run_tasks(args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
-    from mosa_retrofit.costs import cost_ratios
-    from mosa_retrofit.io import load_any
-    from mosa_retrofit.data import load_corpus
-    from mosa_retrofit.recipe import DataSpec
+    from mosa_retrofit.convert.costs import cost_ratios
+    from mosa_retrofit.convert.serialization import load_any
+    from mosa_retrofit.text.data import DataSpec, load_corpus
 
 
     for name in ("block_size", "max_tokens", "batch_size", "cost_seq_len", "validation_documents"):
@@ -112,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     corpus = load_corpus(spec, tokenizer, progress=False, validation_only=not args.causal)
     blocks = corpus.blocks("validation", args.block_size)
     if args.causal:
-        from mosa_retrofit.causal import make_causal_
+        from mosa_retrofit.convert.thresholds import make_causal_
 
         make_causal_(model, corpus.blocks("train", args.block_size)[:16].long())
     rows = []

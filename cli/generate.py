@@ -27,8 +27,8 @@ def add_parser(sub) -> None:
 
 def original_kv_bytes(model, tokens: int, batch: int = 1) -> int:
     """Bytes of K/V the unconverted model would cache for ``tokens`` tokens (sliding layers keep their window)."""
-    from mosa_retrofit.families import family_of
-    from mosa_retrofit.surgery import attention_layers
+    from mosa_retrofit.convert.families import family_of
+    from mosa_retrofit.convert.surgery import attention_layers
 
     fam = family_of(model)
     size = next(model.parameters()).element_size()
@@ -45,9 +45,9 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoTokenizer, TextStreamer
 
-    from mosa_retrofit.cache import cache_bytes
-    from mosa_retrofit.compat import output_cache
-    from mosa_retrofit.io import load_any
+    from mosa_retrofit.convert.cache import cache_bytes
+    from mosa_retrofit.convert.compat import output_cache
+    from mosa_retrofit.convert.serialization import load_any
 
 
     if args.max_new_tokens < 1 or args.num_beams < 1:

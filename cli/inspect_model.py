@@ -25,7 +25,7 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mosa_retrofit.io import load_any
+    from mosa_retrofit.convert.serialization import load_any
 
     if args.seq_len < 1:
         raise ValueError(f"--seq-len must be >= 1, got {args.seq_len}")
@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     print(("converted MoSA model" if converted else "original (unconverted) model") + f": {args.model}\n")
     print(summary(model, args.seq_len))
     if args.plot:
-        from mosa_retrofit.plots import plot_selection
+        from mosa_retrofit.eval.plots import plot_selection
 
         layer = plot_selection(model, source, args.plot, args.layer, args.text)
         print(f"\nwrote {args.plot} (token selection of layer {layer})")

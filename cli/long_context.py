@@ -60,10 +60,15 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
-    from mosa_retrofit.assets import shakespeare_plays
-    from mosa_retrofit.io import load_any
-    from mosa_retrofit.longctx import context_documents, context_perplexity, passkey_grid, prefill_footprint
-    from mosa_retrofit.plots import plot_long_context
+    from mosa_retrofit.convert.serialization import load_any
+    from mosa_retrofit.eval.long_context import (
+        context_documents,
+        context_perplexity,
+        passkey_grid,
+        prefill_footprint,
+    )
+    from mosa_retrofit.eval.plots import plot_long_context
+    from mosa_retrofit.text.assets import shakespeare_plays
 
     for name in ("trials", "score_tokens", "documents"):
         if getattr(args, name) < 1:

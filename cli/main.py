@@ -5,7 +5,16 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import bench, convert, evaluate, generate, inspect_model, long_context, study, train
+from . import (
+    bench,
+    convert,
+    evaluate,
+    generate,
+    inspect_model,
+    long_context,
+    study,
+    train,
+)
 
 # name -> module with add_parser(subparsers) and run(args)
 COMMANDS = {"convert": convert, "inspect": inspect_model, "train": train, "eval": evaluate, "long": long_context,

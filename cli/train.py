@@ -27,7 +27,7 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mosa_retrofit.recipe import Recipe
+    from mosa_retrofit.train.recipe import Recipe
 
     recipe = Recipe.from_yaml(args.recipe, args.overrides)  # every value validated before any loading
     if args.check:
@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    from mosa_retrofit.train import train
+    from mosa_retrofit.train.trainer import train
 
     summary = train(recipe, resume=args.resume, progress=not args.quiet)
     if args.prompt is not None:
@@ -47,8 +47,8 @@ def _sample(output_dir: str, prompt: str, max_new_tokens: int) -> None:
     """Greedy continuation from OUTPUT_DIR/final (cached decode for causal routing) and its costs."""
     from pathlib import Path
 
-    from mosa_retrofit.costs import cost_ratios
-    from mosa_retrofit.io import load
+    from mosa_retrofit.convert.costs import cost_ratios
+    from mosa_retrofit.convert.serialization import load
 
     from . import generate
 

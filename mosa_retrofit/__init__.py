@@ -1,19 +1,18 @@
 """mosa_retrofit: convert pretrained causal LMs to Mixture of Sparse Attention (MoSA) and adapt them."""
 
-from .modules import MoSA, PureMoSA
-from .reference import load_reference_state_dict
-from .sparse import mosa_attention, select_tokens, tokens_per_head
+from .layers.modules import MoSA, PureMoSA
+from .layers.reference import load_reference_state_dict
+from .ops.sparse import mosa_attention, select_tokens, tokens_per_head
 
 __version__ = "0.1.0"
 
 __all__ = ["MoSA", "PureMoSA", "load_reference_state_dict", "mosa_attention", "select_tokens", "tokens_per_head"]
 
-from .assets import resolve_model  # noqa: E402
-from .config import MoSAConfig  # noqa: E402
-from .io import load  # noqa: E402
-from .recipe import Recipe  # noqa: E402
-from .surgery import convert_  # noqa: E402
-from .train import train  # noqa: E402
-
+from .convert.config import MoSAConfig  # noqa: E402
+from .convert.serialization import load  # noqa: E402
+from .convert.surgery import convert_  # noqa: E402
+from .text.assets import resolve_model  # noqa: E402
+from .train.recipe import Recipe  # noqa: E402
+from .train.trainer import train  # noqa: E402
 
 __all__ += ["MoSAConfig", "convert_", "load", "resolve_model", "Recipe", "train"]

@@ -5,14 +5,14 @@ import copy
 import pytest
 import torch
 
-from mosa_retrofit.compat import output_cache, with_cache
+from mosa_retrofit.convert.compat import output_cache, with_cache
 from test_surgery import IDENTITY, ids_and_mask
 from tiny_models import tiny_model, plain_config
 
 from mosa_retrofit import convert_
-from mosa_retrofit.costs import attention_costs, equal_compute_window
-from mosa_retrofit.surgery import attention_layers, mosa_layers
-from mosa_retrofit.trainable import select_trainable
+from mosa_retrofit.convert.costs import attention_costs, equal_compute_window
+from mosa_retrofit.convert.surgery import attention_layers, mosa_layers
+from mosa_retrofit.train.trainable import select_trainable
 
 KEEP = {"0": [1], "1": [2]}  # heads kept dense per layer; the other 3 of 4 are replaced
 
@@ -86,7 +86,7 @@ def test_baselines_train_without_routers_and_refuse_what_needs_them():
     m = attention_layers(model)[0][1]
     g = m.q_proj.weight.grad.view(4, 16, -1).abs().sum((1, 2))  # per query head; head 1 is kept dense
     assert g[1] == 0 and bool((g[[0, 2, 3]] > 0).all())
-    from mosa_retrofit.warmup import RouterWarmup
+    from mosa_retrofit.train.warmup import RouterWarmup
 
     with pytest.raises(ValueError, match="router warm-up needs MoSA heads"):
         RouterWarmup(mosa_layers(model))
@@ -100,7 +100,7 @@ def test_baselines_train_without_routers_and_refuse_what_needs_them():
 
 @pytest.mark.parametrize("T, w", [(13, 4), (16, 4), (7, 1), (20, 19), (9, 3)])
 def test_blocked_sliding_window_matches_explicit_band(T, w):
-    from mosa_retrofit.window import sliding_window_attention
+    from mosa_retrofit.ops.window import sliding_window_attention
 
     g = torch.Generator().manual_seed(T * 31 + w)
     q, k, v = (torch.randn(2, 3, T, 8, generator=g) for _ in range(3))
@@ -121,7 +121,7 @@ def test_blocked_sliding_window_matches_explicit_band(T, w):
 def test_window_with_extra_keys_matches_explicit_mask(T, w):
     """Band + extra keys (sinks, routed tokens) in one softmax: query i sees j in its band, and an extra key at
     position p iff p <= i - w (and i - p < reach)."""
-    from mosa_retrofit.window import Extra, sliding_window_attention
+    from mosa_retrofit.ops.window import Extra, sliding_window_attention
 
     g = torch.Generator().manual_seed(T * 7 + w)
     B, n, d = 2, 3, 8

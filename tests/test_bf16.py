@@ -9,7 +9,7 @@ import torch
 from tiny_models import FAMILIES, fake_retrieval, plain_config, tiny_model
 
 from mosa_retrofit import MoSAConfig, convert_
-from mosa_retrofit.surgery import mosa_layers
+from mosa_retrofit.convert.surgery import mosa_layers
 
 ROPE = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "gpt_neox"}
 
@@ -79,8 +79,8 @@ def test_decoding_in_bf16_with_the_sparse_cache(family, kind):
     runs with the cache."""
     from transformers import DynamicCache
 
-    from mosa_retrofit.cache import layer_stores
-    from mosa_retrofit.compat import with_cache
+    from mosa_retrofit.convert.cache import layer_stores
+    from mosa_retrofit.convert.compat import with_cache
 
     torch.manual_seed(0)
     fp32 = tiny_model(family)
@@ -115,8 +115,8 @@ def test_training_with_bf16_weights_learns_and_saves_bf16(tmp_path):
     from train_fixtures import make_world, recipe_dict
 
     import mosa_retrofit
-    from mosa_retrofit.recipe import Recipe
-    from mosa_retrofit.train import train
+    from mosa_retrofit.train.recipe import Recipe
+    from mosa_retrofit.train.trainer import train
 
     world = make_world(tmp_path)
     out = tmp_path / "run"

@@ -5,8 +5,8 @@ import torch
 from tiny_models import tiny_model, plain_config
 
 from mosa_retrofit import convert_
-from mosa_retrofit.calibration import collect_stats
-from mosa_retrofit.surgery import attention_layers
+from mosa_retrofit.convert.calibration import collect_stats
+from mosa_retrofit.convert.surgery import attention_layers
 
 
 def _std(z):

@@ -1,19 +1,18 @@
 """Causal routing and the sparse KV cache: causality, incremental == full forward, generate() exactness."""
 
-import copy
 
 import pytest
 import torch
 
-from mosa_retrofit.compat import with_cache
+from mosa_retrofit.convert.compat import with_cache
 from tiny_models import FAMILIES, tiny_model, plain_config
 from transformers import DynamicCache
 
 import mosa_retrofit
 from mosa_retrofit import convert_
-from mosa_retrofit.cache import cache_bytes, layer_stores
-from mosa_retrofit.sparse import select_tokens_causal
-from mosa_retrofit.surgery import mosa_layers
+from mosa_retrofit.convert.cache import cache_bytes, layer_stores
+from mosa_retrofit.ops.sparse import select_tokens_causal
+from mosa_retrofit.convert.surgery import mosa_layers
 
 CAUSAL = dict(sparsity=4, dense_heads=1, routing="causal")
 
@@ -205,7 +204,7 @@ def test_the_sparse_state_is_a_project_store_behind_a_stock_cache_layer():
     a live object) that counts every token; the sparse K/V lives in the LayerStore; beam reorders reach it."""
     from transformers.cache_utils import DynamicLayer
 
-    from mosa_retrofit.cache import LayerStore, RoutedStore
+    from mosa_retrofit.convert.cache import LayerStore, RoutedStore
 
     model = causal_model("llama")
     x = ids(T=12)
@@ -229,7 +228,7 @@ def test_threshold_tracking_under_activation_checkpointing(kind):
     """Training with causal routing moves the thresholds every forward; activation checkpointing recomputes the
     forward during backward, which must select with the thresholds the forward used. Checkpointed training
     gives the same thresholds (bit for bit), losses and gradients as plain training, step after step."""
-    from mosa_retrofit.compat import enable_activation_checkpointing
+    from mosa_retrofit.convert.compat import enable_activation_checkpointing
 
     over = {"sparse_heads": kind, "router_score": "straight_through"} if kind == "mosa_keys" else {}
     over.update(local_window=6, sink_tokens=2) if kind == "mosa_keys" else None

@@ -15,9 +15,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from mosa_retrofit import checkpoint as ckpt
-from mosa_retrofit.recipe import Recipe
-from mosa_retrofit.train import train
+from mosa_retrofit.train import checkpoint as ckpt
+from mosa_retrofit.train.recipe import Recipe
+from mosa_retrofit.train.trainer import train
 from train_fixtures import make_world, recipe_dict
 
 

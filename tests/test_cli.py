@@ -54,7 +54,7 @@ def test_convert_and_inspect_a_local_checkpoint(tmp_path, capsys):
     from tiny_models import plain_config, tiny_model
 
     import mosa_retrofit
-    from mosa_retrofit.surgery import mosa_layers
+    from mosa_retrofit.convert.surgery import mosa_layers
 
     base = tmp_path / "base"
     tiny_model("qwen3").save_pretrained(base)  # no tokenizer: no calibration, no check
@@ -109,7 +109,7 @@ def test_convert_with_calibrated_fill_from_a_text_file(tmp_path, capsys):
     from train_fixtures import make_world
 
     import mosa_retrofit
-    from mosa_retrofit.surgery import mosa_layers
+    from mosa_retrofit.convert.surgery import mosa_layers
 
     model_dir, data = make_world(tmp_path)
     out = tmp_path / "out"
@@ -197,7 +197,7 @@ def test_malformed_config_json_names_the_file_and_line(tmp_path, capsys):
     assert f"--config {bad}: not valid JSON (line 4" in capsys.readouterr().err
     bad.write_text('{"version": "1"}')
     assert main(["convert", "m", "x", "--config", str(bad)]) == 2
-    from mosa_retrofit.config import CONFIG_VERSION
+    from mosa_retrofit.convert.config import CONFIG_VERSION
 
     assert f"MoSAConfig.version must be an integer in 1..{CONFIG_VERSION}, got '1'" in capsys.readouterr().err
 

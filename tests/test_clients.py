@@ -14,9 +14,9 @@ import transformers as tf
 
 import mosa_retrofit
 from mosa_retrofit import MoSAConfig, convert_
-from mosa_retrofit.attention import mosa_layers
-from mosa_retrofit.cache import layer_stores
-from mosa_retrofit.compat import output_cache, with_cache
+from mosa_retrofit.convert.attention import mosa_layers
+from mosa_retrofit.convert.cache import layer_stores
+from mosa_retrofit.convert.compat import output_cache, with_cache
 from tiny_models import fake_retrieval
 from train_fixtures import make_world
 

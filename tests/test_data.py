@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from mosa_retrofit.data import BlockSchedule, as_blocks, load_corpus, token_stream
-from mosa_retrofit.recipe import DataSpec
+from mosa_retrofit.text.data import BlockSchedule, as_blocks, load_corpus, token_stream
+from mosa_retrofit.text.data import DataSpec
 from train_fixtures import corpus_text, make_tokenizer
 
 TEXT = corpus_text(20)

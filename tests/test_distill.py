@@ -9,8 +9,8 @@ from test_train import records, run, weights, world  # noqa: F401  (world: the m
 from tiny_models import tiny_model, plain_config
 
 from mosa_retrofit import convert_
-from mosa_retrofit.distill import LayerDistill
-from mosa_retrofit.surgery import attention_layers
+from mosa_retrofit.train.distill import LayerDistill
+from mosa_retrofit.convert.surgery import attention_layers
 
 
 def ids(B=2, T=20, seed=0):

@@ -10,16 +10,16 @@ import copy
 import pytest
 import torch
 
-from mosa_retrofit.compat import with_cache
+from mosa_retrofit.convert.compat import with_cache
 from test_surgery import IDENTITY, ids_and_mask, naive_layer
 from tiny_models import FAMILIES, tiny_model, plain_config
 
 import mosa_retrofit
 from mosa_retrofit import convert_
-from mosa_retrofit.calibration import collect_stats
-from mosa_retrofit.families import family_of
-from mosa_retrofit.surgery import attention_layers, mosa_layers
-from mosa_retrofit.trainable import select_trainable
+from mosa_retrofit.convert.calibration import collect_stats
+from mosa_retrofit.convert.families import family_of
+from mosa_retrofit.convert.surgery import attention_layers, mosa_layers
+from mosa_retrofit.train.trainable import select_trainable
 
 
 def calib(n=3, T=20, seed=3):

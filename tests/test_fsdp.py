@@ -16,8 +16,8 @@ import yaml
 from safetensors.torch import load_file
 
 import mosa_retrofit
-from mosa_retrofit.recipe import Recipe
-from mosa_retrofit.train import train
+from mosa_retrofit.train.recipe import Recipe
+from mosa_retrofit.train.trainer import train
 from train_fixtures import make_world, recipe_dict
 
 PORT = iter(range(29610, 29700))
@@ -99,8 +99,8 @@ def test_a_killed_fsdp_run_resumes_bit_exactly(world, tmp_path):
 def test_mosa_slices_bf16_autocast_and_checkpointing_under_fsdp(world, tmp_path):
     """trainable: mosa under sharding: the dense heads' rows of q/k/v/o stay bit-exact (masks laid out as the
     shards are), the MoSA rows learn; with bf16 autocast and gradient checkpointing."""
-    from mosa_retrofit.surgery import mosa_layers
-    from mosa_retrofit.trainable import head_masks
+    from mosa_retrofit.convert.surgery import mosa_layers
+    from mosa_retrofit.train.trainable import head_masks
 
     over = {"stages": [{"name": "slices", "kind": "adaptation", "steps": 8, "trainable": "mosa", "lr": 0.01}],
             "training": {"micro_batch_size": 4, "mixed_precision": "bf16", "gradient_checkpointing": True,
@@ -154,7 +154,7 @@ def test_training_memory_counts_what_it_says():
     from tiny_models import plain_config, tiny_model
 
     from mosa_retrofit import convert_
-    from mosa_retrofit.sharding import training_memory
+    from mosa_retrofit.train.sharding import training_memory
 
     model = convert_(tiny_model("llama"), plain_config(sparsity=2, dense_heads=1))  # 2 layers, hidden 64
     P = sum(p.numel() for p in model.parameters())

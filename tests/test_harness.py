@@ -14,8 +14,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 import mosa_retrofit  # noqa: E402
 from mosa_retrofit import MoSAConfig, convert_  # noqa: E402
 from mosa_retrofit.cli.main import main  # noqa: E402
-from mosa_retrofit.evaluate import nll  # noqa: E402
-from mosa_retrofit.harness import evaluate_tasks  # noqa: E402
+from mosa_retrofit.eval.perplexity import nll  # noqa: E402
+from mosa_retrofit.eval.harness import evaluate_tasks  # noqa: E402
 from train_fixtures import make_world  # noqa: E402
 
 PPL_TASK = """task: tiny_ppl

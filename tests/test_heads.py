@@ -7,12 +7,12 @@ from test_surgery import ids_and_mask
 from tiny_models import plain_config, tiny_model
 
 from mosa_retrofit import convert_
-from mosa_retrofit.attention import mosa_layers
-from mosa_retrofit.heads import HEAD_GROUPS, DenseHeads, register_heads
+from mosa_retrofit.convert.attention import mosa_layers
+from mosa_retrofit.convert.heads import HEAD_GROUPS, DenseHeads, register_heads
 
 
 def test_every_config_kind_has_a_group():
-    from mosa_retrofit.config import KEPT_HEADS, SPARSE_HEADS
+    from mosa_retrofit.convert.config import KEPT_HEADS, SPARSE_HEADS
 
     assert set(KEPT_HEADS) | set(SPARSE_HEADS) <= set(HEAD_GROUPS)
     model = convert_(tiny_model("llama"), plain_config(dense_heads=1, kept_heads="local", sparse_heads="pruned"))

@@ -8,8 +8,8 @@ import torch
 from tiny_models import FAMILIES, default_config, fake_retrieval, plain_config, tiny_config, tiny_model
 
 import mosa_retrofit
-from mosa_retrofit import MoSAConfig, convert_
-from mosa_retrofit.surgery import mosa_layers
+from mosa_retrofit import convert_
+from mosa_retrofit.convert.surgery import mosa_layers
 
 
 @pytest.mark.parametrize("family, cfg", [
@@ -44,7 +44,7 @@ def test_import_patches_nothing_and_a_dense_load_is_reported(tmp_path):
 
     from transformers import AutoModelForCausalLM
 
-    from mosa_retrofit.io import warn_if_dense_load
+    from mosa_retrofit.convert.serialization import warn_if_dense_load
 
     code = ("import transformers; before = transformers.PreTrainedModel.__dict__['from_pretrained']; "
             "import mosa_retrofit; assert transformers.PreTrainedModel.__dict__['from_pretrained'] is before")

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 from train_fixtures import corpus_text, make_tokenizer
 
-from mosa_retrofit.longctx import FILLER, NAMES, context_perplexity, passkey_grid, passkey_prompt
+from mosa_retrofit.eval.long_context import context_perplexity, passkey_grid
+from mosa_retrofit.text.prompts import FILLER, NAMES, passkey_prompt
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +133,7 @@ def test_long_command_prints_both_tables_and_draws_the_plot(tmp_path, capsys):
 def test_prefill_footprint_counts_what_the_cache_holds():
     from tiny_models import tiny_model
 
-    from mosa_retrofit.longctx import prefill_footprint
+    from mosa_retrofit.eval.long_context import prefill_footprint
 
     held, seconds = prefill_footprint(tiny_model("llama"), 40)
     assert held == 2 * 2 * 2 * 40 * 16 * 4 and seconds > 0  # layers x K/V x KV heads x tokens x d x fp32

@@ -5,8 +5,8 @@ import torch
 from naive import ref_dense, ref_mosa
 
 from mosa_retrofit import MoSA, PureMoSA
-from mosa_retrofit.modules import DenseHeads
-from mosa_retrofit.rope import rope_cos_sin
+from mosa_retrofit.layers.modules import DenseHeads
+from mosa_retrofit.ops.rope import rope_cos_sin
 
 h, d = 32, 8
 

@@ -5,13 +5,12 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from test_surgery import IDENTITY, ids_and_mask
 from tiny_models import FAMILIES, plain_config, tiny_model
 
 from mosa_retrofit import convert_
-from mosa_retrofit.attention import mosa_layers
-from mosa_retrofit.costs import attention_costs
+from mosa_retrofit.convert.attention import mosa_layers
+from mosa_retrofit.convert.costs import attention_costs
 
 KEEP = {"0": [1], "1": [2]}
 
@@ -127,7 +126,7 @@ def test_decode_with_the_window_store_equals_full_forward(family, kind):
     inc, cache = _incremental(model, x, mask)
     real = mask.bool()
     torch.testing.assert_close(inc[real], full[real], atol=1e-4, rtol=0)
-    from mosa_retrofit.cache import layer_stores
+    from mosa_retrofit.convert.cache import layer_stores
 
     stores = [s.window for s in layer_stores(cache).values() if s.window is not None]
     assert len(stores) == 2
@@ -162,7 +161,7 @@ def test_default_conversion_caches_sinks_window_and_routed_rows_only():
     After a 64-token prefill the cache holds T rows for the dense group and, per unit, the union of the 4 sinks,
     the last w - 1 tokens and the tokens its router passes (x_t · w > τ, or the first), counted here."""
     from mosa_retrofit import MoSAConfig
-    from mosa_retrofit.cache import cache_bytes
+    from mosa_retrofit.convert.cache import cache_bytes
     from tiny_models import fake_retrieval, prefill_capturing_inputs
 
     model = tiny_model("llama")

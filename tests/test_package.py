@@ -1,5 +1,6 @@
 """The package's shape: no import cycle (imports inside functions included), intra-package imports at module
-top, and importing it changes nothing in transformers."""
+top, subpackages import only downward, no module imports another's private names, and importing the package
+changes nothing in transformers."""
 
 import ast
 import subprocess
@@ -47,6 +48,35 @@ def test_no_import_cycle_and_imports_at_module_top():
         if m not in state:
             visit(m, [])
     assert cycles == []
+
+
+# Subpackages from the bottom up: a module imports from its own subpackage or from a lower layer, never upward.
+LAYERS = [{"validate"}, {"ops", "text"}, {"layers"}, {"convert"}, {"eval"}, {"train"}, {"study", "bench"}, {"cli"}]
+
+
+def _layer(module: str) -> int | None:
+    parts = module.split(".")
+    if len(parts) < 2 or parts[1] == "__main__":
+        return None  # the package's __init__ re-exports the public API from every layer; __main__ runs the CLI
+    return next(i for i, names in enumerate(LAYERS) if parts[1] in names)
+
+
+def test_subpackages_import_only_downward():
+    graph, _ = _graph()
+    assert {_layer(m) for m in graph if _layer(m) is not None} == set(range(len(LAYERS) - 1))  # cli is not here
+    upward = sorted((m, d) for m, deps in graph.items() for d in deps
+                    if _layer(m) is not None and m.split(".")[1] != d.split(".")[1] and _layer(d) >= _layer(m))
+    assert upward == []
+
+
+def test_no_module_imports_private_names_of_another():
+    found = []
+    for f in list(PACKAGE.rglob("*.py")) + list((PACKAGE.parent / "cli").rglob("*.py")):
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                found += [f"{f.name}: {node.module}.{a.name}" for a in node.names
+                          if a.name.startswith("_") and not a.name.startswith("__")]
+    assert found == []
 
 
 def test_importing_the_package_patches_nothing_in_transformers():

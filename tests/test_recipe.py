@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mosa_retrofit.config import MoSAConfig
-from mosa_retrofit.recipe import Recipe, StageSpec
+from mosa_retrofit.convert.config import MoSAConfig
+from mosa_retrofit.train.recipe import Recipe, StageSpec
 
 RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
 BASE = {"output_dir": "out/x", "stages": [{"name": "warm", "kind": "router_warmup", "steps": 3},
@@ -84,8 +84,8 @@ def test_bad_files(tmp_path):
 
 
 def test_every_recipe_stage_kind_is_a_registered_stage():
-    from mosa_retrofit.recipe import STAGE_KINDS
-    from mosa_retrofit.stages import STAGES
+    from mosa_retrofit.train.recipe import STAGE_KINDS
+    from mosa_retrofit.train.stages import STAGES
 
     assert set(STAGES) == set(STAGE_KINDS)
     assert [STAGES[k].local for k in ("router_warmup", "layer_distill", "adaptation")] == [True, True, False]

@@ -6,8 +6,8 @@ from test_surgery import ids_and_mask
 from tiny_models import plain_config, tiny_model
 
 from mosa_retrofit import MoSAConfig, convert_
-from mosa_retrofit.longctx import Prompt
-from mosa_retrofit.retrieval import retrieval_scores
+from mosa_retrofit.text.prompts import Prompt
+from mosa_retrofit.convert.retrieval import retrieval_scores
 
 
 def prompts(n=2, T=40):

@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from mosa_retrofit.compat import with_cache
+from mosa_retrofit.convert.compat import with_cache
 
 pytestmark = pytest.mark.slow
 
@@ -15,8 +15,8 @@ pytestmark = pytest.mark.slow
 def smollm2():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mosa_retrofit.assets import smollm2_dir, wikipedia_articles
-    from mosa_retrofit.evaluate import split_articles, token_blocks
+    from mosa_retrofit.text.assets import smollm2_dir, wikipedia_articles
+    from mosa_retrofit.eval.perplexity import split_articles, token_blocks
 
     try:
         path = smollm2_dir()
@@ -45,8 +45,8 @@ def test_identity_on_smollm2(smollm2):
 def retrieval(smollm2):
     from transformers import AutoTokenizer
 
-    from mosa_retrofit.assets import smollm2_dir
-    from mosa_retrofit.retrieval import default_retrieval_prompts, retrieval_scores
+    from mosa_retrofit.text.assets import smollm2_dir
+    from mosa_retrofit.convert.retrieval import default_retrieval_prompts, retrieval_scores
 
     return retrieval_scores(smollm2[0], default_retrieval_prompts(AutoTokenizer.from_pretrained(smollm2_dir())),
                             progress=False)
@@ -56,7 +56,7 @@ def test_default_conversion_against_the_papers(smollm2, retrieval):
     """Before any adaptation: the paper's conversion (3 dense heads of 9, sparsity 8) destroys the model, the
     default one keeps it (measured: 14.95 -> 15.04 held-out; paper 13,144)."""
     from mosa_retrofit import MoSAConfig, convert_
-    from mosa_retrofit.evaluate import perplexity
+    from mosa_retrofit.eval.perplexity import perplexity
 
     base, calib, val = smollm2
     original = perplexity(base, val)
@@ -75,7 +75,7 @@ def test_default_conversion_decodes_through_its_window_store(smollm2, retrieval)
     from transformers import DynamicCache
 
     from mosa_retrofit import MoSAConfig, convert_
-    from mosa_retrofit.cache import cache_bytes
+    from mosa_retrofit.convert.cache import cache_bytes
 
     base, calib, val = smollm2
     model = convert_(copy.deepcopy(base), MoSAConfig(local_window=16, sparsity=8), calibration=calib[:8],
@@ -100,10 +100,11 @@ def test_plain_cli_convert_keeps_quality_and_shrinks_the_cache(tmp_path, capsys)
     from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
     import mosa_retrofit
-    from mosa_retrofit.assets import smollm2_dir
-    from mosa_retrofit.cache import cache_bytes
+    from mosa_retrofit.text.assets import smollm2_dir
+    from mosa_retrofit.convert.cache import cache_bytes
     from mosa_retrofit.cli.main import main
-    from mosa_retrofit.evaluate import PROTOCOL, perplexity
+    from mosa_retrofit.eval.perplexity import perplexity
+    from mosa_retrofit.text.protocol import PROTOCOL
 
     out = tmp_path / "out"
     assert main(["convert", "smollm2-135m", str(out)]) == 0
@@ -134,7 +135,7 @@ def test_causal_decode_and_generate_on_smollm2(smollm2):
     from transformers import DynamicCache
 
     from mosa_retrofit import MoSAConfig, convert_
-    from mosa_retrofit.cache import cache_bytes
+    from mosa_retrofit.convert.cache import cache_bytes
 
     base, calib, val = smollm2
     model = convert_(copy.deepcopy(base), MoSAConfig(sparsity=8, dense_heads=3, sparse_heads="mosa",

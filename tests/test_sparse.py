@@ -6,7 +6,7 @@ import pytest
 import torch
 from naive import ref_k, ref_mosa
 
-from mosa_retrofit.sparse import mosa_attention, router_gates, select_tokens, tokens_per_head
+from mosa_retrofit.ops.sparse import mosa_attention, router_gates, select_tokens, tokens_per_head
 
 h, d, E = 32, 8, 4
 

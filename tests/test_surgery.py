@@ -7,13 +7,13 @@ import re
 import pytest
 import torch
 
-from mosa_retrofit.compat import output_cache, with_cache
+from mosa_retrofit.convert.compat import output_cache, with_cache
 from tiny_models import FAMILIES, GQA_FAMILIES, tiny_model, plain_config
 
 from mosa_retrofit import convert_
-from mosa_retrofit.families import dense_kv_layout, family_of
-from mosa_retrofit.heads import Call
-from mosa_retrofit.surgery import attention_layers, mosa_layers
+from mosa_retrofit.convert.families import dense_kv_layout, family_of
+from mosa_retrofit.convert.heads import Call
+from mosa_retrofit.convert.surgery import attention_layers, mosa_layers
 
 IDENTITY = dict(sparsity=1, router_score="straight_through", include_first=False)
 
@@ -306,8 +306,8 @@ def test_paper_form_kv_group_layout_shrinks_the_kv_cache_in_bytes_by_the_layout_
     rows per layer plus the rows the unit's router passes (x_t · w > τ, or the first token), counted here from
     the router, at 2 · d · 4 bytes a row."""
     from mosa_retrofit import MoSAConfig
-    from mosa_retrofit.cache import cache_bytes
-    from mosa_retrofit.costs import cost_ratios
+    from mosa_retrofit.convert.cache import cache_bytes
+    from mosa_retrofit.convert.costs import cost_ratios
     from tiny_models import prefill_capturing_inputs
 
     model = tiny_model("llama")

@@ -13,9 +13,9 @@ import yaml
 from safetensors.torch import load_file
 
 import mosa_retrofit
-from mosa_retrofit.data import as_blocks
-from mosa_retrofit.recipe import Recipe
-from mosa_retrofit.train import lr_factor, train
+from mosa_retrofit.text.data import as_blocks
+from mosa_retrofit.train.recipe import Recipe
+from mosa_retrofit.train.trainer import lr_factor, train
 from train_fixtures import make_world, recipe_dict
 
 ROOT = Path(__file__).parent.parent
@@ -249,8 +249,8 @@ def test_a_diverging_run_stops_and_saves_nothing_non_finite(world, tmp_path, mon
     checkpoint holds non-finite weights and the last good one survives."""
     import pytest
 
-    from mosa_retrofit.recipe import Recipe
-    from mosa_retrofit.train import Trainer
+    from mosa_retrofit.train.recipe import Recipe
+    from mosa_retrofit.train.trainer import Trainer
 
     out = tmp_path / "nan"
     seen = {}
@@ -279,7 +279,7 @@ def test_a_diverging_run_stops_and_saves_nothing_non_finite(world, tmp_path, mon
 
 
 def test_a_run_that_ends_worse_than_its_conversion_warns(world, tmp_path, monkeypatch, caplog):
-    from mosa_retrofit.train import Trainer
+    from mosa_retrofit.train.trainer import Trainer
 
     scores = iter([10.0, 20.0, 25.0, 30.0, 35.0])  # original, after conversion, after each stage, ...
     monkeypatch.setattr(Trainer, "evaluate", lambda self, model: next(scores))

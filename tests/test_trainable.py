@@ -5,9 +5,9 @@ import torch
 from tiny_models import FAMILIES, tiny_model, plain_config
 
 from mosa_retrofit import convert_
-from mosa_retrofit.recipe import LoRASpec
-from mosa_retrofit.surgery import mosa_layers
-from mosa_retrofit.trainable import apply_lora, head_masks, remove_hooks, select_trainable
+from mosa_retrofit.train.recipe import LoRASpec
+from mosa_retrofit.convert.surgery import mosa_layers
+from mosa_retrofit.train.trainable import apply_lora, head_masks, remove_hooks, select_trainable
 
 
 def test_llama_gqa_masks_by_hand():

@@ -7,8 +7,8 @@ import torch
 from tiny_models import FAMILIES, tiny_model, plain_config
 
 from mosa_retrofit import convert_
-from mosa_retrofit.surgery import attention_layers, mosa_layers
-from mosa_retrofit.warmup import RouterWarmup, attention_mass, router_warmup_loss
+from mosa_retrofit.convert.surgery import attention_layers, mosa_layers
+from mosa_retrofit.train.warmup import RouterWarmup, attention_mass, router_warmup_loss
 
 
 def _original_attention(model, ids, mask):

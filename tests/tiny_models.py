@@ -70,7 +70,7 @@ def plain_config(**kwargs) -> MoSAConfig:
 def fake_retrieval(model) -> dict:
     """Retrieval scores ``{layer: (H,)}`` for models without a tokenizer (convert_(..., retrieval=...)): distinct
     per head and layer, so the default conversion's dense-head placement is deterministic."""
-    from mosa_retrofit.families import attention_layers, family_of
+    from mosa_retrofit.convert.families import attention_layers, family_of
 
     fam = family_of(model)
     g = torch.Generator().manual_seed(5)
@@ -86,8 +86,8 @@ def prefill_capturing_inputs(model, x):
     """One prefill of ``x`` into a fresh DynamicCache; returns (cache, {layer: the converted layer's input})."""
     from transformers import DynamicCache
 
-    from mosa_retrofit.attention import mosa_layers
-    from mosa_retrofit.compat import with_cache
+    from mosa_retrofit.convert.attention import mosa_layers
+    from mosa_retrofit.convert.compat import with_cache
 
     inputs = {}
     hooks = [m.register_forward_pre_hook(lambda mod, a, kw, i=i: inputs.__setitem__(i, kw["hidden_states"]),

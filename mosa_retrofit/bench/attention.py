@@ -20,9 +20,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..costs import dense_flops, mosa_flops
-from ..modules import DenseHeads, MoSA, PureMoSA
-from ..sparse import tokens_per_head
+from ..convert.costs import dense_flops, mosa_flops
+from ..layers.modules import DenseHeads, MoSA, PureMoSA
+from ..ops.sparse import tokens_per_head
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..cache import cache_bytes
-from ..compat import with_cache
+from ..convert.cache import cache_bytes
+from ..convert.compat import with_cache
 
 
 @dataclass(frozen=True)

@@ -14,20 +14,21 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .. import checkpoint as ckpt
-from ..assets import resolve_model
-from ..calibration import collect_stats
-from ..compat import StopForward, without_cache
-from ..config import MoSAConfig
-from ..costs import attention_costs, ratios
-from ..data import load_corpus
-from ..evaluate import nll
-from ..io import load
-from ..recipe import DataSpec, Recipe
-from ..surgery import attention_layers, convert_
-from ..train import train
+from ..convert.calibration import collect_stats
+from ..convert.compat import StopForward, without_cache
+from ..convert.config import MoSAConfig
+from ..convert.costs import attention_costs, ratios
+from ..convert.serialization import load
+from ..convert.surgery import attention_layers, convert_
+from ..eval.perplexity import nll
+from ..text.assets import resolve_model
+from ..text.data import DataSpec, load_corpus
+from ..train import checkpoint as ckpt
+from ..train.recipe import Recipe
+from ..train.trainer import train
 from .report import format_row, write_report
 from .spec import Point, StudySpec
+
 
 @dataclass
 class Workbench:

@@ -11,6 +11,7 @@ import torch
 
 from .spec import StudySpec, format_number
 
+
 def label(row: dict) -> str:
     """The line a point belongs to in the plot."""
     if row["method"] == "original":

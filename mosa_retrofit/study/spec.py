@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from ..config import FILLS, ROUTER_INITS, ROUTINGS, MoSAConfig
-from ..costs import equal_compute_window
-from ..evaluate import PROTOCOL
+from ..convert.config import FILLS, ROUTER_INITS, ROUTINGS, MoSAConfig
+from ..convert.costs import equal_compute_window
+from ..text.protocol import PROTOCOL
 
 METHODS = ("mosa", "local", "pruned")
 

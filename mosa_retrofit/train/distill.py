@@ -18,8 +18,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .compat import StopForward, without_cache
-from .surgery import attention_layers, mosa_layers
+from ..convert.compat import StopForward, without_cache
+from ..convert.surgery import attention_layers, mosa_layers
+
 
 class LayerDistill:
     """Context manager: hooks on the teacher's attention modules; ``loss(ids)`` runs one distillation step."""

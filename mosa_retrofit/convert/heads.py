@@ -25,13 +25,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..ops.masks import key_padding
+from ..ops.rope import apply_rope
+from ..ops.sparse import (
+    fill_output,
+    logit_quantile,
+    mosa_attention,
+    router_gates,
+    select_tokens,
+    tokens_per_head,
+)
+from ..ops.window import Extra, banded_attention, sliding_window_attention
 from .cache import LayerStore, layer_store, mosa_attention_cached
 from .costs import Dims, GroupCost, dense_flops, keys_flops, local_flops, mosa_flops
 from .families import HeadWeights, dense_kv_layout, head_to_kv
-from .masks import key_padding
-from .rope import apply_rope
-from .sparse import fill_output, logit_quantile, mosa_attention, router_gates, select_tokens, tokens_per_head
-from .window import Extra, banded_attention, sliding_window_attention
 
 HEAD_GROUPS: dict[str, type[HeadGroup]] = {}
 
@@ -118,7 +125,9 @@ class DenseHeads(HeadGroup):
         return self.role == "kept"
 
     def attend(self, layer, call: Call, q, k, v, groups: int) -> Tensor:
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS  # (transformers' registry, read per call)
+        from transformers.modeling_utils import (
+            ALL_ATTENTION_FUNCTIONS,  # (transformers' registry, read per call)
+        )
 
         fam = layer.mosa_family
         attend = ALL_ATTENTION_FUNCTIONS.get_interface(layer.config._attn_implementation, layer.mosa_eager)

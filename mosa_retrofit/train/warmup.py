@@ -19,10 +19,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .families import HeadWeights, head_to_kv
-from .masks import key_padding
-from .rope import apply_rope
-from .sparse import softcap_logits
+from ..convert.families import HeadWeights, head_to_kv
+from ..ops.masks import key_padding
+from ..ops.rope import apply_rope
+from ..ops.sparse import softcap_logits
 
 
 def gathered(param: Tensor) -> Tensor:

@@ -22,14 +22,13 @@ from __future__ import annotations
 import random
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .assets import wikipedia_articles
-from .evaluate import PROTOCOL
+from ..text.assets import wikipedia_articles
+from ..text.prompts import Prompt, passkey_prompt
+from ..text.protocol import PROTOCOL
 from .families import attention_layers, family_of
-from .longctx import Prompt, passkey_prompt
 
 PROBE = "mosa_retrofit_retrieval_probe"
 
@@ -67,7 +66,9 @@ def retrieval_scores(model: nn.Module, prompts: list[Prompt], layers: list[int] 
                      progress: bool = True) -> dict[int, Tensor]:
     """``{layer: (H,) score}``: each query head's attention mass from the answer positions onto the asked key's
     sentence, averaged over answer positions and summed over ``prompts`` (one forward each)."""
-    from transformers import AttentionInterface  # (our own name in transformers' registry of functions)
+    from transformers import (
+        AttentionInterface,  # (our own name in transformers' registry of functions)
+    )
 
     AttentionInterface.register(PROBE, _probe_attention)
     family = family_of(model)

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .rope import apply_rope, rope_cos_sin, rotated_dims
-from .sparse import ROUTER_SCORES, mosa_attention
+from ..ops.rope import apply_rope, rope_cos_sin, rotated_dims
+from ..ops.sparse import ROUTER_SCORES, mosa_attention
 
 HYBRID_TYPES = ("dense", "local")
 

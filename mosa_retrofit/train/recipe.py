@@ -18,22 +18,15 @@ from typing import Any
 
 import yaml
 
-from .config import MoSAConfig
+from ..convert.config import MoSAConfig
+from ..text.data import DataSpec
+from ..validate import positive_int, require
 
 STAGE_KINDS = ("router_warmup", "layer_distill", "adaptation")
 TRAINABLE = ("routers", "mosa", "attention", "all")
 PRECISIONS = ("no", "bf16", "fp16")
 DISTRIBUTED = ("ddp", "fsdp")
 DTYPES = ("float32", "bfloat16", "float16")
-
-
-def _check(ok: bool, name: str, value: Any, valid: str) -> None:
-    if not ok:
-        raise ValueError(f"{name} must be {valid}, got {value!r}")
-
-
-def _positive_int(name: str, v: Any, minimum: int = 1) -> None:
-    _check(isinstance(v, int) and not isinstance(v, bool) and v >= minimum, name, v, f"an integer >= {minimum}")
 
 
 @dataclass(frozen=True)
@@ -48,9 +41,9 @@ class ModelSpec:
     """Backend of the dense heads: sdpa, eager, flash_attention_2, ..."""
 
     def __post_init__(self):
-        _check(isinstance(self.name_or_path, str) and bool(self.name_or_path), "name_or_path", self.name_or_path,
+        require(isinstance(self.name_or_path, str) and bool(self.name_or_path), "name_or_path", self.name_or_path,
                "a non-empty string")
-        _check(self.dtype in DTYPES, "dtype", self.dtype, f"one of {DTYPES}")
+        require(self.dtype in DTYPES, "dtype", self.dtype, f"one of {DTYPES}")
 
 
 @dataclass(frozen=True)
@@ -63,39 +56,8 @@ class ConversionSpec:
     """Tokens per calibration sequence."""
 
     def __post_init__(self):
-        _positive_int("calibration_sequences", self.calibration_sequences)
-        _positive_int("calibration_length", self.calibration_length, 2)
-
-
-@dataclass(frozen=True)
-class DataSpec:
-    source: str = "wikipedia-offline"
-    """'wikipedia-offline' / 'shakespeare-offline' (embedded texts), local .txt/.jsonl/.json/.parquet files (comma-separated or a
-    glob), or a hub dataset name."""
-    name: str | None = None
-    """Hub dataset configuration name (e.g. 'wikitext-103-raw-v1')."""
-    split: str = "train"
-    """Hub split to read."""
-    text_field: str = "text"
-    """Column holding the text (jsonl / parquet / hub)."""
-    streaming: bool = False
-    """Stream the documents (hub or files) instead of loading them whole; max_train_tokens bounds what is read."""
-    block_size: int = 256
-    """Tokens per training / validation sequence; documents are joined with EOS and packed."""
-    validation_documents: int = 10
-    """Documents held out for validation: the last N (the first N when streaming)."""
-    validation_tokens: int | None = 8192
-    """Cap on validation tokens (None: all of the held-out documents)."""
-    max_train_tokens: int | None = None
-    """Cap on training tokens read (None: everything)."""
-
-    def __post_init__(self):
-        _check(isinstance(self.source, str) and bool(self.source), "source", self.source, "a non-empty string")
-        _positive_int("block_size", self.block_size, 2)
-        _positive_int("validation_documents", self.validation_documents)
-        for name in ("validation_tokens", "max_train_tokens"):
-            if getattr(self, name) is not None:
-                _positive_int(name, getattr(self, name), self.block_size)
+        positive_int("calibration_sequences", self.calibration_sequences)
+        positive_int("calibration_length", self.calibration_length, 2)
 
 
 @dataclass(frozen=True)
@@ -107,10 +69,10 @@ class LoRASpec:
     """Module names (peft's target_modules); attention projections and MLP layers both work."""
 
     def __post_init__(self):
-        _positive_int("r", self.r)
-        _check(self.alpha > 0, "alpha", self.alpha, "> 0")
-        _check(0 <= self.dropout < 1, "dropout", self.dropout, "in [0, 1)")
-        _check(isinstance(self.target_modules, list) and bool(self.target_modules)
+        positive_int("r", self.r)
+        require(self.alpha > 0, "alpha", self.alpha, "> 0")
+        require(0 <= self.dropout < 1, "dropout", self.dropout, "in [0, 1)")
+        require(isinstance(self.target_modules, list) and bool(self.target_modules)
                and all(isinstance(t, str) for t in self.target_modules), "target_modules", self.target_modules,
                "a non-empty list of module names")
 
@@ -140,29 +102,29 @@ class StageSpec:
     kd_temperature: float = 1.0
 
     def __post_init__(self):
-        _check(isinstance(self.name, str) and self.name.isidentifier(), "name", self.name,
+        require(isinstance(self.name, str) and self.name.isidentifier(), "name", self.name,
                "an identifier such as 'router_warmup'")
-        _check(self.kind in STAGE_KINDS, "kind", self.kind, f"one of {STAGE_KINDS}")
-        _positive_int("steps", self.steps)
+        require(self.kind in STAGE_KINDS, "kind", self.kind, f"one of {STAGE_KINDS}")
+        positive_int("steps", self.steps)
         if self.lr is not None:
-            _check(self.lr > 0 and math.isfinite(self.lr), "lr", self.lr, "a finite number > 0")
-        _check(self.trainable in TRAINABLE, "trainable", self.trainable, f"one of {TRAINABLE}")
+            require(self.lr > 0 and math.isfinite(self.lr), "lr", self.lr, "a finite number > 0")
+        require(self.trainable in TRAINABLE, "trainable", self.trainable, f"one of {TRAINABLE}")
         for name in ("lm_weight", "kd_weight"):
-            _check(getattr(self, name) >= 0, name, getattr(self, name), ">= 0")
-        _check(self.kd_temperature > 0, "kd_temperature", self.kd_temperature, "> 0")
+            require(getattr(self, name) >= 0, name, getattr(self, name), ">= 0")
+        require(self.kd_temperature > 0, "kd_temperature", self.kd_temperature, "> 0")
         if self.kind == "router_warmup":
-            _check(self.trainable == "routers", "trainable", self.trainable, "'routers' in a router_warmup stage")
-            _check(self.lora is None, "lora", self.lora, "null in a router_warmup stage")
-            _check(self.kd_weight == 0, "kd_weight", self.kd_weight, "0 in a router_warmup stage")
+            require(self.trainable == "routers", "trainable", self.trainable, "'routers' in a router_warmup stage")
+            require(self.lora is None, "lora", self.lora, "null in a router_warmup stage")
+            require(self.kd_weight == 0, "kd_weight", self.kd_weight, "0 in a router_warmup stage")
         elif self.kind == "layer_distill":
-            _check(self.lora is None, "lora", self.lora, "null in a layer_distill stage")
-            _check(self.trainable in ("routers", "mosa", "attention"), "trainable", self.trainable,
+            require(self.lora is None, "lora", self.lora, "null in a layer_distill stage")
+            require(self.trainable in ("routers", "mosa", "attention"), "trainable", self.trainable,
                    "'routers', 'mosa' or 'attention' in a layer_distill stage (only attention layers run)")
         else:
-            _check(self.lm_weight + self.kd_weight > 0, "lm_weight + kd_weight", self.lm_weight + self.kd_weight,
+            require(self.lm_weight + self.kd_weight > 0, "lm_weight + kd_weight", self.lm_weight + self.kd_weight,
                    "> 0")
         if self.lora is not None:
-            _check(self.trainable == "routers", "trainable", self.trainable,
+            require(self.trainable == "routers", "trainable", self.trainable,
                    "'routers' when lora is set (LoRA trains the adapters, plus the routers)")
 
 
@@ -178,13 +140,13 @@ class OptimizerSpec:
     """Clip the global gradient norm (None: no clipping)."""
 
     def __post_init__(self):
-        _check(self.lr > 0 and math.isfinite(self.lr), "lr", self.lr, "a finite number > 0")
-        _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, ">= 0")
-        _check(isinstance(self.betas, list) and len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+        require(self.lr > 0 and math.isfinite(self.lr), "lr", self.lr, "a finite number > 0")
+        require(self.weight_decay >= 0, "weight_decay", self.weight_decay, ">= 0")
+        require(isinstance(self.betas, list) and len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
                "betas", self.betas, "two numbers in [0, 1)")
-        _check(self.eps > 0, "eps", self.eps, "> 0")
+        require(self.eps > 0, "eps", self.eps, "> 0")
         if self.grad_clip is not None:
-            _check(self.grad_clip > 0, "grad_clip", self.grad_clip, "> 0 or null")
+            require(self.grad_clip > 0, "grad_clip", self.grad_clip, "> 0 or null")
 
 
 @dataclass(frozen=True)
@@ -195,8 +157,8 @@ class ScheduleSpec:
     """The cosine ends at min_lr_ratio × peak."""
 
     def __post_init__(self):
-        _check(0 <= self.warmup_fraction < 1, "warmup_fraction", self.warmup_fraction, "in [0, 1)")
-        _check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", self.min_lr_ratio, "in [0, 1]")
+        require(0 <= self.warmup_fraction < 1, "warmup_fraction", self.warmup_fraction, "in [0, 1)")
+        require(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", self.min_lr_ratio, "in [0, 1]")
 
 
 @dataclass(frozen=True)
@@ -214,10 +176,10 @@ class TrainingSpec:
     distillation stages run first, on whole models)."""
 
     def __post_init__(self):
-        _positive_int("micro_batch_size", self.micro_batch_size)
-        _positive_int("gradient_accumulation_steps", self.gradient_accumulation_steps)
-        _check(self.mixed_precision in PRECISIONS, "mixed_precision", self.mixed_precision, f"one of {PRECISIONS}")
-        _check(self.distributed in DISTRIBUTED, "distributed", self.distributed, f"one of {DISTRIBUTED}")
+        positive_int("micro_batch_size", self.micro_batch_size)
+        positive_int("gradient_accumulation_steps", self.gradient_accumulation_steps)
+        require(self.mixed_precision in PRECISIONS, "mixed_precision", self.mixed_precision, f"one of {PRECISIONS}")
+        require(self.distributed in DISTRIBUTED, "distributed", self.distributed, f"one of {DISTRIBUTED}")
 
 
 @dataclass(frozen=True)
@@ -228,8 +190,8 @@ class CheckpointSpec:
     """Keep the newest K checkpoints."""
 
     def __post_init__(self):
-        _positive_int("every", self.every)
-        _positive_int("keep_last", self.keep_last)
+        positive_int("every", self.every)
+        positive_int("keep_last", self.keep_last)
 
 
 @dataclass(frozen=True)
@@ -241,7 +203,7 @@ class LoggingSpec:
     """Draw loss.png (training and validation loss) at the end."""
 
     def __post_init__(self):
-        _positive_int("every", self.every)
+        positive_int("every", self.every)
 
 
 @dataclass(frozen=True)
@@ -257,11 +219,11 @@ class EvaluationSpec:
     """Validation tokens scored (None: the evaluation protocol's 4096), from the held-out documents of ``data``."""
 
     def __post_init__(self):
-        _positive_int("every", self.every, 0)
-        _positive_int("batch_size", self.batch_size)
+        positive_int("every", self.every, 0)
+        positive_int("batch_size", self.batch_size)
         for name in ("block_size", "tokens"):
             if getattr(self, name) is not None:
-                _positive_int(name, getattr(self, name), 2)
+                positive_int(name, getattr(self, name), 2)
 
 
 @dataclass(frozen=True)
@@ -282,14 +244,14 @@ class Recipe:
     evaluation: EvaluationSpec = field(default_factory=EvaluationSpec)
 
     def __post_init__(self):
-        _check(isinstance(self.output_dir, str) and bool(self.output_dir), "output_dir", self.output_dir,
+        require(isinstance(self.output_dir, str) and bool(self.output_dir), "output_dir", self.output_dir,
                "a non-empty path")
-        _positive_int("seed", self.seed, 0)
-        _check(isinstance(self.stages, list) and all(isinstance(s, StageSpec) for s in self.stages), "stages",
+        positive_int("seed", self.seed, 0)
+        require(isinstance(self.stages, list) and all(isinstance(s, StageSpec) for s in self.stages), "stages",
                self.stages, "a list of stages")
         names = [s.name for s in self.stages]
         dup = sorted({n for n in names if names.count(n) > 1})
-        _check(not dup, "stages", dup, "uniquely named (duplicate names)")
+        require(not dup, "stages", dup, "uniquely named (duplicate names)")
         if self.training.distributed == "fsdp":
             first = next((i for i, s in enumerate(self.stages) if s.kind != "layer_distill"), len(self.stages))
             late = [s.name for s in self.stages[first:] if s.kind == "layer_distill"]

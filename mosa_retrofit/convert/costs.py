@@ -21,8 +21,8 @@ from typing import NamedTuple
 
 from torch import nn
 
+from ..ops.sparse import tokens_per_head
 from .families import attention_layers, family_of
-from .sparse import tokens_per_head
 
 
 def dense_flops(D: int, d: int, T: int) -> int:

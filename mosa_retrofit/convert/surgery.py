@@ -15,11 +15,11 @@ from torch import Tensor, nn
 
 from .attention import LayerPlan, init_router_, init_threshold_, mosa_class, mosa_layers
 from .calibration import LayerStats, collect_stats, default_calibration, model_tokenizer
-from .causal import calibrate_thresholds_, threshold_rows
 from .config import MoSAConfig
 from .costs import attention_costs, ratios
 from .families import attention_layers, dense_kv_layout, family_of
 from .retrieval import default_retrieval_prompts, retrieval_scores
+from .thresholds import calibrate_thresholds_, threshold_rows
 
 logger = logging.getLogger("mosa_retrofit")
 

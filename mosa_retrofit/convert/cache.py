@@ -29,8 +29,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .sparse import (base_output, gated_output, project_selected, router_gates, select_tokens_causal,
-                     softcap_attention)
+from ..ops.sparse import (
+    base_output,
+    gated_output,
+    project_selected,
+    router_gates,
+    select_tokens_causal,
+    softcap_attention,
+)
 from .window_store import WindowStore
 
 

@@ -20,8 +20,41 @@ from typing import Callable, Iterable, Iterator
 import torch
 from torch import Tensor
 
+from ..validate import positive_int, require
 from .assets import shakespeare_plays, wikipedia_articles
-from .recipe import DataSpec
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    source: str = "wikipedia-offline"
+    """'wikipedia-offline' / 'shakespeare-offline' (embedded texts), local .txt/.jsonl/.json/.parquet files (comma-separated or a
+    glob), or a hub dataset name."""
+    name: str | None = None
+    """Hub dataset configuration name (e.g. 'wikitext-103-raw-v1')."""
+    split: str = "train"
+    """Hub split to read."""
+    text_field: str = "text"
+    """Column holding the text (jsonl / parquet / hub)."""
+    streaming: bool = False
+    """Stream the documents (hub or files) instead of loading them whole; max_train_tokens bounds what is read."""
+    block_size: int = 256
+    """Tokens per training / validation sequence; documents are joined with EOS and packed."""
+    validation_documents: int = 10
+    """Documents held out for validation: the last N (the first N when streaming)."""
+    validation_tokens: int | None = 8192
+    """Cap on validation tokens (None: all of the held-out documents)."""
+    max_train_tokens: int | None = None
+    """Cap on training tokens read (None: everything)."""
+
+    def __post_init__(self):
+        require(isinstance(self.source, str) and bool(self.source), "source", self.source, "a non-empty string")
+        positive_int("block_size", self.block_size, 2)
+        positive_int("validation_documents", self.validation_documents)
+        for name in ("validation_tokens", "max_train_tokens"):
+            if getattr(self, name) is not None:
+                positive_int(name, getattr(self, name), self.block_size)
+
+
 
 _EXTENSIONS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 

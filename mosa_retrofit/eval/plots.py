@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .assets import wikipedia_articles
-from .sparse import select_tokens
-from .surgery import mosa_layers
+from ..convert.surgery import mosa_layers
+from ..ops.sparse import select_tokens
+from ..text.assets import wikipedia_articles
 
 
 def plot_selection(model: nn.Module, tokenizer_source: str, path: str, layer: int | None = None,

@@ -33,20 +33,27 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from ..convert.attention import mosa_layers
+from ..convert.compat import enable_activation_checkpointing
+from ..convert.config import MoSAConfig
+from ..convert.serialization import load, structure_config
+from ..convert.surgery import convert_
+from ..eval.perplexity import nll
+from ..eval.plots import plot_losses
+from ..text.assets import resolve_model
+from ..text.data import BlockSchedule, as_blocks, load_corpus
+from ..text.protocol import PROTOCOL
 from . import checkpoint as ckpt
 from . import sharding
-from .assets import resolve_model
-from .attention import mosa_layers
-from .compat import enable_activation_checkpointing
-from .config import MoSAConfig
-from .data import BlockSchedule, as_blocks, load_corpus
-from .evaluate import PROTOCOL, nll
-from .io import load, structure_config
-from .plots import plot_losses
 from .recipe import Recipe, StageSpec
 from .stages import STAGES
-from .surgery import convert_
-from .trainable import apply_lora, head_masks, merge_lora, remove_hooks, select_trainable
+from .trainable import (
+    apply_lora,
+    head_masks,
+    merge_lora,
+    remove_hooks,
+    select_trainable,
+)
 
 
 def lr_factor(step: int, steps: int, warmup_fraction: float, min_ratio: float) -> float:

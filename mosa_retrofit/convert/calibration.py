@@ -38,11 +38,10 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .data import BUILTIN_SOURCES, documents, token_stream
-from .evaluate import PROTOCOL
+from ..ops.sparse import tokens_per_head
+from ..text.data import BUILTIN_SOURCES, DataSpec, documents, token_stream
+from ..text.protocol import PROTOCOL
 from .families import family_of, head_to_kv
-from .recipe import DataSpec
-from .sparse import tokens_per_head
 
 FILL_KINDS = ("zero", "mean")
 UNITS = ("head", "kv_group")

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .attention import mosa_layers
-from .families import attention_layers, family_of
+from ..convert.attention import mosa_layers
+from ..convert.families import attention_layers, family_of
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
@@ -73,7 +73,10 @@ def clip_grad_norm_(params: list[Tensor], max_norm: float) -> float:
 
 def full_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """The whole model's state dict on CPU (collective: every process calls it)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+    )
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
@@ -81,7 +84,10 @@ def full_state_dict(model: nn.Module) -> dict[str, Tensor]:
 def save_sharded(folder: Path, model: nn.Module, optimizer=None) -> None:
     """Every process writes its shards of the model (and optimizer) into ``folder`` (collective)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
 
     state = {"model": get_model_state_dict(model)}
     if optimizer is not None:
@@ -92,8 +98,12 @@ def save_sharded(folder: Path, model: nn.Module, optimizer=None) -> None:
 def load_sharded(folder: Path, model: nn.Module, optimizer=None) -> None:
     """Read what ``save_sharded`` wrote into an identically sharded model (and optimizer) (collective)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
-                                                         set_model_state_dict, set_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
 
     state = {"model": get_model_state_dict(model)}
     if optimizer is not None:

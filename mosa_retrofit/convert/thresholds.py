@@ -17,10 +17,10 @@ import dataclasses
 import torch
 from torch import Tensor, nn
 
+from ..ops.masks import key_padding
+from ..ops.sparse import logit_quantile
 from .attention import init_threshold_, mosa_layers
 from .compat import StopForward
-from .masks import key_padding
-from .sparse import logit_quantile
 
 
 def threshold_rows(ids: Tensor, length: int | None, max_positions: int | None = None) -> Tensor:

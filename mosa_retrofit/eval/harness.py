@@ -5,7 +5,7 @@ only loads the model with ``load_any`` (converted or plain checkpoints, or the e
 tokenizer, and hands both to ``HFLM`` / ``lm_eval.simple_evaluate``. Needs the ``[eval]`` extra (``lm-eval``).
 
 Example:
-    >>> from mosa_retrofit.harness import evaluate_tasks
+    >>> from mosa_retrofit.eval.harness import evaluate_tasks
     >>> results = evaluate_tasks("out/smollm2-mosa", ["my_task"], include_path="my_tasks/")
     >>> results["results"]["my_task"]["word_perplexity,none"]
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from .io import load_any
+from ..convert.serialization import load_any
 
 if TYPE_CHECKING:
     from lm_eval.models.huggingface import HFLM
@@ -40,7 +40,7 @@ def require_lm_eval() -> ModuleType:
 
 def harness_model(name_or_path: str, batch_size: int = 1, **load_kwargs: Any) -> HFLM:
     """An ``lm_eval.models.huggingface.HFLM`` around the model at ``name_or_path`` (converted or plain) and its
-    tokenizer; ``load_kwargs`` go to ``mosa_retrofit.io.load_any`` (``dtype``, ``device_map``, ...).
+    tokenizer; ``load_kwargs`` go to ``mosa_retrofit.convert.serialization.load_any`` (``dtype``, ``device_map``, ...).
 
     Expert-choice routed models run with ``batch_size=1``: HFLM right-pads a batch without an attention mask,
     and expert-choice routing (top-k over the whole sequence) would see the padding; causal routing does not.

@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .families import head_to_kv
-from .surgery import mosa_layers
+from ..convert.families import head_to_kv
+from ..convert.surgery import mosa_layers
 
 
 def head_masks(module: nn.Module) -> dict[str, Tensor]:

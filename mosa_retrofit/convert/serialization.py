@@ -21,7 +21,7 @@ import warnings
 
 from torch import Tensor, nn
 
-from .assets import resolve_model
+from ..text.assets import resolve_model
 from .attention import init_router_
 from .config import MoSAConfig
 from .surgery import convert_

@@ -1,0 +1,17 @@
+"""Value checks shared by the frozen dataclasses of recipes and data specs: one line naming the value and what
+would be valid."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def require(ok: bool, name: str, value: Any, valid: str) -> None:
+    """Raise ``ValueError("<name> must be <valid>, got <value>")`` unless ``ok``."""
+    if not ok:
+        raise ValueError(f"{name} must be {valid}, got {value!r}")
+
+
+def positive_int(name: str, v: Any, minimum: int = 1) -> None:
+    """``v`` is an int (not a bool) >= ``minimum``."""
+    require(isinstance(v, int) and not isinstance(v, bool) and v >= minimum, name, v, f"an integer >= {minimum}")
