@@ -98,56 +98,6 @@ def test_baselines_train_without_routers_and_refuse_what_needs_them():
         plain_config(sparse_heads="dropped")
 
 
-@pytest.mark.parametrize("T, w", [(13, 4), (16, 4), (7, 1), (20, 19), (9, 3)])
-def test_blocked_sliding_window_matches_explicit_band(T, w):
-    from mosa_retrofit.ops.window import sliding_window_attention
-
-    g = torch.Generator().manual_seed(T * 31 + w)
-    q, k, v = (torch.randn(2, 3, T, 8, generator=g) for _ in range(3))
-    valid = torch.ones(2, T, dtype=torch.bool)
-    valid[1, :3] = False  # left padding
-    i, j = torch.arange(T)[:, None], torch.arange(T)[None]
-    for key_valid in (None, valid):
-        band = (j <= i) & (j > i - w)
-        if key_valid is not None:
-            band = (band[None] & key_valid[:, None, :]) | (i == j)[None]  # (B, T, T)
-            band = band[:, None]
-        s = (q @ k.transpose(-1, -2)) * 0.3
-        ref = s.masked_fill(~band, float("-inf")).softmax(-1) @ v
-        torch.testing.assert_close(sliding_window_attention(q, k, v, w, 0.3, key_valid), ref, atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize("T, w", [(13, 4), (16, 4), (20, 19), (9, 3)])
-def test_window_with_extra_keys_matches_explicit_mask(T, w):
-    """Band + extra keys (sinks, routed tokens) in one softmax: query i sees j in its band, and an extra key at
-    position p iff p <= i - w (and i - p < reach)."""
-    from mosa_retrofit.ops.window import Extra, sliding_window_attention
-
-    g = torch.Generator().manual_seed(T * 7 + w)
-    B, n, d = 2, 3, 8
-    q, k, v = (torch.randn(B, n, T, d, generator=g) for _ in range(3))
-    pos = torch.stack([torch.randperm(T, generator=g)[:4].sort().values for _ in range(B * n)]).view(B, n, 4)
-    ok = torch.rand(B, n, 4, generator=g) > 0.3
-    at = pos[..., None].expand(B, n, 4, d)
-    i, j = torch.arange(T)[:, None], torch.arange(T)[None]
-    for reach in (None, w + 3):
-        band = (j <= i) & (j > i - w)
-        extra_mask = torch.zeros(B, n, T, T, dtype=torch.bool)  # (B, n, query, key) via the extra keys
-        for b in range(B):
-            for h in range(n):
-                for m in range(4):
-                    p = int(pos[b, h, m])
-                    seen = (torch.arange(T) - p >= w) & bool(ok[b, h, m])
-                    if reach is not None:
-                        seen = seen & (torch.arange(T) - p < reach)
-                    extra_mask[b, h, :, p] |= seen
-        s = (q @ k.transpose(-1, -2)) * 0.3
-        ref = s.masked_fill(~(band | extra_mask), float("-inf")).softmax(-1) @ v
-        out = sliding_window_attention(q, k, v, w, 0.3, None, 0.0, Extra(k.gather(2, at), v.gather(2, at), pos, ok),
-                                       reach)
-        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
-
-
 @pytest.mark.parametrize("family", ["llama", "gpt2", "qwen3", "gemma3_text"])
 def test_streaming_heads(family):
     """sparse_heads='streaming' (DuoAttention's streaming heads): a window >= T is the original model; without

@@ -16,7 +16,7 @@ from __future__ import annotations
 import inspect
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
@@ -44,6 +44,7 @@ class LayerPlan:
     sparse_heads: str = "mosa"  # what the heads in ``mosa`` run: 'mosa' | 'local' | 'pruned' (baselines)
     fill: str = "zero"  # what MoSA / pruned heads write at tokens they skip: 'zero' | 'mean' (``mosa_fill``)
     sink_tokens: int = 4  # first tokens every query of streaming / mosa_keys heads sees
+    attn_backend: str = "auto"  # kernel of windowed heads (ops/keys.py)
 
     @property
     def heads_per_unit(self) -> int:
@@ -142,6 +143,20 @@ def init_router_(router: nn.Parameter) -> None:
     """Random router init: N(0, 1/D), logits of unit variance for unit-variance inputs."""
     with torch.no_grad():
         router.normal_(0.0, 1.0 / math.sqrt(router.shape[1]))
+
+
+def set_attn_backend(model: nn.Module, backend: str) -> None:
+    """Run the windowed heads of every converted layer with ``backend`` ('auto', 'flash', 'flex', 'math'); the
+    model's saved config keeps the choice."""
+    from .config import ATTN_BACKENDS
+
+    if backend not in ATTN_BACKENDS:
+        raise ValueError(f"attn_backend must be one of {ATTN_BACKENDS}, got {backend!r}")
+    for m in mosa_layers(model).values():
+        m.mosa_plan = replace(m.mosa_plan, attn_backend=backend)
+    mosa = getattr(getattr(model, "config", None), "mosa", None)
+    if isinstance(mosa, dict):
+        mosa["attn_backend"] = backend
 
 
 def mosa_layers(model: nn.Module) -> dict[int, nn.Module]:

@@ -39,9 +39,10 @@ DENSE_SCOPES = ("layer", "model")
 ROUTINGS = ("expert_choice", "causal")
 SPARSE_HEADS = ("mosa", "mosa_keys", "local", "streaming", "pruned")
 FILLS = ("zero", "mean")
+ATTN_BACKENDS = ("auto", "flash", "flex", "math")
 CHOICES = {"head_choice": HEAD_CHOICES, "dense_scope": DENSE_SCOPES, "kept_heads": KEPT_HEADS, "router_score": ROUTER_SCORES,
            "router_init": ROUTER_INITS, "router_granularity": GRANULARITIES, "routing": ROUTINGS,
-           "sparse_heads": SPARSE_HEADS, "fill": FILLS}
+           "sparse_heads": SPARSE_HEADS, "fill": FILLS, "attn_backend": ATTN_BACKENDS}
 """The fields that take one of a few words, and the words."""
 
 
@@ -146,6 +147,11 @@ class MoSAConfig:
     threshold_momentum: float = 0.05
     """Causal routing: in training, each unit's threshold moves this fraction of the way to the batch's
     (1 - 1/sparsity) quantile of its router logits after every forward."""
+    attn_backend: str = "auto"
+    """Kernel of the windowed heads (mosa_keys, streaming, local): 'flash' (PyTorch's fused CPU kernel on the
+    exact band, far keys merged by log-sum-exp), 'flex' (FlexAttention, compiled; CUDA and CPU), 'math' (plain
+    PyTorch, any device), or 'auto' (flex on CUDA, flash on CPU, math where neither applies). All compute the
+    same attention; change it on a loaded model with ``mosa_retrofit.set_attn_backend``."""
     base_model_name_or_path: str | None = None
     """Provenance: the checkpoint that was converted (filled in by the CLI / loader)."""
     version: int = CONFIG_VERSION

@@ -35,7 +35,8 @@ from ..ops.sparse import (
     select_tokens,
     tokens_per_head,
 )
-from ..ops.window import Extra, banded_attention, sliding_window_attention
+from ..ops.keys import FarKeys, key_selection_attention
+from ..ops.window import banded_attention
 from .cache import LayerStore, layer_store, mosa_attention_cached
 from .costs import Dims, GroupCost, dense_flops, keys_flops, local_flops, mosa_flops
 from .families import HeadWeights, dense_kv_layout, head_to_kv
@@ -154,10 +155,9 @@ class LocalHeads(DenseHeads):
         scale = layer.mosa_family.scaling(layer)
         dropout = layer.mosa_family.dropout(layer) if layer.training else 0.0
         valid = key_padding(call.mask, T) if call.mask is not None else None
-        if S == T and w < T:  # no cached prefix: blocked O(T·w) kernel
-            if groups > 1:
-                k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-            return sliding_window_attention(q, k, v, w, scale, valid, dropout).transpose(1, 2)  # (B, T, n, d)
+        if S == T and w < T:  # no cached prefix: the key-selection kernel's band, K/V shared by each group
+            return key_selection_attention(q, k, v, w, scale, None, valid, None, dropout,
+                                           self.plan.attn_backend)  # (B, T, n, d)
         return banded_attention(q, k, v, w, scale, valid, dropout, groups).transpose(1, 2)
 
     def check_decode(self, layer, call: Call) -> None:
@@ -368,9 +368,9 @@ class WindowedHeads(MoSAHeads):
         store = host.window_store(w, reach) if host is not None else None
         pos = (offset + torch.arange(T, device=x.device)).expand(E, B, T)
         k_e, v_e = k.transpose(0, 1), v.transpose(0, 1)  # (E, B, T, d)
-        if store is None or store.k is None:  # nothing cached before these tokens: the blocked kernel
-            a = self.attend_full(q, k, v, keep, sink, gate, valid, w, reach, scale, dropout, G)  # (B, E·G, T, d)
-            a = a.transpose(1, 2).reshape(B, T, -1)
+        if store is None or store.k is None:  # nothing cached before these tokens: the key-selection kernel
+            a = self.attend_full(q, k, v, keep, sink, gate, valid, w, reach, scale, dropout, plan.attn_backend)
+            a = a.reshape(B, T, -1)  # (B, T, E·G·d)
         else:
             a = self.attend_cached(q, store.rows(k_e, v_e, pos, keep, real.expand(E, B, T)), pos[0, 0], w, reach,
                                    scale, G)  # (B, T, E·G·d)
@@ -389,25 +389,22 @@ class WindowedHeads(MoSAHeads):
         return torch.zeros(E, B, T, dtype=torch.bool, device=x.device), None
 
     @staticmethod
-    def attend_full(q, k, v, keep, sink, gate, valid, w, reach, scale, dropout, G) -> Tensor:
-        """Blocked window attention with the kept rows (sinks, routed tokens) as extra keys: (B, E·G, T, d)."""
+    def attend_full(q, k, v, keep, sink, gate, valid, w, reach, scale, dropout, backend) -> Tensor:
+        """Window + far keys (the kept rows: sinks and routed tokens, gathered once per unit): (B, T, E·G, d)."""
         E, B, T = keep.shape
         M = int(keep.sum(-1).max()) if keep.numel() else 0
-        extra = None
+        far = None
         if M:
             at_pos = torch.arange(T, device=q.device)
             key = torch.where(keep, at_pos, at_pos + T).sort(dim=-1).values[..., :M]  # (E, B, M) kept first
-            idx = key.remainder(T)
-            ok = key < T
-            at = idx.permute(1, 0, 2)[..., None].expand(B, E, M, k.shape[-1])  # (B, E, M, d)
+            idx = key.remainder(T).transpose(0, 1)  # (B, E, M) positions, ascending
+            at = idx[..., None].expand(B, E, M, k.shape[-1])
             ve = v.gather(2, at)
             if gate is not None:  # routed values carry the router gate (sinks do not)
-                g = torch.where(sink[None].expand_as(gate), torch.ones_like(gate), gate).gather(-1, idx)  # (E, B, M)
-                ve = ve * g.permute(1, 0, 2)[..., None].to(ve.dtype)
-            extra = Extra(k.gather(2, at), ve, idx.permute(1, 0, 2), ok.permute(1, 0, 2))
-            extra = Extra(*(t.repeat_interleave(G, dim=1) for t in extra))  # units -> their query heads
-        kk, vv = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
-        return sliding_window_attention(q, kk, vv, w, scale, valid, dropout, extra, reach)
+                g = torch.where(sink[None].expand_as(gate), torch.ones_like(gate), gate)  # (E, B, T)
+                ve = ve * g.transpose(0, 1).gather(-1, idx)[..., None].to(ve.dtype)
+            far = FarKeys(k.gather(2, at), ve, idx, (key < T).transpose(0, 1))
+        return key_selection_attention(q, k, v, w, scale, far, valid, reach, dropout, backend)
 
     @staticmethod
     def attend_cached(q, rows, qpos, w, reach, scale, G) -> Tensor:

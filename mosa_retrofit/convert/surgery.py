@@ -87,7 +87,7 @@ def plan_layers(model: nn.Module, config: MoSAConfig, stats: dict[int, LayerStat
             router_score=config.router_score, granularity=granularity, kept_heads=config.kept_heads,
             local_window=config.local_window, group_size=G, routing=config.routing,
             threshold_momentum=config.threshold_momentum, sparse_heads=config.sparse_heads, fill=config.fill,
-            sink_tokens=config.sink_tokens,
+            sink_tokens=config.sink_tokens, attn_backend=config.attn_backend,
         )
     if notes is not None:
         for (asked, n, G), idxs in rounded.items():
