@@ -6,6 +6,7 @@ import argparse
 
 import torch
 
+WHAT = ("model", "attention", "generate")  # the bench subcommands
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -24,9 +25,34 @@ def _sparsities(text: str) -> tuple[float, ...]:
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("bench", help="benchmarks (ratios against dense attention)",
-                       description="Benchmarks; every figure is a ratio against dense attention in the same run.")
+    p = sub.add_parser("bench", help="speed of a converted model beside its original; kernel benchmarks",
+                       description="Benchmarks; every figure is a ratio against the original model or dense "
+                                   "attention, measured in the same run. `mosa-retrofit bench MODEL` is short for "
+                                   "`mosa-retrofit bench model MODEL`.")
     bsub = p.add_subparsers(dest="bench", metavar="WHAT", required=True)
+    m = bsub.add_parser(
+        "model", help="a converted model against its original: prefill, decode, training step, memory",
+        description="Times MODEL (a converted model) and its original in the same run: prefill at every --contexts "
+                    "length, greedy decoding after each of them at every --batch size, one training step "
+                    "(forward + backward) at --train-length, and the peak memory of the longest prefill. Each "
+                    "ratio is printed beside the FLOP or byte ratio that bounds it (the limit), with the machine "
+                    "and thread count in the header. Text: the embedded Wikipedia articles, repeated as needed.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    m.add_argument("model", metavar="MODEL_OR_DIR", help="a converted model folder (or hub id)")
+    m.add_argument("--baseline", help="the original model (default: the converted model's base)")
+    m.add_argument("--contexts", type=_positive_ints, default=(2048, 4096, 8192),
+                   help="prefill lengths, and the contexts decoding is timed after")
+    m.add_argument("--batch", type=_positive_ints, default=(1, 8), help="decode batch sizes")
+    m.add_argument("--decode-tokens", type=int, default=16, help="decode steps timed per measurement")
+    m.add_argument("--train-length", type=int, default=2048, help="tokens of the timed training step (0: none)")
+    m.add_argument("--reps", type=int, default=3, help="prefill and training repetitions (the minimum is kept)")
+    m.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    m.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    m.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    m.add_argument("--attn-backend", choices=("auto", "flash", "flex", "math"), default=None,
+                   help="kernel of the windowed heads (default: the one the model was saved with)")
+    m.add_argument("--output", help="also write the Markdown table to this file")
+    m.set_defaults(run=run_model)
     a = bsub.add_parser(
         "attention",
         help="one attention layer: all-MoSA and hybrid against dense causal SDPA",
@@ -101,6 +127,57 @@ def run_attention(args: argparse.Namespace) -> int:
         print(f"\nProfile of one all-MoSA forward+backward, T={T}, sparsity {args.sparsities[0]:g}:")
         print(profile_mosa(T, args.sparsities[0], args.width, args.heads, args.head_dim, args.device))
     return 0
+
+
+def run_model(args: argparse.Namespace) -> int:
+    from transformers import AutoTokenizer
+
+    from mosa_retrofit.bench.model import bench_model, format_rows
+    from mosa_retrofit.convert.attention import set_attn_backend
+    from mosa_retrofit.convert.serialization import load_any
+    from mosa_retrofit.text.assets import wikipedia_articles
+    from mosa_retrofit.text.data import token_stream
+
+    if args.decode_tokens < 1 or args.threads < 1 or args.reps < 1 or args.train_length < 0:
+        raise ValueError("--decode-tokens, --threads and --reps must be >= 1, --train-length >= 0")
+    device = _device(args.device)
+    model, source = load_any(args.model)
+    mosa = getattr(model.config, "mosa", None) or {}
+    if not mosa:
+        raise ValueError(f"{args.model} is not a converted model (its config has no mosa block)")
+    base = args.baseline or mosa.get("base_model_name_or_path")
+    if base is None:
+        raise ValueError(f"{args.model} names no base model; give --baseline")
+    limit = getattr(model.config, "max_position_embeddings", None)
+    longest = max(max(args.contexts), args.train_length)
+    if limit is not None and longest > limit:
+        raise ValueError(f"--contexts / --train-length reach {longest:,} tokens, beyond the model's {limit:,} positions")
+    original, _ = load_any(base)
+    dtype = DTYPES[args.dtype]
+    model, original = model.to(device, dtype), original.to(device, dtype)
+    if args.attn_backend:
+        set_attn_backend(model, args.attn_backend)
+    torch.set_num_threads(args.threads)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    need = longest + 1
+    ids = token_stream(tokenizer, wikipedia_articles(), need).long()
+    while ids.numel() < need:
+        ids = torch.cat([ids, ids])
+    rows = bench_model(model, original, ids[None, :need].to(device), list(args.contexts), list(args.batch),
+                       args.decode_tokens, args.train_length or None, args.reps)
+    header = (f"Speed: {args.model} (converted) vs {base} (original); {args.dtype}, device {device}, torch "
+              f"{torch.__version__}, {args.threads} thread(s){_cpu_name()}. Times are the minimum of {args.reps} "
+              f"runs; decode over {args.decode_tokens} greedy steps. Limit: the original's FLOPs (prefill, training) "
+              f"or bytes read per step (decode) over the converted model's.")
+    _emit(header, format_rows(rows), args.output)
+    return 0
+
+
+def _device(name: str) -> torch.device:
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: this torch has no CUDA device (torch {torch.__version__}); use cpu")
+    return device
 
 
 def run_generate(args: argparse.Namespace) -> int:

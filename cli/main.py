@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) > 1 and argv[0] == "bench" and not argv[1].startswith("-") and argv[1] not in bench.WHAT:
+        argv.insert(1, "model")  # `bench MODEL` is `bench model MODEL`
     args, extra = parser.parse_known_args(argv)
     if extra:  # recipe overrides may come after options too: train RECIPE --check key=value
         if getattr(args, "overrides", None) is not None and all("=" in e and not e.startswith("-") for e in extra):

@@ -97,7 +97,7 @@ def sparse_cache_spy(model):
         assert sorted(stores) == sorted(mosa_layers(model))
         rows = seen = 0
         for s in stores.values():
-            held = s.routed.count if s.routed is not None else s.window.valid.sum(-1)  # (E, B)
+            held = s.routed.count if s.routed is not None else s.window.count + s.window.ring_valid.sum(-1)  # (E, B)
             rows, seen = rows + int(held.sum()), seen + held.numel() * s.seen
         assert 0 < rows < seen, (rows, seen)  # sparse: not every token is cached
 

@@ -131,10 +131,17 @@ def test_decode_with_the_window_store_equals_full_forward(family, kind):
     stores = [s.window for s in layer_stores(cache).values() if s.window is not None]
     assert len(stores) == 2
     for store in stores:
-        held = store.valid.sum(-1)  # (E, B) rows kept per unit and row
-        w = kind["local_window"]  # the next query (position 24) sees 24 - w + 1 .. 24: w - 1 stored rows
-        assert bool((held >= w - 1).all()) and held.float().mean() < 24  # (a unit may route every token)
-        assert bool((store.pos[store.valid & ~store.keep] > 24 - w).all())  # besides sinks and routed: the window
+        w = kind["local_window"]
+        assert store.next_pos == 24 and store.ring_valid.sum(-1).tolist() == [w, w]  # the ring: positions 21-23
+        held = store.count + w  # (E, B) rows kept per unit and row: far rows (sinks, routed) + the ring
+        assert held.float().mean() < 24
+        for pos, n in zip(store.far_pos.flatten(0, 1), store.count.flatten()):
+            far = pos[:n]
+            assert bool((far <= 23 - w).all()) and bool((far[1:] > far[:-1]).all())  # left the ring, in order
+        if kind["sparse_heads"] == "streaming":  # far rows: the 2 sinks of each row (row 1 starts at 5)
+            assert store.count.tolist() == [[2, 2]] * store.count.shape[0]
+            assert store.far_pos[:, 0, :2].tolist() == [[0, 1]] * store.count.shape[0]
+            assert store.far_pos[:, 1, :2].tolist() == [[5, 6]] * store.count.shape[0]
     opts = dict(attention_mask=mask[:, :9], max_new_tokens=8, pad_token_id=0, do_sample=False)
     with torch.no_grad():
         a = model.generate(x[:, :9], use_cache=True, **opts)

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from .compat import find_cache
+from .config import ATTN_BACKENDS
 from .families import Family
 from .heads import Call, HeadGroup, head_groups
 
@@ -148,8 +149,6 @@ def init_router_(router: nn.Parameter) -> None:
 def set_attn_backend(model: nn.Module, backend: str) -> None:
     """Run the windowed heads of every converted layer with ``backend`` ('auto', 'flash', 'flex', 'math'); the
     model's saved config keeps the choice."""
-    from .config import ATTN_BACKENDS
-
     if backend not in ATTN_BACKENDS:
         raise ValueError(f"attn_backend must be one of {ATTN_BACKENDS}, got {backend!r}")
     for m in mosa_layers(model).values():

@@ -346,7 +346,6 @@ class WindowedHeads(MoSAHeads):
         fam, plan, x, W = layer.mosa_family, self.plan, call.x, call.W
         B, T, _ = x.shape
         d, units = W.head_dim, self.units
-        E, G = len(units), len(units[0])
         kv_of = head_to_kv(W.num_heads, W.num_kv_heads)
         unit_kv = tuple(kv_of[u[0]] for u in units)  # (E,) the K/V head each unit reads
         wq, bq, wk, bk, wv, bv, wo = layer.mosa_memo(self.kind, lambda: _head_weights(W, self.heads, unit_kv))
@@ -366,16 +365,21 @@ class WindowedHeads(MoSAHeads):
         w = min(w, reach or w)
         scale, dropout = fam.scaling(layer), (fam.dropout(layer) if layer.training else 0.0)
         store = host.window_store(w, reach) if host is not None else None
-        pos = (offset + torch.arange(T, device=x.device)).expand(E, B, T)
-        k_e, v_e = k.transpose(0, 1), v.transpose(0, 1)  # (E, B, T, d)
+        if store is not None:  # what the store takes: K/V as they are, values of sinks ungated
+            g = None if gate is None else torch.where(sink[None], torch.ones_like(gate), gate).detach()
+            k_e, v_e = k.detach().transpose(0, 1), v.detach().transpose(0, 1)  # (E, B, T, d)
         if store is None or store.k is None:  # nothing cached before these tokens: the key-selection kernel
             a = self.attend_full(q, k, v, keep, sink, gate, valid, w, reach, scale, dropout, plan.attn_backend)
             a = a.reshape(B, T, -1)  # (B, T, E·G·d)
-        else:
-            a = self.attend_cached(q, store.rows(k_e, v_e, pos, keep, real.expand(E, B, T)), pos[0, 0], w, reach,
-                                   scale, G)  # (B, T, E·G·d)
-        if store is not None:
-            store.retain(*store.rows(k_e, v_e, pos, keep, real.expand(E, B, T)), next_pos=offset + T)
+            if store is not None:
+                store.next_pos = offset
+                store.absorb(k_e, v_e, keep, g, real)
+        elif T == 1:  # decoding: one ring slot written, [ring | far rows] read in one call
+            store.absorb(k_e, v_e, keep, g, real)
+            a = store.attend_step(q, scale)
+        else:  # a chunk after earlier tokens
+            a = store.attend_chunk(q, k_e, v_e, keep, g, real, scale, plan.attn_backend)
+            store.absorb(k_e, v_e, keep, g, real)
         bias = W.bo if out is None else None
         y = F.linear(a, wo, bias)  # (B, T, D)
         if self.routed and plan.routing == "causal" and layer.training and plan.sparsity > 1 and (
@@ -405,24 +409,6 @@ class WindowedHeads(MoSAHeads):
                 ve = ve * g.transpose(0, 1).gather(-1, idx)[..., None].to(ve.dtype)
             far = FarKeys(k.gather(2, at), ve, idx, (key < T).transpose(0, 1))
         return key_selection_attention(q, k, v, w, scale, far, valid, reach, dropout, backend)
-
-    @staticmethod
-    def attend_cached(q, rows, qpos, w, reach, scale, G) -> Tensor:
-        """New queries against stored + new rows (E, B, L, ...): (B, T, E·G·d)."""
-        k, v, pos, keep, ok = rows
-        E, B, L, d = k.shape
-        T = q.shape[2]
-        qp = qpos.view(1, 1, T, 1)
-        kp = pos[:, :, None, :]  # (E, B, 1, L)
-        allowed = ok[:, :, None, :] & (kp <= qp) & ((qp - kp < w) | keep[:, :, None, :])
-        if reach is not None:
-            allowed = allowed & (qp - kp < reach)
-        allowed = allowed | (kp == qp)  # a padded query still sees itself: no empty row
-        qe = q.view(B, E, G, T, d).transpose(0, 1).reshape(E * B, G, T, d)
-        a = F.scaled_dot_product_attention(qe, k.reshape(E * B, 1, L, d).expand(-1, G, -1, -1),
-                                           v.reshape(E * B, 1, L, d).expand(-1, G, -1, -1),
-                                           attn_mask=allowed.reshape(E * B, 1, T, L), scale=scale)  # (E·B, G, T, d)
-        return a.view(E, B, G, T, d).permute(1, 3, 0, 2, 4).reshape(B, T, E * G * d)
 
 
 @register_heads("streaming")

@@ -26,8 +26,20 @@ import math
 import torch
 from torch import Tensor
 
-from .keys import (FarKeys, Layout, additive, band_allowed, band_view, blocked_queries, fold_band, layout,
-                   padded_keys, partial_band_mask, partial_blocks, unblocked)
+from .blocks import (
+    FarKeys,
+    Layout,
+    additive,
+    band_allowed,
+    band_view,
+    blocked_queries,
+    fold_band,
+    layout,
+    padded_keys,
+    partial_band_mask,
+    partial_blocks,
+    unblocked,
+)
 
 FAR_CHUNK = 1024  # queries per far-key call: a chunk reads the far keys its blocks can see, not all M
 FAR_BLOCK = 256  # queries per far block (whole / partial far keys are decided per far block)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .keys import FarKeys
+from .blocks import FarKeys
 
 BQ = BK = 128  # FlexAttention's block sizes
 _COMPILED: dict[str, object] = {}

@@ -1,0 +1,241 @@
+"""Speed of a converted model beside its original, in one run: prefill, decoding, a training step, peak memory,
+each next to the FLOP or byte ratio that bounds it.
+
+* **prefill**: one forward over T tokens with a fresh KV cache and the logits of the last token only (what
+  ``generate`` does before its first token); bound: model FLOPs (attention with its projections, MLP, one
+  lm_head row);
+* **decode**: greedy steps one token at a time after a T-token prefill, for each batch size (the prefilled
+  cache is repeated to the batch, so every row holds T tokens); bound: bytes read per step (every weight once,
+  the KV cache once per row);
+* **train step**: forward + backward of a T-token sequence with labels; bound: model FLOPs with the lm_head at
+  every token (the backward costs about twice the forward for both models);
+* **peak memory**: the resident memory a prefill adds at its peak (CPU: the process's high-water mark, reset
+  before the call, where Linux allows; CUDA: the allocator's peak).
+
+Every time is the minimum over ``reps`` runs, alternating the two models, so load drifts hit both.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..convert.cache import cache_bytes
+from ..convert.compat import with_cache
+from ..convert.costs import attention_costs
+from ..convert.families import attention_layers, family_of
+
+
+@dataclass(frozen=True)
+class SpeedRow:
+    measure: str  # e.g. "prefill", "decode b=8", "train step", "peak memory", "KV cache"
+    tokens: int  # T (prefill / training length, decode context)
+    original: float  # seconds (prefill, train), tokens/s (decode), bytes (memory)
+    converted: float
+    ratio: float  # speed-up (original time / converted time, or converted / original tokens/s); bytes: conv / orig
+    limit: float | None  # what the FLOPs or bytes allow for that ratio
+    limit_of: str  # "FLOPs" | "bytes" | ""
+
+
+def model_flops(model: nn.Module, T: int, logits_tokens: int) -> int:
+    """Forward FLOPs at T tokens: attention (with Q/K/V/O projections, from the cost model), every other linear
+    layer at every token, and the lm_head at ``logits_tokens`` tokens."""
+    fam = family_of(model)
+    attention = sum(r.flops for r in attention_costs(model, T))
+    inside = {id(p) for _, m in attention_layers(model, fam).values() for p in m.parameters()}
+    head = model.get_output_embeddings()
+    head_params = {id(p) for p in head.parameters()} if head is not None else set()
+    other = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear)
+                and id(m.weight) not in inside and id(m.weight) not in head_params)
+    lm = head.weight.numel() if head is not None else 0
+    return attention + 2 * T * other + 2 * logits_tokens * lm
+
+
+def original_flops(model: nn.Module, T: int, logits_tokens: int) -> int:
+    """The same count for the unconverted layout of ``model`` (attention as the original's)."""
+    converted = sum(r.flops for r in attention_costs(model, T))
+    original = sum(r.flops_original for r in attention_costs(model, T))
+    return model_flops(model, T, logits_tokens) - converted + original
+
+
+def weight_bytes(model: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _clock(fn, device) -> float:
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def prefill(model: nn.Module, ids: Tensor):
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        out = model(input_ids=ids, **with_cache(model, cache), use_cache=True, logits_to_keep=1)
+    return cache, out.logits[:, -1:].argmax(-1)
+
+
+def decode_seconds(model: nn.Module, cache, token: Tensor, steps: int) -> float:
+    """Seconds per greedy step (batch = token rows), after one untimed step."""
+    dev = token.device
+    with torch.no_grad():
+        token = model(input_ids=token, **with_cache(model, cache), use_cache=True, logits_to_keep=1).logits.argmax(-1)
+
+        def run():
+            nonlocal token
+            for _ in range(steps):
+                token = model(input_ids=token, **with_cache(model, cache), use_cache=True,
+                              logits_to_keep=1).logits.argmax(-1)
+
+        return _clock(run, dev) / steps
+
+
+def train_step_seconds(model: nn.Module, ids: Tensor) -> float:
+    """One forward + backward with labels (gradients dropped afterwards; the weights do not change)."""
+    was = model.training
+    model.train()
+    saved = {n: t.detach().clone() for n, t in list(model.named_buffers()) + list(model.named_parameters())
+             if n.endswith("mosa_threshold")}
+
+    def run():
+        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+
+    seconds = _clock(run, ids.device)
+    model.zero_grad(set_to_none=True)
+    with torch.no_grad():  # causal routing moves its thresholds in training: put them back
+        for n, t in list(model.named_buffers()) + list(model.named_parameters()):
+            if n in saved:
+                t.copy_(saved[n])
+    model.train(was)
+    return seconds
+
+
+def _high_water_reset() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _status_kib(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise OSError(key)
+
+
+def peak_bytes(fn, device: torch.device) -> int | None:
+    """Memory ``fn()`` adds at its peak: CUDA allocator peak, or the CPU process's resident high-water mark above
+    what was resident before (None where Linux does not let us reset the mark)."""
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    try:
+        before = _status_kib("VmRSS")
+        if not _high_water_reset():
+            return None
+        fn()
+        return max(0, _status_kib("VmHWM") - before) * 1024
+    except OSError:
+        return None
+
+
+def bench_model(converted: nn.Module, original: nn.Module, ids: Tensor, contexts: list[int], batches: list[int],
+                decode_steps: int, train_length: int | None, reps: int = 3, progress: bool = True) -> list[SpeedRow]:
+    """``ids`` (1, N) with N >= every length; both models on the same device and dtype."""
+    from tqdm.auto import tqdm
+
+    dev = ids.device
+    models = {"original": original.eval(), "converted": converted.eval()}
+    rows: list[SpeedRow] = []
+    wbytes = {k: weight_bytes(m) for k, m in models.items()}
+    steps = len(contexts) * (1 + len(batches)) + (1 if train_length else 0) + 1
+    bar = tqdm(total=steps, desc="bench", disable=not progress)
+    for T in contexts:
+        x = ids[:, :T]
+        best = {k: float("inf") for k in models}
+        for _ in range(reps):  # alternate the models
+            for name, m in models.items():
+                best[name] = min(best[name], _clock(lambda: prefill(m, x), dev))
+        limit = original_flops(converted, T, 1) / model_flops(converted, T, 1)
+        rows.append(SpeedRow("prefill", T, best["original"], best["converted"], best["original"] / best["converted"],
+                             limit, "FLOPs"))
+        bar.update(1)
+        kv = {}
+        for b in batches:
+            rate = {}
+            for name, m in models.items():
+                cache, token = prefill(m, x)
+                kv.setdefault(name, sum(cache_bytes(cache)[:2]))
+                if b > 1:  # every row holds the same T tokens: the bytes a step reads are b rows' worth
+                    cache.batch_repeat_interleave(b)
+                    token = token.repeat_interleave(b, 0)
+                rate[name] = decode_seconds(m, cache, token, decode_steps)
+                del cache
+            per_token = {name: wbytes[name] + b * kv[name] for name in models}
+            rows.append(SpeedRow(f"decode b={b}", T, b / rate["original"], b / rate["converted"],
+                                 rate["original"] / rate["converted"], per_token["original"] / per_token["converted"],
+                                 "bytes"))
+            bar.update(1)
+        rows.append(SpeedRow("KV cache", T, kv["original"], kv["converted"], kv["converted"] / kv["original"], None,
+                             ""))
+    T = max(contexts)
+    mem = {name: peak_bytes(lambda: prefill(m, ids[:, :T]), dev) for name, m in models.items()}
+    if None not in mem.values():
+        rows.append(SpeedRow("peak memory", T, mem["original"], mem["converted"],
+                             mem["converted"] / max(mem["original"], 1), None, ""))
+    bar.update(1)
+    if train_length:
+        x = ids[:, :train_length]
+        best = {k: float("inf") for k in models}
+        for _ in range(max(1, reps - 1)):
+            for name, m in models.items():
+                best[name] = min(best[name], train_step_seconds(m, x))
+        limit = original_flops(converted, train_length, train_length) / model_flops(converted, train_length,
+                                                                                    train_length)
+        rows.append(SpeedRow("train step", train_length, best["original"], best["converted"],
+                             best["original"] / best["converted"], limit, "FLOPs"))
+        bar.update(1)
+    bar.close()
+    return rows
+
+
+def format_rows(rows: list[SpeedRow]) -> str:
+    lines = ["| measure | tokens | original | converted | converted vs original | the limit (what bounds it) |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        if r.measure in ("prefill", "train step"):
+            fig = lambda s: f"{s * 1e3:,.0f} ms"
+            rel = f"**{r.ratio:.2f}x** faster"
+        elif r.measure.startswith("decode"):
+            fig = lambda s: f"{s:,.1f} tok/s"
+            rel = f"**{r.ratio:.2f}x** tokens/s"
+        else:
+            fig = lambda b: f"{b / 2**20:,.1f} MiB"
+            rel = f"{r.ratio:.3f}x the bytes"
+        limit = f"{r.limit:.2f}x ({r.limit_of})" if r.limit is not None else ""
+        ctx = f"after {r.tokens:,}" if r.measure.startswith("decode") or r.measure == "KV cache" else f"{r.tokens:,}"
+        lines.append(f"| {r.measure} | {ctx} | {fig(r.original)} | {fig(r.converted)} | {rel} | {limit} |")
+    return "\n".join(lines)
