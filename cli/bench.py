@@ -6,7 +6,7 @@ import argparse
 
 import torch
 
-WHAT = ("model", "attention", "generate")  # the bench subcommands
+WHAT = ("model", "keys", "attention", "generate")  # the bench subcommands
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -80,6 +80,27 @@ def add_parser(sub) -> None:
     a.add_argument("--output", help="also write the Markdown table to this file")
     a.set_defaults(run=run_attention)
 
+    k = bsub.add_parser(
+        "keys", help="the key-selection attention op, per backend, against fused dense causal SDPA",
+        description="Times the key-selection op of windowed MoSA heads (window + sinks + routed keys, GQA units) "
+                    "against dense causal SDPA with the same Q/K/V, forward and forward+backward, per backend, and "
+                    "prints each time ratio beside the FLOP ratio (the op's pairs over the causal half).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    k.add_argument("--seq-lens", type=_positive_ints, default=(2048, 8192), help="comma-separated T values")
+    k.add_argument("--backends", default="flash,flex,math", help="comma-separated: flash, flex, math")
+    k.add_argument("--heads", type=int, default=9, help="query heads")
+    k.add_argument("--kv-heads", type=int, default=3, help="key/value heads (units)")
+    k.add_argument("--head-dim", type=int, default=64)
+    k.add_argument("--window", type=int, default=256)
+    k.add_argument("--sparsity", type=float, default=64, help="1 routed key in this many tokens")
+    k.add_argument("--reps", type=int, default=3)
+    k.add_argument("--no-backward", action="store_true", help="forward only")
+    k.add_argument("--threads", type=int, default=1)
+    k.add_argument("--device", default="cpu")
+    k.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    k.add_argument("--output", help="also write the Markdown table to this file")
+    k.set_defaults(run=run_keys)
+
     g = bsub.add_parser(
         "generate", help="a converted causal-routing model against its original: KV-cache bytes and decode speed",
         description="Prefill the same text into MODEL (converted, routing='causal') and into its original, measure "
@@ -126,6 +147,27 @@ def run_attention(args: argparse.Namespace) -> int:
         T = max(args.seq_lens)
         print(f"\nProfile of one all-MoSA forward+backward, T={T}, sparsity {args.sparsities[0]:g}:")
         print(profile_mosa(T, args.sparsities[0], args.width, args.heads, args.head_dim, args.device))
+    return 0
+
+
+def run_keys(args: argparse.Namespace) -> int:
+    from mosa_retrofit.bench.keys import bench_keys, format_keys
+
+    backends = [b for b in args.backends.split(",") if b]
+    bad = [b for b in backends if b not in ("flash", "flex", "math")]
+    if bad:
+        raise ValueError(f"--backends: unknown {bad}; valid: flash, flex, math")
+    if args.heads % args.kv_heads or min(args.heads, args.kv_heads, args.head_dim, args.window, args.reps,
+                                         args.threads) < 1:
+        raise ValueError("--heads must be a multiple of --kv-heads; sizes, --reps and --threads must be >= 1")
+    device = _device(args.device)
+    torch.set_num_threads(args.threads)
+    rows = bench_keys(args.seq_lens, backends, args.heads, args.kv_heads, args.head_dim, args.window, args.sparsity,
+                      reps=args.reps, backward=not args.no_backward, device=str(device), dtype=DTYPES[args.dtype])
+    header = (f"Key-selection op vs dense causal SDPA: {args.heads} query heads in {args.kv_heads} KV groups of "
+              f"{args.head_dim}, window {args.window} + 4 sinks + 1/{args.sparsity:g} routed, {args.dtype}, device "
+              f"{device}, torch {torch.__version__}, {args.threads} thread(s){_cpu_name()}; medians of {args.reps}")
+    _emit(header, format_keys(rows), args.output)
     return 0
 
 

@@ -227,7 +227,7 @@ def format_rows(rows: list[SpeedRow]) -> str:
              "|---|---|---|---|---|---|"]
     for r in rows:
         if r.measure in ("prefill", "train step"):
-            fig = lambda s: f"{s * 1e3:,.0f} ms"
+            fig = lambda s: f"{s:,.2f} s" if s >= 1 else f"{s * 1e3:,.3g} ms"
             rel = f"**{r.ratio:.2f}x** faster"
         elif r.measure.startswith("decode"):
             fig = lambda s: f"{s:,.1f} tok/s"
