@@ -149,3 +149,20 @@ def test_bad_backend_is_refused():
     q, k, v, far, _ = inputs(1, 1, 1, 8, 4, 0)
     with pytest.raises(ValueError, match="attn_backend must be one of"):
         key_selection_attention(q, k, v, 2, 0.5, backend="cuda-magic")
+
+
+def test_flex_in_training_on_cpu_trains_with_flash(monkeypatch):
+    """FlexAttention has no backward on CPU: a training call asked for flex warns once and runs flash, whose
+    gradients are the reference's."""
+    from mosa_retrofit.ops import keys
+
+    monkeypatch.setattr(keys, "_WARNED", set())
+    case = (1, 2, 2, 40, 8, 6, 3, 0, None)
+    with pytest.warns(UserWarning, match="no backward on CPU"):
+        q, k, v, far, key_valid, out, leaves = _run("flex", case)
+    ref_leaves = [t.detach().clone().requires_grad_() for t in leaves]
+    ref = reference(*ref_leaves[:3], 6, 0.3, FarKeys(ref_leaves[3], ref_leaves[4], far.pos, far.valid))
+    out.sum().backward()
+    ref.sum().backward()
+    for got, want in zip(leaves, ref_leaves):
+        torch.testing.assert_close(got.grad, want.grad, atol=1e-5, rtol=1e-5)

@@ -112,8 +112,8 @@ class DenseHeads(HeadGroup):
         B, T, _ = x.shape
         d = W.head_dim
         kv_heads, groups = dense_kv_layout(self.heads, W.num_heads, W.num_kv_heads)
-        wq, bq, wk, bk, wv, bv, wo = layer.mosa_memo(self.role, lambda: _head_weights(W, self.heads, kv_heads))
-        q, k, v = _project(layer, call, (wq, bq, wk, bk, wv, bv), d)  # (B, n, T, d), 2 x (B, n_kv, T, d)
+        w_qkv, b_qkv, wo = layer.mosa_memo(self.role, lambda: _head_weights(W, self.heads, kv_heads))
+        q, k, v = _project(layer, call, w_qkv, b_qkv, len(kv_heads), d)  # (B, n, T, d), 2 x (B, n_kv, T, d)
         if self.cached and call.cache is not None:
             k, v = call.cache.update(k, v, layer.layer_idx)
         a = self.attend(layer, call, q, k, v, groups)  # (B, T, n, d)
@@ -293,12 +293,15 @@ def _commit_threshold(layer) -> None:
         layer.mosa_threshold.copy_(nxt)
 
 
-def _project(layer, call: Call, weights: tuple, d: int) -> tuple[Tensor, Tensor, Tensor]:
-    """q (B, n, T, d) and k, v (B, n_kv, T, d) of a group's heads: projected, prescaled, normed, rotated."""
+def _project(layer, call: Call, w_qkv: Tensor, b_qkv: Tensor | None, n_kv: int,
+             d: int) -> tuple[Tensor, Tensor, Tensor]:
+    """q (B, n, T, d) and k, v (B, n_kv, T, d) of a group's heads from one fused projection: prescaled, normed,
+    rotated."""
     fam, x = layer.mosa_family, call.x
     B, T, _ = x.shape
-    wq, bq, wk, bk, wv, bv = weights
-    q, k, v = (F.linear(x, w_, b_).view(B, T, -1, d).transpose(1, 2) for w_, b_ in ((wq, bq), (wk, bk), (wv, bv)))
+    qkv = F.linear(x, w_qkv, b_qkv).view(B, T, -1, d)  # (B, T, n + 2·n_kv, d)
+    n = qkv.shape[2] - 2 * n_kv
+    q, k, v = (t.transpose(1, 2) for t in qkv.split((n, n_kv, n_kv), dim=2))
     pre = fam.query_prescale(layer)
     q = q * pre if pre != 1.0 else q
     q_norm, k_norm = fam.norms(layer)
@@ -311,13 +314,17 @@ def _project(layer, call: Call, weights: tuple, d: int) -> tuple[Tensor, Tensor,
 
 
 def _head_weights(W: HeadWeights, heads: tuple[int, ...], kv_heads: tuple[int, ...]) -> tuple:
-    """Rows of q/k/v of ``heads`` (and of their ``kv_heads``) and columns of o, as matrices for F.linear."""
+    """(fused (n·d + 2·n_kv·d, D) Q/K/V rows of ``heads`` and of their ``kv_heads``, its bias or None, the (D, n·d)
+    columns of o), as matrices for F.linear."""
     D = W.wq.shape[2]
     dense = torch.tensor(heads, device=W.wq.device)
     kv = torch.tensor(kv_heads, device=W.wq.device)
-    pick = lambda t, i: None if t is None else t[i].reshape(-1)
-    return (W.wq[dense].reshape(-1, D), pick(W.bq, dense), W.wk[kv].reshape(-1, D), pick(W.bk, kv),
-            W.wv[kv].reshape(-1, D), pick(W.bv, kv), W.wo[:, dense].reshape(D, -1))
+    w_qkv = torch.cat((W.wq[dense].reshape(-1, D), W.wk[kv].reshape(-1, D), W.wv[kv].reshape(-1, D)))
+    b_qkv = None
+    if W.bq is not None or W.bk is not None or W.bv is not None:
+        pick = lambda t, i, n: t[i].reshape(-1) if t is not None else W.wq.new_zeros(n * W.head_dim)
+        b_qkv = torch.cat((pick(W.bq, dense, len(heads)), pick(W.bk, kv, len(kv_heads)), pick(W.bv, kv, len(kv_heads))))
+    return w_qkv, b_qkv, W.wo[:, dense].reshape(D, -1)
 
 
 class WindowedHeads(MoSAHeads):
@@ -348,8 +355,8 @@ class WindowedHeads(MoSAHeads):
         d, units = W.head_dim, self.units
         kv_of = head_to_kv(W.num_heads, W.num_kv_heads)
         unit_kv = tuple(kv_of[u[0]] for u in units)  # (E,) the K/V head each unit reads
-        wq, bq, wk, bk, wv, bv, wo = layer.mosa_memo(self.kind, lambda: _head_weights(W, self.heads, unit_kv))
-        q, k, v = _project(layer, call, (wq, bq, wk, bk, wv, bv), d)  # (B, E·G, T, d), 2 x (B, E, T, d)
+        w_qkv, b_qkv, wo = layer.mosa_memo(self.kind, lambda: _head_weights(W, self.heads, unit_kv))
+        q, k, v = _project(layer, call, w_qkv, b_qkv, len(unit_kv), d)  # (B, E·G, T, d), 2 x (B, E, T, d)
 
         host = call.store  # the layer's LayerStore (None: no cache)
         valid = key_padding(call.mask, T)

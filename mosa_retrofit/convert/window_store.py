@@ -102,14 +102,15 @@ class WindowStore:
         gate = torch.ones_like(keep, dtype=k.dtype) if gate is None else gate.to(k.dtype)
         if T == 1:
             slot = p % w
-            if p >= w:  # the token at this slot (position p - w) leaves the ring
-                self._reserve(1)
+            if p >= w:  # the token at this slot (position p - w) leaves the ring; kept, it becomes a far row
                 out = self.ring_keep[:, :, slot] & self.ring_valid[None, :, slot]  # (E, B)
-                at = (w + self.count)[..., None, None].expand(E, B, 1, d)
-                self.k.scatter_(2, at, self.k[:, :, slot: slot + 1].clone())
-                self.v.scatter_(2, at, self.v[:, :, slot: slot + 1] * self.ring_gate[:, :, slot, None, None])
-                self.far_pos.scatter_(2, self.count[..., None], torch.full_like(self.count[..., None], p - w))
-                self.count += out
+                if bool(out.any()):
+                    self._reserve(1)
+                    at = (w + self.count)[..., None, None].expand(E, B, 1, d)
+                    self.k.scatter_(2, at, self.k[:, :, slot: slot + 1].clone())
+                    self.v.scatter_(2, at, self.v[:, :, slot: slot + 1] * self.ring_gate[:, :, slot, None, None])
+                    self.far_pos.scatter_(2, self.count[..., None], torch.full_like(self.count[..., None], p - w))
+                    self.count += out
             self.k[:, :, slot], self.v[:, :, slot] = k[:, :, 0], v[:, :, 0]
             self.ring_valid[:, slot] = valid[:, 0]
             self.ring_keep[:, :, slot], self.ring_gate[:, :, slot] = keep[:, :, 0], gate[:, :, 0]
@@ -164,8 +165,10 @@ class WindowStore:
         w, p = self.window, self.next_pos - 1
         n = self.far_rows
         slot = p % w
-        ring_ok = self.ring_valid.clone()
-        ring_ok[:, slot] = True  # a padded query still sees itself
+        ring_ok = self.ring_valid
+        if not bool(ring_ok[:, slot].all()):  # a padded query still sees itself
+            ring_ok = ring_ok.clone()
+            ring_ok[:, slot] = True
         ok = ring_ok[None].expand(E, B, w)
         if n:
             far_ok = torch.arange(n, device=q.device) < self.count[..., None]  # (E, B, n)

@@ -67,7 +67,8 @@ def key_selection_attention(q: Tensor, k: Tensor, v: Tensor, window: int, scale:
         far = None
     if key_valid is not None and bool(key_valid.all()):
         key_valid = None
-    chosen = resolve_backend(backend, q, dropout_p)
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *(far[:2] if far is not None else ())))
+    chosen = resolve_backend(backend, q, dropout_p, grad)
     if chosen == "flex":
         out = flex_key_selection(q, k, v, window, scale, far, key_valid, reach)
         if out is not None:
@@ -78,8 +79,9 @@ def key_selection_attention(q: Tensor, k: Tensor, v: Tensor, window: int, scale:
     return math_key_selection(q, k, v, window, scale, far, key_valid, reach, dropout_p, BLOCK)
 
 
-def resolve_backend(backend: str, q: Tensor, dropout_p: float = 0.0) -> str:
-    """The backend ``backend`` means for this input: 'auto' picks flex on CUDA, flash on CPU, else math."""
+def resolve_backend(backend: str, q: Tensor, dropout_p: float = 0.0, grad: bool = False) -> str:
+    """The backend ``backend`` means for this input: 'auto' picks flex on CUDA, flash on CPU, else math; flex
+    has no backward on CPU, so training there takes flash."""
     if backend == "auto":
         if q.is_cuda and dropout_p == 0.0:
             return "flex"
@@ -91,6 +93,10 @@ def resolve_backend(backend: str, q: Tensor, dropout_p: float = 0.0) -> str:
     if backend == "flex" and dropout_p > 0:
         _warn_once("attn_backend='flex' does not apply attention dropout; using 'math' while dropout is on")
         return "math"
+    if backend == "flex" and grad and q.device.type == "cpu":
+        _warn_once("attn_backend='flex' has no backward on CPU (FlexAttention); training runs the 'flash' kernel, "
+                   "which computes the same attention")
+        return "flash" if _flash_cpu_available(q, dropout_p) else "math"
     return backend
 
 
