@@ -43,7 +43,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _median_time(fn: Callable[[], None], reps: int, device: torch.device) -> float:
+def median_time(fn: Callable[[], None], reps: int, device: torch.device) -> float:
     fn()  # warm-up
     times = []
     for _ in range(reps):
@@ -131,7 +131,7 @@ def bench_attention(
         x = torch.randn(batch, T, h, device=dev, dtype=dtype, requires_grad=True)
         fwd, fwd_bwd = _step_fns(dense, x)
         reps_dense = max(1, reps if T <= 4096 else reps - 1)
-        dense_cost[T] = (_median_time(fwd, reps_dense, dev), _median_time(fwd_bwd, reps_dense, dev),
+        dense_cost[T] = (median_time(fwd, reps_dense, dev), median_time(fwd_bwd, reps_dense, dev),
                          _peak_mib(fwd_bwd, dev))
         bar.update()
         for s in (s for t, s in cases if t == T):
@@ -144,7 +144,7 @@ def bench_attention(
             for name, layer in layers.items():
                 layer.to(dev, dtype)
                 fwd, fwd_bwd = _step_fns(layer, x)
-                t_f, t_fb = _median_time(fwd, 2 * reps + 1, dev), _median_time(fwd_bwd, 2 * reps + 1, dev)
+                t_f, t_fb = median_time(fwd, 2 * reps + 1, dev), median_time(fwd_bwd, 2 * reps + 1, dev)
                 peak = _peak_mib(fwd_bwd, dev)
                 n_mosa = heads if name == "mosa" else n_mosa_hybrid
                 flops = (n_mosa * mosa_flops(h, head_dim, T, k)

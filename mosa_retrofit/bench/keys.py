@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from ..convert.costs import window_pairs
 from ..ops.keys import FarKeys, key_selection_attention, resolve_backend
-from .attention import _median_time
+from .attention import median_time
 
 
 @dataclass(frozen=True)
@@ -58,25 +58,25 @@ def bench_keys(seq_lens, backends, heads: int = 9, kv_heads: int = 3, head_dim: 
         q, k, v, far, flops = _inputs(T, kv_heads, G, head_dim, window, sparsity, sinks, dev, dtype)
         scale = head_dim ** -0.5
         with torch.no_grad():
-            dense = _median_time(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
+            dense = median_time(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
                                                                         enable_gqa=True), reps, dev)
         dense_fb = None
         if backward:
             leaves = [t.detach().requires_grad_() for t in (q, k, v)]
-            dense_fb = _median_time(lambda: F.scaled_dot_product_attention(
+            dense_fb = median_time(lambda: F.scaled_dot_product_attention(
                 *leaves, is_causal=True, scale=scale, enable_gqa=True).sum().backward(), reps, dev)
         for backend in backends:
             if resolve_backend(backend, q) != backend:
                 continue
             with torch.no_grad():
-                t = _median_time(lambda: key_selection_attention(q, k, v, window, scale, far, backend=backend),
+                t = median_time(lambda: key_selection_attention(q, k, v, window, scale, far, backend=backend),
                                  reps, dev)
             fb = None
             if backward and not (backend == "flex" and dev.type == "cpu"):  # FlexAttention: no CPU backward
                 leaves = [t_.detach().requires_grad_() for t_ in (q, k, v, far.k, far.v)]
                 run = lambda: key_selection_attention(leaves[0], leaves[1], leaves[2], window, scale,
                                                       FarKeys(leaves[3], leaves[4], far.pos), backend=backend)
-                fb = _median_time(lambda: run().sum().backward(), reps, dev) / dense_fb
+                fb = median_time(lambda: run().sum().backward(), reps, dev) / dense_fb
             rows.append(KeysRow(T, backend, t / dense, fb, flops))
     return rows
 
