@@ -24,8 +24,6 @@ POINTS = {
     "d10-w192": dict(dense_heads=0.10, local_window=192),
     "d10-w256-s128": dict(dense_heads=0.10, sparsity=128),
     "d10-w128": dict(dense_heads=0.10, local_window=128),
-    "d15-w64": dict(dense_heads=0.15, local_window=64),
-    "d25-w128": dict(dense_heads=0.25, local_window=128),
 }
 
 
@@ -38,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--points", default=",".join(POINTS), help=f"comma-separated names of {list(POINTS)}")
     p.add_argument("--lengths", type=ints, default=[2048, 4096, 8192], help="passkey prompt lengths")
-    p.add_argument("--trials", type=int, default=6, help="passkey keys per length (depths 25 %% and 75 %%)")
+    p.add_argument("--trials", type=int, default=4, help="passkey keys per length (depths 25 %% and 75 %%)")
     p.add_argument("--contexts", type=ints, default=[4096, 7936], help="long-document contexts")
     p.add_argument("--documents", type=int, default=1, help="plays scored")
     p.add_argument("--quick", action="store_true", help="2 trials at 2k only, one context")

@@ -191,3 +191,26 @@ def test_default_conversion_caches_sinks_window_and_routed_rows_only():
     held = cache_bytes(cache)
     assert held.dense + held.mosa == rows * 2 * d * 4
     assert rows < 0.6 * 2 * 2 * T  # against the original's 2 layers x 2 KV heads x T rows
+
+
+def test_every_attn_backend_gives_the_same_model():
+    """set_attn_backend switches the windowed heads' kernel on a converted model; flash, math and flex (compiled
+    on CPU) give the same logits, padding included; a bad name is refused before anything changes."""
+    import mosa_retrofit
+
+    ids, mask = ids_and_mask(T=40)
+    model = convert_(tiny_model("qwen2"), plain_config(dense_head_ids=KEEP, sparse_heads="mosa_keys", local_window=6,
+                                                      sink_tokens=2, sparsity=4, routing="causal"),
+                     calibration=torch.randint(1, 128, (4, 40), generator=torch.Generator().manual_seed(0)))
+    real = mask.bool()
+    out = {}
+    for backend in ("math", "flash", "flex"):
+        mosa_retrofit.set_attn_backend(model, backend)
+        assert {m.mosa_plan.attn_backend for m in mosa_layers(model).values()} == {backend}
+        with torch.no_grad():
+            out[backend] = model(ids, attention_mask=mask, use_cache=False).logits[real]
+    torch.testing.assert_close(out["flash"], out["math"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(out["flex"], out["math"], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="attn_backend must be one of"):
+        mosa_retrofit.set_attn_backend(model, "triton")
+    assert {m.mosa_plan.attn_backend for m in mosa_layers(model).values()} == {"flex"}
