@@ -7,14 +7,12 @@ Every figure is a ratio against the original model in the same run.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor, nn
 
 from ..convert.cache import cache_bytes
-from ..convert.compat import with_cache
+from .model import decode_seconds, prefill
 
 
 @dataclass(frozen=True)
@@ -24,24 +22,6 @@ class GenRow:
     kv_bytes_original: int
     decode_s: float | None  # seconds per decoded token (None: not timed at this context)
     decode_s_original: float | None
-
-
-def _prefill(model: nn.Module, ids: Tensor):
-    from transformers import DynamicCache
-
-    cache = DynamicCache(config=model.config)
-    with torch.no_grad():
-        out = model(input_ids=ids, **with_cache(model, cache), use_cache=True, logits_to_keep=1)
-    return cache, out.logits[:, -1:].argmax(-1)
-
-
-def _decode_time(model: nn.Module, cache, token: Tensor, steps: int) -> float:
-    with torch.no_grad():
-        model(input_ids=token, **with_cache(model, cache), use_cache=True)  # warm-up step
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            token = model(input_ids=token, **with_cache(model, cache), use_cache=True, logits_to_keep=1).logits.argmax(-1)
-        return (time.perf_counter() - t0) / steps
 
 
 def bench_generate(model: nn.Module, original: nn.Module, ids: Tensor, contexts: list[int], timed_context: int,
@@ -54,9 +34,9 @@ def bench_generate(model: nn.Module, original: nn.Module, ids: Tensor, contexts:
     for T in tqdm(sorted(set(contexts) | {timed_context}), desc="contexts", disable=not progress):
         figures = []
         for m in (model, original):
-            cache, token = _prefill(m, ids[:, :T])
+            cache, token = prefill(m, ids[:, :T])
             dense, sparse, _ = cache_bytes(cache)
-            t = _decode_time(m, cache, token, decode_tokens) if T == timed_context else None
+            t = decode_seconds(m, cache, token, decode_tokens) if T == timed_context else None
             figures.append((dense + sparse, t))
             del cache
         rows.append(GenRow(T, figures[0][0], figures[1][0], figures[0][1], figures[1][1]))
