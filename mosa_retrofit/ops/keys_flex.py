@@ -36,10 +36,13 @@ def flex_available() -> bool:
 
 
 def _compiled(device_type: str):
+    """flex_attention compiled for a device type: static shapes on CPU (its C++ lowering failed on symbolic
+    lengths here: one compilation per shape), torch's automatic dynamic shapes elsewhere (a second length
+    recompiles once with symbolic sizes)."""
     if device_type not in _COMPILED:
         from torch.nn.attention.flex_attention import flex_attention
 
-        _COMPILED[device_type] = torch.compile(flex_attention, dynamic=False)
+        _COMPILED[device_type] = torch.compile(flex_attention, dynamic=False if device_type == "cpu" else None)
     return _COMPILED[device_type]
 
 
