@@ -65,7 +65,7 @@ def test_convert_and_inspect_a_local_checkpoint(tmp_path, capsys):
                  "--no-check"]) == 0
     model = mosa_retrofit.load(str(out))
     plan = mosa_layers(model)[0].mosa_plan
-    assert plan.sparsity == 2 and plan.kept_heads == "local" and plan.local_window == 7 and plan.dense == (0, 1)
+    assert plan.config.sparsity == 2 and plan.config.kept_heads == "local" and plan.config.local_window == 7 and plan.dense == (0, 1)
     capsys.readouterr()
     assert main(["inspect", str(out), "--seq-len", "64"]) == 0
     text = capsys.readouterr().out

@@ -206,11 +206,11 @@ def test_every_attn_backend_gives_the_same_model():
     out = {}
     for backend in ("math", "flash", "flex"):
         mosa_retrofit.set_attn_backend(model, backend)
-        assert {m.mosa_plan.attn_backend for m in mosa_layers(model).values()} == {backend}
+        assert {m.mosa_plan.config.attn_backend for m in mosa_layers(model).values()} == {backend}
         with torch.no_grad():
             out[backend] = model(ids, attention_mask=mask, use_cache=False).logits[real]
     torch.testing.assert_close(out["flash"], out["math"], atol=1e-5, rtol=0)
     torch.testing.assert_close(out["flex"], out["math"], atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="attn_backend must be one of"):
         mosa_retrofit.set_attn_backend(model, "triton")
-    assert {m.mosa_plan.attn_backend for m in mosa_layers(model).values()} == {"flex"}
+    assert {m.mosa_plan.config.attn_backend for m in mosa_layers(model).values()} == {"flex"}

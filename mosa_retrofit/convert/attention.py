@@ -22,30 +22,20 @@ import torch
 from torch import Tensor, nn
 
 from .compat import find_cache
-from .config import ATTN_BACKENDS
+from .config import ATTN_BACKENDS, MoSAConfig
 from .families import Family
 from .heads import Call, HeadGroup, head_groups
 
 
 @dataclass(frozen=True)
 class LayerPlan:
-    """How one attention layer is split."""
+    """How one attention layer is split: the conversion's config and the heads resolved for this layer."""
 
-    dense: tuple[int, ...]  # query heads kept dense/local
-    mosa: tuple[int, ...]  # query heads turned into MoSA heads
-    sparsity: float
-    include_first: bool
-    router_score: str
-    granularity: str  # 'head' | 'kv_group'
-    kept_heads: str  # 'dense' | 'local'
-    local_window: int
+    config: MoSAConfig
+    dense: tuple[int, ...]  # query heads kept (config.kept_heads)
+    mosa: tuple[int, ...]  # query heads that become config.sparse_heads
+    granularity: str  # 'head' | 'kv_group': the config's, or 'head' where the dense heads split a KV group
     group_size: int = 1  # query heads per KV group of the model
-    routing: str = "expert_choice"  # 'expert_choice' | 'causal'
-    threshold_momentum: float = 0.05
-    sparse_heads: str = "mosa"  # what the heads in ``mosa`` run: 'mosa' | 'local' | 'pruned' (baselines)
-    fill: str = "zero"  # what MoSA / pruned heads write at tokens they skip: 'zero' | 'mean' (``mosa_fill``)
-    sink_tokens: int = 4  # first tokens every query of streaming / mosa_keys heads sees
-    attn_backend: str = "auto"  # kernel of windowed heads (ops/keys.py)
 
     @property
     def heads_per_unit(self) -> int:
@@ -59,7 +49,7 @@ class MoSAAttentionMixin:
     mosa_plan: LayerPlan
     mosa_family: Family
     mosa_router: nn.Parameter  # (E, D)
-    mosa_fill: nn.Parameter  # (E, G·d), only with plan.fill == 'mean'
+    mosa_fill: nn.Parameter  # (E, G·d), only with plan.config.fill == 'mean'
     mosa_observer = None  # optional callable(module, x, W, mask, cos, sin), e.g. the router warm-up loss
 
     @property
@@ -152,7 +142,7 @@ def set_attn_backend(model: nn.Module, backend: str) -> None:
     if backend not in ATTN_BACKENDS:
         raise ValueError(f"attn_backend must be one of {ATTN_BACKENDS}, got {backend!r}")
     for m in mosa_layers(model).values():
-        m.mosa_plan = replace(m.mosa_plan, attn_backend=backend)
+        m.mosa_plan = replace(m.mosa_plan, config=replace(m.mosa_plan.config, attn_backend=backend))
     mosa = getattr(getattr(model, "config", None), "mosa", None)
     if isinstance(mosa, dict):
         mosa["attn_backend"] = backend

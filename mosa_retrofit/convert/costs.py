@@ -117,10 +117,10 @@ def attention_costs(model: nn.Module, T: int) -> list[LayerCost]:
         plan = m.mosa_plan
         n = {"dense": 0, "local": 0, "mosa": 0, "pruned": 0}
         column = {"streaming": "local", "mosa_keys": "mosa"}  # the table's columns: windowed / routed / ...
-        n[column.get(plan.kept_heads, plan.kept_heads)] += len(plan.dense)
-        n[column.get(plan.sparse_heads, plan.sparse_heads)] += len(plan.mosa)
+        n[column.get(plan.config.kept_heads, plan.config.kept_heads)] += len(plan.dense)
+        n[column.get(plan.config.sparse_heads, plan.config.sparse_heads)] += len(plan.mosa)
         costs = [g.cost(T, dims) for g in groups]
-        k = tokens_per_head(T, plan.sparsity) if n["mosa"] else None
+        k = tokens_per_head(T, plan.config.sparsity) if n["mosa"] else None
         rows.append(LayerCost(idx, n["dense"], n["local"], n["mosa"], n["pruned"], k, sum(c.flops for c in costs),
                               f0, sum(c.entries for c in costs), kv0, sum(c.rows for c in costs) * row_bytes, b0))
     return rows

@@ -1,7 +1,7 @@
 """Head groups: what the heads of a converted attention layer run, one class per kind, found in a registry.
 
 A converted layer holds two groups, built from its ``LayerPlan``: the *kept* heads (``plan.dense``; kind
-``plan.kept_heads``: 'dense' or 'local') and the *sparse* heads (``plan.mosa``; kind ``plan.sparse_heads``:
+``plan.config.kept_heads``: 'dense' or 'local') and the *sparse* heads (``plan.mosa``; kind ``plan.config.sparse_heads``:
 'mosa', or the study baselines 'local' and 'pruned'). Each group answers three questions:
 
 * ``forward(layer, call, out)``: its contribution to the layer output, added to ``out`` (None: nothing yet);
@@ -92,9 +92,9 @@ def head_groups(plan) -> tuple[HeadGroup, ...]:
     """The kept and the sparse group of a layer (either may be absent), from the registry."""
     groups = []
     if plan.dense:
-        groups.append(HEAD_GROUPS[plan.kept_heads](plan.dense, plan, "kept"))
+        groups.append(HEAD_GROUPS[plan.config.kept_heads](plan.dense, plan, "kept"))
     if plan.mosa:
-        groups.append(HEAD_GROUPS[plan.sparse_heads](plan.mosa, plan, "sparse"))
+        groups.append(HEAD_GROUPS[plan.config.sparse_heads](plan.mosa, plan, "sparse"))
     return tuple(groups)
 
 
@@ -146,18 +146,18 @@ class DenseHeads(HeadGroup):
 
 @register_heads("local")
 class LocalHeads(DenseHeads):
-    """Sliding-window heads: query t attends keys t - w + 1 .. t (w = ``plan.local_window``). Kept, they cache
+    """Sliding-window heads: query t attends keys t - w + 1 .. t (w = ``plan.config.local_window``). Kept, they cache
     through the model's cache; as the study's sparse baseline they are never cached (full forwards only)."""
 
     def attend(self, layer, call: Call, q, k, v, groups: int) -> Tensor:
         T, S = q.shape[2], k.shape[2]
-        w = self.plan.local_window
+        w = self.plan.config.local_window
         scale = layer.mosa_family.scaling(layer)
         dropout = layer.mosa_family.dropout(layer) if layer.training else 0.0
         valid = key_padding(call.mask, T) if call.mask is not None else None
         if S == T and w < T:  # no cached prefix: the key-selection kernel's band, K/V shared by each group
             return key_selection_attention(q, k, v, w, scale, None, valid, None, dropout,
-                                           self.plan.attn_backend)  # (B, T, n, d)
+                                           self.plan.config.attn_backend)  # (B, T, n, d)
         return banded_attention(q, k, v, w, scale, valid, dropout, groups).transpose(1, 2)
 
     def check_decode(self, layer, call: Call) -> None:
@@ -166,7 +166,7 @@ class LocalHeads(DenseHeads):
                              "run full forwards (use_cache=False)")
 
     def cost(self, T: int, dims: Dims) -> GroupCost:
-        n, w = len(self.heads), min(self.plan.local_window, T)
+        n, w = len(self.heads), min(self.plan.config.local_window, T)
         rows = len(dense_kv_layout(self.heads, dims.H, dims.KV)[0]) * w
         return GroupCost(n * local_flops(dims.D, dims.d, T, w), n * w, rows)
 
@@ -176,7 +176,7 @@ class PrunedHeads(HeadGroup):
     """Removed heads (a study baseline): nothing, or their calibrated mean output with ``fill='mean'``."""
 
     def forward(self, layer, call: Call, out: Tensor | None) -> Tensor | None:
-        if self.plan.fill != "mean":
+        if self.plan.config.fill != "mean":
             return out
         ids = torch.tensor(self.heads, device=call.x.device)
         f = fill_output(layer.mosa_fill, call.W.wo[:, ids].permute(1, 2, 0))  # (D,) from (n, d) and (n, d, D)
@@ -202,7 +202,7 @@ class MoSAHeads(HeadGroup):
         return [list(self.heads[i: i + G]) for i in range(0, len(self.heads), G)]
 
     def check_decode(self, layer, call: Call) -> None:
-        if (self.plan.routing != "causal" and call.cache is not None
+        if (self.plan.config.routing != "causal" and call.cache is not None
                 and call.cache.get_seq_length(layer.layer_idx) > 0):
             raise ValueError(
                 "MoSA heads with expert-choice routing cannot decode token by token (top-k looks at the whole "
@@ -212,7 +212,7 @@ class MoSAHeads(HeadGroup):
     def prepare(self, layer, call: Call) -> None:
         """Takes the layer's sparse K/V store in this forward's cache (causal routing) before the kept heads
         write the cache."""
-        if self.plan.routing == "causal" and call.cache is not None:
+        if self.plan.config.routing == "causal" and call.cache is not None:
             call.store = layer_store(call.cache, layer.layer_idx)
 
     def forward(self, layer, call: Call, out: Tensor | None) -> Tensor:
@@ -229,20 +229,20 @@ class MoSAHeads(HeadGroup):
                 return tuple(t.expand(B, T, R).unsqueeze(0).expand(E, B, T, R).gather(2, at) for t in (cos, sin))
 
         q_norm, k_norm = fam.norms(layer)
-        opts = dict(heads_per_unit=plan.heads_per_unit, b_qkv=b_qkv, include_first=plan.include_first,
-                    router_score=plan.router_score, rope=rope, q_norm=q_norm, k_norm=k_norm,
+        opts = dict(heads_per_unit=plan.heads_per_unit, b_qkv=b_qkv, include_first=plan.config.include_first,
+                    router_score=plan.config.router_score, rope=rope, q_norm=q_norm, k_norm=k_norm,
                     scale=fam.scaling(layer) * fam.query_prescale(layer), softcap=fam.softcap(layer),
                     sliding_window=fam.sliding_window(layer), add_to=out,
-                    fill=layer.mosa_fill if plan.fill == "mean" else None)
+                    fill=layer.mosa_fill if plan.config.fill == "mean" else None)
         valid = key_padding(call.mask, T)
-        causal = plan.routing == "causal"
+        causal = plan.config.routing == "causal"
         if causal and call.store is not None:
             return mosa_attention_cached(x, layer.mosa_router, w_qkv, w_o, call.store, threshold=layer.mosa_threshold,
                                          valid=valid, **opts)
-        y = mosa_attention(x, layer.mosa_router, w_qkv, w_o, sparsity=plan.sparsity, attention_mask=valid,
+        y = mosa_attention(x, layer.mosa_router, w_qkv, w_o, sparsity=plan.config.sparsity, attention_mask=valid,
                            dropout_p=fam.dropout(layer) if layer.training else 0.0,
                            threshold=layer.mosa_threshold if causal else None, **opts)
-        if causal and layer.training and plan.sparsity > 1 and plan.threshold_momentum > 0:
+        if causal and layer.training and plan.config.sparsity > 1 and plan.config.threshold_momentum > 0:
             self.track_threshold(layer, x, valid, y)
         return y
 
@@ -270,8 +270,9 @@ class MoSAHeads(HeadGroup):
         The new value is written when the backward pass reaches this group's output ``y`` (at once when no
         backward will come): activation checkpointing recomputes the forward in between, and that recomputation
         must select with the threshold the forward selected with."""
-        target = logit_quantile(layer.mosa_router, x, valid, self.plan)  # (E,)
-        m = self.plan.threshold_momentum
+        target = logit_quantile(layer.mosa_router, x, valid, self.plan.config.sparsity,
+                                self.plan.config.include_first)  # (E,)
+        m = self.plan.config.threshold_momentum
         t = layer.mosa_threshold
         target = torch.where(torch.isnan(target), t.float(), target)  # rows of only padding
         layer._mosa_threshold_next = t * (1 - m) + m * target.to(t.dtype)
@@ -281,7 +282,7 @@ class MoSAHeads(HeadGroup):
             _commit_threshold(layer)
 
     def cost(self, T: int, dims: Dims) -> GroupCost:
-        n, k = len(self.heads), tokens_per_head(T, self.plan.sparsity)
+        n, k = len(self.heads), tokens_per_head(T, self.plan.config.sparsity)
         return GroupCost(n * mosa_flops(dims.D, dims.d, T, k), n * k, len(self.units) * k)
 
 
@@ -328,8 +329,8 @@ def _head_weights(W: HeadWeights, heads: tuple[int, ...], kv_heads: tuple[int, .
 
 
 class WindowedHeads(MoSAHeads):
-    """Heads whose every query sees the first ``plan.sink_tokens`` real tokens of its row (attention sinks), its
-    last ``plan.local_window`` tokens and, for key-selection MoSA heads, the tokens its unit routed: one softmax
+    """Heads whose every query sees the first ``plan.config.sink_tokens`` real tokens of its row (attention sinks), its
+    last ``plan.config.local_window`` tokens and, for key-selection MoSA heads, the tokens its unit routed: one softmax
     over those keys, an output at every token (no fill). With a cache, a store keeps per unit exactly the rows a
     later query can still see (window_store.py), so prefill + token-by-token decoding computes what a full
     forward computes. Units are the MoSA units of the plan (a KV group's heads share K/V, or one head each)."""
@@ -340,13 +341,13 @@ class WindowedHeads(MoSAHeads):
         if not self.routed or call.cache is None or call.cache.get_seq_length(layer.layer_idx) == 0:
             return
         super().check_decode(layer, call)  # expert choice cannot decode
-        if self.plan.router_score != "straight_through":
+        if self.plan.config.router_score != "straight_through":
             raise ValueError("MoSA heads 'mosa_keys' decode token by token with router_score='straight_through' "
                              "only (sigmoid gates scale routed values differently inside and beyond the window); "
                              "run full forwards (use_cache=False)")
 
     def prepare(self, layer, call: Call) -> None:
-        if call.cache is not None and (not self.routed or self.plan.routing == "causal"):
+        if call.cache is not None and (not self.routed or self.plan.config.routing == "causal"):
             call.store = layer_store(call.cache, layer.layer_idx)
 
     def forward(self, layer, call: Call, out: Tensor | None) -> Tensor:
@@ -364,10 +365,10 @@ class WindowedHeads(MoSAHeads):
         offset, seen_real = host.advance(real) if host is not None else (0, torch.zeros(B, dtype=torch.long,
                                                                                          device=x.device))
         index = seen_real[:, None] + real.long().cumsum(-1) - 1  # (B, T) index among the row's real tokens
-        sink = real & (index < plan.sink_tokens)
+        sink = real & (index < plan.config.sink_tokens)
         chosen, gate = self.route(layer, x, valid, real & (index == 0))  # (E, B, T) bool, (E, B, T) or None
         keep = chosen | sink  # (E, B, T) rows every later query sees
-        w = plan.local_window
+        w = plan.config.local_window
         reach = fam.sliding_window(layer)  # the layer's own window (Gemma, Mistral), if any
         w = min(w, reach or w)
         scale, dropout = fam.scaling(layer), (fam.dropout(layer) if layer.training else 0.0)
@@ -376,7 +377,7 @@ class WindowedHeads(MoSAHeads):
             g = None if gate is None else torch.where(sink[None], torch.ones_like(gate), gate).detach()
             k_e, v_e = k.detach().transpose(0, 1), v.detach().transpose(0, 1)  # (E, B, T, d)
         if store is None or store.k is None:  # nothing cached before these tokens: the key-selection kernel
-            a = self.attend_full(q, k, v, keep, sink, gate, valid, w, reach, scale, dropout, plan.attn_backend)
+            a = self.attend_full(q, k, v, keep, sink, gate, valid, w, reach, scale, dropout, plan.config.attn_backend)
             a = a.reshape(B, T, -1)  # (B, T, E·G·d)
             if store is not None:
                 store.next_pos = offset
@@ -385,12 +386,12 @@ class WindowedHeads(MoSAHeads):
             store.absorb(k_e, v_e, keep, g, real)
             a = store.attend_step(q, scale)
         else:  # a chunk after earlier tokens
-            a = store.attend_chunk(q, k_e, v_e, keep, g, real, scale, plan.attn_backend)
+            a = store.attend_chunk(q, k_e, v_e, keep, g, real, scale, plan.config.attn_backend)
             store.absorb(k_e, v_e, keep, g, real)
         bias = W.bo if out is None else None
         y = F.linear(a, wo, bias)  # (B, T, D)
-        if self.routed and plan.routing == "causal" and layer.training and plan.sparsity > 1 and (
-                plan.threshold_momentum > 0):
+        if self.routed and plan.config.routing == "causal" and layer.training and plan.config.sparsity > 1 and (
+                plan.config.threshold_momentum > 0):
             self.track_threshold(layer, x, valid, y)
         return y if out is None else out + y
 
@@ -424,8 +425,8 @@ class StreamingHeads(WindowedHeads):
     of (sinks + window) rows per unit."""
 
     def cost(self, T: int, dims: Dims) -> GroupCost:
-        n, w = len(self.heads), min(self.plan.local_window, T)
-        s = min(self.plan.sink_tokens, max(T - w, 0))
+        n, w = len(self.heads), min(self.plan.config.local_window, T)
+        s = min(self.plan.config.sink_tokens, max(T - w, 0))
         return GroupCost(n * keys_flops(dims.D, dims.d, T, w, s), n * (w + s), len(self.units) * (w + s))
 
 
@@ -441,22 +442,22 @@ class MoSAKeysHeads(WindowedHeads):
     def route(self, layer, x: Tensor, valid: Tensor | None, first: Tensor) -> tuple[Tensor, Tensor | None]:
         plan = self.plan
         logits = torch.einsum("ed,btd->ebt", layer.mosa_router, x)  # (E, B, T)
-        if plan.routing == "causal":
+        if plan.config.routing == "causal":
             chosen = logits.detach() > layer.mosa_threshold.view(-1, 1, 1).to(logits.dtype)
             if valid is not None:
                 chosen = chosen & valid
-            if plan.include_first:
+            if plan.config.include_first:
                 chosen = chosen | first
         else:
-            sel = select_tokens(logits, plan.sparsity, plan.include_first, valid)
+            sel = select_tokens(logits, plan.config.sparsity, plan.config.include_first, valid)
             hit = torch.ones_like(sel.idx, dtype=torch.bool) if sel.live is None else sel.live
             chosen = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, sel.idx, hit)
-        return chosen, router_gates(logits, plan.router_score)
+        return chosen, router_gates(logits, plan.config.router_score)
 
     def cost(self, T: int, dims: Dims) -> GroupCost:
-        n, w, k = len(self.heads), min(self.plan.local_window, T), tokens_per_head(T, self.plan.sparsity)
+        n, w, k = len(self.heads), min(self.plan.config.local_window, T), tokens_per_head(T, self.plan.config.sparsity)
         far = max(T - w, 0)
-        s = min(self.plan.sink_tokens, far)
+        s = min(self.plan.config.sink_tokens, far)
         k_far = min(k, far)  # routed tokens that can lie before a window
         rows = len(self.units) * (w + s + k_far)
         return GroupCost(n * keys_flops(dims.D, dims.d, T, w, s + k_far / 2) + len(self.units) * 2 * dims.D * T,

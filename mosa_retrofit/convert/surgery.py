@@ -82,13 +82,7 @@ def plan_layers(model: nn.Module, config: MoSAConfig, stats: dict[int, LayerStat
                              "(Gemma2); use 'mosa' or 'pruned'")
         if not mosa:
             continue  # every head stays dense: the layer is left as it is
-        plans[idx] = LayerPlan(
-            dense=tuple(dense), mosa=tuple(mosa), sparsity=config.sparsity, include_first=config.include_first,
-            router_score=config.router_score, granularity=granularity, kept_heads=config.kept_heads,
-            local_window=config.local_window, group_size=G, routing=config.routing,
-            threshold_momentum=config.threshold_momentum, sparse_heads=config.sparse_heads, fill=config.fill,
-            sink_tokens=config.sink_tokens, attn_backend=config.attn_backend,
-        )
+        plans[idx] = LayerPlan(config, tuple(dense), tuple(mosa), granularity, G)
     if notes is not None:
         for (asked, n, G), idxs in rounded.items():
             notes.append(f"dense heads rounded up from {asked} to {n} (whole KV groups of {G} query heads) in "
@@ -245,7 +239,7 @@ def convert_(model: nn.Module, config: MoSAConfig | None = None, calibration: Te
         G = plan.heads_per_unit if routed else 1
         units = [list(plan.mosa[i: i + G]) for i in range(0, len(plan.mosa), G)]
         ref = weights.wq
-        if plan.fill == "mean" and config.fills:
+        if plan.config.fill == "mean" and config.fills:
             m.mosa_fill = nn.Parameter(torch.zeros(len(units), G * weights.head_dim, device=ref.device,
                                                    dtype=ref.dtype))
             if not _structure_only:
@@ -260,9 +254,9 @@ def convert_(model: nn.Module, config: MoSAConfig | None = None, calibration: Te
                 m.mosa_router.copy_(stats[idx].fit_router(units, config.fill, window=window).to(ref.dtype))
         else:
             init_router_(m.mosa_router)
-        if plan.routing == "causal":
+        if plan.config.routing == "causal":
             m.register_buffer("mosa_threshold", torch.empty(len(units), device=ref.device, dtype=torch.float32))
-            init_threshold_(m.mosa_threshold, plan.sparsity)
+            init_threshold_(m.mosa_threshold, plan.config.sparsity)
 
     if config.routing == "causal" and calibration is not None:
         positions = getattr(model.config, "max_position_embeddings", None)

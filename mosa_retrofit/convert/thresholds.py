@@ -41,15 +41,16 @@ def calibrate_thresholds_(model: nn.Module, calibration: Tensor | None) -> None:
     with the thresholds already in place; the pass stops after the last converted layer.
     """
     layers = {i: m for i, m in mosa_layers(model).items()
-              if m.mosa_plan.routing == "causal" and hasattr(m, "mosa_router")}  # (baselines have no routers)
+              if m.mosa_plan.config.routing == "causal" and hasattr(m, "mosa_router")}  # (baselines have no routers)
     if not layers or calibration is None:
         return
     last = max(layers)
 
     def observe(module, x, W, mask, cos, sin):
         plan = module.mosa_plan
-        if plan.sparsity > 1:
-            tau = logit_quantile(module.mosa_router, x, key_padding(mask, x.shape[1]), plan)
+        if plan.config.sparsity > 1:
+            tau = logit_quantile(module.mosa_router, x, key_padding(mask, x.shape[1]), plan.config.sparsity,
+                                 plan.config.include_first)
             module.mosa_threshold.copy_(tau.to(module.mosa_threshold.dtype))
         if module.layer_idx == last:
             raise StopForward
@@ -77,10 +78,11 @@ def make_causal_(model: nn.Module, calibration: Tensor | None, momentum: float =
     if not layers:
         raise ValueError("the model has no MoSA layers; convert it first")
     for m in layers.values():
-        m.mosa_plan = dataclasses.replace(m.mosa_plan, routing="causal", threshold_momentum=momentum)
+        m.mosa_plan = dataclasses.replace(m.mosa_plan, config=dataclasses.replace(
+            m.mosa_plan.config, routing="causal", threshold_momentum=momentum))
         if not hasattr(m, "mosa_threshold"):
             m.register_buffer("mosa_threshold", torch.empty(m.mosa_router.shape[0], device=m.mosa_router.device))
-        init_threshold_(m.mosa_threshold, m.mosa_plan.sparsity)
+        init_threshold_(m.mosa_threshold, m.mosa_plan.config.sparsity)
     model.config.mosa = {**model.config.mosa, "routing": "causal", "threshold_momentum": momentum}
     calibrate_thresholds_(model, calibration)
     return model

@@ -47,7 +47,7 @@ def plot_selection(model: nn.Module, tokenizer_source: str, path: str, layer: in
     x = seen["x"]  # (1, T, D)
     plan = attn.mosa_plan
     logits = (attn.mosa_router.detach() @ x[0].t()).unsqueeze(1)  # (E, 1, T)
-    idx, _ = select_tokens(logits, plan.sparsity, plan.include_first)
+    idx, _ = select_tokens(logits, plan.config.sparsity, plan.config.include_first)
     E, T = logits.shape[0], logits.shape[-1]
     grid = torch.zeros(E, T)
     grid.scatter_(1, idx[:, 0], 1.0)
@@ -57,7 +57,7 @@ def plot_selection(model: nn.Module, tokenizer_source: str, path: str, layer: in
     ax.set_xticks(range(T), labels, rotation=90, fontsize=7)
     unit = "KV group" if plan.heads_per_unit > 1 else "MoSA head"
     ax.set_yticks(range(E), [f"{unit} {e}" for e in range(E)], fontsize=8)
-    ax.set_title(f"Layer {layer}: tokens each {unit} selects (k = {idx.shape[-1]} of {T}, sparsity {plan.sparsity:g}, "
+    ax.set_title(f"Layer {layer}: tokens each {unit} selects (k = {idx.shape[-1]} of {T}, sparsity {plan.config.sparsity:g}, "
                  f"dense heads {list(plan.dense)})", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

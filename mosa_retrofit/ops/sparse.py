@@ -348,18 +348,18 @@ def mosa_attention(
     return add_to.reshape(B * T, h).index_add(0, flat, y).view(B, T, h)
 
 
-def logit_quantile(router: Tensor, x: Tensor, valid: Tensor | None, plan) -> Tensor:
+def logit_quantile(router: Tensor, x: Tensor, valid: Tensor | None, sparsity: float, include_first: bool) -> Tensor:
     """(E,) (1 - 1/sparsity) quantile of each unit's router logits over the real tokens of x (B, T, h)."""
     B, T, h = x.shape
     logits = (x.reshape(B * T, h).float() @ router.float().t())  # (B·T, E)
     keep = torch.ones(B, T, dtype=torch.bool, device=x.device) if valid is None else valid.clone()
-    if plan.include_first:  # the first token is always selected: it does not count against the budget
+    if include_first:  # the first token is always selected: it does not count against the budget
         keep = keep & (keep.int().cumsum(-1) > 1)
     logits = logits[keep.reshape(-1)]
     if logits.shape[0] == 0:
         return torch.full((router.shape[0],), float("nan"), device=x.device)
     n = logits.shape[0]
-    k = min(max(int(round(n / plan.sparsity)), 1), n)  # tokens to pass
+    k = min(max(int(round(n / sparsity)), 1), n)  # tokens to pass
     v = logits.sort(dim=0, descending=True).values  # (n, E)
     # halfway between the k-th largest logit and the next smaller distinct one: no calibration logit sits on
     # the threshold (repeated tokens give equal logits in the first layer), so float noise from another

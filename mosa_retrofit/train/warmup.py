@@ -90,10 +90,10 @@ class RouterWarmup:
     """Installs the warm-up observer on every converted layer and collects the per-layer losses."""
 
     def __init__(self, layers: dict[int, nn.Module]):
-        baseline = sorted(i for i, m in layers.items() if m.mosa_plan.sparse_heads != "mosa")
+        baseline = sorted(i for i, m in layers.items() if m.mosa_plan.config.sparse_heads != "mosa")
         if baseline:
             raise ValueError(f"router warm-up needs MoSA heads of the paper's form (sparse_heads='mosa'), but layers "
-                             f"{baseline} have sparse_heads={layers[baseline[0]].mosa_plan.sparse_heads!r}")
+                             f"{baseline} have sparse_heads={layers[baseline[0]].mosa_plan.config.sparse_heads!r}")
         self.layers = layers
         self.seen: list[tuple[nn.Module, Tensor, Tensor, Tensor]] = []
 
@@ -118,7 +118,7 @@ class RouterWarmup:
         if not self.seen:
             raise RuntimeError("no converted layer ran: nothing to warm up")
         with torch.enable_grad():
-            losses = [router_warmup_loss(gathered(m.mosa_router), x, mass, valid, m.mosa_plan.include_first)
+            losses = [router_warmup_loss(gathered(m.mosa_router), x, mass, valid, m.mosa_plan.config.include_first)
                       for m, x, mass, valid in self.seen]
         self.seen = []
         return torch.stack(losses).mean()
