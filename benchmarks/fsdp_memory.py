@@ -7,13 +7,11 @@ conversion's structure, and prints ``sharding.training_memory`` (see its docstri
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from mosa_retrofit import MoSAConfig, convert_
-from mosa_retrofit.convert.serialization import structure_config
+from mosa_retrofit import MoSAConfig
+from mosa_retrofit.convert.surgery import apply_plan_, plan_layers
 from mosa_retrofit.train.sharding import training_memory
 
 MODELS = {  # the published shapes (config.json of the hub checkpoints)
@@ -33,8 +31,8 @@ def main() -> None:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(cfg)
         # the default conversion's structure (routers, fills, thresholds); no calibration on meta tensors
-        convert_(model, structure_config(dataclasses.replace(MoSAConfig(), head_choice="first")), progress=False,
-                 _structure_only=True)
+        config = MoSAConfig(head_choice="first", dense_scope="layer")
+        apply_plan_(model, plan_layers(model, config))
         n = sum(p.numel() for p in model.parameters())
         for distributed in ("ddp", "fsdp"):
             m = training_memory(model, 8, distributed, micro_batch=1, block=4096)

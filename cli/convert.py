@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from mosa_retrofit.convert.calibration import calibration_ids
-from mosa_retrofit.convert.config import CHOICES, MoSAConfig
+from mosa_retrofit.convert.config import MoSAConfig, field_choices
 from mosa_retrofit.text.protocol import PROTOCOL
 
 from .common import HelpFormatter, add_dataclass_flags, given_flags
@@ -56,7 +56,7 @@ def add_parser(sub) -> None:
                    help="default: the best retrofit we know (calibrated); paper: the MoSA paper's conversion "
                         "(4 first heads dense, random sigmoid routers, expert-choice top-k, zero fill)")
     p.add_argument("--config", help="a MoSAConfig JSON file (over the preset; flags given explicitly override it)")
-    p.set_defaults(config_flags=add_dataclass_flags(p, MoSAConfig, choices=CHOICES, skip=CONFIG_SKIP,
+    p.set_defaults(config_flags=add_dataclass_flags(p, MoSAConfig, choices=field_choices(), skip=CONFIG_SKIP,
                                                     parsers={"dense_heads": _count, "layers": _layers}))
     p.add_argument("--calibration-data", "--calib-text", dest="calibration_data", default=DEFAULT_CALIBRATION,
                    help="calibration text: 'wikipedia-offline' (embedded; its held-out articles are never used), "

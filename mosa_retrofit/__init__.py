@@ -2,7 +2,8 @@
 
 from .layers.modules import MoSA, PureMoSA
 from .layers.reference import load_reference_state_dict
-from .ops.sparse import mosa_attention, select_tokens, tokens_per_head
+from .ops.routing import select_tokens, tokens_per_head
+from .ops.sparse import mosa_attention
 
 __version__ = "0.1.0"
 

@@ -11,7 +11,7 @@ from transformers import DynamicCache
 import mosa_retrofit
 from mosa_retrofit import convert_
 from mosa_retrofit.convert.cache import cache_bytes, layer_stores
-from mosa_retrofit.ops.sparse import select_tokens_causal
+from mosa_retrofit.ops.routing import select_tokens_causal
 from mosa_retrofit.convert.surgery import mosa_layers
 
 CAUSAL = dict(sparsity=4, dense_heads=1, routing="causal")

@@ -6,7 +6,8 @@ import pytest
 import torch
 from naive import ref_k, ref_mosa
 
-from mosa_retrofit.ops.sparse import mosa_attention, router_gates, select_tokens, tokens_per_head
+from mosa_retrofit.ops.routing import router_gates, select_tokens, tokens_per_head
+from mosa_retrofit.ops.sparse import mosa_attention
 
 h, d, E = 32, 8, 4
 

@@ -22,7 +22,7 @@ from torch import nn
 
 from ..convert.costs import dense_flops, mosa_flops
 from ..layers.modules import DenseHeads, MoSA, PureMoSA
-from ..ops.sparse import tokens_per_head
+from ..ops.routing import tokens_per_head
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,11 @@
 """The hybrid attention layer that ``convert_`` puts in place of a model's own attention.
 
 The module keeps its class (a subclass is swapped in), its parameters and their names: every head group
-(heads.py: dense, local, MoSA, pruned) reads the original q/k/v/o weights through per-head views (see
-families.py), so the checkpoint stays a superset of the base one and the only new parameters are
-``mosa_router`` (and ``mosa_fill`` with ``MoSAConfig(fill='mean')``). Dense heads run on the model's own
-attention backend (``ALL_ATTENTION_FUNCTIONS``: sdpa, eager, flash, ...); MoSA heads run
-``sparse.mosa_attention`` with the model's RoPE tables, q/k norms, scaling, biases and soft-capping.
+(heads/: dense, local, mosa, mosa_keys, streaming, pruned) reads the original q/k/v/o weights through per-head
+views (see families.py), so the checkpoint stays a superset of the base one and the only new parameters are
+what the kinds own: ``mosa_router`` (and the buffer ``mosa_threshold`` under causal routing), ``mosa_fill`` with
+``MoSAConfig(fill='mean')``. Each group returns its contribution; the layer sums them and adds the output bias
+once.
 
 Shape legend: B batch, T tokens, D width, H query heads, KV key/value heads, d head dim, n dense heads,
 E routed units (MoSA heads, or KV groups with router_granularity='kv_group'), G query heads per unit.
@@ -44,7 +44,7 @@ class LayerPlan:
 
 class MoSAAttentionMixin:
     """Forward of a converted attention layer; mixed in front of the family's attention class. The heads run as
-    groups (heads.py): the kept ones, then the sparse ones, each adding its part of the output."""
+    groups (heads/): the kept ones, then the sparse ones; their contributions are summed, the bias added once."""
 
     mosa_plan: LayerPlan
     mosa_family: Family
@@ -74,12 +74,15 @@ class MoSAAttentionMixin:
         if self.mosa_observer is not None and any(getattr(g, "routed", False) for g in groups):
             self.mosa_observer(self, call.x, call.W, call.mask, cos, sin)
         out = None
-        for group in groups:
-            if group.role == "sparse" and out is None and call.W.bo is not None:
-                out = call.W.bo.expand_as(call.x)  # no kept heads: the output bias, once
-            out = group.forward(self, call, out)
-        if out is None:  # every head pruned, no output bias
-            out = torch.zeros_like(call.x)
+        for group in groups:  # each group's contribution, then the output bias once
+            y = group.forward(self, call)
+            if y is not None:
+                out = y if out is None else out + y
+        bo = call.W.bo
+        if out is None:  # every head pruned
+            out = torch.zeros_like(call.x) if bo is None else bo.expand_as(call.x)
+        elif bo is not None:
+            out = out + bo
         return self.mosa_family.output_dropout(self, out), None
 
     @classmethod

@@ -29,14 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..ops.sparse import (
-    base_output,
-    gated_output,
-    project_selected,
-    router_gates,
-    select_tokens_causal,
-    softcap_attention,
-)
+from ..ops.routing import first_real, router_gates, router_logits, select_tokens_causal
+from ..ops.sparse import base_output, gated_output, project_selected, softcap_attention
 from .window_store import WindowStore
 
 
@@ -242,9 +236,9 @@ def mosa_attention_cached(
     d = w_o.shape[1] // G
     v_mask = valid if valid is not None else torch.ones(B, T, dtype=torch.bool, device=x.device)
     offset, seen_real = store.advance(v_mask)
-    first = v_mask & (v_mask.long().cumsum(-1) + seen_real[:, None] == 1)  # the row's first real token, if here
+    first = first_real(v_mask, seen_real)  # the row's first real token, if among these
 
-    logits = torch.matmul(router, x.reshape(B * T, h).t()).view(E, B, T)  # (E, B, T)
+    logits = router_logits(router, x)  # (E, B, T)
     idx, live = select_tokens_causal(logits, threshold, include_first, v_mask, first)  # (E, B, K)
     K = idx.shape[-1]
     add_to = base_output(x, w_o, fill, add_to)
@@ -281,4 +275,4 @@ def mosa_attention_cached(
     if live is not None:
         gate = gate.masked_fill(~live, 0.0)
     y = gated_output(a.nan_to_num(0.0), gate, w_o, fill)  # dead slots: fully masked rows -> 0, then gate 0
-    return out.view(B * T, h).index_add_(0, flat, y).view(B, T, h)
+    return out.view(B * T, h).index_add_(0, flat, y.to(out.dtype)).view(B, T, h)

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..ops.sparse import tokens_per_head
+from ..ops.routing import tokens_per_head
 from ..text.data import BUILTIN_SOURCES, DataSpec, documents, token_stream
 from ..text.protocol import PROTOCOL
 from .families import family_of, head_to_kv

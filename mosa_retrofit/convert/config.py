@@ -26,24 +26,30 @@ from dataclasses import asdict, dataclass, field, fields
 from numbers import Real
 from typing import Any
 
+from ..ops.routing import ROUTER_SCORES
+from .heads import HEAD_GROUPS, kinds
+
 CONFIG_VERSION = 3
 """2: the defaults became the calibrated retrofit; 3: they keep long context (retrieval-scored dense KV groups over
 the whole model, key-selection MoSA heads with sinks and a recent window). A dict of an older version fills the
 keys it lacks from that version's defaults (OLD_DEFAULTS)."""
-ROUTER_SCORES = ("sigmoid", "straight_through")
 ROUTER_INITS = ("random", "calibrated")
 GRANULARITIES = ("head", "kv_group")
-KEPT_HEADS = ("dense", "local")
 HEAD_CHOICES = ("first", "last", "scored", "retrieval")
 DENSE_SCOPES = ("layer", "model")
 ROUTINGS = ("expert_choice", "causal")
-SPARSE_HEADS = ("mosa", "mosa_keys", "local", "streaming", "pruned")
 FILLS = ("zero", "mean")
 ATTN_BACKENDS = ("auto", "flash", "flex", "math")
-CHOICES = {"head_choice": HEAD_CHOICES, "dense_scope": DENSE_SCOPES, "kept_heads": KEPT_HEADS, "router_score": ROUTER_SCORES,
-           "router_init": ROUTER_INITS, "router_granularity": GRANULARITIES, "routing": ROUTINGS,
-           "sparse_heads": SPARSE_HEADS, "fill": FILLS, "attn_backend": ATTN_BACKENDS}
-"""The fields that take one of a few words, and the words."""
+CHOICES = {"head_choice": HEAD_CHOICES, "dense_scope": DENSE_SCOPES, "router_score": ROUTER_SCORES,
+           "router_init": ROUTER_INITS, "router_granularity": GRANULARITIES, "routing": ROUTINGS, "fill": FILLS,
+           "attn_backend": ATTN_BACKENDS}
+"""The fields that take one of a few fixed words, and the words."""
+
+
+def field_choices() -> dict[str, tuple[str, ...]]:
+    """Every field that takes one of a few words, with the words: ``CHOICES`` and the head kinds registered now
+    that declare they may keep (kept_heads) or replace (sparse_heads) heads (heads/base.py)."""
+    return {**CHOICES, "kept_heads": kinds(keeps=True), "sparse_heads": kinds(replaces=True)}
 
 
 # What a config of an older version meant by a key it does not carry (the defaults of that version).
@@ -176,7 +182,7 @@ class MoSAConfig:
                 _fail("dense_head_ids", key, "keyed by layer indices like '0'")
             if not isinstance(ids, (list, tuple)) or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in ids):
                 _fail(f"dense_head_ids[{key!r}]", ids, "a list of head indices >= 0")
-        for name, valid in CHOICES.items():
+        for name, valid in field_choices().items():
             if getattr(self, name) not in valid:
                 _fail(name, getattr(self, name), f"one of {valid}")
         if self.layers != "all":
@@ -189,9 +195,11 @@ class MoSAConfig:
             _fail("local_window", self.local_window, "an integer >= 1")
         if isinstance(self.sink_tokens, bool) or not isinstance(self.sink_tokens, int) or self.sink_tokens < 0:
             _fail("sink_tokens", self.sink_tokens, "an integer >= 0")
-        if self.sparse_heads in ("local", "streaming") and self.kept_heads == "local":
-            _fail("sparse_heads", self.sparse_heads, "'mosa', 'mosa_keys' or 'pruned' when kept_heads='local' "
-                  "(every head would be a windowed head)")
+        sparse, kept = HEAD_GROUPS[self.sparse_heads], HEAD_GROUPS[self.kept_heads]
+        if sparse.windowed and not sparse.routed and kept.windowed:
+            allowed = [k for k in kinds(replaces=True) if not (HEAD_GROUPS[k].windowed and not HEAD_GROUPS[k].routed)]
+            _fail("sparse_heads", self.sparse_heads, f"one of {allowed} when kept_heads={self.kept_heads!r} "
+                  "(every head would attend a plain window)")
         if isinstance(self.threshold_momentum, bool) or not isinstance(self.threshold_momentum, Real) or not (
                 0 <= self.threshold_momentum <= 1):
             _fail("threshold_momentum", self.threshold_momentum, "a number in [0, 1]")
@@ -229,13 +237,13 @@ class MoSAConfig:
 
     @property
     def routed(self) -> bool:
-        """Whether the sparse heads have routers (MoSA heads, in either form)."""
-        return self.sparse_heads in ("mosa", "mosa_keys")
+        """Whether the sparse heads have routers (their kind declares it: MoSA heads, in either form)."""
+        return HEAD_GROUPS[self.sparse_heads].routed
 
     @property
     def fills(self) -> bool:
         """Whether the sparse heads write a fill where they have no output (paper-form MoSA heads, pruned)."""
-        return self.sparse_heads in ("mosa", "pruned")
+        return HEAD_GROUPS[self.sparse_heads].fills
 
     # ------------------------------------------------------------------------------------ per layer
 

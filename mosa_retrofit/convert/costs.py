@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 from torch import nn
 
-from ..ops.sparse import tokens_per_head
+from ..ops.routing import tokens_per_head
 from .families import attention_layers, family_of
 
 
@@ -66,6 +66,7 @@ class Dims:
     d: int  # head dim
     H: int  # query heads
     KV: int  # key/value heads
+    reach: int | None = None  # the layer's own sliding window (Gemma, Mistral), if any
 
 
 @dataclass(frozen=True)
@@ -101,13 +102,13 @@ class CostRatios(NamedTuple):
 
 def attention_costs(model: nn.Module, T: int) -> list[LayerCost]:
     """Per attention layer, the costs at T tokens of ``model`` and of its unconverted original: the sum of what
-    each head group of a converted layer reports (heads.py)."""
+    each head group of a converted layer reports (heads/)."""
     fam = family_of(model)
     rows = []
     for idx, (_, m) in sorted(attention_layers(model, fam).items()):
         H, KV, d = fam.dims(m)
         W = fam.head_weights(m)
-        dims = Dims(W.wq.shape[2], d, H, KV)
+        dims = Dims(W.wq.shape[2], d, H, KV, fam.sliding_window(m))
         row_bytes = 2 * d * W.wq.element_size()  # one key and one value vector
         f0, kv0, b0 = H * dense_flops(dims.D, d, T), H * T, KV * T * row_bytes
         groups = getattr(m, "mosa_groups", ())
@@ -116,9 +117,8 @@ def attention_costs(model: nn.Module, T: int) -> list[LayerCost]:
             continue
         plan = m.mosa_plan
         n = {"dense": 0, "local": 0, "mosa": 0, "pruned": 0}
-        column = {"streaming": "local", "mosa_keys": "mosa"}  # the table's columns: windowed / routed / ...
-        n[column.get(plan.config.kept_heads, plan.config.kept_heads)] += len(plan.dense)
-        n[column.get(plan.config.sparse_heads, plan.config.sparse_heads)] += len(plan.mosa)
+        for g in groups:  # the table's columns, as each kind declares
+            n[g.column] += len(g.heads)
         costs = [g.cost(T, dims) for g in groups]
         k = tokens_per_head(T, plan.config.sparsity) if n["mosa"] else None
         rows.append(LayerCost(idx, n["dense"], n["local"], n["mosa"], n["pruned"], k, sum(c.flops for c in costs),

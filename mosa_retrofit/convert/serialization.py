@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from ..text.assets import resolve_model
 from .attention import init_router_
 from .config import MoSAConfig
-from .surgery import convert_
+from .surgery import apply_plan_, convert_, plan_layers
 
 logger = logging.getLogger("mosa_retrofit")
 
@@ -35,9 +35,10 @@ DENSE_LOAD_WARNING = (
 )
 
 
-def structure_config(config: MoSAConfig) -> MoSAConfig:
-    # Rebuilding needs no calibration: dense heads are stored per layer, routers come from the checkpoint.
-    return dataclasses.replace(config, head_choice="first", router_init="random", dense_scope="layer")
+def rebuild_(model: nn.Module, config: MoSAConfig) -> nn.Module:
+    """The structure a saved (resolved) ``config`` describes, applied to ``model`` with nothing fitted: its plan
+    names every layer's dense heads, so planning needs no evidence; the weights come from the checkpoint."""
+    return apply_plan_(model, plan_layers(model, config))
 
 
 @functools.lru_cache(maxsize=None)
@@ -46,12 +47,7 @@ def _mosa_model_class(base_cls: type) -> type:
 
     def __init__(self, config, *args, **kwargs):
         base_cls.__init__(self, config, *args, **kwargs)
-        mosa = MoSAConfig.from_dict(config.mosa)
-        config.mosa = None  # convert_ refuses converted configs; it writes the resolved block back
-        convert_(self, structure_config(mosa), progress=False, _structure_only=True)
-        config.mosa = dataclasses.replace(
-            MoSAConfig.from_dict(config.mosa), head_choice=mosa.head_choice, router_init=mosa.router_init,
-            dense_scope=mosa.dense_scope, base_model_name_or_path=mosa.base_model_name_or_path).to_dict()
+        rebuild_(self, MoSAConfig.from_dict(config.mosa))
 
     # The loader class keeps the base's name and module: transformers looks its checkpoint conversions up by
     # class name / model_type and skips them for classes outside transformers (GPT-NeoX's embed_out -> lm_head).

@@ -1,13 +1,23 @@
-"""``convert_(model, config)``: turn a pretrained model's attention layers into hybrid MoSA layers, in place.
+"""``convert_(model, config)``: turn a pretrained model's attention layers into hybrid MoSA layers, in place, in
+three steps that can also be called one by one:
 
-Everything is validated before the model is touched. The resolved per-layer dense heads are written back
-into ``model.config.mosa`` so a saved checkpoint rebuilds exactly the same structure.
+1. ``evidence = gather(model, config, ...)``: what the config needs from the unconverted model, computed once
+   (calibration token ids, retrieval scores, head statistics with the router targets of each kind);
+2. ``plans = plan_layers(model, config, evidence)``: per layer, the config and the heads it resolves (which stay
+   dense, which become the sparse kind); everything is validated here, before the model is touched;
+3. ``apply_plan_(model, plans, evidence)``: swap each layer's class, create the parameters its kinds own, and
+   fit them from the evidence (routers, fills, thresholds); without evidence (loading a checkpoint, resuming)
+   the parameters are left for the checkpoint to fill.
+
+The resolved per-layer dense heads are written back into ``model.config.mosa``, so a saved checkpoint plans
+exactly the same structure again without any evidence.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -18,19 +28,74 @@ from .calibration import LayerStats, collect_stats, default_calibration, model_t
 from .config import MoSAConfig
 from .costs import attention_costs, ratios
 from .families import attention_layers, dense_kv_layout, family_of
+from .heads import HEAD_GROUPS
 from .retrieval import default_retrieval_prompts, retrieval_scores
 from .thresholds import calibrate_thresholds_, threshold_rows
 
 logger = logging.getLogger("mosa_retrofit")
 
 
-def plan_layers(model: nn.Module, config: MoSAConfig, stats: dict[int, LayerStats] | None = None,
-                filter_fn: Callable[[nn.Module, str], bool] | None = None,
-                notes: list[str] | None = None, retrieval: dict[int, Tensor] | None = None) -> dict[int, LayerPlan]:
-    """Per converted layer, which heads stay dense and which become MoSA heads (validates everything).
+@dataclass
+class Evidence:
+    """What planning and fitting read from the unconverted model."""
 
-    ``stats`` (calibration) scores heads for ``head_choice='scored'``, ``retrieval`` ((H,) per layer,
-    retrieval.py) for ``head_choice='retrieval'``.
+    calibration: Tensor | None = None  # (N, T) calibration token ids (causal thresholds are set on them)
+    stats: dict[int, LayerStats] | None = None  # head statistics per layer (scores, router targets, fills)
+    retrieval: dict[int, Tensor] | None = None  # (H,) retrieval scores per layer
+
+
+def _selected(model: nn.Module, config: MoSAConfig, filter_fn) -> dict[int, nn.Module]:
+    """The attention modules ``config`` (and ``filter_fn``) convert, by layer index."""
+    layers = attention_layers(model, family_of(model))
+    return {idx: m for idx, (name, m) in sorted(layers.items())
+            if config.converts_layer(idx) and (filter_fn is None or filter_fn(m, name))}
+
+
+def _windows(config: MoSAConfig, family, modules: dict[int, nn.Module]) -> dict[int, int | None]:
+    """Per layer, the window whose far attention calibrated routers fit (None: the kind's routers fit no window)."""
+    kind = HEAD_GROUPS[config.sparse_heads]
+    if not (kind.routed and kind.far_router):
+        return {idx: None for idx in modules}
+    return {idx: kind.window_for(config, family.sliding_window(m)) for idx, m in modules.items()}
+
+
+def gather(model: nn.Module, config: MoSAConfig, calibration: Tensor | None = None, tokenizer=None,
+           stats: dict[int, LayerStats] | None = None, retrieval: dict[int, Tensor] | None = None,
+           filter_fn: Callable[[nn.Module, str], bool] | None = None, progress: bool = True) -> Evidence:
+    """Everything ``config`` needs from the unconverted ``model``, each computed once: calibration text (the
+    embedded Wikipedia text tokenised with ``tokenizer`` when the config needs text and none is given),
+    retrieval scores (head_choice='retrieval'), head statistics (scored heads, calibrated routers, mean fills;
+    one pass that also accumulates the far-attention targets of key-selection routers). ``stats`` and
+    ``retrieval`` from an earlier call are reused (a sweep)."""
+    if calibration is not None and (not isinstance(calibration, Tensor) or calibration.dim() != 2):
+        raise ValueError(f"calibration must be a (N, T) tensor of token ids, got {getattr(calibration, 'shape', calibration)}")
+    family = family_of(model)
+    modules = _selected(model, config, filter_fn)
+    kind = HEAD_GROUPS[config.sparse_heads]
+    fitted = (config.fill == "mean" and kind.fills) or (kind.routed and config.router_init == "calibrated")
+    scored = config.head_choice == "scored"
+    if (scored or fitted) and calibration is None and stats is None:
+        calibration = default_calibration(model, tokenizer)
+    if config.head_choice == "retrieval" and retrieval is None:
+        length = min(1024, getattr(model.config, "max_position_embeddings", None) or 1024)
+        prompts = default_retrieval_prompts(model_tokenizer(model, tokenizer), length=length)
+        retrieval = retrieval_scores(model, prompts, list(modules), progress)
+    windows = tuple(sorted({w for w in _windows(config, family, modules).values() if w is not None}))
+    lacking = stats is None or any(i not in stats or any(w not in stats[i].xtz_far for w in windows) for i in modules)
+    if (scored or fitted) and lacking and (stats is None or calibration is not None):  # (given stats that lack
+        # layers and no text to complete them: convert_ says which layers)
+        stats = collect_stats(model, calibration, modules, progress, sparsities=(config.sparsity,) if scored else (),
+                              include_first=config.include_first, fills=(config.fill,), windows=windows)
+    return Evidence(calibration, stats, retrieval)
+
+
+def plan_layers(model: nn.Module, config: MoSAConfig, evidence: Evidence | None = None,
+                filter_fn: Callable[[nn.Module, str], bool] | None = None,
+                notes: list[str] | None = None) -> dict[int, LayerPlan]:
+    """Per converted layer, the config and which heads stay dense and which become the sparse kind (validates
+    everything). ``evidence.stats`` scores heads for ``head_choice='scored'``, ``evidence.retrieval`` for
+    ``head_choice='retrieval'``; a config whose layers all name their dense heads (``dense_head_ids``, as a
+    saved checkpoint's does) needs no evidence.
 
     ``notes`` (if given) receives one line per adjustment a user should know of: a dense count rounded up to
     whole KV groups, or layers whose dense heads split a KV group (their MoSA heads then route one by one).
@@ -46,9 +111,10 @@ def plan_layers(model: nn.Module, config: MoSAConfig, stats: dict[int, LayerStat
         bad = [i for i in config.layers if i not in layers]
         raise ValueError(f"MoSAConfig.layers names layers {bad}; the model has layers 0..{max(layers)}")
     plans, rounded, split = {}, {}, []
-    selected = {idx: m for idx, (name, m) in sorted(layers.items())
-                if config.converts_layer(idx) and (filter_fn is None or filter_fn(m, name))}
-    ranked = config.dense_scope == "model" and config.head_choice in ("scored", "retrieval")
+    stats, retrieval = (evidence.stats, evidence.retrieval) if evidence is not None else (None, None)
+    selected = _selected(model, config, filter_fn)
+    named = all(str(idx) in config.dense_head_ids for idx in selected)  # a saved, resolved block
+    ranked = config.dense_scope == "model" and config.head_choice in ("scored", "retrieval") and not named
     placed = _place_dense(config, family, selected, stats, retrieval) if ranked else {}
     for idx, m in selected.items():
         H, KV, _ = family.dims(m)
@@ -75,11 +141,13 @@ def plan_layers(model: nn.Module, config: MoSAConfig, stats: dict[int, LayerStat
                                              for g in range(KV)):
             granularity = "head"  # a group split between dense and MoSA heads has no unit of whole groups
             split.append(idx)
-        if config.kept_heads == "local" and family.softcap(m) is not None and dense:
-            raise ValueError("kept_heads='local' does not support attention logit soft-capping (Gemma2); use 'dense'")
-        if config.sparse_heads in ("local", "streaming", "mosa_keys") and family.softcap(m) is not None:
-            raise ValueError(f"sparse_heads={config.sparse_heads!r} does not support attention logit soft-capping "
-                             "(Gemma2); use 'mosa' or 'pruned'")
+        for field, heads in (("kept_heads", dense), ("sparse_heads", mosa)):
+            kind = getattr(config, field)
+            if heads and not HEAD_GROUPS[kind].softcap and family.softcap(m) is not None:
+                able = [k for k, cls in HEAD_GROUPS.items() if cls.softcap and getattr(cls, "keeps" if field ==
+                        "kept_heads" else "replaces")]
+                raise ValueError(f"{field}={kind!r} does not support attention logit soft-capping (Gemma2); use one "
+                                 f"of {able}")
         if not mosa:
             continue  # every head stays dense: the layer is left as it is
         plans[idx] = LayerPlan(config, tuple(dense), tuple(mosa), granularity, G)
@@ -164,11 +232,61 @@ def check_config(model: nn.Module, config: MoSAConfig, filter_fn: Callable[[nn.M
                          f"model's {positions} positions; use a sparsity in 1..{positions}")
 
 
+def apply_plan_(model: nn.Module, plans: dict[int, LayerPlan], evidence: Evidence | None = None) -> nn.Module:
+    """Put ``plans`` in place: each planned layer gets the MoSA attention class and the parameters its kinds own
+    (``mosa_router``, ``mosa_threshold``, ``mosa_fill``); with ``evidence`` they are fitted (calibrated routers,
+    mean fills, causal thresholds on its calibration text), without it they keep their initial values for a
+    checkpoint to fill. Writes the resolved block into ``model.config.mosa``."""
+    if not plans:
+        return model
+    family = family_of(model)
+    layers = attention_layers(model, family)
+    config = next(iter(plans.values())).config
+    stats = evidence.stats if evidence is not None else None
+    windows = _windows(config, family, {i: layers[i][1] for i in plans})
+    for idx, plan in plans.items():
+        _, m = layers[idx]
+        weights = family.head_weights(m)
+        m.__class__ = mosa_class(type(m))
+        m.mosa_family, m.mosa_plan = family, plan
+        if plan.dense:  # what the attention backend repeats the kept heads' K/V by
+            m.num_key_value_groups = dense_kv_layout(plan.dense, weights.num_heads, weights.num_kv_heads)[1]
+        sparse = HEAD_GROUPS[config.sparse_heads](plan.mosa, plan, "sparse")
+        units, ref = sparse.units, weights.wq
+        fit = stats is not None and idx in stats
+        if sparse.fills and config.fill == "mean":
+            m.mosa_fill = nn.Parameter(torch.zeros(len(units), sparse.unit_size * weights.head_dim, device=ref.device,
+                                                   dtype=ref.dtype))
+            if fit:
+                with torch.no_grad():
+                    m.mosa_fill.copy_(stats[idx].mean_output(units).to(ref.dtype))
+        if not sparse.routed:
+            continue
+        m.mosa_router = nn.Parameter(torch.empty(len(units), ref.shape[2], device=ref.device, dtype=ref.dtype))
+        if fit and config.router_init == "calibrated":
+            with torch.no_grad():
+                m.mosa_router.copy_(stats[idx].fit_router(units, config.fill, window=windows[idx]).to(ref.dtype))
+        else:
+            init_router_(m.mosa_router)
+        if config.routing == "causal":
+            m.register_buffer("mosa_threshold", torch.empty(len(units), device=ref.device, dtype=torch.float32))
+            init_threshold_(m.mosa_threshold, config.sparsity)
+    if evidence is not None and config.routing == "causal" and evidence.calibration is not None:
+        positions = getattr(model.config, "max_position_embeddings", None)
+        calibrate_thresholds_(model, threshold_rows(evidence.calibration, config.threshold_length, positions))
+    resolved = dataclasses.replace(config, dense_head_ids={str(i): list(p.dense) for i, p in plans.items()},
+                                   layers=sorted(plans))
+    model.config.mosa = resolved.to_dict()
+    model.mosa_targets = [layers[i][0] for i in plans]
+    return model
+
+
 def convert_(model: nn.Module, config: MoSAConfig | None = None, calibration: Tensor | None = None,
              filter_fn: Callable[[nn.Module, str], bool] | None = None, progress: bool = True,
              stats: dict[int, LayerStats] | None = None, tokenizer=None,
-             retrieval: dict[int, Tensor] | None = None, _structure_only: bool = False) -> nn.Module:
-    """Convert ``model``'s attention to hybrid MoSA in place and return it.
+             retrieval: dict[int, Tensor] | None = None) -> nn.Module:
+    """Convert ``model``'s attention to hybrid MoSA in place and return it: ``check_config``, ``gather``,
+    ``plan_layers``, ``apply_plan_`` (see the module docstring).
 
     Args:
         model: a supported causal LM (see ``families.supported_families()``).
@@ -185,8 +303,6 @@ def convert_(model: nn.Module, config: MoSAConfig | None = None, calibration: Te
         retrieval: retrieval scores ``{layer: (H,)}`` from ``retrieval.retrieval_scores`` on this model, for
             ``head_choice='retrieval'`` (default: measured on 16 multi-key prompts of 1,024 tokens built from
             the embedded Wikipedia text).
-        _structure_only: build the layers a saved checkpoint describes (its dense heads are resolved) without
-            fitting anything: the weights come from the checkpoint (used by ``load`` and resumed training).
 
     Example:
         >>> model = AutoModelForCausalLM.from_pretrained("HuggingFaceTB/SmolLM2-135M")
@@ -196,79 +312,20 @@ def convert_(model: nn.Module, config: MoSAConfig | None = None, calibration: Te
     config = MoSAConfig() if config is None else config
     if not isinstance(config, MoSAConfig):
         raise TypeError(f"config must be a MoSAConfig, got {type(config).__name__}")
-    family = family_of(model)
-    if not _structure_only:  # validate before any calibration work
-        check_config(model, config, filter_fn)
-    if calibration is not None and (not isinstance(calibration, Tensor) or calibration.dim() != 2):
-        raise ValueError(f"calibration must be a (N, T) tensor of token ids, got {getattr(calibration, 'shape', calibration)}")
-    routed = config.routed  # the baselines have no routers
-    fitted = not _structure_only and ((config.fill == "mean" and config.fills)
-                                      or (routed and config.router_init == "calibrated"))
-    layers = attention_layers(model, family)
-    needs_text = config.head_choice == "scored" or fitted  # (retrieval heads read prompts of their own)
-    if not _structure_only and needs_text and calibration is None and stats is None:
-        calibration = default_calibration(model, tokenizer)
-    if config.head_choice == "retrieval" and retrieval is None and not _structure_only:
-        length = min(1024, getattr(model.config, "max_position_embeddings", None) or 1024)
-        prompts = default_retrieval_prompts(model_tokenizer(model, tokenizer), length=length)
-        retrieval = retrieval_scores(model, prompts, [i for i in layers if config.converts_layer(i)], progress)
-    if config.head_choice == "scored" and stats is None:
-        plans_probe = {i for i in layers if config.converts_layer(i)}
-        stats = collect_stats(model, calibration, {i: layers[i][1] for i in plans_probe}, progress,
-                              sparsities=(config.sparsity,), include_first=config.include_first,
-                              fills=(config.fill,))
+    family_of(model)
+    check_config(model, config, filter_fn)  # before any calibration work
+    evidence = gather(model, config, calibration, tokenizer, stats, retrieval, filter_fn, progress)
     notes: list[str] = []
-    plans = plan_layers(model, config, stats, filter_fn, notes, retrieval)  # raises before anything is modified
-    if not _structure_only:
-        for note in notes:
-            logger.warning("mosa_retrofit: %s", note)
-    windows = (config.local_window,) if routed and config.sparse_heads == "mosa_keys" else ()
-    if fitted and (stats is None or any(i in stats and w not in stats[i].xtz_far for i in plans for w in windows)):
-        stats = collect_stats(model, calibration, {i: layers[i][1] for i in plans}, progress, sparsities=(),
-                              windows=windows)
-    if fitted and any(i not in stats for i in plans):
-        raise ValueError(f"stats lack layers {sorted(i for i in plans if i not in stats)} that this config converts")
-
-    for idx, plan in plans.items():
-        _, m = layers[idx]
-        weights = family.head_weights(m)
-        m.__class__ = mosa_class(type(m))
-        m.mosa_family, m.mosa_plan = family, plan
-        if plan.dense:  # what the attention backend repeats the kept heads' K/V by
-            m.num_key_value_groups = dense_kv_layout(plan.dense, weights.num_heads, weights.num_kv_heads)[1]
-        G = plan.heads_per_unit if routed else 1
-        units = [list(plan.mosa[i: i + G]) for i in range(0, len(plan.mosa), G)]
-        ref = weights.wq
-        if plan.config.fill == "mean" and config.fills:
-            m.mosa_fill = nn.Parameter(torch.zeros(len(units), G * weights.head_dim, device=ref.device,
-                                                   dtype=ref.dtype))
-            if not _structure_only:
-                with torch.no_grad():
-                    m.mosa_fill.copy_(stats[idx].mean_output(units).to(ref.dtype))
-        if not routed:
-            continue
-        m.mosa_router = nn.Parameter(torch.empty(len(units), weights.wq.shape[2], device=ref.device, dtype=ref.dtype))
-        if config.router_init == "calibrated" and not _structure_only:
-            with torch.no_grad():
-                window = config.local_window if config.sparse_heads == "mosa_keys" else None
-                m.mosa_router.copy_(stats[idx].fit_router(units, config.fill, window=window).to(ref.dtype))
-        else:
-            init_router_(m.mosa_router)
-        if plan.config.routing == "causal":
-            m.register_buffer("mosa_threshold", torch.empty(len(units), device=ref.device, dtype=torch.float32))
-            init_threshold_(m.mosa_threshold, plan.config.sparsity)
-
-    if config.routing == "causal" and calibration is not None:
-        positions = getattr(model.config, "max_position_embeddings", None)
-        calibrate_thresholds_(model, threshold_rows(calibration, config.threshold_length, positions))
-    resolved = dataclasses.replace(config, dense_head_ids={str(i): list(p.dense) for i, p in plans.items()},
-                                   layers=sorted(plans))
-    model.config.mosa = resolved.to_dict()
-    model.mosa_targets = [layers[i][0] for i in plans]
-    if not _structure_only and plans:
-        ratio = ratios(attention_costs(model, 8192)).kv_bytes
-        if ratio >= 1:
-            logger.warning("mosa_retrofit: this layout caches %.2fx the original's KV bytes at T = 8192 (it will "
-                           "not shrink the cache): under GQA keep whole KV groups dense and route per group "
-                           "(router_granularity='kv_group')", ratio)
+    plans = plan_layers(model, config, evidence, filter_fn, notes)  # raises before anything is modified
+    for note in notes:
+        logger.warning("mosa_retrofit: %s", note)
+    missing = [i for i in plans if evidence.stats is not None and i not in evidence.stats]
+    if missing:
+        raise ValueError(f"stats lack layers {missing} that this config converts")
+    apply_plan_(model, plans, evidence)
+    ratio = ratios(attention_costs(model, 8192)).kv_bytes
+    if ratio >= 1:
+        logger.warning("mosa_retrofit: this layout caches %.2fx the original's KV bytes at T = 8192 (it will "
+                       "not shrink the cache): under GQA keep whole KV groups dense and route per group "
+                       "(router_granularity='kv_group')", ratio)
     return model

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops.masks import key_padding
-from ..ops.sparse import logit_quantile
+from ..ops.routing import logit_quantile
 from .attention import init_threshold_, mosa_layers
 from .compat import StopForward
 

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ..convert.surgery import mosa_layers
-from ..ops.sparse import select_tokens
+from ..ops.routing import select_tokens
 from ..text.assets import wikipedia_articles
 
 

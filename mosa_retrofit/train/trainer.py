@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from ..convert.attention import mosa_layers
 from ..convert.compat import enable_activation_checkpointing
 from ..convert.config import MoSAConfig
-from ..convert.serialization import load, structure_config
+from ..convert.serialization import load, rebuild_
 from ..convert.surgery import convert_
 from ..eval.perplexity import nll
 from ..eval.plots import plot_losses
@@ -191,7 +191,7 @@ class Trainer:
 
         student = copy.deepcopy(teacher).requires_grad_(True).train()
         if mosa is not None:
-            return convert_(student, structure_config(mosa), progress=False, _structure_only=True)
+            return rebuild_(student, mosa)
         conv = self.recipe.conversion
         config = dataclasses.replace(conv.mosa, base_model_name_or_path=self.recipe.model.name_or_path)
         calibration = None
