@@ -5,7 +5,7 @@ import torch
 from naive import ref_dense, ref_mosa
 
 from mosa_retrofit import MoSA, PureMoSA
-from mosa_retrofit.layers.modules import DenseHeads
+from mosa_retrofit.layers.modules import DenseHeadsModule
 from mosa_retrofit.ops.rope import rope_cos_sin
 
 h, d = 32, 8
@@ -25,7 +25,7 @@ def test_identity_all_tokens_straight_through_equals_dense_heads():
     heads must reproduce dense causal heads built from the same weights."""
     n = 4
     mosa = PureMoSA(h=h, h_prim=d, num_mosa_heads=n, sparsity=1, router_score="straight_through")
-    dense = DenseHeads(h, d, n)
+    dense = DenseHeadsModule(h, d, n)
     with torch.no_grad():  # dense layout: qkv rows head-major [q|k|v]; out columns head-major
         dense.qkv.weight.copy_(mosa.w_qkv.permute(0, 2, 1).reshape(n * 3 * d, h))
         dense.out.weight.copy_(mosa.w_o.reshape(n * d, h).t())

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..convert.costs import dense_flops, mosa_flops
-from ..layers.modules import DenseHeads, MoSA, PureMoSA
+from ..layers.modules import DenseHeadsModule, MoSA, PureMoSA
 from ..ops.routing import tokens_per_head
 
 
@@ -123,7 +123,7 @@ def bench_attention(
     dev = torch.device(device)
     torch.manual_seed(0)
     n_mosa_hybrid = heads - hybrid_dense_heads
-    dense = DenseHeads(h, head_dim, heads).to(dev, dtype)
+    dense = DenseHeadsModule(h, head_dim, heads).to(dev, dtype)
     cases = [(T, s) for T in seq_lens for s in sparsities]
     bar = tqdm(total=len(seq_lens) + 2 * len(cases), desc="bench attention", disable=not progress)
     rows, dense_cost = [], {}

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..ops.masks import key_visible
 from ..ops.routing import first_real, router_gates, router_logits, select_tokens_causal
 from ..ops.sparse import base_output, gated_output, project_selected, softcap_attention
 from .window_store import WindowStore
@@ -262,7 +263,7 @@ def mosa_attention_cached(
     allowed = old | new
     if sliding_window is not None:
         kpos = routed.pos[:, :, :L]
-        allowed = allowed & (pos[..., None] - kpos[:, :, None, :] < sliding_window)
+        allowed = allowed & key_visible(pos[..., None] - kpos[:, :, None, :], sliding_window)
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     kf, vf = keys.reshape(E * B, 1, L, d), values.reshape(E * B, 1, L, d)
     mask = allowed.reshape(E * B, 1, K, L)

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..ops.keys import FarKeys, key_selection_attention
+from ..ops.masks import key_visible
 
 
 class WindowStore:
@@ -171,9 +172,8 @@ class WindowStore:
             ring_ok[:, slot] = True
         ok = ring_ok[None].expand(E, B, w)
         if n:
-            far_ok = torch.arange(n, device=q.device) < self.count[..., None]  # (E, B, n)
-            if self.reach is not None:
-                far_ok = far_ok & (p - self.far_pos[:, :, :n] < self.reach)
+            held = torch.arange(n, device=q.device) < self.count[..., None]  # (E, B, n)
+            far_ok = key_visible(p - self.far_pos[:, :, :n], w, held, self.reach)  # far rows lie >= w before p
             ok = torch.cat((ok, far_ok), dim=-1)
         L = w + n
         qe = q.view(B, E, G, 1, d).transpose(0, 1).reshape(E * B, G, 1, d)

@@ -170,7 +170,7 @@ class _Heads(nn.Module):
         return y if attention_mask is None else y * attention_mask[..., None].to(y.dtype)  # pads get 0
 
 
-class DenseHeads(_Heads):
+class DenseHeadsModule(_Heads):
     """Causal full-attention heads with the same partial RoPE as the MoSA heads."""
 
     def __init__(self, h: int, h_prim: int, num_heads: int, rotate_fraction: float = 0.5, rope_base: float = 10000):
@@ -197,7 +197,7 @@ class DenseHeads(_Heads):
         return self._finish(a, attention_mask)
 
 
-class LocalHeads(_Heads):
+class LocalHeadsModule(_Heads):
     """Causal sliding-window heads via ``local_attention.LocalAttention`` (its defaults, as in the reference:
     query i sees keys from the start of the previous window of size w to i; RoPE over all d dims, base
     10000). Any T works (autopad); attention runs in float32 so rotary positions stay exact in bf16."""
@@ -278,9 +278,9 @@ class MoSA(nn.Module):
             )
         self.other_heads = None
         if num_other_heads > 0 and hybrid_type == "dense":
-            self.other_heads = DenseHeads(h, h_prim, num_other_heads, rotate_fraction, rope_base)
+            self.other_heads = DenseHeadsModule(h, h_prim, num_other_heads, rotate_fraction, rope_base)
         elif num_other_heads > 0:
-            self.other_heads = LocalHeads(h, h_prim, num_other_heads, window=int(max_seq_len // sparsity))
+            self.other_heads = LocalHeadsModule(h, h_prim, num_other_heads, window=int(max_seq_len // sparsity))
 
     def forward(
         self, x: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .masks import key_visible
+
 
 class FarKeys(NamedTuple):
     """Keys outside the band, per unit: k, v (B, E, M, d) (values already gated), pos (B, E, M) positions in
@@ -93,8 +95,7 @@ def band_allowed(lay: Layout, device) -> Tensor:
     """(c, L) bool: the band of any block, before padding: 0 <= (query i) - (key position) < w."""
     i = torch.arange(lay.c, device=device)[:, None]
     j = torch.arange(lay.L, device=device)[None, :]
-    rel = i + lay.w - 1 - j
-    return (rel >= 0) & (rel < lay.w)
+    return key_visible(i + lay.w - 1 - j, lay.w)
 
 
 def partial_blocks(lay: Layout, key_valid: Tensor | None, device) -> int:
@@ -137,12 +138,8 @@ def far_allowed(far: FarKeys, lay: Layout, reach: int | None) -> Tensor:
     """(B, E, Tp, M) bool: query t sees far key i iff valid, t - pos >= w and t - pos < reach."""
     t = torch.arange(lay.Tp, device=far.pos.device)[None, None, :, None]
     dist = t - far.pos[:, :, None, :]
-    ok = dist >= lay.w
-    if reach is not None:
-        ok = ok & (dist < reach)
-    if far.valid is not None:
-        ok = ok & far.valid[:, :, None, :]
-    return ok
+    kept = far.valid[:, :, None, :] if far.valid is not None else True
+    return key_visible(dist, lay.w, kept, reach) & (dist >= lay.w)  # the band sees the rest
 
 
 def additive(mask: Tensor, dtype: torch.dtype) -> Tensor:

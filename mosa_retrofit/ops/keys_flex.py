@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .blocks import FarKeys
+from .masks import key_visible
 
 BQ = BK = 128  # FlexAttention's block sizes
 _COMPILED: dict[str, object] = {}
@@ -90,20 +91,14 @@ def flex_inputs(q: Tensor, k: Tensor, v: Tensor, window: int, far: FarKeys | Non
     w = window
 
     def mask_mod(b, h, q_idx, kv_idx):
-        j = kv_idx - Mp
-        jc = j.clamp(0, T - 1)
-        band = (j >= 0) & (j <= q_idx) & (q_idx - j < w)
+        j = kv_idx - Mp  # position of a band key
+        band = (j >= 0) & key_visible(q_idx - j, w)
         if kvalid is not None:
-            band = band & (kvalid[b, jc] | (j == q_idx))
+            band = band & (kvalid[b, j.clamp(0, T - 1)] | (j == q_idx))
         if fpos is None:
             return band
-        e = h // G
-        fi = kv_idx.clamp(0, Mp - 1)
-        dist = q_idx - fpos[b, e, fi]
-        far_ok = (kv_idx < Mp) & (dist >= w)
-        if reach is not None:
-            far_ok = far_ok & (dist < reach)
-        return band | far_ok
+        dist = q_idx - fpos[b, h // G, kv_idx.clamp(0, Mp - 1)]  # a far key's distance
+        return band | ((kv_idx < Mp) & (dist >= w) & key_visible(dist, w, True, reach))
 
     NQ, NK = -(-T // BQ), -(-(Mp + T) // BK)
     qs = torch.arange(NQ, device=dev) * BQ  # first query of each block

@@ -1,4 +1,5 @@
-"""Padding from whatever attention mask transformers passes."""
+"""Which keys a query sees: the window rule every windowed path calls (full forwards, their blocked kernels,
+FlexAttention's mask, the cached step, the decode store), and padding from whatever mask transformers passes."""
 
 from __future__ import annotations
 
@@ -22,3 +23,18 @@ def key_padding(mask, q_len: int) -> Tensor | None:
         diag = mask[:, 0, i, i + off]  # (B, T)
         valid = diag if diag.dtype == torch.bool else diag == 0
     return None if bool(valid.all()) else valid
+
+
+def key_visible(dist: Tensor, window: int | None, kept: Tensor | bool = False, reach: int | None = None) -> Tensor:
+    """Whether a query sees a key ``dist`` = (query position - key position) before it: in its window
+    (0 <= dist < window; ``window`` None: every earlier key), or, for a ``kept`` key (a sink or a routed token),
+    anywhere before the window (dist >= window), within the layer's own window ``reach`` if it has one."""
+    if window is None:
+        return dist >= 0
+    near = (dist >= 0) & (dist < window)
+    if kept is False:
+        return near
+    far = (dist >= window) & kept
+    if reach is not None:
+        far = far & (dist < reach)
+    return near | far

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .masks import key_visible
 from .rope import apply_rope
 from .routing import router_gates, router_logits, select_tokens, select_tokens_causal
 
@@ -78,7 +79,7 @@ def _window_mask(idx: Tensor, window: int) -> Tensor:
     E, B, K = idx.shape
     gap = idx.view(E * B, 1, K, 1) - idx.view(E * B, 1, 1, K)  # I_i - I_j
     slots = torch.ones(K, K, dtype=torch.bool, device=idx.device).tril()
-    return slots & (gap < window)
+    return slots & key_visible(gap, window)
 
 
 def softcap_logits(s: Tensor, cap: float) -> Tensor:

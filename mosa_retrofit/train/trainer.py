@@ -306,6 +306,8 @@ class Trainer:
                   self.recipe.checkpointing.keep_last)
 
     def _run_stage(self, i: int, stage: StageSpec) -> None:
+        """One stage: its trainable parameters and optimizer, then steps (accumulate, sync, guard, apply) with the
+        log / evaluation / checkpoint schedule after each, then the stage's end (LoRA merged, evaluated, saved)."""
         from tqdm.auto import tqdm
 
         r, acc, s = self.recipe, self.acc, self.state
@@ -324,24 +326,16 @@ class Trainer:
         plain, masked = select_trainable(model, stage.trainable, lora=stage.lora is not None, hooks=not self.sharded)
         masks = [(p, sharding.local_mask(p, m)) for p, m in masked] if self.sharded else []  # applied by hand
         params = plain + [p for p, _ in masked]
-        decay = r.optimizer.weight_decay
-        groups = [{"params": plain, "weight_decay": decay}, {"params": [p for p, _ in masked], "weight_decay": 0.0}]
-        peak = stage.lr if stage.lr is not None else r.optimizer.lr
-        opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=peak, betas=tuple(r.optimizer.betas),
-                                eps=r.optimizer.eps)
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda k: lr_factor(k, stage.steps, r.schedule.warmup_fraction, r.schedule.min_lr_ratio))
+        opt, sched, peak = self._optimizer(stage, plain, [p for p, _ in masked])
         kind = STAGES[stage.kind](stage, model, self.teacher, acc)
-        local = kind.local  # layer-local losses: no DDP wrapper
-        net = model if (local or self.sharded) else acc.prepare_model(model)
+        net = model if (kind.local or self.sharded) else acc.prepare_model(model)
         if not self.sharded:
             opt = acc.prepare_optimizer(opt)
         if self.resume_from is not None:  # optimizer/scheduler mid-stage; RNG of every process
             ckpt.load_training(self.resume_from, opt if start_step > 0 else None, sched, acc.process_index, model)
             self.resume_from = None
         tc = r.training
-        world = acc.num_processes
-        batch = tc.micro_batch_size * world * tc.gradient_accumulation_steps
+        batch = tc.micro_batch_size * acc.num_processes * tc.gradient_accumulation_steps
         tokens_per_step = batch * r.data.block_size
         n_trainable = sum(int(p.numel()) for p in plain) + sum(int(m.sum()) for _, m in masked)
         self.say(f"stage {stage.name} ({stage.kind}): {stage.steps} steps, global batch {batch} x "
@@ -352,45 +346,11 @@ class Trainer:
         with kind.context():
             for step in range(start_step, stage.steps):
                 t0 = time.perf_counter()
-                totals: dict[str, Tensor] = {}
-                for m in range(tc.gradient_accumulation_steps):
-                    idx = self.schedule.micro_batch(s.samples, tc.micro_batch_size, m, acc.process_index, world)
-                    ids = self.train_blocks[idx].to(acc.device).long()
-                    last = m == tc.gradient_accumulation_steps - 1
-                    if self.sharded:
-                        net.set_requires_gradient_sync(last)
-                    sync = contextlib.nullcontext() if (local or last or self.sharded) else acc.no_sync(net)
-                    with sync:
-                        loss, parts = kind.loss(net, ids)
-                        acc.backward(loss / tc.gradient_accumulation_steps)
-                    for k, v in parts.items():
-                        totals[k] = totals.get(k, 0) + v / tc.gradient_accumulation_steps
-                if (local and world > 1) or self.sharded:
-                    for p in params:
-                        if p.grad is None:
-                            continue
-                        if not sharding.is_dtensor(p):
-                            p.grad = acc.reduce(p.grad, "mean")
-                        elif local:  # a local loss gathered the shard: it holds the sum over processes
-                            p.grad.div_(world)  # (in other stages FSDP's reduce-scatter averaged it)
-                for p, mask in masks:  # frozen rows of the MoSA slices
-                    if p.grad is not None:
-                        p.grad.mul_(mask)
+                totals = self._accumulate(net, kind)
+                self._sync_gradients(params, masks, kind.local)
                 if self.interrupt is not None:
                     self.interrupt(stage.name, step)
-                if r.optimizer.grad_clip is not None and self.sharded:
-                    grad_norm = torch.tensor(sharding.clip_grad_norm_(params, r.optimizer.grad_clip))
-                elif r.optimizer.grad_clip is not None:
-                    grad_norm = acc.clip_grad_norm_(params, r.optimizer.grad_clip)
-                else:
-                    grad_norm = torch.tensor(float("nan"))
-                values = {k: acc.reduce(v.detach(), "mean").item() for k, v in totals.items()}
-                if not all(math.isfinite(v) for v in values.values()) or (
-                        r.optimizer.grad_clip is not None and not math.isfinite(float(grad_norm))):
-                    raise ValueError(
-                        f"training diverged in stage {stage.name} at step {step + 1}: loss {values['loss']}, gradient "
-                        f"norm {float(grad_norm)}; nothing from this step was applied or saved (lower the learning "
-                        f"rate, then --resume from the last checkpoint)")
+                values, grad_norm = self._clip_and_guard(params, totals, stage, step)
                 lr = sched.get_last_lr()[0]
                 opt.step()
                 sched.step()
@@ -405,15 +365,11 @@ class Trainer:
                 log["time"] += dt
                 bar.update(1)
                 bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_step / dt:,.0f}")
-                g = s.global_step
-                if (step + 1) % r.logging.every == 0 or step == start_step or step + 1 == stage.steps:
-                    self.log({"split": "train", "stage": stage.name, "step": step + 1, "global_step": g, **values,
-                              "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": tokens_per_step / dt,
-                              "tokens": s.samples * r.data.block_size, "elapsed": s.elapsed})
-                if r.evaluation.every and (step + 1) % r.evaluation.every == 0 and step + 1 < stage.steps:
-                    self._eval_record(stage.name, step + 1, None)
-                if g % r.checkpointing.every == 0 and step + 1 < stage.steps:
-                    self._save(opt, sched)
+                record = {"split": "train", "stage": stage.name, "step": step + 1, "global_step": s.global_step,
+                          **values, "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": tokens_per_step / dt,
+                          "tokens": s.samples * r.data.block_size, "elapsed": s.elapsed}
+                for callback in (self._log_every, self._evaluate_every, self._checkpoint_every):
+                    callback(stage, step, start_step, record, opt, sched)
         bar.close()
         remove_hooks(masked)
         if stage.lora is not None:
@@ -425,6 +381,84 @@ class Trainer:
         self._save(None, None)
         self.say(f"stage {stage.name} done in {time.perf_counter() - t_stage:.0f} s")
         s.stage, s.step = i + 1, 0
+
+    def _optimizer(self, stage: StageSpec, plain: list, masked: list):
+        """AdamW over the stage's parameters (no weight decay on MoSA slices) and its warm-up + cosine schedule."""
+        r = self.recipe
+        groups = [{"params": plain, "weight_decay": r.optimizer.weight_decay}, {"params": masked, "weight_decay": 0.0}]
+        peak = stage.lr if stage.lr is not None else r.optimizer.lr
+        opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=peak, betas=tuple(r.optimizer.betas),
+                                eps=r.optimizer.eps)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda k: lr_factor(k, stage.steps, r.schedule.warmup_fraction, r.schedule.min_lr_ratio))
+        return opt, sched, peak
+
+    def _accumulate(self, net, kind) -> dict[str, Tensor]:
+        """Forward and backward of one optimizer step's micro-batches (gradients accumulate; DDP syncs on the
+        last); returns the loss parts averaged over them."""
+        tc, acc, s = self.recipe.training, self.acc, self.state
+        totals: dict[str, Tensor] = {}
+        for m in range(tc.gradient_accumulation_steps):
+            idx = self.schedule.micro_batch(s.samples, tc.micro_batch_size, m, acc.process_index, acc.num_processes)
+            ids = self.train_blocks[idx].to(acc.device).long()
+            last = m == tc.gradient_accumulation_steps - 1
+            if self.sharded:
+                net.set_requires_gradient_sync(last)
+            sync = contextlib.nullcontext() if (kind.local or last or self.sharded) else acc.no_sync(net)
+            with sync:
+                loss, parts = kind.loss(net, ids)
+                acc.backward(loss / tc.gradient_accumulation_steps)
+            for k, v in parts.items():
+                totals[k] = totals.get(k, 0) + v / tc.gradient_accumulation_steps
+        return totals
+
+    def _sync_gradients(self, params: list, masks: list, local: bool) -> None:
+        """Gradients the wrappers do not average: layer-local losses on several processes and the whole (not
+        sharded) parameters under FSDP, averaged here; then the frozen rows of MoSA slices zeroed."""
+        acc, world = self.acc, self.acc.num_processes
+        if (local and world > 1) or self.sharded:
+            for p in params:
+                if p.grad is None:
+                    continue
+                if not sharding.is_dtensor(p):
+                    p.grad = acc.reduce(p.grad, "mean")
+                elif local:  # a local loss gathered the shard: it holds the sum over processes
+                    p.grad.div_(world)  # (in other stages FSDP's reduce-scatter averaged it)
+        for p, mask in masks:
+            if p.grad is not None:
+                p.grad.mul_(mask)
+
+    def _clip_and_guard(self, params: list, totals: dict, stage: StageSpec, step: int) -> tuple[dict, Tensor]:
+        """Clip the gradient norm; stop before anything is applied if the loss or the norm is not finite."""
+        r, acc = self.recipe, self.acc
+        if r.optimizer.grad_clip is not None and self.sharded:
+            grad_norm = torch.tensor(sharding.clip_grad_norm_(params, r.optimizer.grad_clip))
+        elif r.optimizer.grad_clip is not None:
+            grad_norm = acc.clip_grad_norm_(params, r.optimizer.grad_clip)
+        else:
+            grad_norm = torch.tensor(float("nan"))
+        values = {k: acc.reduce(v.detach(), "mean").item() for k, v in totals.items()}
+        if not all(math.isfinite(v) for v in values.values()) or (
+                r.optimizer.grad_clip is not None and not math.isfinite(float(grad_norm))):
+            raise ValueError(
+                f"training diverged in stage {stage.name} at step {step + 1}: loss {values['loss']}, gradient "
+                f"norm {float(grad_norm)}; nothing from this step was applied or saved (lower the learning "
+                f"rate, then --resume from the last checkpoint)")
+        return values, grad_norm
+
+    # -- after each step: the schedule, one small callback each
+    def _log_every(self, stage: StageSpec, step: int, start_step: int, record: dict, opt, sched) -> None:
+        if (step + 1) % self.recipe.logging.every == 0 or step == start_step or step + 1 == stage.steps:
+            self.log(record)
+
+    def _evaluate_every(self, stage: StageSpec, step: int, start_step: int, record: dict, opt, sched) -> None:
+        every = self.recipe.evaluation.every
+        if every and (step + 1) % every == 0 and step + 1 < stage.steps:
+            self._eval_record(stage.name, step + 1, None)
+
+    def _checkpoint_every(self, stage: StageSpec, step: int, start_step: int, record: dict, opt, sched) -> None:
+        if self.state.global_step % self.recipe.checkpointing.every == 0 and step + 1 < stage.steps:
+            self._save(opt, sched)
 
     def _eval_record(self, stage: str, step: int, name: str | None) -> None:
         s = self.state
