@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
+
+from .convert import check_writable_parent
 
 WHAT = ("model", "keys", "attention", "generate")  # the bench subcommands
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -52,7 +55,7 @@ def add_parser(sub) -> None:
     m.add_argument("--attn-backend", choices=("auto", "flash", "flex", "math"), default=None,
                    help="kernel of the windowed heads (default: the one the model was saved with)")
     m.add_argument("--output", help="also write the Markdown table to this file")
-    m.set_defaults(run=run_model)
+    m.set_defaults(run=_checked(run_model))
     a = bsub.add_parser(
         "attention",
         help="one attention layer: all-MoSA and hybrid against dense causal SDPA",
@@ -78,7 +81,7 @@ def add_parser(sub) -> None:
     a.add_argument("--quick", action="store_true", help="smoke run in seconds: width 256, 4 heads, 1 rep")
     a.add_argument("--profile", action="store_true", help="also print where an all-MoSA step spends its time")
     a.add_argument("--output", help="also write the Markdown table to this file")
-    a.set_defaults(run=run_attention)
+    a.set_defaults(run=_checked(run_attention))
 
     k = bsub.add_parser(
         "keys", help="the key-selection attention op, per backend, against fused dense causal SDPA",
@@ -99,7 +102,7 @@ def add_parser(sub) -> None:
     k.add_argument("--device", default="cpu")
     k.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     k.add_argument("--output", help="also write the Markdown table to this file")
-    k.set_defaults(run=run_keys)
+    k.set_defaults(run=_checked(run_keys))
 
     g = bsub.add_parser(
         "generate", help="a converted causal-routing model against its original: KV-cache bytes and decode speed",
@@ -115,7 +118,7 @@ def add_parser(sub) -> None:
     g.add_argument("--decode-tokens", type=int, default=32, help="decode steps timed")
     g.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 gives stable ratios)")
     g.add_argument("--output", help="also write the Markdown table to this file")
-    g.set_defaults(run=run_generate)
+    g.set_defaults(run=_checked(run_generate))
 
 
 def run_attention(args: argparse.Namespace) -> int:
@@ -223,18 +226,26 @@ def _device(name: str) -> torch.device:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     from mosa_retrofit.bench.generate import bench_generate, format_rows
+    from mosa_retrofit.convert.attention import decode_refusal
     from mosa_retrofit.convert.serialization import load_any
+    from mosa_retrofit.text.assets import resolve_model
     from mosa_retrofit.text.data import token_stream
+    from mosa_retrofit.validate import positions_of, within_positions
 
     if args.decode_context < 2 or args.decode_tokens < 1 or args.threads < 1:
         raise ValueError("--decode-context must be >= 2, --decode-tokens and --threads >= 1")
+    positions = positions_of(AutoConfig.from_pretrained(resolve_model(args.model)))
+    within_positions("--decode-context + --decode-tokens", args.decode_context + args.decode_tokens, positions,
+                     args.model)
+    within_positions("--contexts", max(args.contexts), positions, args.model)
     model, source = load_any(args.model)
     mosa = getattr(model.config, "mosa", None) or {}
-    if mosa.get("routing") != "causal":
-        raise ValueError(f"{args.model} is not a converted model with routing='causal' (it cannot decode with a cache)")
+    why = decode_refusal(model) if mosa else "it is not a converted model"
+    if why is not None:
+        raise ValueError(f"{args.model} cannot decode with a cache: {why}")
     base = args.baseline or mosa.get("base_model_name_or_path")
     if base is None:
         raise ValueError(f"{args.model} names no base model; give --baseline")
@@ -253,6 +264,24 @@ def run_generate(args: argparse.Namespace) -> int:
               f"{next(model.parameters()).dtype}, torch {torch.__version__}, {args.threads} thread(s){_cpu_name()}")
     _emit(header, format_rows(rows), args.output)
     return 0
+
+
+def _checked(run):
+    """``run`` after the checks every bench command shares, made before anything is loaded or timed: --threads,
+    --device and --output (a file that can be written, not a folder)."""
+    def checked(args: argparse.Namespace) -> int:
+        if getattr(args, "threads", 1) < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        if getattr(args, "device", None):
+            _device(args.device)
+        if getattr(args, "output", None):
+            out = Path(args.output)
+            if out.is_dir():
+                raise ValueError(f"--output {out} is a folder; give a file name such as {out / 'bench.md'}")
+            check_writable_parent(out, "--output")
+        return run(args)
+
+    return checked
 
 
 def _emit(header: str, table: str, output: str | None) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -13,7 +14,9 @@ import torch
 
 from mosa_retrofit.convert.calibration import calibration_ids
 from mosa_retrofit.convert.config import MoSAConfig, field_choices
+from mosa_retrofit.convert.heads import HEAD_GROUPS
 from mosa_retrofit.text.protocol import PROTOCOL
+from mosa_retrofit.validate import positions_of, within_positions
 
 from .common import HelpFormatter, add_dataclass_flags, given_flags
 
@@ -43,10 +46,11 @@ def add_parser(sub) -> None:
         "convert", help="convert a pretrained causal LM to hybrid MoSA and save it",
         description="Convert MODEL (a local folder, a hub id, or 'smollm2-135m', the embedded default) to hybrid "
                     "MoSA attention and save it to OUT (safetensors + config.json with a 'mosa' block; load it "
-                    "with mosa_retrofit.load(OUT)). The defaults are the best retrofit we know: dense heads chosen "
-                    "as whole KV groups by what sparse selection would change most, routers fitted per KV group, "
-                    "mean fill and causal routing (the model can generate with a sparse KV cache), all calibrated "
-                    "on --calibration-data. --preset paper gives the MoSA paper's conversion instead. Ends with "
+                    "with mosa_retrofit.load(OUT)). The defaults are the best retrofit we know: a quarter of the KV "
+                    "groups stay dense, those that read hidden keys back (retrieval heads, wherever they are in the "
+                    "model); the others become key-selection MoSA units (4 sinks + a 256-token window + the 1/64 "
+                    "of tokens a router passes) with one router per KV group fitted on --calibration-data and "
+                    "causal routing (the model generates with a sparse KV cache). --preset paper gives the MoSA paper's conversion instead. Ends with "
                     "held-out perplexity of the original and the converted model (--no-check skips it). "
                     "Precedence: flags > --config > --preset.",
         formatter_class=HelpFormatter)
@@ -63,7 +67,8 @@ def add_parser(sub) -> None:
                         "'shakespeare-offline', text/jsonl/parquet files or a hub dataset (falls back to the "
                         "embedded text when the hub is unreachable)")
     p.add_argument("--calib-sequences", type=int, default=16, help="calibration sequences")
-    p.add_argument("--calib-length", type=int, default=512, help="tokens per calibration sequence")
+    p.add_argument("--calib-length", type=int, default=None,
+                   help="tokens per calibration sequence (default: 512, or the model's positions if fewer)")
     p.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,
                    help="after converting, measure held-out perplexity of the original and the converted model "
                         f"({PROTOCOL.describe()}; about half a minute for SmolLM2-135M on 2 CPU cores)")
@@ -100,22 +105,24 @@ def run_convert(args: argparse.Namespace) -> int:
     from mosa_retrofit.convert.families import family_of
     from mosa_retrofit.convert.surgery import check_config
     from mosa_retrofit.eval.perplexity import perplexity
-    from mosa_retrofit.text.assets import resolve_model
+    from mosa_retrofit.text.assets import model_reference, resolve_model
 
     config = build_config(args)  # validates every value before anything is loaded
     for name in ("calib_sequences", "calib_length"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     out = Path(args.out)
     check_output(out, args.model, args.overwrite)
     source = resolve_model(args.model)
-    saved = getattr(AutoConfig.from_pretrained(source), "mosa", None)
+    hf_config = AutoConfig.from_pretrained(source)
+    check_lengths(config, args, positions_of(hf_config))
+    saved = getattr(hf_config, "mosa", None)
     if saved:
         base = saved.get("base_model_name_or_path") if isinstance(saved, dict) else None
         raise ValueError(f"{args.model} is already converted (its config.json has a 'mosa' block): load it with "
                          f"mosa_retrofit.load, or convert the original{f' ({base})' if base else ''} again to change "
                          "the conversion")
-    config = dataclasses.replace(config, base_model_name_or_path=args.model)
+    config = dataclasses.replace(config, base_model_name_or_path=model_reference(args.model))
     print(f"loading {args.model} ...", flush=True)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
     try:
@@ -135,7 +142,8 @@ def run_convert(args: argparse.Namespace) -> int:
         before = perplexity(model, blocks, progress=True)
     convert_(model, config, calibration=calibration, tokenizer=tokenizer)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    sweep_temporaries(out)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-{os.getpid()}-"))
     try:
         model.save_pretrained(tmp)
         if tokenizer is not None:
@@ -148,7 +156,7 @@ def run_convert(args: argparse.Namespace) -> int:
             shutil.rmtree(previous)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(summary(model, 2048))
+    print(summary(model, min(2048, positions_of(hf_config) or 2048)))
     if args.check:
         after = perplexity(model, blocks, progress=True)
         print(f"\ncheck ({PROTOCOL.describe()}): original {before:.2f}, converted {after:.2f} "
@@ -159,6 +167,57 @@ def run_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_lengths(config: MoSAConfig, args: argparse.Namespace, positions: int | None) -> None:
+    """Lengths against the model's positions and what calibration can fit, before the model is loaded."""
+    explicit = getattr(args, "local_window", None) is not None  # the default window on a short model: noted later
+    if explicit and positions is not None and HEAD_GROUPS[config.sparse_heads].windowed \
+            and config.local_window >= positions:
+        raise ValueError(f"--local-window {config.local_window:,} covers all {positions:,} positions of "
+                         f"{args.model}: its '{config.sparse_heads}' heads would attend every token (a no-op); give "
+                         f"--local-window < {positions:,}")
+    if args.calib_length is None:
+        args.calib_length = min(512, positions or 512)
+    if config.uses_calibration:
+        within_positions("--calib-length", args.calib_length, positions, args.model)
+        floor = config.calibration_floor(positions)
+        if args.calib_length < floor:
+            raise ValueError(f"--calib-length {args.calib_length} is too short to calibrate this conversion: it "
+                             f"needs >= {floor} tokens per sequence (one routed token at sparsity "
+                             f"{config.sparsity:g}, and for key-selection routers tokens beyond the "
+                             f"{config.local_window}-token window)")
+
+
+def check_writable_parent(path: Path, what: str) -> None:
+    """``path`` can be created: its nearest existing ancestor is a folder this process may write into."""
+    parent = path.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"{what} {path} lies under {parent}, which is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{what} {path} cannot be written: {parent} is read-only for this user")
+
+
+def sweep_temporaries(out: Path) -> None:
+    """Remove the half-written folders an earlier convert into ``out`` left when it was killed
+    (``.OUT.tmp-PID-*`` / ``.OUT.old-PID`` of a process that no longer runs)."""
+    for p in out.parent.glob(f".{out.name}.*"):
+        m = re.fullmatch(rf"\.{re.escape(out.name)}\.(?:tmp-(\d+)-\w+|old-(\d+))", p.name)
+        if m is None or not p.is_dir() or p.is_symlink():
+            continue
+        pid = int(m.group(1) or m.group(2))
+        try:
+            os.kill(pid, 0)
+            alive = pid != os.getpid()
+        except ProcessLookupError:
+            alive = False
+        except PermissionError:
+            alive = True
+        if not alive:
+            shutil.rmtree(p, ignore_errors=True)
+            print(f"removed {p}, left half-written by an earlier convert that was stopped", flush=True)
+
+
 # what save_pretrained of a converted model and its tokenizer write
 _CHECKPOINT_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
                      "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
@@ -167,7 +226,11 @@ _CHECKPOINT_FILES = ("config.json", "generation_config.json", "model.safetensors
 
 def check_output(out: Path, model: str, overwrite: bool) -> None:
     """OUT must not exist, or (with --overwrite) be a folder that holds a converted checkpoint and nothing
-    else; never the input model, a folder holding it, the working directory, a home or a root folder."""
+    else; never the input model, a folder holding it, the working directory, a home or a root folder, nor a
+    symlink; its parent must be a folder that can be written (checked before any work)."""
+    if out.is_symlink():
+        raise ValueError(f"OUT {out} is a symlink (to {os.path.realpath(out)}); give the folder itself")
+    check_writable_parent(out, "OUT")
     if not out.exists():
         return
     if not overwrite:

@@ -26,7 +26,8 @@ def add_parser(sub) -> None:
     p.add_argument("--text-field", default="text")
     p.add_argument("--validation-documents", type=int, default=PROTOCOL.validation_documents,
                    help="evaluate on the last N documents (the held-out split of the training recipes)")
-    p.add_argument("--block-size", type=int, default=PROTOCOL.block_size, help="tokens per block")
+    p.add_argument("--block-size", type=int, default=None,
+                   help=f"tokens per block (default: {PROTOCOL.block_size}, or the model's positions if fewer)")
     p.add_argument("--max-tokens", type=int, default=PROTOCOL.tokens, help="validation tokens used")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--baseline", nargs="?", const="auto", metavar="BASE",
@@ -88,25 +89,37 @@ def _run_tasks(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     from mosa_retrofit.convert.costs import cost_ratios
     from mosa_retrofit.convert.serialization import load_any
+    from mosa_retrofit.text.assets import resolve_model
     from mosa_retrofit.text.data import DataSpec, load_corpus
+    from mosa_retrofit.validate import positions_of, within_positions
 
 
     for name in ("block_size", "max_tokens", "batch_size", "cost_seq_len", "validation_documents"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.tasks is not None:
         return _run_tasks(args)
     if args.include_path is not None or args.limit is not None:
         raise ValueError("--include-path and --limit apply to --tasks only")
+    positions = positions_of(AutoConfig.from_pretrained(resolve_model(args.model)))
+    if args.block_size is None:
+        args.block_size = min(PROTOCOL.block_size, positions or PROTOCOL.block_size)
+    within_positions("--block-size", args.block_size, positions, args.model)
     spec = DataSpec(source=args.data, name=args.data_name, split=args.split, text_field=args.text_field,
                     block_size=args.block_size, validation_documents=args.validation_documents,
                     validation_tokens=max(args.max_tokens, args.block_size),
                     max_train_tokens=16 * args.block_size + 1)  # read only for --causal calibration
     model, source = load_any(args.model)
+    base = args.baseline
+    if base == "auto":  # before any measurement
+        base = (getattr(model.config, "mosa", None) or {}).get("base_model_name_or_path")
+        if base is None:
+            raise ValueError(f"{args.model} names no base model (it is not a converted model, or an old one); give "
+                             "--baseline BASE")
     tokenizer = AutoTokenizer.from_pretrained(source)
     corpus = load_corpus(spec, tokenizer, progress=False, validation_only=not args.causal)
     blocks = corpus.blocks("validation", args.block_size)
@@ -117,11 +130,6 @@ def run(args: argparse.Namespace) -> int:
     rows = []
     ppl, tps = _measure(model, blocks, args.batch_size)
     rows.append((args.model + (" (causal routing)" if args.causal else ""), ppl, tps, cost_ratios(model, args.cost_seq_len)))
-    base = args.baseline
-    if base == "auto":
-        base = (getattr(model.config, "mosa", None) or {}).get("base_model_name_or_path")
-        if base is None:
-            raise ValueError(f"{args.model} names no base model; give --baseline BASE")
     if base is not None:
         baseline, _ = load_any(base)
         b_ppl, b_tps = _measure(baseline, blocks, args.batch_size)

@@ -45,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoTokenizer, TextStreamer
 
+    from mosa_retrofit.convert.attention import decode_refusal, mosa_layers
     from mosa_retrofit.convert.cache import cache_bytes
     from mosa_retrofit.convert.compat import output_cache
     from mosa_retrofit.convert.serialization import load_any
@@ -55,10 +56,9 @@ def run(args: argparse.Namespace) -> int:
     if not args.prompt.strip():
         raise ValueError("PROMPT is empty: give the text to continue")
     model, source = load_any(args.model)
-    mosa = getattr(model.config, "mosa", None) or {}
-    if mosa and mosa.get("routing", "expert_choice") != "causal" and not args.no_cache:
-        raise ValueError(f"{args.model} uses expert-choice routing, which cannot decode with a cache (top-k looks at "
-                         "the whole sequence); convert or train with routing='causal', or pass --no-cache")
+    why = decode_refusal(model)
+    if why is not None and not args.no_cache:
+        raise ValueError(f"{args.model} cannot decode with a cache: {why}; or pass --no-cache")
     tokenizer = AutoTokenizer.from_pretrained(source)
     ids = tokenizer(args.prompt, return_tensors="pt")
     torch.manual_seed(args.seed)
@@ -78,9 +78,16 @@ def run(args: argparse.Namespace) -> int:
         print(f"\n{length} tokens (no cache)")
         return 0
     dense, sparse, _ = cache_bytes(cache)
-    rows = out.sequences.shape[0]
+    rows = out.sequences.shape[0] * args.num_beams  # beam search caches every beam
     original = original_kv_bytes(model, length - 1, rows)  # the last token is never cached
-    print(f"\nKV cache after {length - 1} tokens: {(dense + sparse) / 1024:,.1f} KiB (dense heads {dense / 1024:,.1f} KiB, "
-          f"MoSA heads {sparse / 1024:,.1f} KiB); the original model caches {original / 1024:,.1f} KiB: "
-          f"{(dense + sparse) / original:.3f}x")
+    ratio = (dense + sparse) / original
+    beams = f" ({rows} beams)" if rows > 1 else ""
+    print(f"\nKV cache after {length - 1} tokens{beams}: {(dense + sparse) / 1024:,.1f} KiB (dense heads "
+          f"{dense / 1024:,.1f} KiB, MoSA heads {sparse / 1024:,.1f} KiB); the original model caches "
+          f"{original / 1024:,.1f} KiB: {ratio:.3f}x")
+    windows = [g.window(None) for m in mosa_layers(model).values() for g in m.mosa_groups if g.windowed]
+    window = min(windows, default=None)
+    if ratio > 0.99 and window and length - 1 <= window:
+        print(f"(all {length - 1} tokens lie within the {window}-token window the MoSA heads keep whole: the cache "
+              "saves bytes on longer contexts only; `mosa-retrofit inspect MODEL --seq-len 8192` shows how much)")
     return 0

@@ -29,6 +29,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.seq_len < 1:
         raise ValueError(f"--seq-len must be >= 1, got {args.seq_len}")
+    if not args.plot and (args.layer is not None or args.text is not None):
+        raise ValueError("--layer and --text choose what --plot draws; add --plot FILE.png")
+    if args.text is not None and not args.text.strip():
+        raise ValueError("--text is empty: give the sample text to plot, or leave --text out for the default")
     model, source = load_any(args.model)
     converted = bool(getattr(model.config, "mosa", None))
     print(("converted MoSA model" if converted else "original (unconverted) model") + f": {args.model}\n")

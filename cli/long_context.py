@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from .common import HelpFormatter
+from .convert import check_writable_parent
 
 
 def _ints(text: str) -> list[int]:
@@ -58,7 +59,7 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     from mosa_retrofit.convert.serialization import load_any
     from mosa_retrofit.eval.long_context import (
@@ -68,11 +69,20 @@ def run(args: argparse.Namespace) -> int:
         prefill_footprint,
     )
     from mosa_retrofit.eval.plots import plot_long_context
-    from mosa_retrofit.text.assets import shakespeare_plays
+    from mosa_retrofit.text.assets import resolve_model, shakespeare_plays
+    from mosa_retrofit.validate import positions_of, within_positions
 
     for name in ("trials", "score_tokens", "documents"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out} is a file; give a folder for long_context.png")
+    check_writable_parent(Path(args.out), "--out")
+    if args.prefill is not None:
+        if args.prefill < 0:
+            raise ValueError(f"--prefill must be >= 0 tokens (0 skips it), got {args.prefill}")
+        within_positions("--prefill", args.prefill,
+                         positions_of(AutoConfig.from_pretrained(resolve_model(args.model))), args.model)
     model, source = load_any(args.model)
     base = args.baseline
     if base == "auto":

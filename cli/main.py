@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+
+from safetensors import SafetensorError
 
 from . import (
     bench,
@@ -43,11 +46,42 @@ def main(argv: list[str] | None = None) -> int:
             args.overrides = [*args.overrides, *extra]
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    previous = _terminate_as_interrupt()
     try:
         return int(args.run(args) or 0)
     except (ValueError, OSError) as e:  # bad input, missing files, unreachable hub: one clear line
         print(f"mosa-retrofit {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except SafetensorError as e:  # a truncated or foreign weights file
+        print(f"mosa-retrofit {args.command}: error: a model.safetensors file is damaged or not safetensors ({e}); "
+              "write it again (convert / train) or download it again", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the finally blocks below removed what was half-written
+        print(f"\nmosa-retrofit {args.command}: interrupted; nothing half-written was left"
+              f"{AFTER_INTERRUPT.get(args.command, '')}", file=sys.stderr)
+        return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+AFTER_INTERRUPT = {"train": " (checkpoints are whole: the same command with --resume continues from the last one)",
+                   "convert": " (OUT is as it was before; run the command again)",
+                   "study": " (finished points are kept: the same command continues)"}
+
+
+def _terminate_as_interrupt():
+    """SIGTERM raises KeyboardInterrupt in the main thread, so that cleanup runs as for Ctrl-C (temporary
+    folders removed, checkpoints never half-written). Returns the handler it replaced (None off the main thread)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGTERM, interrupt)
 
 
 if __name__ == "__main__":

@@ -47,6 +47,7 @@ def _sample(output_dir: str, prompt: str, max_new_tokens: int) -> None:
     """Greedy continuation from OUTPUT_DIR/final (cached decode for causal routing) and its costs."""
     from pathlib import Path
 
+    from mosa_retrofit.convert.attention import decode_refusal
     from mosa_retrofit.convert.costs import cost_ratios
     from mosa_retrofit.convert.serialization import load
 
@@ -55,10 +56,12 @@ def _sample(output_dir: str, prompt: str, max_new_tokens: int) -> None:
     final = str(Path(output_dir) / "final")
     model = load(final)
     routing = (getattr(model.config, "mosa", None) or {}).get("routing", "expert_choice")
+    cached = decode_refusal(model) is None
     lines = [f"{'':>4}attention FLOPs / KV bytes / KV entries vs the original: "
              + ", ".join(f"{r.flops:.3f}x / {r.kv_bytes:.3f}x / {r.kv:.3f}x at T = {T}"
                          for T, r in ((T, cost_ratios(model, T)) for T in (2048, 8192)))]
-    print("\n".join(lines) + f"\n\nsample from {final} ({routing} routing, greedy):")
+    print("\n".join(lines) + f"\n\nsample from {final} ({routing} routing, greedy, "
+          f"{'with' if cached else 'without'} a KV cache):")
     del model
     generate.run(argparse.Namespace(model=final, prompt=prompt, max_new_tokens=max_new_tokens, sample=False,
-                                    temperature=1.0, top_p=1.0, num_beams=1, seed=0, no_cache=routing != "causal"))
+                                    temperature=1.0, top_p=1.0, num_beams=1, seed=0, no_cache=not cached))

@@ -15,3 +15,15 @@ def require(ok: bool, name: str, value: Any, valid: str) -> None:
 def positive_int(name: str, v: Any, minimum: int = 1) -> None:
     """``v`` is an int (not a bool) >= ``minimum``."""
     require(isinstance(v, int) and not isinstance(v, bool) and v >= minimum, name, v, f"an integer >= {minimum}")
+
+
+def positions_of(config: Any) -> int | None:
+    """The positions a model (its transformers config) has, or None if it states none."""
+    return getattr(config, "max_position_embeddings", None)
+
+
+def within_positions(name: str, value: int, positions: int | None, model: str = "the model") -> None:
+    """``value`` tokens fit ``model``'s ``positions`` (checked before any work, naming the option)."""
+    if positions is not None and value > positions:
+        raise ValueError(f"{name} = {value:,} reaches beyond the {positions:,} positions of {model}; give "
+                         f"{name} <= {positions:,}")

@@ -82,3 +82,45 @@ def ref_dense(x, W_QKV, W_O, n_heads, rotate_fraction=0.5, base=10000, window=No
         att = att.masked_fill(~allowed, float("-inf")).softmax(-1)
         outs.append(att @ V)
     return torch.cat(outs, dim=-1) @ W_O.t()
+
+
+def naive_layer(x, W, dense, mosa_heads, router, sparsity, scale, include_first, cos, sin, group, fill=None):
+    """Reference for one converted Llama-style layer without biases/norms: dense heads by the explicit causal
+    formula, each MoSA head with its own top-k (group heads share one selection when group > 1). ``fill``
+    {head: (d,)}: a skipped token gets fill @ W_o, a selected one fill @ W_o + gate·(attention − fill) @ W_o."""
+    B, T, D = x.shape
+    H, KV, d = W.num_heads, W.num_kv_heads, W.head_dim
+    kv_of = [h // (H // KV) for h in range(H)]
+    R = cos.shape[-1]
+
+    def rope(t, pos):  # t (n, d) at positions pos
+        c, s = cos[0, pos], sin[0, pos]
+        t1, t2 = t[:, : R // 2], t[:, R // 2: R]
+        return torch.cat((t1 * c[:, : R // 2] - t2 * s[:, : R // 2], t2 * c[:, : R // 2] + t1 * s[:, : R // 2], t[:, R:]), -1)
+
+    y = torch.zeros(B, T, D)
+    for b in range(B):
+        for h in dense:
+            pos = torch.arange(T)
+            q, k, v = x[b] @ W.wq[h].t(), x[b] @ W.wk[kv_of[h]].t(), x[b] @ W.wv[kv_of[h]].t()
+            q, k = rope(q, pos), rope(k, pos)
+            att = (q @ k.t() * scale).masked_fill(torch.ones(T, T).triu(1).bool(), -math.inf).softmax(-1)
+            y[b] += att @ v @ W.wo[:, h].t()
+        for u, heads in enumerate([mosa_heads[i: i + group] for i in range(0, len(mosa_heads), group)]):
+            logits = x[b] @ router[u]
+            kk = min(max(int(T // sparsity), 2), T)
+            if include_first:
+                rest = logits[1:].topk(kk - 1).indices + 1
+                I = torch.cat((torch.zeros(1, dtype=torch.long), rest))
+            else:
+                I = logits.topk(kk).indices
+            gate = torch.sigmoid(logits[I])
+            for h in heads:
+                X = x[b, I]
+                q, k, v = X @ W.wq[h].t(), X @ W.wk[kv_of[h]].t(), X @ W.wv[kv_of[h]].t()
+                q, k = rope(q, I), rope(k, I)
+                att = (q @ k.t() * scale).masked_fill(~(I[:, None] >= I[None, :]), -math.inf).softmax(-1)
+                f = torch.zeros(d) if fill is None else fill[h]
+                y[b] += f @ W.wo[:, h].t()
+                y[b].index_add_(0, I, ((att @ v - f) * gate[:, None]) @ W.wo[:, h].t())
+    return y

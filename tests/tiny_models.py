@@ -1,9 +1,13 @@
 """Tiny random-weight models of every supported family, built from configs (no downloads)."""
 
+import math
+
 import torch
 import transformers as tf
+from transformers import DynamicCache
 
-from mosa_retrofit import MoSAConfig
+from mosa_retrofit import MoSAConfig, convert_
+from mosa_retrofit.convert.compat import with_cache
 
 VOCAB = 128
 
@@ -100,3 +104,60 @@ def prefill_capturing_inputs(model, x):
         for h in hooks:
             h.remove()
     return cache, inputs
+
+
+IDENTITY = dict(sparsity=1, router_score="straight_through", include_first=False)
+
+
+def ids_and_mask(T=24, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 128, (2, T), generator=g)
+    mask = torch.ones(2, T, dtype=torch.long)
+    mask[1, :5] = 0  # left padding
+    return ids, mask
+
+
+KEEP = {"0": [1], "1": [2]}
+
+
+def masked_reference(family: str, masks: dict, ids):
+    """The *original* model with each layer's attention replaced by plain softmax attention under ``masks``
+    {layer: (H, T, T) bool} (computed in the test from the converted model's routers)."""
+    from transformers import AttentionInterface
+
+    def attend(module, q, k, v, attention_mask, scaling=None, dropout=0.0, **kw):
+        G = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)
+        s = (q @ k.transpose(-1, -2)) * scaling  # (B, H, T, T)
+        return (s.masked_fill(~masks[module.layer_idx], -math.inf).softmax(-1) @ v).transpose(1, 2), None
+
+    AttentionInterface.register("test_masked_reference", attend)
+    model = tiny_model(family)
+    model.set_attn_implementation("test_masked_reference")
+    with torch.no_grad():
+        return model(ids).logits
+
+
+CAUSAL = dict(sparsity=4, dense_heads=1, routing="causal")
+
+
+def causal_model(family, seed=0, **over):
+    model = tiny_model(family, seed=seed)
+    g = torch.Generator().manual_seed(seed + 7)
+    convert_(model, plain_config(**{**CAUSAL, **over}), calibration=torch.randint(1, 128, (4, 32), generator=g))
+    return model
+
+
+def ids(B=2, T=24, seed=0):
+    return torch.randint(1, 128, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def decode_incrementally(model, x, mask=None, prefill=10):
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        m = None if mask is None else mask[:, :prefill]
+        out = [model(x[:, :prefill], attention_mask=m, **with_cache(model, cache), use_cache=True).logits]
+        for t in range(prefill, x.shape[1]):
+            m = None if mask is None else mask[:, : t + 1]
+            out.append(model(x[:, t: t + 1], attention_mask=m, **with_cache(model, cache), use_cache=True).logits)
+    return torch.cat(out, 1), cache

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
+import pytest
 import torch
-
+from safetensors.torch import load_file
 from tiny_models import tiny_config
+
+from mosa_retrofit.train.recipe import Recipe
+from mosa_retrofit.train.trainer import train
 
 _SUBJECTS = ["the cat", "a dog", "the old man", "my sister", "the river", "a small bird", "the king"]
 _VERBS = ["sees", "follows", "likes", "paints", "finds", "remembers", "crosses"]
@@ -85,3 +90,22 @@ def recipe_dict(model_dir: Path, data: Path, out: Path, **over) -> dict:
     for k, v in over.items():
         d[k] = v
     return d
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return make_world(tmp_path_factory.mktemp("world"))
+
+
+def run(world, out, overrides=(), resume=False, interrupt=None, **sections):
+    model_dir, data = world
+    recipe = Recipe.from_dict(recipe_dict(model_dir, data, out, **sections), list(overrides))
+    return train(recipe, resume=resume, progress=False, interrupt=interrupt)
+
+
+def records(out, split="train"):
+    return [r for r in map(json.loads, (Path(out) / "metrics.jsonl").read_text().splitlines()) if r["split"] == split]
+
+
+def weights(path):
+    return load_file(str(Path(path) / "model.safetensors"))

@@ -151,6 +151,17 @@ def set_attn_backend(model: nn.Module, backend: str) -> None:
         mosa["attn_backend"] = backend
 
 
+def decode_refusal(model: nn.Module) -> str | None:
+    """Why ``model`` cannot decode with a KV cache (its head kinds decide, whatever the routing field says);
+    None if it can, or if it is not converted."""
+    for m in mosa_layers(model).values():
+        for group in m.mosa_groups:
+            why = group.decode_refusal()
+            if why is not None:
+                return why
+    return None
+
+
 def mosa_layers(model: nn.Module) -> dict[int, nn.Module]:
     """Converted attention modules by layer index."""
     return {int(m.layer_idx): m for m in model.modules() if hasattr(m, "mosa_plan")}

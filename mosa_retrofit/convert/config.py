@@ -4,9 +4,10 @@ Which heads stay dense, per layer (first match wins):
   1. ``dense_head_ids[str(layer)]``: an explicit list of head indices;
   2. ``dense_heads_pattern``: ``{"3": n, "0-5": n, "re:<regex on the layer index>": n}`` overrides the count;
   3. ``dense_heads``: the count for every other layer, an int or a fraction of the layer's heads.
-A count is turned into indices by ``head_choice``: ``first`` (heads 0..n-1), ``last``, or ``scored``
+A count is turned into indices by ``head_choice``: ``first`` (heads 0..n-1), ``last``, ``scored``
 (calibration keeps dense the heads, or KV groups, whose replacement would change the layer output most; see
-calibration.py). With ``router_granularity="kv_group"`` (the default) a count on a GQA model is rounded up to
+calibration.py) or ``retrieval`` (those that read a hidden key back on passkey prompts; retrieval.py). With
+``dense_scope="model"`` a fraction counts over the whole model and the highest scores win wherever they are. With ``router_granularity="kv_group"`` (the default) a count on a GQA model is rounded up to
 whole KV groups, so the dense heads cache each K/V row once and each MoSA unit (one KV group) one copy of its
 selected rows: the cache shrinks in bytes, not only in entries.
 
@@ -234,6 +235,17 @@ class MoSAConfig:
     def uses_calibration(self) -> bool:
         """Whether calibration text, when given, is used: ``needs_calibration`` or causal thresholds."""
         return self.needs_calibration or (self.routed and self.routing == "causal")
+
+    def calibration_floor(self, positions: int | None = None) -> int:
+        """The shortest calibration sequence that can fit what this config calibrates: at least one routed token
+        per sequence (``sparsity``), and for routers fitted to far attention a token beyond the window (unless the
+        window covers all of a model's ``positions``: then no length has far attention)."""
+        kind = HEAD_GROUPS[self.sparse_heads]
+        floor = max(2, math.ceil(self.sparsity)) if kind.routed else 2
+        covered = positions is not None and self.local_window >= positions
+        if kind.routed and kind.far_router and self.router_init == "calibrated" and not covered:
+            floor = max(floor, self.local_window + 2)
+        return floor
 
     @property
     def routed(self) -> bool:

@@ -21,8 +21,8 @@ import warnings
 
 from torch import Tensor, nn
 
-from ..text.assets import resolve_model
-from .attention import init_router_
+from ..text.assets import model_reference, resolve_model
+from .attention import init_router_, init_threshold_
 from .config import MoSAConfig
 from .surgery import apply_plan_, convert_, plan_layers
 
@@ -56,13 +56,17 @@ def _mosa_model_class(base_cls: type) -> type:
                                                   "__qualname__": base_cls.__qualname__})
 
 
-def load(path: str, config: MoSAConfig | None = None, calibration: Tensor | None = None, **kwargs) -> nn.Module:
+def load(path: str, config: MoSAConfig | None = None, calibration: Tensor | None = None, allow_partial: bool = False,
+         **kwargs) -> nn.Module:
     """Load a converted model (a folder or hub id), or convert a base model on load.
 
     Args:
         path: a folder written by ``save_pretrained`` of a converted model, or a base checkpoint with ``config``.
         config: convert on load with this config (the checkpoint's own ``mosa`` block is used if omitted).
         calibration: token ids (N, T) for ``router_init='calibrated'`` / ``head_choice='scored'`` on load.
+        allow_partial: load a checkpoint that lacks MoSA tensors its block needs, or holds some it does not use
+            (an edited or cut-short save): missing routers start at random, fills at zero, thresholds at the
+            normal quantile of the sparsity, each named in a warning. Without it such a checkpoint is refused.
         **kwargs: passed to ``from_pretrained`` (``dtype``, ``device_map``, ``attn_implementation``, ...).
     """
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -78,7 +82,7 @@ def load(path: str, config: MoSAConfig | None = None, calibration: Tensor | None
     base_cls = mapping[type(hf_config)]
     if config is not None and not saved:  # convert on load: base weights + new routers
         if config.base_model_name_or_path is None:
-            config = dataclasses.replace(config, base_model_name_or_path=str(path))
+            config = dataclasses.replace(config, base_model_name_or_path=model_reference(str(path)))
         model = base_cls.from_pretrained(path, **kwargs)
         return convert_(model, config, calibration=calibration)
     if config is not None:
@@ -93,25 +97,53 @@ def load(path: str, config: MoSAConfig | None = None, calibration: Tensor | None
         raise ValueError(f"{path}: {name} has shape {saved} in the checkpoint, the structure in config.json's "
                          f"'mosa' block needs {built}{f' ({len(wrong) - 1} more tensors too)' if len(wrong) > 1 else ''}"
                          "; was the checkpoint or its 'mosa' block (dense_head_ids, ...) edited?")
-    missing = info.get("missing_keys", [])
-    missing_fill = [k for k in missing if k.endswith("mosa_fill")]
-    if missing_fill:
-        logger.warning("fills missing from %s, left at zero: %s", path, missing_fill)
-        for name, p in model.named_parameters():
-            if name in missing_fill:
-                p.data.zero_()
-    missing_routers = [k for k in missing if k.endswith("mosa_router")]
-    if missing_routers:
-        logger.warning("routers missing from %s, initialised at random: %s", path, missing_routers)
-        for name, p in model.named_parameters():
-            if name in missing_routers:
-                init_router_(p)
-    bad = [name for name, t in model.named_parameters() if "mosa_" in name and not t.isfinite().all()]
-    bad += [name for name, t in model.named_buffers() if "mosa_" in name and t.isnan().any()]  # -inf: pass all
-    if bad:
-        raise ValueError(f"{path} holds non-finite MoSA weights ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}): "
-                         "the checkpoint was saved from a diverged run; use an earlier checkpoint")
+    check_mosa_state_(model, path, info, allow_partial)
     return model
+
+
+_STARTS = {"mosa_router": "initialised at random", "mosa_fill": "left at zero",
+           "mosa_threshold": "set to the normal quantile of the sparsity"}
+
+
+def check_mosa_state_(model: nn.Module, path: str, info: dict, allow_partial: bool = False) -> None:
+    """The MoSA state a checkpoint loaded into ``model`` is the whole state its 'mosa' block describes: every
+    router, fill and threshold present and finite, none left over; else one clear error (``allow_partial``:
+    missing tensors get defined starting values, each named in a warning; left-over ones are ignored)."""
+    missing = sorted(k for k in info.get("missing_keys", ()) if "mosa_" in k)
+    unused = sorted(k for k in info.get("unexpected_keys", ()) if "mosa_" in k)
+
+    def names(keys):
+        return f"{', '.join(keys[:3])}{f' and {len(keys) - 3} more' if len(keys) > 3 else ''}"
+
+    if (missing or unused) and not allow_partial:
+        what = []
+        if missing:
+            what.append(f"lacks {len(missing)} MoSA tensor(s) its 'mosa' block needs ({names(missing)})")
+        if unused:
+            what.append(f"holds {len(unused)} MoSA tensor(s) its 'mosa' block does not use ({names(unused)})")
+        raise ValueError(f"{path} {' and '.join(what)}: its model.safetensors or the 'mosa' block of its "
+                         "config.json was edited, or a save was cut short; load the folder convert or train wrote, "
+                         "or pass allow_partial=True to start the missing ones afresh")
+    if unused:
+        logger.warning("%s: MoSA tensors its 'mosa' block does not use, ignored: %s", path, names(unused))
+    if missing:
+        params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
+        for name in missing:
+            kind = name.rsplit(".", 1)[-1]
+            logger.warning("%s: %s missing, %s (allow_partial=True)", path, name, _STARTS.get(kind, "left as built"))
+            module = model.get_submodule(name.rsplit(".", 1)[0])
+            if kind == "mosa_router":
+                init_router_(params[name])
+            elif kind == "mosa_fill":
+                params[name].data.zero_()
+            elif kind == "mosa_threshold":
+                init_threshold_(buffers[name], module.mosa_plan.config.sparsity)
+    bad = [name for name, t in model.named_parameters() if "mosa_" in name and not t.isfinite().all()]
+    # thresholds: -inf routes every token (sparsity 1), anything else must be a number
+    bad += [name for name, t in model.named_buffers() if "mosa_" in name and (t.isnan() | (t == float("inf"))).any()]
+    if bad:
+        raise ValueError(f"{path} holds non-finite MoSA weights ({names(bad)}): the checkpoint was saved from a "
+                         "diverged run; use an earlier checkpoint")
 
 
 def warn_if_dense_load(model: nn.Module) -> bool:
@@ -130,6 +162,13 @@ def load_any(name_or_path: str, **kwargs) -> tuple[nn.Module, str]:
 
 
     source = resolve_model(name_or_path)
-    if getattr(AutoConfig.from_pretrained(source), "mosa", None):
+    hf_config = AutoConfig.from_pretrained(source)
+    if getattr(hf_config, "mosa", None):
         return load(source, **kwargs), source
-    return AutoModelForCausalLM.from_pretrained(source, **kwargs), source
+    model, info = AutoModelForCausalLM.from_pretrained(source, output_loading_info=True, **kwargs)
+    left = sorted(k for k in info.get("unexpected_keys", ()) if "mosa_" in k)
+    if left or "mosa" in vars(hf_config):  # an emptied or nulled block, or MoSA tensors without one
+        raise ValueError(f"{name_or_path} holds a converted model's tensors ({', '.join(left[:2]) or 'none'}) or an "
+                         f"empty 'mosa' block in its config.json ({vars(hf_config).get('mosa', 'absent')!r}), so it "
+                         "would run every head dense: restore the 'mosa' block convert or train wrote")
+    return model, source

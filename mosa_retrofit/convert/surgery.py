@@ -281,6 +281,27 @@ def apply_plan_(model: nn.Module, plans: dict[int, LayerPlan], evidence: Evidenc
     return model
 
 
+def check_inputs(model: nn.Module, config: MoSAConfig, calibration) -> None:
+    """What ``convert_`` reads besides the config: weights that exist, and calibration token ids of the model's
+    vocabulary (one line naming the bad value, before any work)."""
+    if config.needs_calibration and any(p.is_meta for p in model.parameters()):
+        raise ValueError("the model's weights are on the meta device (a structure without weights): this config "
+                         "fits dense heads, routers or fills on the model's own attention, so load the weights "
+                         "first (from_pretrained), or convert with MoSAConfig.paper() which needs none")
+    if calibration is None:
+        return
+    if not isinstance(calibration, Tensor) or calibration.dim() != 2 or calibration.dtype.is_floating_point \
+            or calibration.dtype == torch.bool or calibration.dtype.is_complex:
+        what = (f"a {calibration.dim()}-d {calibration.dtype} tensor" if isinstance(calibration, Tensor)
+                else type(calibration).__name__)
+        raise ValueError(f"calibration must be integer token ids of shape (sequences, tokens), got {what}")
+    vocab = model.get_input_embeddings().weight.shape[0]
+    if calibration.numel() == 0 or int(calibration.min()) < 0 or int(calibration.max()) >= vocab:
+        found = "no tokens" if calibration.numel() == 0 else \
+            f"ids from {int(calibration.min())} to {int(calibration.max())}"
+        raise ValueError(f"calibration must hold token ids in 0..{vocab - 1} (the model's vocabulary), got {found}")
+
+
 def convert_(model: nn.Module, config: MoSAConfig | None = None, calibration: Tensor | None = None,
              filter_fn: Callable[[nn.Module, str], bool] | None = None, progress: bool = True,
              stats: dict[int, LayerStats] | None = None, tokenizer=None,
@@ -314,6 +335,7 @@ def convert_(model: nn.Module, config: MoSAConfig | None = None, calibration: Te
         raise TypeError(f"config must be a MoSAConfig, got {type(config).__name__}")
     family_of(model)
     check_config(model, config, filter_fn)  # before any calibration work
+    check_inputs(model, config, calibration)
     evidence = gather(model, config, calibration, tokenizer, stats, retrieval, filter_fn, progress)
     notes: list[str] = []
     plans = plan_layers(model, config, evidence, filter_fn, notes)  # raises before anything is modified

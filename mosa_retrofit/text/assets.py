@@ -69,6 +69,15 @@ def smollm2_dir() -> Path:
 _HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
 
 
+def model_reference(name_or_path: str) -> str:
+    """How a converted model names its base so that any working directory finds the same one: a folder as its
+    absolute path, the embedded default and hub ids as given."""
+    path = Path(name_or_path).expanduser()
+    if name_or_path != DEFAULT_MODEL and path.is_dir():
+        return str(path.resolve())
+    return name_or_path
+
+
 def resolve_model(name_or_path: str) -> str:
     """``smollm2-135m`` -> the cached embedded model; a folder or a hub id unchanged, once it is known to exist.
 

@@ -53,6 +53,12 @@ class DataSpec:
         for name in ("validation_tokens", "max_train_tokens"):
             if getattr(self, name) is not None:
                 positive_int(name, getattr(self, name), self.block_size)
+        if self.source in BUILTIN_SOURCES or _local_files(self.source) is not None:
+            where = "an embedded text" if self.source in BUILTIN_SOURCES else "local files"
+            for name, unset in (("name", None), ("split", "train")):  # hub-only fields must not be ignored
+                require(getattr(self, name) == unset, name, getattr(self, name),
+                        f"{unset!r} for source {self.source!r} ({where}: the dataset name and split apply to hub "
+                        "datasets only)")
 
 
 

@@ -226,6 +226,10 @@ class EvaluationSpec:
                 positive_int(name, getattr(self, name), 2)
 
 
+RESUMABLE_CHANGES = ("output_dir", "logging", "evaluation", "checkpointing")
+"""The recipe sections a resumed run may change: they decide what is written and when, not the weights."""
+
+
 @dataclass(frozen=True)
 class Recipe:
     output_dir: str
@@ -256,9 +260,31 @@ class Recipe:
             first = next((i for i, s in enumerate(self.stages) if s.kind != "layer_distill"), len(self.stages))
             late = [s.name for s in self.stages[first:] if s.kind == "layer_distill"]
             if late:
-                raise ValueError(f"recipe.stages {late}: with training.distributed=fsdp, layer_distill stages come "
+                raise ValueError(f"stages {late}: with training.distributed=fsdp, layer_distill stages come "
                                  "first (they run on whole models; sharding starts at the first other stage)")
 
+
+    def changes(self, saved: dict) -> list[str]:
+        """What in this recipe differs from ``saved`` (a recipe's ``to_dict``) in a way that changes the weights a
+        run ends with (data, conversion, stages, optimizer, schedule, training, seed, model), as
+        'path: saved -> now' lines; output, logging, evaluation and checkpointing may change on resume."""
+        out: list[str] = []
+
+        def walk(a: Any, b: Any, path: str) -> None:
+            if isinstance(a, dict) and isinstance(b, dict):
+                for key in sorted(set(a) | set(b), key=str):
+                    walk(a.get(key), b.get(key), f"{path}.{key}" if path else str(key))
+            elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+                for i, (x, y) in enumerate(zip(a, b)):
+                    walk(x, y, f"{path}[{i}]")
+            elif a != b:
+                out.append(f"{path}: {a!r} -> {b!r}")
+
+        now = self.to_dict()
+        for key in sorted(set(now) | set(saved)):
+            if key not in RESUMABLE_CHANGES:
+                walk(saved.get(key), now.get(key), key)
+        return out
 
     # ------------------------------------------------------------------------------------ (de)serialise
 
@@ -283,6 +309,8 @@ class Recipe:
             raise FileNotFoundError(f"recipe {path} does not exist")
         try:
             data = yaml.safe_load(path.read_text())
+        except UnicodeDecodeError as e:
+            raise ValueError(f"recipe {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
         except yaml.YAMLError as e:
             raise ValueError(f"recipe {path} is not valid YAML: {e}") from None
         if not isinstance(data, dict):

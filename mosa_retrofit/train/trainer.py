@@ -40,9 +40,10 @@ from ..convert.serialization import load, rebuild_
 from ..convert.surgery import convert_
 from ..eval.perplexity import nll
 from ..eval.plots import plot_losses
-from ..text.assets import resolve_model
+from ..text.assets import model_reference, resolve_model
 from ..text.data import BlockSchedule, as_blocks, load_corpus
 from ..text.protocol import PROTOCOL
+from ..validate import positions_of, within_positions
 from . import checkpoint as ckpt
 from . import sharding
 from .recipe import Recipe, StageSpec
@@ -88,6 +89,7 @@ class RunState:
     evals: list = field(default_factory=list)  # [{"name", "ppl", "global_step", ...}] the summary's rows
     stage_log: dict = field(default_factory=dict)  # stage name -> {"tokens", "time"}
     mosa: dict | None = None  # the resolved conversion (config.mosa) of the student
+    recipe: dict | None = None  # the recipe that started the run (a resume must not change its weights)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -100,6 +102,28 @@ class RunState:
         return cls(**data)
 
 
+RUN_MARKER = ".mosa_retrofit-run"
+"""Written into output_dir when a run starts: the folder is the tool's (it may reuse it), not the user's."""
+
+
+def check_output_dir(out: Path, resume: bool) -> None:
+    """A fresh run writes into a new or empty folder, or one an earlier run of this tool started and left
+    without a checkpoint; never a symlink or a folder of the user's files. A resumed run needs a checkpoint."""
+    if out.is_symlink():
+        raise ValueError(f"output_dir {out} is a symlink (to {out.resolve()}); give the folder itself")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output_dir {out} is a file; choose a folder")
+    if resume or not out.exists():
+        return
+    if ckpt.checkpoints(out) or (out / "final").exists():
+        raise ValueError(f"output_dir {out} already holds a run; resume it with --resume or choose another "
+                         "output_dir")
+    theirs = sorted(p.name for p in out.iterdir() if p.name != RUN_MARKER)
+    if theirs and not (out / RUN_MARKER).exists():
+        raise ValueError(f"output_dir {out} holds files this tool did not write ({', '.join(theirs[:3])}"
+                         f"{', ...' if len(theirs) > 3 else ''}); choose a new or empty folder")
+
+
 class Trainer:
     def __init__(self, recipe: Recipe, resume: bool = False, progress: bool = True,
                  interrupt: Callable[[str, int], None] | None = None):
@@ -108,9 +132,7 @@ class Trainer:
 
         self.recipe, self.progress, self.interrupt = recipe, progress, interrupt
         self.out = Path(recipe.output_dir)
-        if not resume and (ckpt.checkpoints(self.out) or (self.out / "final").exists()):
-            raise ValueError(f"output_dir {self.out} already holds a run; resume it with --resume or choose "
-                             "another output_dir")
+        check_output_dir(self.out, resume)
         world = int(os.environ.get("WORLD_SIZE", "1"))
         multi_cpu = world > 1 and not torch.cuda.is_available()  # accelerate runs CPU processes (gloo) only if told
         state = AcceleratorState._shared_state
@@ -118,6 +140,10 @@ class Trainer:
             AcceleratorState._reset_state()  # a second run in this process with another precision
         self.acc = Accelerator(mixed_precision=recipe.training.mixed_precision, cpu=multi_cpu)
         self.resume_from, damaged = ckpt.usable(self.out) if resume else (None, [])
+        if resume and self.resume_from is None:
+            raise ValueError(f"--resume: nothing to resume in {self.out} (no checkpoint"
+                             f"{'; the run finished, its model is in final/' if (self.out / 'final').exists() else ''})"
+                             "; run without --resume to start a new run")
         self.acc.wait_for_everyone()  # every process has chosen before the damaged ones are moved
         if damaged and self.acc.is_main_process:
             ckpt.set_aside(damaged)
@@ -149,6 +175,9 @@ class Trainer:
         if not self.acc.is_main_process:
             return
         self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / RUN_MARKER).touch()
+        for tmp in self.out.glob(".tmp-final-*"):  # a final/ half-written when an earlier run was killed
+            shutil.rmtree(tmp, ignore_errors=True)
         if self.log_file.exists():  # drop records written after the checkpoint we resume from
             kept = [line for line in self.log_file.read_text().splitlines()
                     if line and json.loads(line)["global_step"] <= global_step]
@@ -193,7 +222,7 @@ class Trainer:
         if mosa is not None:
             return rebuild_(student, mosa)
         conv = self.recipe.conversion
-        config = dataclasses.replace(conv.mosa, base_model_name_or_path=self.recipe.model.name_or_path)
+        config = dataclasses.replace(conv.mosa, base_model_name_or_path=model_reference(self.recipe.model.name_or_path))
         calibration = None
         if config.uses_calibration:
             n = conv.calibration_sequences * conv.calibration_length
@@ -225,6 +254,7 @@ class Trainer:
         start = time.perf_counter()
         set_seed(r.seed)
         tokenizer, teacher, student = self._load_models()
+        within_positions("data.block_size", r.data.block_size, positions_of(teacher.config), r.model.name_or_path)
         self.tokenizer = tokenizer
         corpus = load_corpus(r.data, tokenizer, progress=self.progress and acc.is_main_process)
         self.train_blocks = corpus.blocks("train", r.data.block_size)
@@ -245,6 +275,13 @@ class Trainer:
             if names != [s.name for s in r.stages[: len(names)]] or len(names) != len(r.stages):
                 raise ValueError(f"{self.resume_from} was written by a recipe with stages {names}; this recipe has "
                                  f"{[s.name for s in r.stages]}")
+            changed = r.changes(state.recipe) if state.recipe is not None else []
+            if changed:
+                raise ValueError(f"--resume: the recipe differs from the one that wrote {self.resume_from} in what "
+                                 f"decides the weights ({'; '.join(changed[:4])}{'; ...' if len(changed) > 4 else ''}): "
+                                 "the resumed run would not continue that run; resume with the same recipe and "
+                                 "overrides, or start a new run in another output_dir (only output, logging, "
+                                 "evaluation and checkpointing may change)")
             if student is None:
                 student = self._convert(teacher, corpus, MoSAConfig.from_dict(state.mosa))
             if state.peft and not self.fsdp:  # (under FSDP: on the sharded model, at the stage's start)
@@ -257,7 +294,7 @@ class Trainer:
         else:
             if self.out.exists() and not ckpt.checkpoints(self.out):
                 (self.out / "metrics.jsonl").unlink(missing_ok=True)
-            state = RunState(stages=[{"name": s.name, "kind": s.kind} for s in r.stages])
+            state = RunState(stages=[{"name": s.name, "kind": s.kind} for s in r.stages], recipe=r.to_dict())
             if r.evaluation.before_conversion:
                 self.say("measuring the original model ...")
                 state.evals.append({"name": "original model", "ppl": self.evaluate(teacher), "global_step": 0})

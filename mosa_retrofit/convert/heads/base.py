@@ -112,8 +112,17 @@ class HeadGroup:
     def cost(self, T: int, dims: Dims) -> GroupCost:
         raise NotImplementedError
 
+    def decode_refusal(self) -> str | None:
+        """Why this group cannot continue a cache that already holds tokens (None: it can). The one place that
+        decides whether a converted model decodes with a cache (``generate``, ``bench generate``, the demo)."""
+        return None
+
     def check_decode(self, layer, call: Call) -> None:
         """Raise if this group cannot continue a cache that already holds tokens."""
+        if call.cache is not None and call.cache.get_seq_length(layer.layer_idx) > 0:
+            why = self.decode_refusal()
+            if why is not None:
+                raise ValueError(why)
 
     def prepare(self, layer, call: Call) -> None:
         """Runs for every group before any group writes the cache."""

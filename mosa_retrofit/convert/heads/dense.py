@@ -75,10 +75,11 @@ class LocalHeads(DenseHeads):
                                            self.plan.config.attn_backend)  # (B, T, n, d)
         return banded_attention(q, k, v, w, scale, valid, dropout, groups).transpose(1, 2)
 
-    def check_decode(self, layer, call: Call) -> None:
-        if self.role == "sparse" and call.cache is not None and call.cache.get_seq_length(layer.layer_idx) > 0:
-            raise ValueError("layers with sparse_heads='local' (a study baseline) do not decode token by token; "
-                             "run full forwards (use_cache=False)")
+    def decode_refusal(self) -> str | None:
+        if self.role == "sparse":
+            return ("layers with sparse_heads='local' (a study baseline) do not decode token by token; run full "
+                    "forwards (use_cache=False)")
+        return None
 
     def cost(self, T: int, dims: Dims) -> GroupCost:
         n, w = len(self.heads), min(self.window(dims.reach), T)

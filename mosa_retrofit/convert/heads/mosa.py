@@ -25,9 +25,6 @@ class MoSAHeads(RoutedUnits, HeadGroup):
     fills = True
     column = "mosa"
 
-    def check_decode(self, layer, call: Call) -> None:
-        self.check_routing_decodes(layer, call)
-
     def prepare(self, layer, call: Call) -> None:
         """Takes the layer's sparse K/V store in this forward's cache (causal routing) before the kept heads
         write the cache."""

@@ -17,7 +17,6 @@ from ...ops.routing import (
     router_logits,
     select_tokens,
 )
-from .base import Call
 
 
 class RoutedUnits:
@@ -33,12 +32,12 @@ class RoutedUnits:
     def causal(self) -> bool:
         return self.plan.config.routing == "causal"
 
-    def check_routing_decodes(self, layer, call: Call) -> None:
-        if not self.causal and call.cache is not None and call.cache.get_seq_length(layer.layer_idx) > 0:
-            raise ValueError(
-                f"MoSA heads '{self.kind}' with expert-choice routing cannot decode token by token (top-k looks at "
-                "the whole sequence); convert with MoSAConfig(routing='causal') to generate, or run full forwards "
-                "(use_cache=False)")
+    def decode_refusal(self) -> str | None:
+        if not self.causal:
+            return (f"MoSA heads '{self.kind}' with expert-choice routing cannot decode token by token (top-k looks "
+                    "at the whole sequence); convert with MoSAConfig(routing='causal') to generate, or run full "
+                    "forwards (use_cache=False)")
+        return None
 
     def selected(self, layer, x: Tensor, valid: Tensor | None, first: Tensor) -> tuple[Tensor, Tensor]:
         """(E, B, T) bool: the tokens each unit selects, and (E, B, T) the gates of every token's row."""

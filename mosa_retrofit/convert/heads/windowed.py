@@ -128,14 +128,12 @@ class MoSAKeysHeads(RoutedUnits, WindowedHeads):
     column = "mosa"
     far_router = True
 
-    def check_decode(self, layer, call: Call) -> None:
-        if call.cache is None or call.cache.get_seq_length(layer.layer_idx) == 0:
-            return
-        self.check_routing_decodes(layer, call)
+    def decode_refusal(self) -> str | None:
         if self.plan.config.router_score != "straight_through":
-            raise ValueError("MoSA heads 'mosa_keys' decode token by token with router_score='straight_through' "
-                             "only (sigmoid gates scale routed values differently inside and beyond the window); "
-                             "run full forwards (use_cache=False)")
+            return ("MoSA heads 'mosa_keys' decode token by token with router_score='straight_through' only "
+                    "(sigmoid gates scale routed values differently inside and beyond the window); run full "
+                    "forwards (use_cache=False)")
+        return super().decode_refusal()
 
     def cost(self, T: int, dims: Dims) -> GroupCost:
         n, w = len(self.heads), min(self.window(dims.reach), T)

@@ -1,0 +1,252 @@
+"""The command line: help, the attention benchmark's table, and clear errors."""
+
+import re
+import subprocess
+import sys
+
+import pytest
+from mosa_retrofit.cli.main import main
+
+
+def test_help_lists_commands():
+    out = subprocess.run([sys.executable, "-m", "mosa_retrofit", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and all(c in out.stdout for c in ("convert", "train", "eval", "generate", "bench"))
+    for command in ("train", "eval"):
+        sub = subprocess.run([sys.executable, "-m", "mosa_retrofit", command, "--help"], capture_output=True, text=True)
+        assert sub.returncode == 0 and ("RECIPE" in sub.stdout if command == "train" else "--baseline" in sub.stdout)
+
+
+def test_bench_attention_prints_ratios_with_correct_flops(capsys):
+    assert main(["bench", "attention", "--quick", "--seq-lens", "128", "--sparsities", "4,16"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if re.match(r"\| 128 \|", line)]
+    assert len(rows) == 4  # 2 sparsities x (mosa, hybrid)
+    h, d, H, T = 256, 64, 4, 128
+    for line in rows:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        s, k, layer, flop = float(cells[1]), int(cells[2]), cells[3], float(cells[6])
+        assert k == max(int(T // s), 2)
+        dense = 8 * h * d * T + 2 * d * T * T
+        mosa = 8 * h * d * k + 2 * d * k * k + 2 * h * T
+        n_mosa = H if layer == "mosa" else H - 1
+        assert flop == pytest.approx((n_mosa * mosa + (H - n_mosa) * dense) / (H * dense), abs=1e-4)
+        assert float(cells[4]) > 0 and float(cells[5]) > 0
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["bench", "attention", "--sparsities", "0.5"], "sparsity must be >= 1"),
+    (["bench", "attention", "--seq-lens", "0"], "integers >= 1"),
+    (["bench", "attention", "--dtype", "int8"], "invalid choice"),
+])
+def test_unparseable_arguments_exit_2_with_message(argv, needle, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and needle in capsys.readouterr().err
+
+
+def test_inconsistent_arguments_exit_2_before_running(capsys):
+    assert main(["bench", "attention", "--heads", "16", "--hybrid-dense-heads", "16"]) == 2
+    assert "--hybrid-dense-heads must be in [0, --heads - 1 = 15], got 16" in capsys.readouterr().err
+
+
+def test_convert_and_inspect_a_local_checkpoint(tmp_path, capsys):
+    from tiny_models import plain_config, tiny_model
+
+    import mosa_retrofit
+    from mosa_retrofit.convert.surgery import mosa_layers
+
+    base = tmp_path / "base"
+    tiny_model("qwen3").save_pretrained(base)  # no tokenizer: no calibration, no check
+    cfg = tmp_path / "cfg.json"
+    plain_config(sparsity=4, dense_heads=2, local_window=7).to_json(str(cfg))
+    out = tmp_path / "out"
+    assert main(["convert", str(base), str(out), "--config", str(cfg), "--sparsity", "2", "--kept-heads", "local",
+                 "--no-check"]) == 0
+    model = mosa_retrofit.load(str(out))
+    plan = mosa_layers(model)[0].mosa_plan
+    assert plan.config.sparsity == 2 and plan.config.kept_heads == "local" and plan.config.local_window == 7 and plan.dense == (0, 1)
+    capsys.readouterr()
+    assert main(["inspect", str(out), "--seq-len", "64"]) == 0
+    text = capsys.readouterr().out
+    # layer row: 2 local + 2 MoSA heads of d=16, D=64 at T=64, k=32, window 7
+    D, d, T, k, w = 64, 16, 64, 32, 7
+    pairs = sum(min(t + 1, w) for t in range(T))  # query t sees keys max(0, t-w+1)..t
+    flops = (2 * (8 * D * d * T + 4 * d * pairs) + 2 * (8 * D * d * k + 2 * d * k * k + 2 * D * T)) / (
+        4 * (8 * D * d * T + 2 * d * T * T))
+    kv = (2 * w + 2 * k) / (4 * T)  # entries: per query head
+    # bytes: the 2 local heads share KV head 0 (one cached row of w tokens), each MoSA head caches its own k rows;
+    # the original caches 2 KV heads of T tokens
+    kv_bytes = (w + 2 * k) / (2 * T)
+    assert f"| 0 | 0 | 2 | 2 | 32 | {flops:.3f} | {kv:.3f} | {kv_bytes:.3f} |" in text
+    assert main(["convert", str(base), str(out), "--sparsity", "2"]) == 2  # exists, no --overwrite
+    assert "exists" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["convert", "./no/such/model", "x", "--sparsity", "2"], "./no/such/model: no such folder; give a model folder"),
+    (["convert", "m", "x", "--sparsity", "0.5"], "MoSAConfig.sparsity must be a finite number >= 1"),
+    (["convert", "m", "x", "--sparsity", "inf"], "MoSAConfig.sparsity must be a finite number >= 1, got inf"),
+    (["convert", "m", "x", "--config", "/no/such.json"], "--config /no/such.json does not exist"),
+    (["convert", "m", "x", "--dense-heads", "2.5"], "integer >= 0 or a fraction"),
+    (["inspect", "/no/such/dir"], "/no/such/dir: no such folder"),
+    (["eval", "some-org/no-such-model"], "some-org/no-such-model: no such folder, and the hub is not reachable"),
+])
+def test_convert_and_inspect_errors(argv, needle, capsys, monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # as on a machine without network
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code
+    assert code == 2 and needle in capsys.readouterr().err
+
+
+def test_convert_with_calibrated_fill_from_a_text_file(tmp_path, capsys):
+    """Paper-form heads with --fill mean --head-choice scored --router-init calibrated on a checkpoint with a
+    tokenizer and --calib-text."""
+    from train_fixtures import make_world
+
+    import mosa_retrofit
+    from mosa_retrofit.convert.surgery import mosa_layers
+
+    model_dir, data = make_world(tmp_path)
+    out = tmp_path / "out"
+    assert main(["convert", str(model_dir), str(out), "--sparsity", "4", "--dense-heads", "1", "--head-choice",
+                 "scored", "--router-init", "calibrated", "--fill", "mean", "--sparse-heads", "mosa",
+                 "--calib-text", str(data), "--calib-sequences", "2", "--calib-length", "32"]) == 0
+    model = mosa_retrofit.load(str(out))
+    layers = mosa_layers(model)
+    assert model.config.mosa["fill"] == "mean" and all(m.mosa_fill.abs().sum() > 0 for m in layers.values())
+    with pytest.raises(SystemExit) as e:
+        main(["convert", str(model_dir), str(tmp_path / "x"), "--fill", "average"])
+    assert e.value.code == 2 and "invalid choice: 'average'" in capsys.readouterr().err
+
+
+def test_convert_flags_are_generated_from_mosaconfig(capsys):
+    """Every MoSAConfig field a flag can hold has one (help from the field's docstring, its default in words);
+    given flags override the preset, absent ones leave it alone."""
+    import dataclasses
+
+    from mosa_retrofit.cli.common import field_docs
+    from mosa_retrofit.cli.convert import CONFIG_SKIP, build_config
+    from mosa_retrofit.cli.main import build_parser
+
+    from mosa_retrofit import MoSAConfig
+
+    parser = build_parser()
+    argv = ["convert", "m", "out", "--sparsity", "4", "--no-include-first", "--threshold-length", "none",
+            "--routing", "expert_choice", "--dense-heads", "0.5", "--layers", "0,2"]
+    assert build_config(parser.parse_args(argv)) == MoSAConfig(
+        sparsity=4, include_first=False, threshold_length=None, routing="expert_choice", dense_heads=0.5,
+        layers=[0, 2])
+    assert build_config(parser.parse_args(["convert", "m", "out", "--preset", "paper", "--sparsity", "2"])) == \
+        MoSAConfig.paper(sparsity=2)
+    with pytest.raises(SystemExit):
+        main(["convert", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    docs = field_docs(MoSAConfig)
+    for f in dataclasses.fields(MoSAConfig):
+        if f.name not in CONFIG_SKIP:
+            assert "--" + f.name.replace("_", "-") in text
+            assert " ".join(docs[f.name].split()[:4]) in text  # the docstring is the help
+
+
+def test_overwrite_replaces_only_a_converted_checkpoint(tmp_path, monkeypatch, capsys):
+    """--overwrite never deletes what the user owns: the working directory, the input model or a folder holding
+    it, a folder with other files; it replaces a folder convert wrote, and a failed run leaves no temporary folder."""
+    from tiny_models import tiny_model
+
+    models = tmp_path / "models"
+    base = models / "base"
+    tiny_model("llama").save_pretrained(base)
+    (models / "notes.txt").write_text("mine")
+    fast = ["--preset", "paper", "--dense-heads", "1", "--no-check", "--overwrite"]
+    monkeypatch.chdir(models)
+    for out in (".", str(base), str(models)):
+        assert main(["convert", str(base), out, *fast]) == 2
+        assert "--overwrite refuses" in capsys.readouterr().err
+    assert (models / "notes.txt").read_text() == "mine" and (base / "config.json").exists()
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.json").write_text('{"mosa": {"sparsity": 8}}')
+    (other / "thesis.tex").write_text("mine")
+    assert main(["convert", str(base), str(other), *fast]) == 2 and (other / "thesis.tex").exists()
+    assert "also holds ['thesis.tex']" in capsys.readouterr().err
+    out = tmp_path / "out"
+    assert main(["convert", str(base), str(out), *fast[:-1]]) == 0
+    first = (out / "model.safetensors").stat().st_mtime_ns
+    assert main(["convert", str(base), str(out), *fast, "--sparsity", "2"]) == 0
+    assert (out / "model.safetensors").stat().st_mtime_ns >= first and '"sparsity": 2' in (out / "config.json").read_text()
+    assert main(["convert", str(base), str(tmp_path / "bad"), *fast, "--layers", "7"]) == 2  # fails in convert_
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folders left behind
+
+
+def test_a_name_the_hub_does_not_know_is_one_line(monkeypatch, capsys):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "file_exists", lambda repo, name: False)  # the hub answered: no such repo
+    assert main(["generate", "some-org/typo", "hello"]) == 2
+    assert "some-org/typo: no such folder, and no model of that name on the hub" in capsys.readouterr().err
+
+
+def test_malformed_config_json_names_the_file_and_line(tmp_path, capsys):
+    bad = tmp_path / "c.json"
+    bad.write_text('{\n  "sparsity": 8,\n  "dense_heads": \n}\n')
+    assert main(["convert", "m", "x", "--config", str(bad)]) == 2
+    assert f"--config {bad}: not valid JSON (line 4" in capsys.readouterr().err
+    bad.write_text('{"version": "1"}')
+    assert main(["convert", "m", "x", "--config", str(bad)]) == 2
+    from mosa_retrofit.convert.config import CONFIG_VERSION
+
+    assert f"MoSAConfig.version must be an integer in 1..{CONFIG_VERSION}, got '1'" in capsys.readouterr().err
+
+
+def test_empty_prompt_and_empty_data_get_one_line(tmp_path, capsys):
+    from train_fixtures import make_world
+
+    model_dir, _ = make_world(tmp_path)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n\n \n")
+    assert main(["generate", str(model_dir), "  ", "--max-new-tokens", "2"]) == 2
+    assert "PROMPT is empty" in capsys.readouterr().err
+    assert main(["eval", str(model_dir), "--data", str(empty)]) == 2
+    assert f"data.source {str(empty)!r} holds no text" in capsys.readouterr().err
+
+
+def test_an_interrupted_convert_leaves_nothing_half_written_and_the_next_run_sweeps_what_a_kill_left(
+        tmp_path, monkeypatch, capsys):
+    """Ctrl-C (or SIGTERM, which the CLI turns into the same interrupt) while OUT is written: exit 130, a line
+    that says what to do, no temporary folder; a folder a killed run left (its process gone) is removed by the
+    next convert into the same OUT. The base model is stored as an absolute path, whatever the working folder."""
+    import json
+    import os
+    import signal
+
+    import transformers
+    from tiny_models import tiny_model
+
+    base = tmp_path / "base"
+    tiny_model("llama").save_pretrained(base)
+    monkeypatch.chdir(tmp_path)
+    argv = ["convert", "base", "out", "--preset", "paper", "--dense-heads", "1", "--no-check"]
+
+    def interrupted(self, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # what `kill PID` or a scheduler's stop sends
+
+    before = signal.getsignal(signal.SIGTERM)
+    with monkeypatch.context() as m:
+        m.setattr(transformers.PreTrainedModel, "save_pretrained", interrupted)
+        assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert "interrupted; nothing half-written was left" in err and "run the command again" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base"]
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler is put back
+
+    dead = 2 ** 22 + 12345  # above any pid the kernel hands out here
+    (tmp_path / f".out.tmp-{dead}-abc123").mkdir()
+    (tmp_path / f".out.tmp-{dead}-abc123" / "model.safetensors").write_bytes(b"half")
+    assert main(argv) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "out"]
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())["mosa"]["base_model_name_or_path"]
+    assert saved == str(base.resolve())

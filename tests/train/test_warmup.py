@@ -1,0 +1,87 @@
+"""Router warm-up objective against the original model's own attention weights and a plain KL."""
+
+import copy
+
+import pytest
+import torch
+from tiny_models import FAMILIES, plain_config, tiny_model
+
+from mosa_retrofit import convert_
+from mosa_retrofit.convert.surgery import attention_layers, mosa_layers
+from mosa_retrofit.train.warmup import RouterWarmup, attention_mass, router_warmup_loss
+
+
+def _original_attention(model, ids, mask):
+    """(B, H, T, T) attention weights of every layer from the unconverted model's eager attention."""
+    weights, hooks = {}, []
+    for idx, (_, m) in attention_layers(model).items():
+        hooks.append(m.register_forward_hook(lambda mod, a, out, idx=idx: weights.__setitem__(idx, out[1].detach())))
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        model(ids, attention_mask=mask)
+    for h in hooks:
+        h.remove()
+    return weights
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_attention_mass_matches_the_models_eager_attention(family):
+    """Identity conversion (every token kept) keeps hidden states exact, so each MoSA head's dense mass must
+    equal the column sums of the original head's attention matrix over real queries."""
+    model = tiny_model(family)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 128, (2, 20), generator=g)
+    mask = torch.ones(2, 20, dtype=torch.long)
+    mask[1, :4] = 0
+    ref = _original_attention(copy.deepcopy(model), ids, mask)
+    convert_(model, plain_config(sparsity=1, dense_heads=1, include_first=False))
+    seen = {}
+
+    def observe(module, x, W, m, cos, sin):
+        seen[module.layer_idx] = (attention_mass(module, x, W, m, cos, sin), module.mosa_plan)
+
+    for mod in mosa_layers(model).values():
+        mod.mosa_observer = observe
+    with torch.no_grad():
+        model(ids, attention_mask=mask)
+    assert sorted(seen) == sorted(ref)
+    for idx, ((mass, valid), plan) in seen.items():
+        A = ref[idx][:, list(plan.mosa)].float() * mask[:, None, :, None]  # padded queries give nothing
+        expected = A.sum(-2)  # (B, n, T)
+        assert torch.equal(valid, mask.bool())
+        torch.testing.assert_close(mass, expected, atol=2e-5, rtol=1e-4)
+
+
+def test_kl_loss_against_a_plain_loop():
+    torch.manual_seed(0)
+    B, T, D, E = 2, 9, 6, 3
+    x, router = torch.randn(B, T, D), torch.randn(E, D)
+    mass = torch.rand(B, E, T)
+    valid = torch.ones(B, T, dtype=torch.bool)
+    valid[1, :3] = False
+    for include_first in (False, True):
+        got = router_warmup_loss(router, x, mass, valid, include_first)
+        total = 0.0
+        for b in range(B):
+            keep = [t for t in range(T) if valid[b, t] and not (include_first and t == 0)]
+            for e in range(E):
+                p = mass[b, e, keep] / mass[b, e, keep].sum()
+                logits = torch.stack([x[b, t] @ router[e] for t in keep])
+                q = torch.exp(logits) / torch.exp(logits).sum()
+                total += float((p * (p / q).log()).sum())
+        assert abs(got.item() - total / (B * E)) < 1e-5
+
+
+def test_warmup_gradients_reach_only_routers_through_the_observer():
+    model = tiny_model("llama")
+    convert_(model, plain_config(sparsity=4, dense_heads=1))
+    ids = torch.randint(1, 128, (2, 16))
+    layers = mosa_layers(model)
+    with RouterWarmup(layers) as w:
+        with torch.no_grad():
+            model(ids)
+        loss = w.pop_loss()
+    loss.backward()
+    assert all(m.mosa_router.grad is not None and m.mosa_router.grad.abs().sum() > 0 for m in layers.values())
+    assert all(p.grad is None for n, p in model.named_parameters() if "mosa_router" not in n)
+    assert all("mosa_observer" not in m.__dict__ for m in layers.values())  # removed on exit
