@@ -18,9 +18,10 @@ import torch
 from torch import Tensor, nn
 
 from ..ops.masks import key_padding
-from ..ops.routing import logit_quantile
+from ..ops.routing import logit_quantile, threshold_of
 from .attention import init_threshold_, mosa_layers
 from .compat import StopForward
+from .heads.routed import moved_threshold
 
 
 def threshold_rows(ids: Tensor, length: int | None, max_positions: int | None = None) -> Tensor:
@@ -86,3 +87,48 @@ def make_causal_(model: nn.Module, calibration: Tensor | None, momentum: float =
     model.config.mosa = {**model.config.mosa, "routing": "causal", "threshold_momentum": momentum}
     calibrate_thresholds_(model, calibration)
     return model
+
+
+class RoutingStatePool:
+    """Routing state from the whole global batch: while open, training forwards pool the router logits their
+    thresholds would move toward (every micro-batch, this process); ``commit(gather)`` pools them across
+    processes (``gather``: this process's (n, E) logits -> every process's, concatenated) and moves each
+    threshold once, identically on every process, as one process with the whole batch would. The trainer
+    commits once per optimizer step, after every backward (activation checkpointing recomputes its forwards
+    with the threshold they ran with) and after the step is known to be finite.
+
+        with RoutingStatePool(model) as pool:
+            for step ...:
+                for micro_batch ...: loss(model(ids)).backward()
+                pool.commit(gather)
+    """
+
+    def __init__(self, model: nn.Module):
+        self.layers = [m for m in mosa_layers(model).values() if m.mosa_plan.config.routing == "causal"
+                       and hasattr(m, "mosa_threshold")]
+
+    def __enter__(self) -> "RoutingStatePool":
+        for m in self.layers:
+            m.__dict__["_mosa_pool"] = []
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for m in self.layers:
+            m.__dict__.pop("_mosa_pool", None)
+
+    @torch.no_grad()
+    def commit(self, gather=None) -> None:
+        """Move every threshold from the logits pooled since the last commit (all processes' with ``gather``),
+        then start a new pool. Collective under ``gather``: every process calls it at the same step."""
+        for m in self.layers:
+            cfg, pool = m.mosa_plan.config, m.__dict__.get("_mosa_pool")
+            if pool is None:
+                continue
+            E = m.mosa_threshold.shape[0]
+            logits = torch.cat(pool) if pool else torch.zeros(0, E, device=m.mosa_threshold.device)
+            if gather is not None:
+                logits = gather(logits)
+            if logits.shape[0]:
+                target = threshold_of(logits, cfg.sparsity)
+                m.mosa_threshold.copy_(moved_threshold(m.mosa_threshold, target, cfg.threshold_momentum))
+            pool.clear()

@@ -139,14 +139,25 @@ def router_gates(selected_logits: Tensor, router_score: str) -> Tensor:
 
 def logit_quantile(router: Tensor, x: Tensor, valid: Tensor | None, sparsity: float, include_first: bool) -> Tensor:
     """(E,) (1 - 1/sparsity) quantile of each unit's router logits over the real tokens of x (B, T, h)."""
+    return threshold_of(budget_logits(router, x, valid, include_first), sparsity)
+
+
+def budget_logits(router: Tensor, x: Tensor, valid: Tensor | None, include_first: bool) -> Tensor:
+    """(n, E) fp32 router logits of the tokens that count against the routing budget: the real tokens of x
+    (B, T, h), the first of each row left out when it is always selected. Pooled over micro-batches and
+    processes, they give the threshold of the whole batch (``threshold_of``)."""
     B, T, h = x.shape
     logits = (x.reshape(B * T, h).float() @ router.float().t())  # (B·T, E)
     keep = torch.ones(B, T, dtype=torch.bool, device=x.device) if valid is None else valid.clone()
     if include_first:  # the first token is always selected: it does not count against the budget
         keep = keep & (keep.int().cumsum(-1) > 1)
-    logits = logits[keep.reshape(-1)]
+    return logits[keep.reshape(-1)]
+
+
+def threshold_of(logits: Tensor, sparsity: float) -> Tensor:
+    """(E,) the threshold that passes 1/sparsity of ``logits`` (n, E) per unit (NaN where n = 0)."""
     if logits.shape[0] == 0:
-        return torch.full((router.shape[0],), float("nan"), device=x.device)
+        return torch.full((logits.shape[1],), float("nan"), device=logits.device)
     n = logits.shape[0]
     k = min(max(int(round(n / sparsity)), 1), n)  # tokens to pass
     v = logits.sort(dim=0, descending=True).values  # (n, E)

@@ -38,6 +38,7 @@ from ..convert.compat import enable_activation_checkpointing
 from ..convert.config import MoSAConfig
 from ..convert.serialization import load, rebuild_
 from ..convert.surgery import convert_
+from ..convert.thresholds import RoutingStatePool
 from ..eval.perplexity import nll
 from ..eval.plots import plot_losses
 from ..text.assets import model_reference, resolve_model
@@ -380,7 +381,7 @@ class Trainer:
         bar = tqdm(total=stage.steps, initial=start_step, desc=stage.name, unit="step",
                    disable=not (self.progress and acc.is_main_process), dynamic_ncols=True)
         net.train()
-        with kind.context():
+        with kind.context(), RoutingStatePool(model) as routing_state:
             for step in range(start_step, stage.steps):
                 t0 = time.perf_counter()
                 totals = self._accumulate(net, kind)
@@ -388,6 +389,7 @@ class Trainer:
                 if self.interrupt is not None:
                     self.interrupt(stage.name, step)
                 values, grad_norm = self._clip_and_guard(params, totals, stage, step)
+                routing_state.commit(self._gather_rows if acc.num_processes > 1 else None)  # the global batch's
                 lr = sched.get_last_lr()[0]
                 opt.step()
                 sched.step()
@@ -464,6 +466,15 @@ class Trainer:
         for p, mask in masks:
             if p.grad is not None:
                 p.grad.mul_(mask)
+
+    def _gather_rows(self, rows: Tensor) -> Tensor:
+        """Every process's ``rows`` (n_p, E), concatenated (n_p may differ: padded for the collective)."""
+        acc, world = self.acc, self.acc.num_processes
+        sizes = acc.gather(torch.tensor([rows.shape[0]], device=rows.device)).tolist()
+        longest = max(sizes)
+        padded = torch.cat([rows, rows.new_zeros(longest - rows.shape[0], rows.shape[1])])
+        every = acc.gather(padded.contiguous())  # (world · longest, E)
+        return torch.cat([every[p * longest: p * longest + sizes[p]] for p in range(world)])
 
     def _clip_and_guard(self, params: list, totals: dict, stage: StageSpec, step: int) -> tuple[dict, Tensor]:
         """Clip the gradient norm; stop before anything is applied if the loss or the norm is not finite."""

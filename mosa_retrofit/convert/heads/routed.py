@@ -11,11 +11,12 @@ import torch
 from torch import Tensor
 
 from ...ops.routing import (
+    budget_logits,
     causal_select,
-    logit_quantile,
     router_gates,
     router_logits,
     select_tokens,
+    threshold_of,
 )
 
 
@@ -59,18 +60,34 @@ class RoutedUnits:
     def track_threshold(self, layer, x: Tensor, valid: Tensor | None, y: Tensor) -> None:
         """Move each unit's threshold toward the batch's (1 - 1/sparsity) quantile of its router logits.
 
-        The new value is written when the backward pass reaches this group's output ``y`` (at once when no
-        backward will come): activation checkpointing recomputes the forward in between, and that recomputation
-        must select with the threshold the forward selected with."""
+        Inside a ``thresholds.RoutingStatePool`` (the trainer's, per optimizer step) the logits are pooled
+        instead, and the pool moves the threshold once from the whole global batch. Otherwise the new value is
+        written when the backward pass reaches this group's output ``y`` (at once when no backward will come):
+        activation checkpointing recomputes the forward in between, and that recomputation must select with the
+        threshold the forward selected with."""
         cfg = self.plan.config
-        target = logit_quantile(layer.mosa_router, x, valid, cfg.sparsity, cfg.include_first)  # (E,)
-        m, t = cfg.threshold_momentum, layer.mosa_threshold
-        target = torch.where(torch.isnan(target), t.float(), target)  # rows of only padding
-        layer._mosa_threshold_next = t * (1 - m) + m * target.to(t.dtype)
+        pool = layer.__dict__.get("_mosa_pool")
+        if pool is not None:
+            if not in_backward():  # a checkpointed forward recomputed: its tokens are counted already
+                pool.append(budget_logits(layer.mosa_router, x, valid, cfg.include_first))
+            return
+        target = threshold_of(budget_logits(layer.mosa_router, x, valid, cfg.include_first), cfg.sparsity)  # (E,)
+        layer._mosa_threshold_next = moved_threshold(layer.mosa_threshold, target, cfg.threshold_momentum)
         if y.requires_grad:
             y.register_hook(lambda grad: _commit_threshold(layer))
         else:
             _commit_threshold(layer)
+
+
+def moved_threshold(t: Tensor, target: Tensor, momentum: float) -> Tensor:
+    """One tracking step: ``t`` moved by ``momentum`` toward ``target`` (kept where target is NaN: no token)."""
+    target = torch.where(torch.isnan(target), t.float(), target)
+    return t * (1 - momentum) + momentum * target.to(t.dtype)
+
+
+def in_backward() -> bool:
+    """Whether autograd's backward pass is running now (activation checkpointing recomputes forwards there)."""
+    return torch._C._current_graph_task_id() != -1
 
 
 @torch.no_grad()
