@@ -1,11 +1,13 @@
 """Memory per GPU for adapting a converted Llama-3.2-1B / Llama-3.1-8B on 8 GPUs, DDP against FSDP.
 
-    python benchmarks/fsdp_memory.py
+    python benchmarks/fsdp_memory.py            # writes benchmarks/results/fsdp_memory.md
 
 Builds each model on the meta device from its published shape (no download), converts it with the default
 conversion's structure, and prints ``sharding.training_memory`` (see its docstring for what is counted)."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
@@ -24,7 +26,7 @@ MODELS = {  # the published shapes (config.json of the hub checkpoints)
 }
 
 
-def main() -> None:
+def main(out: str = "benchmarks/results/fsdp_memory.md") -> None:
     rows = ["| model | parameters | distributed (8 GPUs) | model states | gathered layers | logits | activations "
             "| total GiB per GPU |", "|---|---|---|---|---|---|---|---|"]
     for name, cfg in MODELS.items():
@@ -40,9 +42,13 @@ def main() -> None:
             rows.append(f"| {name} | {n / 1e9:.2f} B | {distributed} | {states:.1f} | "
                         f"{m.get('gathered layers', 0):.1f} | {m['logits']:.1f} | {m['activations']:.1f} | "
                         f"**{m['total']:.1f}** |")
-    print("micro-batch 1 x 4,096 tokens, fp32 weights + AdamW, bf16 autocast, gradient checkpointing, KD to an fp32 "
-          "teacher\n")
-    print("\n".join(rows))
+    text = ("# Memory per GPU for adapting a converted model on 8 GPUs, DDP against FSDP (computed)\n\n"
+            "Command: `python benchmarks/fsdp_memory.py` (`mosa_retrofit.train.sharding.training_memory` on models built "
+            "on the meta device from their published shapes, with the default conversion's structure).\n\n"
+            "Micro-batch 1 x 4,096 tokens, fp32 weights + AdamW, bf16 autocast, gradient checkpointing, KD to an fp32 "
+            "teacher.\n\n" + "\n".join(rows) + "\n")
+    print(text)
+    Path(out).write_text(text)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from mosa_retrofit.validate import positions_of, within_positions
 from .common import HelpFormatter, add_dataclass_flags, given_flags
 
 PRESETS = ("default", "paper")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_CALIBRATION = "wikipedia-offline"
 CONFIG_SKIP = ("dense_heads_pattern", "dense_head_ids", "base_model_name_or_path", "version")
 
@@ -69,6 +70,15 @@ def add_parser(sub) -> None:
     p.add_argument("--calib-sequences", type=int, default=16, help="calibration sequences")
     p.add_argument("--calib-length", type=int, default=None,
                    help="tokens per calibration sequence (default: 512, or the model's positions if fewer)")
+    p.add_argument("--device", default="cpu",
+                   help="where the model is loaded and converted: cpu, cuda, cuda:1, ... (calibration, retrieval "
+                        "scoring and the check run there; statistics accumulate in fp32/fp64)")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="float32",
+                   help="the weights' dtype while converting, and as saved (bfloat16 halves memory; the routers "
+                        "are fitted from statistics accumulated in fp32/fp64 either way)")
+    p.add_argument("--device-map", metavar="MAP",
+                   help="spread a model larger than one device over several (accelerate's device_map: 'auto', "
+                        "'balanced', ...); replaces --device")
     p.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,
                    help="after converting, measure held-out perplexity of the original and the converted model "
                         f"({PROTOCOL.describe()}; about half a minute for SmolLM2-135M on 2 CPU cores)")
@@ -108,6 +118,7 @@ def run_convert(args: argparse.Namespace) -> int:
     from mosa_retrofit.text.assets import model_reference, resolve_model
 
     config = build_config(args)  # validates every value before anything is loaded
+    device = checked_device(args.device)
     for name in ("calib_sequences", "calib_length"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -124,7 +135,9 @@ def run_convert(args: argparse.Namespace) -> int:
                          "the conversion")
     config = dataclasses.replace(config, base_model_name_or_path=model_reference(args.model))
     print(f"loading {args.model} ...", flush=True)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    placement = {"device_map": args.device_map} if args.device_map else {"device_map": {"": str(device)}} \
+        if device.type != "cpu" else {}
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[args.dtype], **placement)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError):
@@ -167,6 +180,21 @@ def run_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def checked_device(name: str) -> torch.device:
+    """``name`` as a device this torch has (one line naming it otherwise, before anything is loaded)."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device name: use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: this torch has no CUDA device (torch {torch.__version__}); use cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: there are {torch.cuda.device_count()} CUDA devices")
+    if device.type not in ("cpu", "cuda", "mps", "xpu"):
+        raise ValueError(f"--device {name}: convert runs on cpu or cuda")
+    return device
+
+
 def check_lengths(config: MoSAConfig, args: argparse.Namespace, positions: int | None) -> None:
     """Lengths against the model's positions and what calibration can fit, before the model is loaded."""
     explicit = getattr(args, "local_window", None) is not None  # the default window on a short model: noted later
@@ -179,12 +207,11 @@ def check_lengths(config: MoSAConfig, args: argparse.Namespace, positions: int |
         args.calib_length = min(512, positions or 512)
     if config.uses_calibration:
         within_positions("--calib-length", args.calib_length, positions, args.model)
-        floor = config.calibration_floor(positions)
+        floor = config.calibration_floor
         if args.calib_length < floor:
             raise ValueError(f"--calib-length {args.calib_length} is too short to calibrate this conversion: it "
                              f"needs >= {floor} tokens per sequence (one routed token at sparsity "
-                             f"{config.sparsity:g}, and for key-selection routers tokens beyond the "
-                             f"{config.local_window}-token window)")
+                             f"{config.sparsity:g})")
 
 
 def check_writable_parent(path: Path, what: str) -> None:

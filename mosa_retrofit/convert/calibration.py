@@ -84,7 +84,7 @@ class LayerStats:
         recent ``window``) fit the *far* target instead: the attention a token receives from queries at least
         ``window`` tokens later (needs ``collect_stats(..., windows=(window,))``)."""
         D = self.xtx.shape[0]
-        reg = ridge * self.xtx.diagonal().mean() * torch.eye(D, dtype=self.xtx.dtype)
+        reg = ridge * self.xtx.diagonal().mean() * torch.eye(D, dtype=self.xtx.dtype, device=self.xtx.device)
         if window is not None and window not in self.xtz_far:
             raise ValueError(f"no key-selection router targets for window {window}: collect_stats(..., "
                              f"windows=({window},)); have {sorted(self.xtz_far)}")
@@ -240,7 +240,7 @@ def _accumulate(stats, layer: int, x: Tensor, A: Tensor, values: Tensor, out_map
     xd = x.double()
     if layer not in stats:
         D = x.shape[1]
-        zeros = lambda *shape: torch.zeros(*shape, dtype=torch.float64)
+        zeros = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=x.device)  # where the model runs
         stats[layer] = LayerStats(zeros(D, D), zeros(D, H), {f: zeros(D, H) for f in FILL_KINDS},
                                   {f: zeros(H) for f in FILL_KINDS}, zeros(H, values.shape[-1]), kv_heads=kv_heads)
     s = stats[layer]

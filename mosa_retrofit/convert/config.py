@@ -236,16 +236,11 @@ class MoSAConfig:
         """Whether calibration text, when given, is used: ``needs_calibration`` or causal thresholds."""
         return self.needs_calibration or (self.routed and self.routing == "causal")
 
-    def calibration_floor(self, positions: int | None = None) -> int:
-        """The shortest calibration sequence that can fit what this config calibrates: at least one routed token
-        per sequence (``sparsity``), and for routers fitted to far attention a token beyond the window (unless the
-        window covers all of a model's ``positions``: then no length has far attention)."""
-        kind = HEAD_GROUPS[self.sparse_heads]
-        floor = max(2, math.ceil(self.sparsity)) if kind.routed else 2
-        covered = positions is not None and self.local_window >= positions
-        if kind.routed and kind.far_router and self.router_init == "calibrated" and not covered:
-            floor = max(floor, self.local_window + 2)
-        return floor
+    @property
+    def calibration_floor(self) -> int:
+        """The shortest calibration sequence that can fit what this config calibrates: two tokens (attention
+        from one to another), and for routed kinds one routed token per sequence (``sparsity`` tokens)."""
+        return max(2, math.ceil(self.sparsity)) if HEAD_GROUPS[self.sparse_heads].routed else 2
 
     @property
     def routed(self) -> bool:

@@ -45,12 +45,12 @@ def _probe_attention(module, query, key, value, attention_mask, scaling=None, dr
     if sliding_window is not None:
         i = torch.arange(T, device=query.device)
         mask = mask & (i[:, None] - i[None, :] < sliding_window)
-    s = torch.matmul(query, k.transpose(-1, -2)) * scaling  # (B, H, T, T)
+    s = torch.matmul(query.float(), k.float().transpose(-1, -2)) * scaling  # (B, H, T, T), fp32 in any dtype
     if softcap is not None:
         s = softcap * torch.tanh(s / softcap)
     p = s.masked_fill(~mask, float("-inf")).softmax(-1)
-    module.mosa_retrieval_mass += p[0, :, rows, lo:hi].sum(-1).mean(-1).float().cpu()  # (H,)
-    return torch.matmul(p, v).transpose(1, 2).contiguous(), None
+    module.mosa_retrieval_mass += p[0, :, rows, lo:hi].sum(-1).mean(-1).cpu()  # (H,)
+    return torch.matmul(p.to(v.dtype), v).transpose(1, 2).contiguous(), None
 
 
 def retrieval_prompts(tokenizer, texts: list[str], count: int, length: int, seed: int = 0) -> list[Prompt]:

@@ -205,8 +205,9 @@ def load_training(path: Path, optimizer, scheduler, rank: int, model: nn.Module 
                              "checkpoint (move this one away) or start a new run")
         optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
         scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
-    rng = path / f"rng-{rank}.pt"
-    if not rng.exists():
-        raise ValueError(f"{path} was written by fewer processes (no {rng.name}); resume with the same "
-                         "number of processes")
-    set_rng_state(torch.load(rng, weights_only=False))
+    written = len(list(path.glob("rng-*.pt")))
+    if written == 0:
+        raise ValueError(f"{path} holds no rng-*.pt: it was not written by this tool, or is incomplete")
+    # at another number of processes, process r continues process (r mod written)'s random streams (dropout);
+    # the data position and every weight and optimizer state are global, so the run continues exactly
+    set_rng_state(torch.load(path / f"rng-{rank % written}.pt", weights_only=False))

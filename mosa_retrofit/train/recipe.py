@@ -228,6 +228,8 @@ class EvaluationSpec:
 
 RESUMABLE_CHANGES = ("output_dir", "logging", "evaluation", "checkpointing")
 """The recipe sections a resumed run may change: they decide what is written and when, not the weights."""
+BATCH_SPLIT = ("micro_batch_size", "gradient_accumulation_steps")
+"""How the global batch is split (with the number of processes): a resumed run may split it otherwise."""
 
 
 @dataclass(frozen=True)
@@ -280,7 +282,9 @@ class Recipe:
             elif a != b:
                 out.append(f"{path}: {a!r} -> {b!r}")
 
-        now = self.to_dict()
+        now, saved = self.to_dict(), dict(saved)
+        for d in (now, saved):  # the split of the global batch may change (the trainer compares the batch)
+            d["training"] = {k: v for k, v in (d.get("training") or {}).items() if k not in BATCH_SPLIT}
         for key in sorted(set(now) | set(saved)):
             if key not in RESUMABLE_CHANGES:
                 walk(saved.get(key), now.get(key), key)

@@ -11,6 +11,8 @@ Checkpoints of a sharded model are ``torch.distributed.checkpoint`` folders (eve
 
 from __future__ import annotations
 
+import warnings
+
 from pathlib import Path
 
 import torch
@@ -96,7 +98,8 @@ def save_sharded(folder: Path, model: nn.Module, optimizer=None) -> None:
 
 
 def load_sharded(folder: Path, model: nn.Module, optimizer=None) -> None:
-    """Read what ``save_sharded`` wrote into an identically sharded model (and optimizer) (collective)."""
+    """Read what ``save_sharded`` wrote into the model (and optimizer) as it is sharded now: by as many
+    processes as wrote it, by another number (DCP reshards), or not at all (one process) (collective)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
         get_model_state_dict,
@@ -108,7 +111,9 @@ def load_sharded(folder: Path, model: nn.Module, optimizer=None) -> None:
     state = {"model": get_model_state_dict(model)}
     if optimizer is not None:
         state["optimizer"] = get_optimizer_state_dict(model, optimizer)
-    dcp.load(state, checkpoint_id=str(folder))
+    with warnings.catch_warnings():  # one process reading shards written by several: what it is meant to do
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=str(folder))
     set_model_state_dict(model, state["model"])
     if optimizer is not None:
         set_optimizer_state_dict(model, optimizer, state["optimizer"])

@@ -91,6 +91,7 @@ class RunState:
     stage_log: dict = field(default_factory=dict)  # stage name -> {"tokens", "time"}
     mosa: dict | None = None  # the resolved conversion (config.mosa) of the student
     recipe: dict | None = None  # the recipe that started the run (a resume must not change its weights)
+    processes: int = 1  # how many processes wrote the state (a resume may use another count, same global batch)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -277,6 +278,17 @@ class Trainer:
                 raise ValueError(f"{self.resume_from} was written by a recipe with stages {names}; this recipe has "
                                  f"{[s.name for s in r.stages]}")
             changed = r.changes(state.recipe) if state.recipe is not None else []
+            if state.recipe is not None:
+                t, tc = state.recipe["training"], r.training
+                before = t["micro_batch_size"] * t["gradient_accumulation_steps"] * state.processes
+                now = tc.micro_batch_size * tc.gradient_accumulation_steps * acc.num_processes
+                if before != now:
+                    changed.append(f"global batch: {before} ({state.processes} processes x micro-batch "
+                                   f"{t['micro_batch_size']} x {t['gradient_accumulation_steps']} accumulation) -> "
+                                   f"{now} ({acc.num_processes} x {tc.micro_batch_size} x "
+                                   f"{tc.gradient_accumulation_steps}); keep processes x micro_batch_size x "
+                                   "gradient_accumulation_steps")
+            state.processes = acc.num_processes
             if changed:
                 raise ValueError(f"--resume: the recipe differs from the one that wrote {self.resume_from} in what "
                                  f"decides the weights ({'; '.join(changed[:4])}{'; ...' if len(changed) > 4 else ''}): "
@@ -295,7 +307,8 @@ class Trainer:
         else:
             if self.out.exists() and not ckpt.checkpoints(self.out):
                 (self.out / "metrics.jsonl").unlink(missing_ok=True)
-            state = RunState(stages=[{"name": s.name, "kind": s.kind} for s in r.stages], recipe=r.to_dict())
+            state = RunState(stages=[{"name": s.name, "kind": s.kind} for s in r.stages], recipe=r.to_dict(),
+                             processes=acc.num_processes)
             if r.evaluation.before_conversion:
                 self.say("measuring the original model ...")
                 state.evals.append({"name": "original model", "ppl": self.evaluate(teacher), "global_step": 0})

@@ -134,6 +134,8 @@ CASES = [
      ["inspect", "converted", "--plot", "x.png", "--text", ""], None),
     ("One clear line", "`bench attention --device cuda` on a machine without CUDA",
      ["bench", "attention", "--device", "cuda", "--quick"], None) if not torch.cuda.is_available() else None,
+    ("One clear line", "`convert --device cuda` on a machine without CUDA",
+     ["convert", "models/tiny-llama", "out", "--device", "cuda"], None) if not torch.cuda.is_available() else None,
     ("One clear line", "`--threads 0`", ["bench", "keys", "--threads", "0"], None),
     ("One clear line", "`eval --baseline` of an unconverted model", ["eval", "models/tiny-llama", "--baseline"], None),
     ("One clear line", "OUT under a file", ["convert", "models/tiny-llama", "corpus.txt/out", *FAST], None),

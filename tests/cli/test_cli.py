@@ -250,3 +250,31 @@ def test_an_interrupted_convert_leaves_nothing_half_written_and_the_next_run_swe
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "out"]
     saved = json.loads((tmp_path / "out" / "config.json").read_text())["mosa"]["base_model_name_or_path"]
     assert saved == str(base.resolve())
+
+
+def test_convert_in_bfloat16_equals_the_fp32_conversion_within_bf16_error(tmp_path, capsys):
+    """`convert --dtype bfloat16`: the same dense heads, routers and thresholds within bf16's error (statistics
+    accumulate in fp32/fp64 either way), weights saved in bf16, and the check's perplexity within 2 %."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+    from train_fixtures import make_world
+
+    base, data = make_world(tmp_path, positions=1024)  # room for the retrieval prompts
+    ppl = {}
+    for dtype in ("float32", "bfloat16"):
+        assert main(["convert", str(base), str(tmp_path / dtype), "--dtype", dtype, "--calibration-data", str(data),
+                     "--calib-sequences", "4", "--calib-length", "256"]) == 0
+        m = re.search(r"original ([\d.]+), converted ([\d.]+)", capsys.readouterr().out)
+        ppl[dtype] = float(m.group(1)), float(m.group(2))
+    fp32, bf16 = (json.loads((tmp_path / d / "config.json").read_text())["mosa"] for d in ("float32", "bfloat16"))
+    assert fp32["dense_head_ids"] == bf16["dense_head_ids"]
+    a, b = load_file(str(tmp_path / "float32" / "model.safetensors")), load_file(str(tmp_path / "bfloat16" / "model.safetensors"))
+    assert b["model.embed_tokens.weight"].dtype == torch.bfloat16 and a.keys() == b.keys()
+    for k in (k for k in a if k.endswith("mosa_router")):
+        assert ((a[k] - b[k].float()).norm() / a[k].norm()).item() < 5e-2, k
+    for k in (k for k in a if k.endswith("mosa_threshold")):
+        assert (a[k] - b[k].float()).abs().max().item() < 0.1, k
+    for i in (0, 1):
+        assert abs(ppl["bfloat16"][i] / ppl["float32"][i] - 1) < 0.02, ppl

@@ -150,3 +150,40 @@ def test_fsdp_recipe_errors():
         Recipe.from_dict(recipe_dict(Path("m"), Path("d.txt"), Path("o"), training={"distributed": "zero3"}))
 
 
+
+
+def test_a_sharded_checkpoint_resumes_on_another_number_of_processes_exactly(world, two, tmp_path):
+    """The 2-process FSDP run's checkpoint at global step 9 (mid-adaptation) continues on 1 process (micro-batch 4)
+    and on 4 processes (micro-batch 1): the same global batch, DCP reshards weights and Adam states, and both end
+    within 1e-5 of the uninterrupted 2-process run; a split that changes the global batch is refused."""
+    import shutil
+
+    def from_step_9(name: str) -> Path:
+        out = tmp_path / name
+        shutil.copytree(two, out)
+        for p in out.iterdir():
+            if p.name in ("final", "summary.json", "summary.md") or (p.name.startswith("checkpoint-") and
+                                                                       int(p.name.split("-")[1]) > 9):
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+        assert [p.name for p in out.glob("checkpoint-*")][-1].endswith("9")
+        return out
+
+    one = from_step_9("one")
+    with pytest.raises(ValueError, match=r"global batch: 4 \(2 processes x micro-batch 2 x 1 accumulation\) -> 2"):
+        train(Recipe.from_dict(fsdp_recipe(world, one), ["training.micro_batch_size=2"]), resume=True, progress=False)
+    train(Recipe.from_dict(fsdp_recipe(world, one), ["training.micro_batch_size=4"]), resume=True, progress=False)
+    reference = weights(two)
+    for out in (one, from_step_9("four")):
+        if out.name == "four":
+            four = fsdp_recipe(world, out)
+            path = tmp_path / "recipe-four.yaml"
+            path.write_text(yaml.safe_dump(four))
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "4", "--master_port",
+                   str(next(PORT)), "-m", "mosa_retrofit", "train", str(path), "training.micro_batch_size=1",
+                   "--quiet", "--resume"]
+            done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                                  timeout=300, cwd=tmp_path)
+            assert done.returncode == 0, done.stderr[-3000:]
+        got = weights(out)
+        assert got.keys() == reference.keys()
+        assert max((got[k] - reference[k]).abs().max().item() for k in got) < 1e-5, out.name
