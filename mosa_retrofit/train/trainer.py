@@ -153,6 +153,9 @@ class Trainer:
         self.tb = None
         self.fsdp = recipe.training.distributed == "fsdp" and self.acc.num_processes > 1
         self.sharded = False  # FSDP: sharding starts at the first shardable stage (stages.py)
+        # FSDP without layer-distillation stages shards before anything else: only the main process reads the
+        # checkpoint, the others build on the meta device and receive their shards (one copy per node)
+        self.lean = self.fsdp and not any(s.kind == "layer_distill" for s in recipe.stages)
         self.lora_on = False  # LoRA adapters are on the student
 
     # ------------------------------------------------------------------------------------ plumbing
@@ -195,7 +198,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------ models and data
 
     def _load_models(self):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 
         r = self.recipe
@@ -203,14 +206,23 @@ class Trainer:
         source = resolve_model(r.model.name_or_path)
         opts = dict(dtype=dtype, attn_implementation=r.model.attn_implementation)
         tokenizer = AutoTokenizer.from_pretrained(source)
+        reads = not self.lean or self.acc.is_main_process  # (lean FSDP: the others build on the meta device)
+
+        def base_model(path: str) -> nn.Module:
+            if reads:
+                return AutoModelForCausalLM.from_pretrained(path, **opts)
+            with torch.device("meta"):  # (from_config may keep the config's own dtype: set the one asked for)
+                return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), **opts).to(dtype)
+
         if r.conversion is None:  # an already converted model; its base is the teacher
-            student = load(source, **opts)
-            base = student.config.mosa.get("base_model_name_or_path")
+            saved = getattr(AutoConfig.from_pretrained(source), "mosa", None) or {}
+            base = saved.get("base_model_name_or_path")
             if base is None:
                 raise ValueError(f"{r.model.name_or_path} has no base_model_name_or_path to use as teacher")
-            teacher = AutoModelForCausalLM.from_pretrained(resolve_model(base), **opts)
+            teacher = base_model(resolve_model(base))
+            student = load(source, **opts) if reads else rebuild_(copy.deepcopy(teacher), MoSAConfig.from_dict(saved))
         else:
-            teacher = AutoModelForCausalLM.from_pretrained(source, **opts)
+            teacher = base_model(source)
             if getattr(teacher.config, "mosa", None):
                 raise ValueError(f"{r.model.name_or_path} is already converted; set conversion: null to adapt it")
             student = None
@@ -231,6 +243,16 @@ class Trainer:
             calibration = as_blocks(corpus.train[:n], conv.calibration_length).long()
         return convert_(student, config, calibration=calibration, progress=self.progress and self.acc.is_main_process,
                         tokenizer=getattr(self, "tokenizer", None))
+
+    def _converted_on_main(self, teacher: nn.Module, corpus) -> nn.Module:
+        """Lean FSDP: the main process converts (calibration and all), the others rebuild the structure it chose
+        on the meta device."""
+        import torch.distributed as dist
+
+        student = self._convert(teacher, corpus, None) if self.acc.is_main_process else None
+        chosen = [student.config.mosa if student is not None else None]
+        dist.broadcast_object_list(chosen, src=0)
+        return student if student is not None else self._convert(teacher, corpus, MoSAConfig.from_dict(chosen[0]))
 
     def evaluate(self, model: nn.Module) -> float:
         """Validation perplexity, the blocks sharded over processes."""
@@ -269,7 +291,8 @@ class Trainer:
                          f"{corpus.validation_documents} documents of {r.data.source}, in blocks of {vb}")
         self.say(f"data: {len(self.train_blocks)} training blocks of {r.data.block_size} tokens "
                  f"({corpus.train_documents} documents); {self.protocol}")
-        teacher.to(acc.device)
+        if not self.lean or acc.is_main_process:  # (lean FSDP: the others hold it on the meta device)
+            teacher.to(acc.device)  # conversion runs where training does
 
         if self.resume_from is not None:
             state = RunState.from_dict(ckpt.read_state(self.resume_from))
@@ -300,8 +323,10 @@ class Trainer:
             if state.peft and not self.fsdp:  # (under FSDP: on the sharded model, at the stage's start)
                 student = apply_lora(student, r.stages[state.stage].lora)
                 self.lora_on = True
-            if not ckpt.is_sharded(self.resume_from):  # sharded weights are read once the model is sharded
-                ckpt.load_model(self.resume_from, student)
+            if not ckpt.is_sharded(self.resume_from) and (not self.lean or acc.is_main_process):
+                ckpt.load_model(self.resume_from, student)  # (sharded weights are read once the model is sharded)
+            if self.lean:
+                self._shard_and_fill(teacher, student)
             self.say(f"resuming from {self.resume_from} (stage {r.stages[state.stage].name if state.stage < len(r.stages) else 'done'}, "
                      f"step {state.step})")
         else:
@@ -309,15 +334,21 @@ class Trainer:
                 (self.out / "metrics.jsonl").unlink(missing_ok=True)
             state = RunState(stages=[{"name": s.name, "kind": s.kind} for s in r.stages], recipe=r.to_dict(),
                              processes=acc.num_processes)
+            if self.lean:  # convert on the main process, then shard both and fill the others' shards
+                if student is None:
+                    student = self._converted_on_main(teacher, corpus)
+                self._shard_and_fill(teacher, student)
             if r.evaluation.before_conversion:
                 self.say("measuring the original model ...")
                 state.evals.append({"name": "original model", "ppl": self.evaluate(teacher), "global_step": 0})
             if student is None:
                 student = self._convert(teacher, corpus, None)
             state.mosa = student.config.mosa
-            student.to(acc.device)
+            if not self.lean:
+                student.to(acc.device)
             state.evals.append({"name": "after conversion", "ppl": self.evaluate(student), "global_step": 0})
-        student.to(acc.device)
+        if not self.lean:
+            student.to(acc.device)
         if r.training.gradient_checkpointing:
             enable_activation_checkpointing(student, {"use_reentrant": False})
         if not any(s.kd_weight > 0 or s.kind == "layer_distill" for s in r.stages[state.stage:]):
@@ -338,12 +369,56 @@ class Trainer:
             self._run_stage(i, r.stages[i])
         return self._finish()
 
+    def _keep_head_masks(self, student: nn.Module) -> None:
+        """Before sharding: the MoSA heads' rows of q/k/v/o, for ``trainable: mosa`` (read off whole parameters;
+        on the meta device, off an empty copy of each attention module)."""
+        if any(st.trainable == "mosa" for st in self.recipe.stages):
+            for m in mosa_layers(student).values():
+                whole = m if not any(p.is_meta for p in m.parameters()) else \
+                    copy.deepcopy(m).to_empty(device="cpu")
+                m._mosa_head_masks = head_masks(whole)
+
+    def _shard_and_fill(self, teacher: nn.Module, student: nn.Module) -> None:
+        """Lean FSDP: shard student and teacher before anything else. The main process holds them whole (it read
+        the checkpoint and converted), the others on the meta device; every process's shards and buffers are
+        then filled from the main process's copy, which is freed: one whole copy per node, not per process."""
+        import torch.distributed as dist
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        acc, main = self.acc, self.acc.is_main_process
+        self._keep_head_masks(student)
+        models = [student] + ([teacher] if teacher is not None else [])
+        wholes, buffers = [], []
+        for m in models:
+            wholes.append(m.state_dict() if main else {})
+            buffers.append({n: b.detach().clone() for n, b in m.named_buffers()} if main else {})  # non-persistent too
+            if main:
+                m.to("meta")  # the state dict above still holds the weights, until they are sent
+                m.tie_weights()  # (moving to meta unties shared parameters; the others' models are tied)
+        opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        for m, whole, bufs in zip(models, wholes, buffers):
+            sharding.shard_(m)
+            m.to_empty(device=acc.device)
+            set_model_state_dict(m, whole, options=opts)
+            with torch.no_grad():
+                for name, b in m.named_buffers():
+                    if main:
+                        b.copy_(bufs[name])
+                    dist.broadcast(b, src=0)
+            whole.clear()
+        # the main process drew random numbers reading and converting that the others skipped: from here on
+        # every process draws as before (the same LoRA initialisation everywhere, as one process would)
+        state = [ckpt.rng_state() if main else None]
+        dist.broadcast_object_list(state, src=0)
+        ckpt.set_rng_state(state[0])
+        self.sharded = True
+        self.say(f"FSDP: student{' and teacher' if teacher is not None else ''} read once, sharded over "
+                 f"{acc.num_processes} processes per decoder layer")
+
     def _shard(self) -> None:
         """FSDP: shard student and teacher, once (a sharded checkpoint is read into them by ``load_training``)."""
         if self.fsdp and not self.sharded:
-            if any(st.trainable == "mosa" for st in self.recipe.stages):
-                for m in mosa_layers(self.student).values():
-                    m._mosa_head_masks = head_masks(m)  # read off whole parameters, before they are sharded
+            self._keep_head_masks(self.student)
             sharding.shard_(self.student)
             if self.teacher is not None:
                 sharding.shard_(self.teacher)
@@ -537,9 +612,17 @@ class Trainer:
     def _finish(self) -> dict:
         acc, s, r = self.acc, self.state, self.recipe
         acc.wait_for_everyone()
+        try:
+            import resource  # (Unix: the peak resident memory of this process, KiB on Linux)
+
+            rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+        except ImportError:
+            rss = float("nan")
+        peak = torch.tensor([rss], device=acc.device)
         summary = {"output_dir": str(self.out), "evals": s.evals, "elapsed_s": s.elapsed,
                    "tokens": s.samples * r.data.block_size, "processes": acc.num_processes,
-                   "evaluation": self.protocol}
+                   "evaluation": self.protocol,
+                   "peak_host_memory_mib": [round(float(v), 1) for v in acc.gather(peak).cpu()]}  # per process
         converted = next((e for e in s.evals if e["name"] == "after conversion"), None)
         if converted is not None and s.evals[-1] is not converted and s.evals[-1]["ppl"] > converted["ppl"]:
             summary["warning"] = (f"validation perplexity ended at {s.evals[-1]['ppl']:.2f}, worse than right after "

@@ -131,6 +131,23 @@ def test_plain_cli_convert_keeps_quality_and_shrinks_the_cache(tmp_path, capsys)
     print(f"KV cache after a 2,048-token prefill: {caches[1] / caches[0]:.3f}x the original's bytes")
     assert caches[1] <= 0.40 * caches[0]  # layout: 1/4 dense + 3/4 x (4 + 255 + ~2048/64) / 2048 = 0.36
 
+    # the same conversion in bf16 (where the model would live on a GPU): the same dense heads, routers and
+    # thresholds within bf16's error, held-out perplexity within 1 % (benchmarks/results/convert_dtype.md)
+    import json
+    import re
+
+    from safetensors.torch import load_file
+
+    half = tmp_path / "bf16"
+    assert main(["convert", "smollm2-135m", str(half), "--dtype", "bfloat16"]) == 0
+    checks = [float(m) for m in re.findall(r"converted ([\d.]+) \(", printed + capsys.readouterr().out)]
+    assert len(checks) == 2 and abs(checks[1] / checks[0] - 1) < 0.01, checks
+    blocks_of = [json.loads((p / "config.json").read_text())["mosa"]["dense_head_ids"] for p in (out, half)]
+    assert blocks_of[0] == blocks_of[1]
+    a, b = load_file(str(out / "model.safetensors")), load_file(str(half / "model.safetensors"))
+    for k in (k for k in a if k.endswith("mosa_router")):
+        assert ((a[k] - b[k].float()).norm() / a[k].norm()).item() < 0.06, k
+
 
 def test_causal_decode_and_generate_on_smollm2(smollm2):
     """Causal routing on the real model: prefill + token-by-token decode equals the full forward, greedy
