@@ -95,6 +95,8 @@ def build_config(args: argparse.Namespace):
     base = dict(PAPER) if args.preset == "paper" else {}
     if args.config:
         path = Path(args.config)
+        if path.is_dir():
+            raise ValueError(f"--config {args.config} is a folder; give a MoSAConfig .json file")
         if not path.is_file():
             raise FileNotFoundError(f"--config {args.config} does not exist")
         try:

@@ -147,7 +147,10 @@ def documents(spec: DataSpec) -> tuple[list[str] | None, Iterator[str] | None]:
     if files is not None:
         missing = [f for f in files if not Path(f).is_file()]
         if not files or missing:
-            raise FileNotFoundError(f"data.source {spec.source!r}: no such file {missing[0] if missing else spec.source}")
+            bad = missing[0] if missing else spec.source
+            why = "is a folder: name its files (a glob such as DIR/*.txt)" if Path(bad).is_dir() else "no such file"
+            raise FileNotFoundError(f"data.source {spec.source!r}: {bad} {why}" if Path(bad).is_dir()
+                                    else f"data.source {spec.source!r}: {why} {bad}")
         if all(Path(f).stat().st_size == 0 for f in files):  # datasets fails on these with a traceback
             raise ValueError(f"data.source {spec.source!r} holds no text (empty file{'s' if len(files) > 1 else ''})")
         kinds = {_EXTENSIONS.get(Path(f).suffix) for f in files}
@@ -155,7 +158,16 @@ def documents(spec: DataSpec) -> tuple[list[str] | None, Iterator[str] | None]:
             raise ValueError(f"data.source files must all be one of {sorted(_EXTENSIONS)}, got {files}")
         kind = kinds.pop()
         extra = {"sample_by": "paragraph"} if kind == "text" else {}
-        ds = datasets.load_dataset(kind, data_files=files, split="train", streaming=spec.streaming, **extra)
+        try:
+            ds = datasets.load_dataset(kind, data_files=files, split="train", streaming=spec.streaming, **extra)
+        except Exception as e:  # datasets wraps a decoding error in its own
+            cause = e
+            while cause is not None and not isinstance(cause, UnicodeDecodeError):
+                cause = cause.__cause__ or cause.__context__
+            if cause is None:
+                raise
+            raise ValueError(f"data.source {spec.source!r}: a file is not UTF-8 text ({cause.reason} at byte "
+                             f"{cause.start}); files: {', '.join(files[:3])}") from None
         field = "text" if kind == "text" else spec.text_field
     else:
         ds = datasets.load_dataset(spec.source, spec.name, split=spec.split, streaming=spec.streaming)

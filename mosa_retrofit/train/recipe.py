@@ -309,6 +309,8 @@ class Recipe:
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: list[str] = ()) -> Recipe:
         path = Path(path)
+        if path.is_dir():
+            raise ValueError(f"recipe {path} is a folder; give a recipe's .yaml file (recipes/ has some)")
         if not path.is_file():
             raise FileNotFoundError(f"recipe {path} does not exist")
         try:

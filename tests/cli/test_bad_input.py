@@ -141,6 +141,12 @@ CASES = [
     ("One clear line", "OUT under a file", ["convert", "models/tiny-llama", "corpus.txt/out", *FAST], None),
     ("One clear line", "`long --out` naming a file", ["long", "converted", "--out", "corpus.txt"], None),
     ("One clear line", "`bench --output` naming a folder", ["bench", "keys", "--output", "models"], None),
+    ("One clear line", "a recipe that is a folder", ["train", "models"], None),
+    ("One clear line", "a folder as `--config`", ["convert", "models/tiny-llama", "out", "--config", "models"], None),
+    ("One clear line", "a folder as training data", ["train", "recipe.yaml", "data.source=models", "output_dir=d"],
+     None),
+    ("One clear line", "a data file that is not UTF-8", ["eval", "models/tiny-llama", "--data", "latin1.txt"],
+     lambda w: (w / "latin1.txt").write_bytes("caf\xe9 au lait\n\nun autre paragraphe\n".encode("latin-1"))),
 ]
 CASES = [c for c in CASES if c is not None]
 
