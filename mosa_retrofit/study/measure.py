@@ -19,10 +19,11 @@ from ..convert.compat import StopForward, without_cache
 from ..convert.config import MoSAConfig
 from ..convert.costs import attention_costs, ratios
 from ..convert.serialization import load
-from ..convert.surgery import attention_layers, convert_
+from ..convert.surgery import attention_layers, check_config, convert_
 from ..eval.perplexity import nll
 from ..text.assets import resolve_model
 from ..text.data import DataSpec, load_corpus
+from ..validate import positions_of, within_positions
 from ..train import checkpoint as ckpt
 from ..train.recipe import Recipe
 from ..train.trainer import train
@@ -153,6 +154,11 @@ def open_workbench(spec: StudySpec, progress: bool = True) -> Workbench:
     source = resolve_model(spec.model)
     tokenizer = AutoTokenizer.from_pretrained(source)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, attn_implementation="sdpa").eval()
+    for point in spec.points():  # every point must fit the model before the first is measured
+        if point.method != "original":
+            check_config(model, point.config(spec.eval_length))
+    for name in ("eval_length", "calibration_length", "time_length"):
+        within_positions(f"study.{name}", getattr(spec, name), positions_of(model.config), spec.model)
     n_cal = spec.calibration_sequences * spec.calibration_length
     corpus = load_corpus(DataSpec(source=spec.data, block_size=spec.eval_length,
                                   validation_documents=spec.validation_documents, validation_tokens=spec.eval_tokens + 1,
