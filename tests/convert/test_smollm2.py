@@ -140,7 +140,8 @@ def test_plain_cli_convert_keeps_quality_and_shrinks_the_cache(tmp_path, capsys)
 
     half = tmp_path / "bf16"
     assert main(["convert", "smollm2-135m", str(half), "--dtype", "bfloat16"]) == 0
-    checks = [float(m) for m in re.findall(r"converted ([\d.]+) \(", printed + capsys.readouterr().out)]
+    checks = [float(m) for m in re.findall(r"check \(.*\): original [\d.]+, converted ([\d.]+)",
+                                           printed + capsys.readouterr().out)]
     assert len(checks) == 2 and abs(checks[1] / checks[0] - 1) < 0.01, checks
     blocks_of = [json.loads((p / "config.json").read_text())["mosa"]["dense_head_ids"] for p in (out, half)]
     assert blocks_of[0] == blocks_of[1]
