@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from .convert import check_writable_parent
+from .convert import check_writable_parent, checked_device
 
 WHAT = ("model", "keys", "attention", "generate")  # the bench subcommands
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -163,7 +163,7 @@ def run_keys(args: argparse.Namespace) -> int:
     if args.heads % args.kv_heads or min(args.heads, args.kv_heads, args.head_dim, args.window, args.reps,
                                          args.threads) < 1:
         raise ValueError("--heads must be a multiple of --kv-heads; sizes, --reps and --threads must be >= 1")
-    device = _device(args.device)
+    device = checked_device(args.device)
     torch.set_num_threads(args.threads)
     rows = bench_keys(args.seq_lens, backends, args.heads, args.kv_heads, args.head_dim, args.window, args.sparsity,
                       reps=args.reps, backward=not args.no_backward, device=str(device), dtype=DTYPES[args.dtype])
@@ -185,7 +185,7 @@ def run_model(args: argparse.Namespace) -> int:
 
     if args.decode_tokens < 1 or args.threads < 1 or args.reps < 1 or args.train_length < 0:
         raise ValueError("--decode-tokens, --threads and --reps must be >= 1, --train-length >= 0")
-    device = _device(args.device)
+    device = checked_device(args.device)
     model, source = load_any(args.model)
     mosa = getattr(model.config, "mosa", None) or {}
     if not mosa:
@@ -216,13 +216,6 @@ def run_model(args: argparse.Namespace) -> int:
               f"or bytes read per step (decode) over the converted model's.")
     _emit(header, format_rows(rows), args.output)
     return 0
-
-
-def _device(name: str) -> torch.device:
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: this torch has no CUDA device (torch {torch.__version__}); use cpu")
-    return device
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -273,7 +266,7 @@ def _checked(run):
         if getattr(args, "threads", 1) < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         if getattr(args, "device", None):
-            _device(args.device)
+            checked_device(args.device)
         if getattr(args, "output", None):
             out = Path(args.output)
             if out.is_dir():
