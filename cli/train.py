@@ -19,6 +19,10 @@ def add_parser(sub) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue from the newest complete checkpoint in output_dir (exact: same data, optimizer, RNG)")
     p.add_argument("--check", action="store_true", help="only load and validate the recipe, print it and exit")
+    p.add_argument("--control", action="store_true",
+                   help="the honest control: train the original model (unconverted) by the same recipe, on the same "
+                        "blocks in the same order, into OUTPUT_DIR-control; each run's summary then shows the other's "
+                        "final row beside its own")
     p.add_argument("--prompt", help="afterwards, generate a continuation of PROMPT with the final model and report "
                                     "its attention FLOPs and KV cache against the original")
     p.add_argument("--max-new-tokens", type=int, default=40, help="with --prompt")
@@ -30,6 +34,12 @@ def run(args: argparse.Namespace) -> int:
     from mosa_retrofit.train.recipe import Recipe
 
     recipe = Recipe.from_yaml(args.recipe, args.overrides)  # every value validated before any loading
+    if args.control:
+        import dataclasses
+
+        from mosa_retrofit.train.recipe import CONTROL_SUFFIX
+
+        recipe = dataclasses.replace(recipe, control=True, output_dir=recipe.output_dir + CONTROL_SUFFIX)
     if args.check:
         print(recipe.to_yaml(), end="")
         return 0

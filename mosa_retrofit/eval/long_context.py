@@ -12,6 +12,7 @@ Shape legend: L context length in tokens, N documents.
 
 from __future__ import annotations
 
+import inspect
 import math
 import random
 import time
@@ -26,12 +27,20 @@ from ..convert.compat import output_cache
 from ..text.prompts import Prompt, passkey_prompt
 
 
+def tail_logits(model: nn.Module, ids: Tensor, keep: int) -> Tensor:
+    """Logits (B, keep, V) of the last ``keep`` positions of ``ids`` (B, L): through ``logits_to_keep`` where the
+    model's forward takes it (the vocabulary projection then runs on ``keep`` rows, not L), else sliced."""
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        return model(input_ids=ids, use_cache=False, logits_to_keep=keep).logits[:, -keep:]
+    return model(input_ids=ids, use_cache=False).logits[:, -keep:]
+
+
 @torch.no_grad()
 def answer_correct(model: nn.Module, prompt: Prompt) -> bool:
     """Teacher forcing: the argmax at every answer position is the answer's token."""
     ids = prompt.ids.to(next(model.parameters()).device)
-    logits = model(input_ids=ids, use_cache=False).logits[0]  # (L, V)
-    predicted = logits[prompt.answer_start - 1: -1].argmax(-1)
+    answer = ids.shape[1] - prompt.answer_start  # answer tokens, each predicted from the position before it
+    predicted = tail_logits(model, ids, answer + 1)[0, :-1].argmax(-1)  # (answer,)
     return bool(torch.equal(predicted, ids[0, prompt.answer_start:]))
 
 
@@ -71,7 +80,7 @@ def context_perplexity(model: nn.Module, docs: list[Tensor], contexts: list[int]
             total, count = 0.0, 0
             for doc in docs:
                 ids = doc[-(L + score_tokens):][None].to(device)  # (1, L + score)
-                logits = model(input_ids=ids, use_cache=False).logits[0, L - 1: -1].float()  # predicts the tail
+                logits = tail_logits(model, ids, score_tokens + 1)[0, :-1].float()  # (score, V) predicts the tail
                 total += F.cross_entropy(logits, ids[0, L:], reduction="sum").item()
                 count += score_tokens
                 bar.update(1)

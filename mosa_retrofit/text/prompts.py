@@ -24,11 +24,15 @@ class Prompt:
     needle_tokens: int = 0  # tokens of the asked needle's sentence
 
 
+VARIANTS = ("single", "multi")
+"""Passkey prompts: one key in filler, or the asked key among distractor keys."""
+
+
 def passkey_prompt(tokenizer, length: int, depth: float, rng: random.Random, variant: str = "single",
                    filler: str = FILLER, keys: int = 4) -> Prompt:
     """A prompt of exactly ``length`` tokens (answer included) whose (asked) needle starts at the filler
     sentence boundary nearest to ``depth`` (0: the start, 1: just before the question)."""
-    if variant not in ("single", "multi"):
+    if variant not in VARIANTS:
         raise ValueError(f"variant must be 'single' or 'multi', got {variant!r}")
     if not 0 <= depth <= 1:
         raise ValueError(f"depth must be in [0, 1], got {depth}")

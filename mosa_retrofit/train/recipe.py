@@ -217,6 +217,19 @@ class EvaluationSpec:
     """Tokens per validation block (None: the evaluation protocol's 1024, capped by the model's positions)."""
     tokens: int | None = None
     """Validation tokens scored (None: the evaluation protocol's 4096), from the held-out documents of ``data``."""
+    long_contexts: list = field(default_factory=list)
+    """Long-document perplexity: the final 256 tokens of Shakespeare's plays given each of these many tokens of
+    context before them ([]: none). Measured on the original, after conversion and after the last stage."""
+    long_documents: int = 1
+    """Plays scored for ``long_contexts`` (those long enough, in file order)."""
+    passkey_lengths: list = field(default_factory=list)
+    """Passkey retrieval (teacher forced) at these prompt lengths in tokens ([]: none)."""
+    passkey_trials: int = 6
+    """Keys per length and variant, spread over depths 25 %, 50 % and 75 %."""
+    passkey_variants: list = field(default_factory=lambda: ["single"])
+    """'single' (one key in filler) and/or 'multi' (the key among distractor keys)."""
+    long_every: int = 0
+    """Also run the long-context checks every N steps (a learning curve; 0: only at the three points above)."""
 
     def __post_init__(self):
         positive_int("every", self.every, 0)
@@ -224,7 +237,27 @@ class EvaluationSpec:
         for name in ("block_size", "tokens"):
             if getattr(self, name) is not None:
                 positive_int(name, getattr(self, name), 2)
+        for name in ("long_contexts", "passkey_lengths"):
+            values = getattr(self, name)
+            require(isinstance(values, list) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 64
+                                                     for v in values), name, values,
+                    "a list of token counts, each an integer >= 64")
+        positive_int("long_documents", self.long_documents)
+        positive_int("passkey_trials", self.passkey_trials)
+        positive_int("long_every", self.long_every, 0)
+        from ..text.prompts import VARIANTS
 
+        require(isinstance(self.passkey_variants, list) and bool(self.passkey_variants)
+                and all(v in VARIANTS for v in self.passkey_variants), "passkey_variants", self.passkey_variants,
+                f"a non-empty list of {list(VARIANTS)}")
+
+    @property
+    def long_checks(self) -> bool:
+        return bool(self.long_contexts or self.passkey_lengths)
+
+
+CONTROL_SUFFIX = "-control"
+"""A control run writes into the converted run's output_dir + this."""
 
 RESUMABLE_CHANGES = ("output_dir", "logging", "evaluation", "checkpointing")
 """The recipe sections a resumed run may change: they decide what is written and when, not the weights."""
@@ -248,6 +281,11 @@ class Recipe:
     checkpointing: CheckpointSpec = field(default_factory=CheckpointSpec)
     logging: LoggingSpec = field(default_factory=LoggingSpec)
     evaluation: EvaluationSpec = field(default_factory=EvaluationSpec)
+    control: bool = False
+    """The honest control: train the *original* model (no conversion) the same way, on the same blocks in the
+    same order, with the same steps and learning rates; stages with nothing to train in it (router warm-up,
+    layer distillation, ``trainable: routers``) pass over their data without a step. ``trainable: mosa`` trains
+    the original's attention. (``mosa-retrofit train RECIPE --control`` sets it and output_dir += '-control'.)"""
 
     def __post_init__(self):
         require(isinstance(self.output_dir, str) and bool(self.output_dir), "output_dir", self.output_dir,
@@ -258,6 +296,14 @@ class Recipe:
         names = [s.name for s in self.stages]
         dup = sorted({n for n in names if names.count(n) > 1})
         require(not dup, "stages", dup, "uniquely named (duplicate names)")
+        require(isinstance(self.control, bool), "control", self.control, "true or false")
+        if self.control:
+            require(self.conversion is not None, "control", self.control,
+                    "false for a recipe that adapts an already converted model (conversion: null): its original "
+                    "is not what it loads")
+        if self.evaluation.long_contexts and self.data.source == "shakespeare-offline":
+            raise ValueError("evaluation.long_contexts scores Shakespeare's plays, which data.source "
+                             "'shakespeare-offline' trains on; train on other text or drop long_contexts")
         if self.training.distributed == "fsdp":
             first = next((i for i, s in enumerate(self.stages) if s.kind != "layer_distill"), len(self.stages))
             late = [s.name for s in self.stages[first:] if s.kind == "layer_distill"]

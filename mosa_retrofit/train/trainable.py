@@ -142,6 +142,27 @@ def select_trainable(model: nn.Module, trainable: str, lora: bool = False, hooks
     return plain, masked
 
 
+def control_trainable(model: nn.Module, trainable: str, lora: bool = False) -> list[nn.Parameter]:
+    """What trains in the *original* model (the control run) where a converted run trains ``trainable``: routers
+    exist only in a converted model (nothing), the MoSA heads' slices become the whole attention, LoRA adapters
+    stay LoRA adapters. Sets ``requires_grad`` and returns the parameters that train."""
+    from ..convert.families import attention_layers
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if lora:
+        params = [p for n, p in model.named_parameters() if "lora_" in n]
+    elif trainable == "all":
+        params = list(model.parameters())
+    elif trainable in ("mosa", "attention"):
+        params = list({id(p): p for _, m in attention_layers(model).values() for p in m.parameters()}.values())
+    else:
+        params = []
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
 def remove_hooks(masked: list) -> None:
     for p, _ in masked:
         hook = p.__dict__.pop("_mosa_mask_hook", None)

@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import os
+import random
 import shutil
 import tempfile
 import time
@@ -36,21 +37,25 @@ from torch import Tensor, nn
 from ..convert.attention import mosa_layers
 from ..convert.compat import enable_activation_checkpointing
 from ..convert.config import MoSAConfig
+from ..convert.costs import cost_ratios
 from ..convert.serialization import load, rebuild_
 from ..convert.surgery import convert_
 from ..convert.thresholds import RoutingStatePool
+from ..eval.long_context import answer_correct, context_documents, context_perplexity
 from ..eval.perplexity import nll
 from ..eval.plots import plot_losses
 from ..text.assets import model_reference, resolve_model
 from ..text.data import BlockSchedule, as_blocks, load_corpus
+from ..text.prompts import passkey_prompt
 from ..text.protocol import PROTOCOL
 from ..validate import positions_of, within_positions
 from . import checkpoint as ckpt
 from . import sharding
-from .recipe import Recipe, StageSpec
+from .recipe import CONTROL_SUFFIX, Recipe, StageSpec
 from .stages import STAGES
 from .trainable import (
     apply_lora,
+    control_trainable,
     head_masks,
     merge_lora,
     remove_hooks,
@@ -157,6 +162,7 @@ class Trainer:
         # checkpoint, the others build on the meta device and receive their shards (one copy per node)
         self.lean = self.fsdp and not any(s.kind == "layer_distill" for s in recipe.stages)
         self.lora_on = False  # LoRA adapters are on the student
+        self.started = time.perf_counter()
 
     # ------------------------------------------------------------------------------------ plumbing
 
@@ -254,6 +260,42 @@ class Trainer:
         dist.broadcast_object_list(chosen, src=0)
         return student if student is not None else self._convert(teacher, corpus, MoSAConfig.from_dict(chosen[0]))
 
+    def _long_setup(self, tokenizer, positions: int | None) -> None:
+        """The long-context checks' documents and prompts (the same for every model of the run)."""
+        from ..text.assets import shakespeare_plays
+
+        E = self.recipe.evaluation
+        for name, values in (("evaluation.long_contexts", [L + 256 for L in E.long_contexts]),
+                             ("evaluation.passkey_lengths", E.passkey_lengths)):
+            for L in values:
+                within_positions(name, L, positions, self.recipe.model.name_or_path)
+        self.long_docs = []
+        if E.long_contexts:
+            docs = context_documents(tokenizer, shakespeare_plays(), max(E.long_contexts), 256)
+            if not docs:
+                raise ValueError(f"evaluation.long_contexts {E.long_contexts}: no play has {max(E.long_contexts) + 256} "
+                                 "tokens; choose shorter contexts")
+            self.long_docs = docs[: E.long_documents]
+        depths = (0.25, 0.5, 0.75)
+        self.passkeys = {(v, L): [passkey_prompt(tokenizer, L, depths[i % 3], random.Random(f"recipe-{v}-{L}-{i}"), v)
+                                  for i in range(E.passkey_trials)]
+                         for v in E.passkey_variants for L in E.passkey_lengths}
+
+    def long_evaluate(self, model: nn.Module) -> dict:
+        """{"long": {context: ppl}, "passkey": {variant: {length: keys found}}} of the recipe's long checks
+        (every process runs them whole: a sharded model needs every process's forwards)."""
+        E = self.recipe.evaluation
+        if not E.long_checks:
+            return {}
+        was = model.training
+        with self.acc.autocast():
+            long = context_perplexity(model, self.long_docs, E.long_contexts, progress=False) if self.long_docs else {}
+            found: dict = {}
+            for (v, L), prompts in self.passkeys.items():
+                found.setdefault(v, {})[str(L)] = sum(answer_correct(model, p) for p in prompts)
+        model.train(was)
+        return {"long": {str(L): v for L, v in long.items()}, "passkey": found}
+
     def evaluate(self, model: nn.Module) -> float:
         """Validation perplexity, the blocks sharded over processes."""
 
@@ -280,6 +322,7 @@ class Trainer:
         tokenizer, teacher, student = self._load_models()
         within_positions("data.block_size", r.data.block_size, positions_of(teacher.config), r.model.name_or_path)
         self.tokenizer = tokenizer
+        self._long_setup(tokenizer, positions_of(teacher.config))
         corpus = load_corpus(r.data, tokenizer, progress=self.progress and acc.is_main_process)
         self.train_blocks = corpus.blocks("train", r.data.block_size)
         E = r.evaluation
@@ -318,7 +361,9 @@ class Trainer:
                                  "the resumed run would not continue that run; resume with the same recipe and "
                                  "overrides, or start a new run in another output_dir (only output, logging, "
                                  "evaluation and checkpointing may change)")
-            if student is None:
+            if student is None and r.control:
+                student = copy.deepcopy(teacher).requires_grad_(True).train()
+            elif student is None:
                 student = self._convert(teacher, corpus, MoSAConfig.from_dict(state.mosa))
             if state.peft and not self.fsdp:  # (under FSDP: on the sharded model, at the stage's start)
                 student = apply_lora(student, r.stages[state.stage].lora)
@@ -340,13 +385,20 @@ class Trainer:
                 self._shard_and_fill(teacher, student)
             if r.evaluation.before_conversion:
                 self.say("measuring the original model ...")
-                state.evals.append({"name": "original model", "ppl": self.evaluate(teacher), "global_step": 0})
-            if student is None:
-                student = self._convert(teacher, corpus, None)
-            state.mosa = student.config.mosa
-            if not self.lean:
-                student.to(acc.device)
-            state.evals.append({"name": "after conversion", "ppl": self.evaluate(student), "global_step": 0})
+                state.evals.append({"name": "original model", "ppl": self.evaluate(teacher), "global_step": 0,
+                                    **self.long_evaluate(teacher)})
+            if r.control:
+                student = copy.deepcopy(teacher).requires_grad_(True).train()
+                self.say("control run: the original model trains, unconverted, on the blocks the converted run reads")
+            else:
+                if student is None:
+                    student = self._convert(teacher, corpus, None)
+                state.mosa = student.config.mosa
+                if not self.lean:
+                    student.to(acc.device)
+                self.say("measuring the converted model ...")
+                state.evals.append({"name": "after conversion", "ppl": self.evaluate(student), "global_step": 0,
+                                    **self.long_evaluate(student)})
         if not self.lean:
             student.to(acc.device)
         if r.training.gradient_checkpointing:
@@ -358,9 +410,10 @@ class Trainer:
         if self.resume_from is None:
             for e in state.evals:
                 self.log({"split": "validation", "stage": e["name"], "step": 0, "global_step": 0,
-                          "loss": math.log(e["ppl"]), "ppl": e["ppl"], "tokens": 0})
+                          "loss": math.log(e["ppl"]), "ppl": e["ppl"], "tokens": 0,
+                          **{k: e[k] for k in ("long", "passkey") if k in e}})
         for e in state.evals:
-            self.say(f"perplexity {e['name']}: {e['ppl']:.2f}")
+            self.say(f"perplexity {e['name']}: {e['ppl']:.2f}" + (f"; {_long_line(e)}" if "long" in e else ""))
         if self.resume_from is None:
             self._save(None, None)
         self.state.elapsed += time.perf_counter() - start
@@ -442,6 +495,10 @@ class Trainer:
         if start_step >= stage.steps:  # the checkpoint was written at the end of this stage
             s.stage, s.step = i + 1, 0
             return
+        if r.control and not control_trainable(self.student, stage.trainable, lora=stage.lora is not None) and (
+                stage.lora is None):
+            self._pass_over(i, stage, start_step)
+            return
         t_stage = time.perf_counter()
         if STAGES[stage.kind].shardable:
             self._shard()  # before LoRA: the adapters stay whole on every process, their gradients averaged by hand
@@ -449,7 +506,11 @@ class Trainer:
             self.student = apply_lora(self.student, stage.lora)
             s.peft = self.lora_on = True
         model = self.student
-        plain, masked = select_trainable(model, stage.trainable, lora=stage.lora is not None, hooks=not self.sharded)
+        if r.control:
+            plain, masked = control_trainable(model, stage.trainable, lora=stage.lora is not None), []
+        else:
+            plain, masked = select_trainable(model, stage.trainable, lora=stage.lora is not None,
+                                             hooks=not self.sharded)
         masks = [(p, sharding.local_mask(p, m)) for p, m in masked] if self.sharded else []  # applied by hand
         params = plain + [p for p, _ in masked]
         opt, sched, peak = self._optimizer(stage, plain, [p for p, _ in masked])
@@ -504,9 +565,25 @@ class Trainer:
             s.peft = self.lora_on = False
         self.student.requires_grad_(True)
         s.step = stage.steps
-        self._eval_record(stage.name, stage.steps, f"after {stage.name}")
+        self._eval_record(stage.name, stage.steps, f"after {stage.name}", long=i == len(r.stages) - 1)
         self._save(None, None)
         self.say(f"stage {stage.name} done in {time.perf_counter() - t_stage:.0f} s")
+        s.stage, s.step = i + 1, 0
+
+    def _pass_over(self, i: int, stage: StageSpec, start_step: int) -> None:
+        """Control run, a stage with nothing to train in the original: its steps' blocks are consumed without a
+        step, so that every later stage reads the blocks the converted run reads, at the same global steps."""
+        r, s, tc = self.recipe, self.state, self.recipe.training
+        batch = tc.micro_batch_size * self.acc.num_processes * tc.gradient_accumulation_steps
+        steps = stage.steps - start_step
+        s.samples += batch * steps
+        s.global_step += steps
+        s.stage_log.setdefault(stage.name, {"tokens": 0, "time": 0.0})
+        self.say(f"control: stage {stage.name} ({stage.kind}, trainable {stage.trainable}) trains nothing in the "
+                 f"original model; its {steps} steps' {batch * steps} blocks are passed over")
+        s.step = stage.steps
+        self._eval_record(stage.name, stage.steps, f"after {stage.name}", long=i == len(r.stages) - 1)
+        self._save(None, None)
         s.stage, s.step = i + 1, 0
 
     def _optimizer(self, stage: StageSpec, plain: list, masked: list):
@@ -588,24 +665,29 @@ class Trainer:
             self.log(record)
 
     def _evaluate_every(self, stage: StageSpec, step: int, start_step: int, record: dict, opt, sched) -> None:
-        every = self.recipe.evaluation.every
-        if every and (step + 1) % every == 0 and step + 1 < stage.steps:
-            self._eval_record(stage.name, step + 1, None)
+        E = self.recipe.evaluation
+        long = bool(E.long_every) and (step + 1) % E.long_every == 0
+        if ((E.every and (step + 1) % E.every == 0) or long) and step + 1 < stage.steps:
+            self._eval_record(stage.name, step + 1, None, long=long)
 
     def _checkpoint_every(self, stage: StageSpec, step: int, start_step: int, record: dict, opt, sched) -> None:
         if self.state.global_step % self.recipe.checkpointing.every == 0 and step + 1 < stage.steps:
             self._save(opt, sched)
 
-    def _eval_record(self, stage: str, step: int, name: str | None) -> None:
+    def _eval_record(self, stage: str, step: int, name: str | None, long: bool = False) -> None:
+        """Validation perplexity (and with ``long`` the long-context checks) logged; with a ``name``, also a row
+        of the summary."""
         s = self.state
         ppl = self.evaluate(self.student)
+        extra = self.long_evaluate(self.student) if long else {}
         self.log({"split": "validation", "stage": stage, "step": step, "global_step": s.global_step,
-                  "loss": math.log(ppl), "ppl": ppl, "tokens": s.samples * self.recipe.data.block_size})
+                  "loss": math.log(ppl), "ppl": ppl, "tokens": s.samples * self.recipe.data.block_size, **extra})
         if name is not None:
             s.evals.append({"name": name, "ppl": ppl, "global_step": s.global_step,
-                               "tokens": s.stage_log.get(stage, {}).get("tokens", 0),
-                               "time": s.stage_log.get(stage, {}).get("time", 0.0)})
-        self.say(f"validation perplexity ({stage}, step {step}): {ppl:.2f}")
+                            "tokens": s.stage_log.get(stage, {}).get("tokens", 0),
+                            "time": s.stage_log.get(stage, {}).get("time", 0.0), **extra})
+        self.say(f"validation perplexity ({stage}, step {step}): {ppl:.2f}"
+                 + (f"; {_long_line(extra)}" if extra else ""))
 
     # ------------------------------------------------------------------------------------ the end
 
@@ -620,8 +702,9 @@ class Trainer:
             rss = float("nan")
         peak = torch.tensor([rss], device=acc.device)
         summary = {"output_dir": str(self.out), "evals": s.evals, "elapsed_s": s.elapsed,
+                   "wall_s": time.perf_counter() - self.started,
                    "tokens": s.samples * r.data.block_size, "processes": acc.num_processes,
-                   "evaluation": self.protocol,
+                   "evaluation": self.protocol, "control": r.control,
                    "peak_host_memory_mib": [round(float(v), 1) for v in acc.gather(peak).cpu()]}  # per process
         converted = next((e for e in s.evals if e["name"] == "after conversion"), None)
         if converted is not None and s.evals[-1] is not converted and s.evals[-1]["ppl"] > converted["ppl"]:
@@ -630,6 +713,14 @@ class Trainer:
                                   "learning rate?)")
             if acc.is_main_process:
                 logger.warning("mosa_retrofit: %s", summary["warning"])
+        if s.mosa is not None:
+            cost = cost_ratios(acc.unwrap_model(self.student), COST_LENGTH)
+            summary["costs"] = {"length": COST_LENGTH, "flops": cost.flops, "kv_bytes": cost.kv_bytes}
+        if r.evaluation.long_checks:
+            E = r.evaluation
+            summary["long_protocol"] = (f"long: the final 256 tokens of {len(self.long_docs)} Shakespeare play(s) given "
+                                        f"the context before them; passkey: {E.passkey_trials} keys per length "
+                                        "(depths 25/50/75 %), teacher forced")
         if self.resume_from is not None and ckpt.is_sharded(self.resume_from):  # resumed after the last stage
             self._shard()
             ckpt.load_training(self.resume_from, None, None, acc.process_index, self.student)
@@ -644,7 +735,7 @@ class Trainer:
                 shutil.rmtree(final)
             os.replace(tmp, final)
             (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
-            table = summary_table(summary)
+            table = summary_table(summary, sibling_summary(self.out, r.control))
             (self.out / "summary.md").write_text(table + "\n")
             if r.logging.plot:
                 plot_losses(self.log_file, self.out / "loss.png")
@@ -655,12 +746,80 @@ class Trainer:
         return summary
 
 
-def summary_table(summary: dict) -> str:
-    rows = ["| model | validation ppl | training tokens | wall time |", "|---|---|---|---|"]
-    for e in summary["evals"]:
-        tokens = f"{e['tokens']:,}" if e.get("tokens") else "-"
-        wall = f"{e['time']:.0f} s" if e.get("time") else "-"
-        rows.append(f"| {e['name']} | {e['ppl']:.2f} | {tokens} | {wall} |")
-    if summary.get("evaluation"):
-        rows.append(f"\n({summary['evaluation']})")
-    return "\n".join(rows)
+COST_LENGTH = 8192
+"""The sequence length at which a run's summary states the converted model's attention FLOPs and KV bytes."""
+
+def sibling_summary(out: Path, control: bool) -> dict | None:
+    """The other half of a converted run and its control (output_dir and output_dir + '-control'), if written."""
+    other = Path(str(out).removesuffix(CONTROL_SUFFIX)) if control else Path(str(out) + CONTROL_SUFFIX)
+    try:
+        return json.loads((other / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _long_line(e: dict) -> str:
+    parts = [f"long {L} ppl {v:.2f}" for L, v in e.get("long", {}).items()]
+    parts += [f"passkey {v} " + " · ".join(str(n) for n in found.values()) for v, found in e.get("passkey", {}).items()]
+    return ", ".join(parts)
+
+
+def summary_rows(summary: dict, sibling: dict | None = None) -> list[dict]:
+    """The summary's rows, and the sibling run's last row (the control beside the converted run, or the
+    converted run beside its control), in one list; the original model once."""
+    rows = list(summary["evals"])
+    if sibling is not None and sibling.get("evals"):
+        last = dict(sibling["evals"][-1])
+        if sibling.get("control"):
+            last["name"] = f"control: original, {last['name']}"
+        else:
+            last["name"] = f"converted, {last['name']}"
+        rows.append(last)
+    return rows
+
+
+def summary_table(summary: dict, sibling: dict | None = None) -> str:
+    """Markdown: every row's held-out perplexity, long-context checks (each × the original's where measured),
+    training tokens and wall time; then the converted model's costs, the run's tokens and wall time."""
+    rows = summary_rows(summary, sibling)
+    base = next((e for e in rows if e["name"] == "original model"), None)
+    contexts = sorted({L for e in rows for L in e.get("long", {})}, key=int)
+    variants = {v: sorted({L for e in rows for L in e.get("passkey", {}).get(v, {})}, key=int)
+                for e in rows for v in e.get("passkey", {})}
+
+    def ratio(value: float, ref: float | None) -> str:
+        return f"{value:.2f} ({value / ref:.3f}x)" if ref else f"{value:.2f}"
+
+    head = ["model", "held-out ppl"] + [f"long {L} ppl" for L in contexts] + [
+        f"passkey {v} ({' · '.join(f'{int(L) // 1024}k' if int(L) % 1024 == 0 else L for L in Ls)})"
+        for v, Ls in variants.items()] + ["training tokens", "wall time"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for e in rows:
+        cells = [e["name"], ratio(e["ppl"], base and base["ppl"])]
+        for L in contexts:
+            v = e.get("long", {}).get(L)
+            cells.append("-" if v is None else ratio(v, base and base.get("long", {}).get(L)))
+        for v, Ls in variants.items():
+            found = e.get("passkey", {}).get(v)
+            cells.append("-" if found is None else " · ".join(str(found.get(L, "-")) for L in Ls))
+        cells.append(f"{e['tokens']:,}" if e.get("tokens") else "-")
+        cells.append(f"{e['time']:.0f} s" if e.get("time") else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    notes = []
+    for s in (summary, sibling):
+        if s is not None and s.get("costs"):
+            c = s["costs"]
+            notes.append(f"converted model: attention FLOPs {c['flops']:.3f}x and KV bytes {c['kv_bytes']:.3f}x the "
+                         f"original's at {c['length']:,} tokens")
+            break
+    if summary.get("wall_s") is not None:
+        notes.append(f"this run: {summary['tokens']:,} training tokens, {summary['wall_s'] / 60:.1f} min end to end "
+                     f"(loading, conversion, evaluation and training; {summary['elapsed_s']:.0f} s in training steps"
+                     " and setup)")
+    for key in ("evaluation", "long_protocol"):
+        if summary.get(key):
+            notes.append(summary[key])
+    if notes:
+        lines.append("")
+        lines += [f"({n})" for n in notes]
+    return "\n".join(lines)

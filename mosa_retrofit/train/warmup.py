@@ -8,7 +8,16 @@ each token t receives from the unit's heads run densely with the frozen original
 and the loss is  KL(p_e ‖ softmax_t(x_t · w_e)),  averaged over units, sequences and layers. Only the ranking
 of the router logits matters to top-k selection, and the softmax cross-entropy rewards putting the highest
 logits on the tokens of largest mass. Padded tokens are excluded, and so is token 0 when ``include_first``
-(it is always selected). The layer input x is detached: each router learns from its own layer only, and
+(it is always selected).
+
+Key-selection units (``mosa_keys``: every query sees its last w tokens and the sinks anyway) need their routers
+only for the tokens a query reaches from beyond its window, so their target is the *far* mass: the mean
+attention token t receives from the queries i ≥ t + w,
+
+    m_e(t) = Σ_{heads h of e} Σ_{i ≥ t + w} A_h[i, t] / #{i ≥ t + w},
+
+over the tokens that have such queries and are not sinks (the calibrated router's target, calibration.py,
+here at the training length instead of 512 tokens), estimated from FAR_QUERIES evenly spaced queries. The layer input x is detached: each router learns from its own layer only, and
 the forward of the model itself runs without autograd.
 
 Shape legend: B batch, T tokens, D width, n MoSA query heads of the layer, E units, G heads per unit, d head dim.
@@ -33,15 +42,27 @@ def gathered(param: Tensor) -> Tensor:
     return param.full_tensor(grad_placements=[Partial()]) if isinstance(param, DTensor) else param
 
 
-def attention_mass(module: nn.Module, x: Tensor, W: HeadWeights, mask, cos, sin) -> tuple[Tensor, Tensor]:
-    """Received dense-attention mass per MoSA unit (B, E, T) and the valid-token mask (B, T)."""
+FAR_QUERIES = 512
+"""Queries, evenly spaced, from which a key-selection unit's far target is averaged (all of them in rows up to
+this long): the mean attention from beyond the window is well estimated from a few hundred queries, and a
+4,096-token row then costs 1/8 of the full attention matrix."""
+
+
+def attention_mass(module: nn.Module, x: Tensor, W: HeadWeights, mask, cos, sin, far: int = 0
+                   ) -> tuple[Tensor, Tensor]:
+    """Received dense-attention mass per MoSA unit (B, E, T) and the valid-token mask (B, T). With ``far`` > 0
+    only queries at least ``far`` tokens after the key count, and the mass is their mean (0 without any), taken
+    over every ``ceil(T / FAR_QUERIES)``-th query (the last one included)."""
     fam, plan = module.mosa_family, module.mosa_plan
     B, T, D = x.shape
     heads = torch.tensor(plan.mosa, device=x.device)  # (n,)
     kv_of = head_to_kv(W.num_heads, W.num_kv_heads)
     kv = torch.tensor([kv_of[h] for h in plan.mosa], device=x.device)  # (n,) K/V head of every query head
-    q = torch.einsum("btD,ncD->bntc", x, W.wq[heads])  # (B, n, T, d)
-    k = torch.einsum("btD,ncD->bntc", x, W.wk[kv])
+    i = torch.arange(T, device=x.device)
+    stride = -(-T // FAR_QUERIES)  # ceil
+    rows = i if far == 0 else torch.arange(T - 1, -1, -stride, device=x.device).flip(0)  # (Q,) queries that count
+    q = torch.einsum("btD,ncD->bntc", x[:, rows], W.wq[heads])  # (B, n, Q, d)
+    k = torch.einsum("btD,ncD->bntc", x, W.wk[kv])  # (B, n, T, d)
     if W.bq is not None:
         q = q + W.bq[heads][None, :, None]
     if W.bk is not None:
@@ -51,37 +72,60 @@ def attention_mass(module: nn.Module, x: Tensor, W: HeadWeights, mask, cos, sin)
     if q_norm is not None:
         q, k = q_norm(q), k_norm(k)
     if cos is not None:
-        q, k = apply_rope(q, cos[:, None], sin[:, None]), apply_rope(k, cos[:, None], sin[:, None])
-    s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * fam.scaling(module)  # (B, n, T, T)
+        q = apply_rope(q, cos[:, None, rows], sin[:, None, rows])
+        k = apply_rope(k, cos[:, None], sin[:, None])
+    s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * fam.scaling(module)  # (B, n, Q, T)
     cap = fam.softcap(module)
     if cap is not None:
         s = softcap_logits(s, cap)
-    i = torch.arange(T, device=x.device)
-    allowed = i[None, :] <= i[:, None]  # (T, T) query i sees key j <= i
+    allowed = i[None, :] <= rows[:, None]  # (Q, T) query i sees key j <= i
     window = fam.sliding_window(module)
     if window is not None:
-        allowed = allowed & (i[:, None] - i[None, :] < window)
+        allowed = allowed & (rows[:, None] - i[None, :] < window)
     valid = key_padding(mask, T)
     valid = torch.ones(B, T, dtype=torch.bool, device=x.device) if valid is None else valid  # (B, T)
-    allowed = allowed[None] & valid[:, None, :]  # (B, T, T)
-    allowed = allowed | torch.eye(T, dtype=torch.bool, device=x.device)[None]  # no empty rows
-    probs = s.masked_fill(~allowed[:, None], float("-inf")).softmax(-1)  # (B, n, T, T)
-    probs = probs * valid[:, None, :, None]  # padded queries give nothing
-    mass = probs.sum(-2)  # (B, n, T)
+    allowed = allowed[None] & valid[:, None, :]  # (B, Q, T)
+    allowed = allowed | (rows[:, None] == i[None, :])[None]  # no empty rows
+    probs = s.masked_fill(~allowed[:, None], float("-inf")).softmax(-1)  # (B, n, Q, T)
+    probs = probs * valid[:, rows][:, None, :, None]  # padded queries give nothing
+    if far > 0:
+        reach = (rows[:, None] - i[None, :]) >= far  # (Q, T) query i lies beyond key j's window
+        probs = probs * reach
+        count = (reach[None] & valid[:, rows, None]).sum(1)  # (B, T) far real queries of each key
+        mass = probs.sum(-2) / count.clamp_min(1)[:, None]  # (B, n, T) mean far attention
+    else:
+        mass = probs.sum(-2)  # (B, n, T)
     G = plan.heads_per_unit
     return mass.view(B, -1, G, T).sum(2), valid  # (B, E, T), (B, T)
 
 
-def router_warmup_loss(router: Tensor, x: Tensor, mass: Tensor, valid: Tensor, include_first: bool) -> Tensor:
-    """KL(p ‖ softmax(router logits)) over the tokens, mean over units and sequences."""
+def warmup_target(module: nn.Module, x: Tensor, W: HeadWeights, mask, cos, sin) -> tuple[Tensor, Tensor]:
+    """The routers' target mass (B, E, T) of a converted layer and the tokens it covers (B, T): total mass for
+    paper-form units; far mass, without sinks and tokens no query reaches from afar, for key-selection units."""
+    group = next(g for g in module.mosa_groups if g.routed)
+    cfg = module.mosa_plan.config
+    B, T, _ = x.shape
+    far = group.window(module.mosa_family.sliding_window(module)) if group.far_router else 0
+    mass, keep = attention_mass(module, x, W, mask, cos, sin, far)
+    keep = keep.clone()
+    if far > 0:
+        index = keep.long().cumsum(-1) - 1  # (B, T) position among the row's real tokens
+        last = keep.long().sum(-1, keepdim=True) - 1  # (B, 1) the last real token
+        keep &= (index >= cfg.sink_tokens) & (index <= last - far)  # not a sink, reached from beyond a window
+    if cfg.include_first:
+        keep &= index >= 1 if far > 0 else torch.arange(T, device=x.device)[None] >= 1
+    return mass, keep
+
+
+def router_warmup_loss(router: Tensor, x: Tensor, mass: Tensor, keep: Tensor) -> Tensor:
+    """KL(p ‖ softmax(router logits)) over the ``keep`` tokens (B, T), mean over units and sequences (rows
+    without a kept token give 0)."""
     logits = torch.einsum("btD,eD->bet", x.float(), router.float())  # (B, E, T)
-    keep = valid.clone()
-    if include_first:
-        keep[:, 0] = False
     keep = keep[:, None, :]  # (B, 1, T)
     p = (mass * keep).clamp_min(0)
     p = p / p.sum(-1, keepdim=True).clamp_min(1e-12)
     logq = logits.masked_fill(~keep, float("-inf")).log_softmax(-1)
+    logq = torch.where(keep, logq, torch.zeros_like(logq))  # (no -inf where p is 0: finite gradients)
     kl = torch.where(p > 0, p * (p.clamp_min(1e-30).log() - logq), torch.zeros_like(p)).sum(-1)  # (B, E)
     return kl.mean()
 
@@ -90,17 +134,18 @@ class RouterWarmup:
     """Installs the warm-up observer on every converted layer and collects the per-layer losses."""
 
     def __init__(self, layers: dict[int, nn.Module]):
-        baseline = sorted(i for i, m in layers.items() if m.mosa_plan.config.sparse_heads != "mosa")
-        if baseline:
-            raise ValueError(f"router warm-up needs MoSA heads of the paper's form (sparse_heads='mosa'), but layers "
-                             f"{baseline} have sparse_heads={layers[baseline[0]].mosa_plan.config.sparse_heads!r}")
+        unrouted = sorted(i for i, m in layers.items() if m.mosa_plan.mosa and not any(g.routed for g in m.mosa_groups))
+        if unrouted:
+            raise ValueError(f"router warm-up needs routed MoSA heads (sparse_heads 'mosa' or 'mosa_keys'), but "
+                             f"layers {unrouted} have sparse_heads="
+                             f"{layers[unrouted[0]].mosa_plan.config.sparse_heads!r}, which have no router")
         self.layers = layers
         self.seen: list[tuple[nn.Module, Tensor, Tensor, Tensor]] = []
 
     def _observe(self, module, x, W, mask, cos, sin) -> None:
         with torch.no_grad():
-            mass, valid = attention_mass(module, x.detach(), W, mask, cos, sin)
-        self.seen.append((module, x.detach(), mass, valid))  # the loss is taken after the forward (pop_loss)
+            mass, keep = warmup_target(module, x.detach(), W, mask, cos, sin)
+        self.seen.append((module, x.detach(), mass, keep))  # the loss is taken after the forward (pop_loss)
 
     def __enter__(self) -> RouterWarmup:
         for m in self.layers.values():
@@ -118,7 +163,6 @@ class RouterWarmup:
         if not self.seen:
             raise RuntimeError("no converted layer ran: nothing to warm up")
         with torch.enable_grad():
-            losses = [router_warmup_loss(gathered(m.mosa_router), x, mass, valid, m.mosa_plan.config.include_first)
-                      for m, x, mass, valid in self.seen]
+            losses = [router_warmup_loss(gathered(m.mosa_router), x, mass, keep) for m, x, mass, keep in self.seen]
         self.seen = []
         return torch.stack(losses).mean()

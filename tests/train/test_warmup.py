@@ -8,7 +8,8 @@ from tiny_models import FAMILIES, plain_config, tiny_model
 
 from mosa_retrofit import convert_
 from mosa_retrofit.convert.surgery import attention_layers, mosa_layers
-from mosa_retrofit.train.warmup import RouterWarmup, attention_mass, router_warmup_loss
+from mosa_retrofit.train import warmup
+from mosa_retrofit.train.warmup import RouterWarmup, attention_mass, router_warmup_loss, warmup_target
 
 
 def _original_attention(model, ids, mask):
@@ -52,6 +53,48 @@ def test_attention_mass_matches_the_models_eager_attention(family):
         torch.testing.assert_close(mass, expected, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("family, queries", [("llama", 512), ("qwen2", 512), ("llama", 7)])
+def test_far_mass_of_key_selection_units_matches_the_models_eager_attention(family, queries, monkeypatch):
+    """Key-selection units learn the mean attention a token receives from queries beyond its window, summed over
+    the unit's heads, over the tokens that are not sinks and have such queries (a plain loop over the original
+    model's attention matrices); from every ceil(T / FAR_QUERIES)-th query counted back from the last."""
+    monkeypatch.setattr(warmup, "FAR_QUERIES", queries)
+    model = tiny_model(family)
+    g = torch.Generator().manual_seed(2)
+    B, T, w, sinks = 2, 24, 5, 2
+    ids = torch.randint(1, 128, (B, T), generator=g)
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[1, :3] = 0
+    ref = _original_attention(copy.deepcopy(model), ids, mask)
+    convert_(model, plain_config(sparsity=1, dense_heads=1, sparse_heads="mosa_keys", local_window=w,
+                                 sink_tokens=sinks, router_granularity="kv_group", include_first=True))
+    seen = {}
+
+    def observe(module, x, W, m, cos, sin):
+        seen[module.layer_idx] = (warmup_target(module, x, W, m, cos, sin), module)
+
+    for mod in mosa_layers(model).values():
+        mod.mosa_observer = observe
+    with torch.no_grad():
+        model(ids, attention_mask=mask)
+    assert sorted(seen) == sorted(ref)
+    for idx, ((mass, keep), module) in seen.items():
+        units = next(gr for gr in module.mosa_groups if gr.routed).units
+        stride = -(-T // queries)
+        sampled = set(range(T - 1, -1, -stride))
+        for b in range(B):
+            real = [t for t in range(T) if mask[b, t]]
+            for t in range(T):
+                far = [i for i in real if i - t >= w and i in sampled]
+                expect_keep = t in real and real.index(t) >= sinks and real[-1] - t >= w
+                assert bool(keep[b, t]) == expect_keep, (idx, b, t)
+                if not expect_keep:
+                    continue
+                for e, heads in enumerate(units):
+                    expected = sum(float(ref[idx][b, h, i, t]) for h in heads for i in far) / max(len(far), 1)
+                    assert abs(float(mass[b, e, t]) - expected) < 1e-5
+
+
 def test_kl_loss_against_a_plain_loop():
     torch.manual_seed(0)
     B, T, D, E = 2, 9, 6, 3
@@ -60,7 +103,9 @@ def test_kl_loss_against_a_plain_loop():
     valid = torch.ones(B, T, dtype=torch.bool)
     valid[1, :3] = False
     for include_first in (False, True):
-        got = router_warmup_loss(router, x, mass, valid, include_first)
+        covered = valid.clone()
+        covered[:, 0] &= not include_first
+        got = router_warmup_loss(router, x, mass, covered)
         total = 0.0
         for b in range(B):
             keep = [t for t in range(T) if valid[b, t] and not (include_first and t == 0)]
@@ -72,9 +117,10 @@ def test_kl_loss_against_a_plain_loop():
         assert abs(got.item() - total / (B * E)) < 1e-5
 
 
-def test_warmup_gradients_reach_only_routers_through_the_observer():
+@pytest.mark.parametrize("kind", ["mosa", "mosa_keys"])
+def test_warmup_gradients_reach_only_routers_through_the_observer(kind):
     model = tiny_model("llama")
-    convert_(model, plain_config(sparsity=4, dense_heads=1))
+    convert_(model, plain_config(sparsity=4, dense_heads=1, sparse_heads=kind, local_window=4, sink_tokens=1))
     ids = torch.randint(1, 128, (2, 16))
     layers = mosa_layers(model)
     with RouterWarmup(layers) as w:

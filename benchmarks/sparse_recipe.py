@@ -1,0 +1,122 @@
+"""The sparse recipe and its control, measured in one run: what continued pretraining buys at a conversion twice
+as sparse as the default, separated from what training on the text alone would buy.
+
+    python benchmarks/sparse_recipe.py [--recipe recipes/smollm2-sparse.yaml] [--no-control] [--from-runs]
+
+Runs ``mosa-retrofit train RECIPE`` and then ``--control`` (the original trained by the same recipe on the same
+blocks), one after the other (measure alone), then writes benchmarks/results/smollm2_sparse.md (the summary
+rows, the costs, the learning curve) and docs/results/sparse_curve.png. ``--from-runs`` only reads the two
+output folders again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+
+def _curve(out: Path) -> list[dict]:
+    """Validation records that carry the long-context checks, in order (after conversion, every long_every
+    steps, after the last stage)."""
+    path = out / "metrics.jsonl"
+    if not path.exists():
+        return []
+    recs = [json.loads(line) for line in path.read_text().splitlines() if line]
+    return [r for r in recs if r.get("split") == "validation" and "long" in r and r["stage"] != "original model"]
+
+
+def _keys(found: dict) -> str:
+    return " · ".join(str(v) for _, v in sorted(found.items(), key=lambda kv: int(kv[0])))
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--recipe", default="recipes/smollm2-sparse.yaml")
+    p.add_argument("--no-control", action="store_true", help="only the converted run")
+    p.add_argument("--from-runs", action="store_true", help="read the two output folders, train nothing")
+    p.add_argument("--out", default="benchmarks/results/smollm2_sparse.md")
+    p.add_argument("--plot", default="docs/results/sparse_curve.png")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides (both runs)")
+    args = p.parse_args(argv)
+
+    from mosa_retrofit.study import machine
+    from mosa_retrofit.train.recipe import CONTROL_SUFFIX, Recipe
+    from mosa_retrofit.train.trainer import summary_table, train
+
+    recipe = Recipe.from_yaml(args.recipe, args.overrides)
+    control = dataclasses.replace(recipe, control=True, output_dir=recipe.output_dir + CONTROL_SUFFIX,
+                                  evaluation=dataclasses.replace(recipe.evaluation, before_conversion=False))
+    started = time.time()
+    if not args.from_runs:
+        train(recipe)
+        if not args.no_control:
+            train(control)  # (its "original model" row is the converted run's: measured once)
+    main_dir, control_dir = Path(recipe.output_dir), Path(control.output_dir)
+    summary = json.loads((main_dir / "summary.json").read_text())
+    sibling = json.loads((control_dir / "summary.json").read_text()) if (control_dir / "summary.json").exists() else None
+
+    curve = _curve(main_dir)
+    lines = [f"# The sparse recipe and its control: {recipe.conversion.mosa.sparsity:g}x routed keys, "
+             f"{recipe.conversion.mosa.dense_heads} of the KV groups dense, window {recipe.conversion.mosa.local_window}",
+             "", f"Command: `python benchmarks/sparse_recipe.py {' '.join(argv or [])}`".rstrip(), "",
+             f"Machine: {machine()}; {time.strftime('%Y-%m-%d')}; this script {time.time() - started:.0f} s.", "",
+             "## Summary", "", summary_table(summary, sibling), "",
+             "## Learning curve", "", "Every long-context check of the converted run against training tokens.", "",
+             "| tokens | held-out ppl | " + " | ".join(f"long {L} ppl" for L in (curve[0]["long"] if curve else {}))
+             + " | " + " | ".join(f"passkey {v}" for v in (curve[0]["passkey"] if curve else {})) + " |",
+             "|" + "---|" * (2 + len(curve[0]["long"] if curve else {}) + len(curve[0]["passkey"] if curve else {}))]
+    for r in curve:
+        lines.append(f"| {r['tokens']:,} | {r['ppl']:.2f} | " + " | ".join(f"{v:.2f}" for v in r["long"].values())
+                     + " | " + " | ".join(_keys(f) for f in r["passkey"].values()) + " |")
+    text = "\n".join(lines) + "\n"
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(text)
+    print(text)
+    if curve:
+        _plot(curve, summary, sibling, args.plot)
+
+
+def _plot(curve: list[dict], summary: dict, sibling: dict | None, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    base = next((e for e in summary["evals"] if e["name"] == "original model"), None)
+    tokens = [r["tokens"] for r in curve]
+    L = next(iter(curve[0]["long"]))
+    panels = [("held-out perplexity", [r["ppl"] for r in curve], base and base["ppl"],
+               sibling and sibling["evals"][-1]["ppl"]),
+              (f"long-document perplexity ({int(L):,} of context)", [r["long"][L] for r in curve],
+               base and base.get("long", {}).get(L), sibling and sibling["evals"][-1].get("long", {}).get(L))]
+    variants = list(curve[0]["passkey"])
+    fig, axes = plt.subplots(1, 2 + len(variants), figsize=(4.2 * (2 + len(variants)), 3.8))
+    for ax, (title, ys, ref, ctrl) in zip(axes, panels):
+        ax.plot(tokens, ys, "o-", label="converted, training")
+        if ref:
+            ax.axhline(ref, color="k", lw=1, ls="--", label="original")
+        if ctrl:
+            ax.axhline(ctrl, color="C3", lw=1, ls=":", label="control (original trained the same way)")
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("training tokens")
+    axes[0].legend(fontsize=7)
+    for ax, v in zip(axes[2:], variants):
+        lengths = sorted(curve[0]["passkey"][v], key=int)
+        for j, Lp in enumerate(lengths):
+            ax.plot(tokens, [r["passkey"][v][Lp] for r in curve], "o-", color=f"C{j}", label=f"{int(Lp) // 1024}k")
+            if base and v in base.get("passkey", {}):
+                ax.axhline(base["passkey"][v][Lp], color=f"C{j}", lw=0.8, ls="--")
+        ax.set_title(f"passkey ({v}) found (dashed: original)", fontsize=9)
+        ax.set_xlabel("training tokens")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
