@@ -2,11 +2,13 @@
 as sparse as the default, separated from what training on the text alone would buy.
 
     python benchmarks/sparse_recipe.py [--recipe recipes/smollm2-sparse.yaml] [--no-control] [--from-runs]
+    python benchmarks/sparse_recipe.py --compare OUT_A OUT_B ...   # objectives, each a finished run's folder
 
 Runs ``mosa-retrofit train RECIPE`` and then ``--control`` (the original trained by the same recipe on the same
 blocks), one after the other (measure alone), then writes benchmarks/results/smollm2_sparse.md (the summary
 rows, the costs, the learning curve) and docs/results/sparse_curve.png. ``--from-runs`` only reads the two
-output folders again.
+output folders again. ``--compare`` writes benchmarks/results/sparse_objectives.md from finished runs of the
+same conversion with different stages (the objective comparison at equal wall time).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import time
 from pathlib import Path
 
@@ -28,6 +31,16 @@ def _curve(out: Path) -> list[dict]:
     return [r for r in recs if r.get("split") == "validation" and "long" in r and r["stage"] != "original model"]
 
 
+def _objective(stage: dict) -> str:
+    if stage["kind"] == "router_warmup":
+        return "KL to the dense attention mass"
+    if stage["kind"] == "layer_distill":
+        return "layer outputs"
+    parts = [f"{w:g} LM" for w in [stage.get("lm_weight", 1.0)] if w] + \
+            [f"{w:g} KD" for w in [stage.get("kd_weight", 0.0)] if w]
+    return " + ".join(parts)
+
+
 def _keys(found: dict) -> str:
     return " · ".join(str(v) for _, v in sorted(found.items(), key=lambda kv: int(kv[0])))
 
@@ -40,8 +53,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--from-runs", action="store_true", help="read the two output folders, train nothing")
     p.add_argument("--out", default="benchmarks/results/smollm2_sparse.md")
     p.add_argument("--plot", default="docs/results/sparse_curve.png")
+    p.add_argument("--compare", nargs="+", metavar="OUT", help="finished runs to compare (objective table only)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides (both runs)")
     args = p.parse_args(argv)
+    if args.compare:
+        return compare(args.compare, argv)
 
     from mosa_retrofit.study import machine
     from mosa_retrofit.train.recipe import CONTROL_SUFFIX, Recipe
@@ -49,12 +65,12 @@ def main(argv: list[str] | None = None) -> None:
 
     recipe = Recipe.from_yaml(args.recipe, args.overrides)
     control = dataclasses.replace(recipe, control=True, output_dir=recipe.output_dir + CONTROL_SUFFIX,
-                                  evaluation=dataclasses.replace(recipe.evaluation, before_conversion=False))
+                                  evaluation=dataclasses.replace(recipe.evaluation, before_conversion=False, long_every=0))
     started = time.time()
     if not args.from_runs:
         train(recipe)
         if not args.no_control:
-            train(control)  # (its "original model" row is the converted run's: measured once)
+            train(control)  # (its "original model" row is the converted run's, measured once; no curve)
     main_dir, control_dir = Path(recipe.output_dir), Path(control.output_dir)
     summary = json.loads((main_dir / "summary.json").read_text())
     sibling = json.loads((control_dir / "summary.json").read_text()) if (control_dir / "summary.json").exists() else None
@@ -78,6 +94,54 @@ def main(argv: list[str] | None = None) -> None:
     print(text)
     if curve:
         _plot(curve, summary, sibling, args.plot)
+
+
+def compare(outs: list[str], argv) -> None:
+    """One row per finished run: its stages, what trained, tokens and training time, and its quality after
+    training beside its own "after conversion" row (the same conversion in every run)."""
+    from mosa_retrofit.study import machine
+
+    lines = ["# Objectives compared at about equal training time, on the sparse recipe's conversion", "",
+             f"Command: `python benchmarks/sparse_recipe.py {' '.join(argv or [])}`", "",
+             f"Machine: {machine()}; {time.strftime('%Y-%m-%d')}.", "",
+             "Each run: `mosa-retrofit train recipes/smollm2-sparse.yaml` with the stages below (its `recipe` in "
+             "the run's checkpoints); quality after training (× after conversion, the same for every run).", "",
+             "| stages: kind (objective; what trains), steps | trainable parameters | training tokens | training time | "
+             "held-out ppl | long ppl | passkey single (2k · 4k · 8k) |", "|---|---|---|---|---|---|---|"]
+    for spec in outs:
+        name, _, at = spec.partition("@")  # OUT@STEP: the run's long-context checks at global step STEP
+        out = Path(name)
+        summary = json.loads((out / "summary.json").read_text())
+        state = json.loads(sorted(out.glob("checkpoint-*/state.json"))[-1].read_text())
+        conv = next(e for e in summary["evals"] if e["name"] == "after conversion")
+        recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
+        steps = {st["name"]: st["steps"] for st in state["recipe"]["stages"]}
+        if at:
+            last = next(r for r in recs if r["split"] == "validation" and r["global_step"] == int(at) and "long" in r)
+            train = [r for r in recs if r["split"] == "train" and r["global_step"] <= int(at)]
+            # steps are logged every few: the time of the logged span, scaled to all steps up to STEP
+            time_s = (train[-1]["elapsed"] - train[0]["elapsed"]) * int(at) / (train[-1]["global_step"] - train[0]["global_step"])
+            tokens = last["tokens"]
+            steps = {k: f"{at} of {v}" for k, v in steps.items()}
+        else:
+            last = summary["evals"][-1]
+            time_s = sum(v["time"] for v in state["stage_log"].values())
+            tokens = summary["tokens"]
+        stages = ", ".join(f"{st['kind']} ({_objective(st)}; {st.get('trainable', 'routers')}), {steps[st['name']]} steps"
+                           for st in state["recipe"]["stages"])
+        trained = [v["trainable"] for v in state["stage_log"].values() if "trainable" in v]
+        if not trained and (out / "console.log").exists():  # runs from before the count was kept: their output
+            trained = [int(n.replace(",", "")) for n in
+                       re.findall(r"([\d,]+) trainable parameters", (out / "console.log").read_text())]
+        L = next(iter(last["long"]))
+        lines.append(f"| {stages} | {' + '.join(f'{n:,}' for n in trained) or '-'} | {tokens:,} | {time_s:.0f} s | "
+                     f"{last['ppl']:.2f} ({last['ppl'] / conv['ppl']:.3f}x) | "
+                     f"{last['long'][L]:.2f} ({last['long'][L] / conv['long'][L]:.3f}x) | "
+                     f"{_keys(last['passkey']['single'])} (was {_keys(conv['passkey']['single'])}) |")
+    text = "\n".join(lines) + "\n"
+    path = Path("benchmarks/results/sparse_objectives.md")
+    path.write_text(text)
+    print(text)
 
 
 def _plot(curve: list[dict], summary: dict, sibling: dict | None, path: str) -> None:

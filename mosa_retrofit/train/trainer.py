@@ -287,12 +287,21 @@ class Trainer:
         E = self.recipe.evaluation
         if not E.long_checks:
             return {}
+        from tqdm.auto import tqdm
+
         was = model.training
+        show = self.progress and self.acc.is_main_process
         with self.acc.autocast():
-            long = context_perplexity(model, self.long_docs, E.long_contexts, progress=False) if self.long_docs else {}
+            long = context_perplexity(model, self.long_docs, E.long_contexts, progress=show) if self.long_docs else {}
             found: dict = {}
-            for (v, L), prompts in self.passkeys.items():
-                found.setdefault(v, {})[str(L)] = sum(answer_correct(model, p) for p in prompts)
+            with tqdm(total=sum(map(len, self.passkeys.values())), desc="passkey", unit="key", disable=not show,
+                      leave=False) as bar:
+                for (v, L), prompts in self.passkeys.items():
+                    hits = 0
+                    for p in prompts:
+                        hits += answer_correct(model, p)
+                        bar.update(1)
+                    found.setdefault(v, {})[str(L)] = hits
         model.train(was)
         return {"long": {str(L): v for L, v in long.items()}, "passkey": found}
 
@@ -525,6 +534,7 @@ class Trainer:
         batch = tc.micro_batch_size * acc.num_processes * tc.gradient_accumulation_steps
         tokens_per_step = batch * r.data.block_size
         n_trainable = sum(int(p.numel()) for p in plain) + sum(int(m.sum()) for _, m in masked)
+        s.stage_log.setdefault(stage.name, {"tokens": 0, "time": 0.0})["trainable"] = n_trainable
         self.say(f"stage {stage.name} ({stage.kind}): {stage.steps} steps, global batch {batch} x "
                  f"{r.data.block_size} tokens, {n_trainable:,} trainable parameters, peak lr {peak:g}")
         bar = tqdm(total=stage.steps, initial=start_step, desc=stage.name, unit="step",

@@ -63,6 +63,13 @@ def test_overrides_by_dotted_path_stage_name_and_index():
     (BASE, ["training"], ["section.key=value"]),
     ({**BASE, "stages": [BASE["stages"][0], BASE["stages"][0]]}, [], ["uniquely", "warm"]),
     ({"stages": []}, [], ["recipe.output_dir is required"]),
+    (BASE, ["evaluation.long_contexts=[4096, 10]"], ["long_contexts", "[4096, 10]", ">= 64"]),
+    (BASE, ["evaluation.passkey_lengths=2048"], ["passkey_lengths", "list"]),
+    (BASE, ["evaluation.passkey_variants=[single, many]"], ["passkey_variants", "'many'", "multi"]),
+    (BASE, ["evaluation.passkey_trials=0"], ["passkey_trials", "0"]),
+    (BASE, ["control=3"], ["recipe.control", "true or false"]),
+    (BASE, ["control=true", "conversion=null"], ["control", "already converted"]),
+    (BASE, ["data.source=shakespeare-offline", "evaluation.long_contexts=[1024]"], ["long_contexts", "Shakespeare"]),
 ])
 def test_bad_recipes_are_rejected_naming_the_key(data, overrides, words):
     with pytest.raises(ValueError) as e:
