@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import json
 import re
+import sys
 import time
 from pathlib import Path
 
@@ -55,6 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--plot", default="docs/results/sparse_curve.png")
     p.add_argument("--compare", nargs="+", metavar="OUT", help="finished runs to compare (objective table only)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides (both runs)")
+    argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
     if args.compare:
         return compare(args.compare, argv)
@@ -76,9 +78,10 @@ def main(argv: list[str] | None = None) -> None:
     sibling = json.loads((control_dir / "summary.json").read_text()) if (control_dir / "summary.json").exists() else None
 
     curve = _curve(main_dir)
-    lines = [f"# The sparse recipe and its control: {recipe.conversion.mosa.sparsity:g}x routed keys, "
-             f"{recipe.conversion.mosa.dense_heads} of the KV groups dense, window {recipe.conversion.mosa.local_window}",
-             "", f"Command: `python benchmarks/sparse_recipe.py {' '.join(argv or [])}`".rstrip(), "",
+    m = recipe.conversion.mosa
+    lines = [f"# The sparse recipe and its control: {m.dense_heads} of the KV groups dense, the others window "
+             f"{m.local_window} + 1 in {m.sparsity:g} tokens routed",
+             "", f"Command: `python benchmarks/sparse_recipe.py {' '.join(argv)}`".replace(" `", "`"), "",
              f"Machine: {machine()}; {time.strftime('%Y-%m-%d')}; this script {time.time() - started:.0f} s.", "",
              "## Summary", "", summary_table(summary, sibling), "",
              "## Learning curve", "", "Every long-context check of the converted run against training tokens.", "",
@@ -102,10 +105,14 @@ def compare(outs: list[str], argv) -> None:
     from mosa_retrofit.study import machine
 
     lines = ["# Objectives compared at about equal training time, on the sparse recipe's conversion", "",
-             f"Command: `python benchmarks/sparse_recipe.py {' '.join(argv or [])}`", "",
+             f"Command: `python benchmarks/sparse_recipe.py {' '.join(argv)}`", "",
              f"Machine: {machine()}; {time.strftime('%Y-%m-%d')}.", "",
-             "Each run: `mosa-retrofit train recipes/smollm2-sparse.yaml` with the stages below (its `recipe` in "
-             "the run's checkpoints); quality after training (× after conversion, the same for every run).", "",
+             "Each run: `mosa-retrofit train recipes/smollm2-sparse.yaml output_dir=OUT "
+             "evaluation.before_conversion=false evaluation.passkey_variants=[single] evaluation.long_every=0 "
+             "\"stages=[...]\"` with the stages below (the whole recipe is in each run's checkpoint state), router "
+             "warm-up without and adaptation with `training.gradient_checkpointing=true`; a row marked 'N of M "
+             "steps' is the recipe's own run at its step-N checks. Quality after training (× after conversion, "
+             "the same conversion in every run).", "",
              "| stages: kind (objective; what trains), steps | trainable parameters | training tokens | training time | "
              "held-out ppl | long ppl | passkey single (2k · 4k · 8k) |", "|---|---|---|---|---|---|---|"]
     for spec in outs:

@@ -148,6 +148,7 @@ def readme_results() -> str:
          "", paper["attention FLOPs @8k"].rstrip("x"), paper["KV bytes @8k"].rstrip("x"), "", ""],
         [f"`convert` + the demo recipe's 40 training steps on Wikipedia text ({adapted['wall time']})",
          adapted["validation ppl"], "", "", default_flops(), default_kv(), "", ""],
+        sparse_row(),
     ]
     return markdown(head, rows)
 
@@ -245,7 +246,49 @@ def readme_memory() -> str:
                                                for m in models])
 
 
+SPARSE = "smollm2_sparse.md"
+
+
+def _section(name: str, heading: str) -> str:
+    """The body of one '## heading' section of a results file (up to the next heading)."""
+    text = (RESULTS / name).read_text()
+    start = text.index(f"## {heading}\n") + len(heading) + 4
+    end = text.find("\n## ", start)
+    return text[start:end if end >= 0 else len(text)].strip("\n")
+
+
+def sparse_summary() -> str:
+    """The sparse recipe's summary (the run and its control), as its results file keeps it."""
+    return _section(SPARSE, "Summary")
+
+
+def sparse_curve() -> str:
+    return _section(SPARSE, "Learning curve")
+
+
+def sparse_objectives() -> str:
+    text = (RESULTS / "sparse_objectives.md").read_text()
+    return text[text.index("| stages"):].strip("\n")
+
+
+def sparse_row() -> list[str]:
+    """README's row of the adapted sparse recipe: its last summary row, the costs its summary states."""
+    rows = tables(RESULTS / SPARSE)[0][1]
+    last = [r for r in rows if r["model"].startswith("after ")][-1]
+    costs = re.search(r"attention FLOPs ([0-9.]+)x and KV bytes ([0-9.]+)x", (RESULTS / SPARSE).read_text())
+    wall = re.search(r"([0-9.]+) min end to end", (RESULTS / SPARSE).read_text()).group(1)
+    first = lambda cell: cell.split(" (")[0]
+    single = next(c for c in last if c.startswith("passkey single"))
+    return [f"`train recipes/smollm2-sparse.yaml`: window 192 + 1/96 routed, a tenth of the groups dense, "
+            f"16 steps of distillation at 4k ({wall} min end to end)", first(last["held-out ppl"]),
+            first(next(last[c] for c in last if c.startswith("long "))), last[single],
+            costs.group(1), costs.group(2), "", ""]
+
+
 BLOCKS = {
+    "sparse-summary": sparse_summary,
+    "sparse-curve": sparse_curve,
+    "sparse-objectives": sparse_objectives,
     "readme-headline": readme_headline,
     "readme-results": readme_results,
     "speed-1-thread": speed_table(1),

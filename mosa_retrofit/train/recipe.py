@@ -20,6 +20,7 @@ import yaml
 
 from ..convert.config import MoSAConfig
 from ..text.data import DataSpec
+from ..text.prompts import VARIANTS
 from ..validate import positive_int, require
 
 STAGE_KINDS = ("router_warmup", "layer_distill", "adaptation")
@@ -245,8 +246,6 @@ class EvaluationSpec:
         positive_int("long_documents", self.long_documents)
         positive_int("passkey_trials", self.passkey_trials)
         positive_int("long_every", self.long_every, 0)
-        from ..text.prompts import VARIANTS
-
         require(isinstance(self.passkey_variants, list) and bool(self.passkey_variants)
                 and all(v in VARIANTS for v in self.passkey_variants), "passkey_variants", self.passkey_variants,
                 f"a non-empty list of {list(VARIANTS)}")

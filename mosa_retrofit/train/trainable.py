@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..convert.families import head_to_kv
+from ..convert.families import attention_layers, head_to_kv
 from ..convert.surgery import mosa_layers
 
 
@@ -146,8 +146,6 @@ def control_trainable(model: nn.Module, trainable: str, lora: bool = False) -> l
     """What trains in the *original* model (the control run) where a converted run trains ``trainable``: routers
     exist only in a converted model (nothing), the MoSA heads' slices become the whole attention, LoRA adapters
     stay LoRA adapters. Sets ``requires_grad`` and returns the parameters that train."""
-    from ..convert.families import attention_layers
-
     for p in model.parameters():
         p.requires_grad_(False)
     if lora:

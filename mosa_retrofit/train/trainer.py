@@ -44,7 +44,7 @@ from ..convert.thresholds import RoutingStatePool
 from ..eval.long_context import answer_correct, context_documents, context_perplexity
 from ..eval.perplexity import nll
 from ..eval.plots import plot_losses
-from ..text.assets import model_reference, resolve_model
+from ..text.assets import model_reference, resolve_model, shakespeare_plays
 from ..text.data import BlockSchedule, as_blocks, load_corpus
 from ..text.prompts import passkey_prompt
 from ..text.protocol import PROTOCOL
@@ -262,8 +262,6 @@ class Trainer:
 
     def _long_setup(self, tokenizer, positions: int | None) -> None:
         """The long-context checks' documents and prompts (the same for every model of the run)."""
-        from ..text.assets import shakespeare_plays
-
         E = self.recipe.evaluation
         for name, values in (("evaluation.long_contexts", [L + 256 for L in E.long_contexts]),
                              ("evaluation.passkey_lengths", E.passkey_lengths)):
@@ -430,6 +428,11 @@ class Trainer:
         for i in range(state.stage, len(r.stages)):
             self._run_stage(i, r.stages[i])
         return self._finish()
+
+    def _cost_model(self) -> nn.Module:
+        """The student as the cost tables read it: itself, or (sharded) its structure on the meta device."""
+        model = self.acc.unwrap_model(self.student)
+        return _placeholder(model.config, self.state.mosa) if self.sharded else model
 
     def _keep_head_masks(self, student: nn.Module) -> None:
         """Before sharding: the MoSA heads' rows of q/k/v/o, for ``trainable: mosa`` (read off whole parameters;
@@ -724,7 +727,7 @@ class Trainer:
             if acc.is_main_process:
                 logger.warning("mosa_retrofit: %s", summary["warning"])
         if s.mosa is not None:
-            cost = cost_ratios(acc.unwrap_model(self.student), COST_LENGTH)
+            cost = cost_ratios(self._cost_model(), COST_LENGTH)
             summary["costs"] = {"length": COST_LENGTH, "flops": cost.flops, "kv_bytes": cost.kv_bytes}
         if r.evaluation.long_checks:
             E = r.evaluation
@@ -786,6 +789,15 @@ def summary_rows(summary: dict, sibling: dict | None = None) -> list[dict]:
             last["name"] = f"converted, {last['name']}"
         rows.append(last)
     return rows
+
+
+def _placeholder(config, mosa: dict) -> nn.Module:
+    """The converted structure on the meta device (no weights): what the cost tables read."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return rebuild_(model, MoSAConfig.from_dict(mosa))
 
 
 def summary_table(summary: dict, sibling: dict | None = None) -> str:

@@ -70,7 +70,7 @@ def test_baselines_train_without_routers_and_refuse_what_needs_them():
     assert g[1] == 0 and bool((g[[0, 2, 3]] > 0).all())
     from mosa_retrofit.train.warmup import RouterWarmup
 
-    with pytest.raises(ValueError, match="router warm-up needs MoSA heads"):
+    with pytest.raises(ValueError, match="router warm-up needs routed MoSA heads"):
         RouterWarmup(mosa_layers(model))
     # baselines have no routers: routing does not apply to them (the default causal routing is accepted)
     pruned = convert_(tiny_model("llama"), plain_config(sparse_heads="pruned", routing="causal"))
