@@ -295,6 +295,11 @@ class Recipe:
         names = [s.name for s in self.stages]
         dup = sorted({n for n in names if names.count(n) > 1})
         require(not dup, "stages", dup, "uniquely named (duplicate names)")
+        warm = [s.name for s in self.stages if s.kind == "router_warmup"]
+        if warm and self.conversion is not None and not self.conversion.mosa.routed:
+            raise ValueError(f"stages {warm} (router_warmup) train routers, but conversion.mosa.sparse_heads="
+                             f"{self.conversion.mosa.sparse_heads!r} has none; use 'mosa_keys' or 'mosa', or drop "
+                             "the stage")
         require(isinstance(self.control, bool), "control", self.control, "true or false")
         if self.control:
             require(self.conversion is not None, "control", self.control,

@@ -68,6 +68,7 @@ def test_overrides_by_dotted_path_stage_name_and_index():
     (BASE, ["evaluation.passkey_variants=[single, many]"], ["passkey_variants", "'many'", "multi"]),
     (BASE, ["evaluation.passkey_trials=0"], ["passkey_trials", "0"]),
     (BASE, ["control=3"], ["recipe.control", "true or false"]),
+    (BASE, ["conversion.mosa.sparse_heads=streaming"], ["router_warmup", "'streaming'", "mosa_keys"]),
     (BASE, ["control=true", "conversion=null"], ["control", "already converted"]),
     (BASE, ["data.source=shakespeare-offline", "evaluation.long_contexts=[1024]"], ["long_contexts", "Shakespeare"]),
 ])
