@@ -35,6 +35,8 @@ class Stage:
     """A layer-local loss: the model runs without the data-parallel wrapper, gradients are averaged by hand."""
     shardable = True
     """Runs on a model sharded by FSDP (``training.distributed: fsdp``); sharding starts at the first such stage."""
+    converted_only = False
+    """Its loss exists only for a converted model (routers, converted layers): a control run passes over it."""
 
     def __init__(self, spec, student: nn.Module, teacher: nn.Module | None, acc):
         self.spec, self.student, self.teacher, self.acc = spec, student, teacher, acc
@@ -52,6 +54,7 @@ class RouterWarmupStage(Stage):
     """Only routers learn: each toward the tokens its heads' dense attention relies on (warmup.py)."""
 
     local = True
+    converted_only = True
 
     def context(self):
         self.observer = RouterWarmup(mosa_layers(self.student))
@@ -70,6 +73,7 @@ class LayerDistillStage(Stage):
 
     local = True
     shardable = False  # (its losses are taken inside the forward, from gathered parameters)
+    converted_only = True
 
     def context(self):
         self.observer = LayerDistill(self.teacher, self.student)

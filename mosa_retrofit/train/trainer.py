@@ -263,15 +263,15 @@ class Trainer:
     def _long_setup(self, tokenizer, positions: int | None) -> None:
         """The long-context checks' documents and prompts (the same for every model of the run)."""
         E = self.recipe.evaluation
-        for name, values in (("evaluation.long_contexts", [L + 256 for L in E.long_contexts]),
+        for name, values in (("evaluation.long_contexts", [L + SCORED for L in E.long_contexts]),
                              ("evaluation.passkey_lengths", E.passkey_lengths)):
             for L in values:
                 within_positions(name, L, positions, self.recipe.model.name_or_path)
         self.long_docs = []
         if E.long_contexts:
-            docs = context_documents(tokenizer, shakespeare_plays(), max(E.long_contexts), 256)
+            docs = context_documents(tokenizer, shakespeare_plays(), max(E.long_contexts), SCORED)
             if not docs:
-                raise ValueError(f"evaluation.long_contexts {E.long_contexts}: no play has {max(E.long_contexts) + 256} "
+                raise ValueError(f"evaluation.long_contexts {E.long_contexts}: no play has {max(E.long_contexts) + SCORED} "
                                  "tokens; choose shorter contexts")
             self.long_docs = docs[: E.long_documents]
         depths = (0.25, 0.5, 0.75)
@@ -290,7 +290,8 @@ class Trainer:
         was = model.training
         show = self.progress and self.acc.is_main_process
         with self.acc.autocast():
-            long = context_perplexity(model, self.long_docs, E.long_contexts, progress=show) if self.long_docs else {}
+            long = context_perplexity(model, self.long_docs, E.long_contexts, SCORED, progress=show) \
+                if self.long_docs else {}
             found: dict = {}
             with tqdm(total=sum(map(len, self.passkeys.values())), desc="passkey", unit="key", disable=not show,
                       leave=False) as bar:
@@ -507,8 +508,8 @@ class Trainer:
         if start_step >= stage.steps:  # the checkpoint was written at the end of this stage
             s.stage, s.step = i + 1, 0
             return
-        if r.control and not control_trainable(self.student, stage.trainable, lora=stage.lora is not None) and (
-                stage.lora is None):
+        if r.control and (STAGES[stage.kind].converted_only or (
+                stage.lora is None and not control_trainable(self.student, stage.trainable))):
             self._pass_over(i, stage, start_step)
             return
         t_stage = time.perf_counter()
@@ -731,7 +732,7 @@ class Trainer:
             summary["costs"] = {"length": COST_LENGTH, "flops": cost.flops, "kv_bytes": cost.kv_bytes}
         if r.evaluation.long_checks:
             E = r.evaluation
-            summary["long_protocol"] = (f"long: the final 256 tokens of {len(self.long_docs)} Shakespeare play(s) given "
+            summary["long_protocol"] = (f"long: the final {SCORED} tokens of {len(self.long_docs)} Shakespeare play(s) given "
                                         f"the context before them; passkey: {E.passkey_trials} keys per length "
                                         "(depths 25/50/75 %), teacher forced")
         if self.resume_from is not None and ckpt.is_sharded(self.resume_from):  # resumed after the last stage
@@ -762,6 +763,9 @@ class Trainer:
 COST_LENGTH = 8192
 """The sequence length at which a run's summary states the converted model's attention FLOPs and KV bytes."""
 
+SCORED = 256
+"""Long-document perplexity scores each play's final SCORED tokens, given ``evaluation.long_contexts`` before them."""
+
 def sibling_summary(out: Path, control: bool) -> dict | None:
     """The other half of a converted run and its control (output_dir and output_dir + '-control'), if written."""
     other = Path(str(out).removesuffix(CONTROL_SUFFIX)) if control else Path(str(out) + CONTROL_SUFFIX)
@@ -778,8 +782,8 @@ def _long_line(e: dict) -> str:
 
 
 def summary_rows(summary: dict, sibling: dict | None = None) -> list[dict]:
-    """The summary's rows, and the sibling run's last row (the control beside the converted run, or the
-    converted run beside its control), in one list; the original model once."""
+    """The summary's rows, then the sibling run's last row (the control beside the converted run, or the
+    converted run beside its control), renamed to say which run it is."""
     rows = list(summary["evals"])
     if sibling is not None and sibling.get("evals"):
         last = dict(sibling["evals"][-1])

@@ -70,6 +70,15 @@ def test_control_of_a_routers_only_stage_passes_its_blocks_over(world, tmp_path)
     assert summary["evals"][-1]["ppl"] == pytest.approx(summary["evals"][0]["ppl"], rel=1e-6)
 
 
+def test_control_passes_over_layer_distillation_whatever_it_trains(world, tmp_path):
+    """Layer distillation needs converted layers: the control reads its blocks without a step, then adapts."""
+    out = tmp_path / "c"
+    summary = run(world, out, ["stages=[{name: d, kind: layer_distill, steps: 2, trainable: mosa}, "
+                               "{name: a, kind: adaptation, steps: 2, trainable: all}]"], control=True)
+    assert [r["global_step"] for r in records(out)] == [3, 4] and {r["stage"] for r in records(out)} == {"a"}
+    assert summary["tokens"] == 4 * 4 * 32
+
+
 def _smollm2_shaped() -> tf.PreTrainedModel:
     """SmolLM2-135M's attention shape (30 layers, 9 query heads on 3 KV heads of 64, width 576), tiny elsewhere:
     attention costs depend on nothing else."""
