@@ -179,6 +179,7 @@ def run_model(args: argparse.Namespace) -> int:
 
     from mosa_retrofit.bench.model import bench_model, format_rows
     from mosa_retrofit.convert.attention import set_attn_backend
+    from mosa_retrofit.convert.hub import read_config
     from mosa_retrofit.convert.serialization import load_any
     from mosa_retrofit.text.assets import wikipedia_articles
     from mosa_retrofit.text.data import token_stream
@@ -219,7 +220,7 @@ def run_model(args: argparse.Namespace) -> int:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from mosa_retrofit.bench.generate import bench_generate, format_rows
     from mosa_retrofit.convert.attention import decode_refusal
@@ -230,7 +231,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
     if args.decode_context < 2 or args.decode_tokens < 1 or args.threads < 1:
         raise ValueError("--decode-context must be >= 2, --decode-tokens and --threads >= 1")
-    positions = positions_of(AutoConfig.from_pretrained(resolve_model(args.model)))
+    positions = positions_of(read_config(resolve_model(args.model)))
     within_positions("--decode-context + --decode-tokens", args.decode_context + args.decode_tokens, positions,
                      args.model)
     within_positions("--contexts", max(args.contexts), positions, args.model)

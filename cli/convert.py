@@ -7,7 +7,6 @@ import dataclasses
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -82,6 +81,9 @@ def add_parser(sub) -> None:
     p.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,
                    help="after converting, measure held-out perplexity of the original and the converted model "
                         f"({PROTOCOL.describe()}; about half a minute for SmolLM2-135M on 2 CPU cores)")
+    p.add_argument("--adapter-only", action="store_true",
+                   help="write only what the conversion adds (routers, thresholds, fills, the plan: kilobytes to "
+                        "megabytes) and a fingerprint of MODEL; loading it reads MODEL and refuses a different one")
     p.add_argument("--overwrite", action="store_true",
                    help="replace OUT if it holds a converted checkpoint written by this tool and nothing else")
     p.set_defaults(run=run_convert)
@@ -111,9 +113,10 @@ def build_config(args: argparse.Namespace):
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mosa_retrofit import convert_
+    from mosa_retrofit import convert_, save
+    from mosa_retrofit.convert.hub import read_config
     from mosa_retrofit.convert.families import family_of
     from mosa_retrofit.convert.surgery import check_config
     from mosa_retrofit.eval.perplexity import perplexity
@@ -127,7 +130,7 @@ def run_convert(args: argparse.Namespace) -> int:
     out = Path(args.out)
     check_output(out, args.model, args.overwrite)
     source = resolve_model(args.model)
-    hf_config = AutoConfig.from_pretrained(source)
+    hf_config = read_config(source)
     check_lengths(config, args, positions_of(hf_config))
     saved = getattr(hf_config, "mosa", None)
     if saved:
@@ -156,29 +159,22 @@ def run_convert(args: argparse.Namespace) -> int:
         blocks = PROTOCOL.blocks(tokenizer, getattr(model.config, "max_position_embeddings", None))
         before = perplexity(model, blocks, progress=True)
     convert_(model, config, calibration=calibration, tokenizer=tokenizer)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    sweep_temporaries(out)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-{os.getpid()}-"))
-    try:
-        model.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        previous = out.parent / f".{out.name}.old-{os.getpid()}" if out.exists() else None
-        if previous is not None:
-            os.replace(out, previous)  # a checked, converted checkpoint (check_output), moved aside first
-        os.replace(tmp, out)  # OUT is the old or the new checkpoint, never half of one
-        if previous is not None:
-            shutil.rmtree(previous)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    print(summary(model, min(2048, positions_of(hf_config) or 2048)))
+    after = None
     if args.check:
         after = perplexity(model, blocks, progress=True)
+        model.config.mosa_check = {"protocol": PROTOCOL.describe(), "original": before, "converted": after}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sweep_temporaries(out)
+    save(model, out, adapter_only=args.adapter_only, tokenizer=tokenizer, overwrite=args.overwrite)
+    print(summary(model, min(2048, positions_of(hf_config) or 2048)))
+    if args.check:
         print(f"\ncheck ({PROTOCOL.describe()}): original {before:.2f}, converted {after:.2f} "
               f"({after / before:.2f}x the original)")
         if after > 4 * before:
             print("the converted model needs adaptation before use: mosa-retrofit train (see recipes/)")
-    print(f"\nsaved to {out}; load with mosa_retrofit.load({str(out)!r})")
+    print(f"\nsaved {'an adapter of ' + args.model + ' ' if args.adapter_only else ''}to {out}; load with "
+          f"mosa_retrofit.load({str(out)!r}) or AutoModelForCausalLM.from_pretrained({str(out)!r}, "
+          "trust_remote_code=True)")
     return 0
 
 
@@ -250,7 +246,8 @@ def sweep_temporaries(out: Path) -> None:
 # what save_pretrained of a converted model and its tokenizer write
 _CHECKPOINT_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
                      "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
-                     "tokenizer.model", "added_tokens.json", "chat_template.jinja", "chat_template.json")
+                     "tokenizer.model", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+                     "modeling_mosa.py", "README.md", "mosa_adapter.safetensors")
 
 
 def check_output(out: Path, model: str, overwrite: bool) -> None:

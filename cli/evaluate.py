@@ -89,9 +89,10 @@ def _run_tasks(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from mosa_retrofit.convert.costs import cost_ratios
+    from mosa_retrofit.convert.hub import read_config
     from mosa_retrofit.convert.serialization import load_any
     from mosa_retrofit.text.assets import resolve_model
     from mosa_retrofit.text.data import DataSpec, load_corpus
@@ -105,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
         return _run_tasks(args)
     if args.include_path is not None or args.limit is not None:
         raise ValueError("--include-path and --limit apply to --tasks only")
-    positions = positions_of(AutoConfig.from_pretrained(resolve_model(args.model)))
+    positions = positions_of(read_config(resolve_model(args.model)))
     if args.block_size is None:
         args.block_size = min(PROTOCOL.block_size, positions or PROTOCOL.block_size)
     within_positions("--block-size", args.block_size, positions, args.model)

@@ -59,8 +59,9 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoTokenizer
 
+    from mosa_retrofit.convert.hub import read_config
     from mosa_retrofit.convert.serialization import load_any
     from mosa_retrofit.eval.long_context import (
         context_documents,
@@ -82,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
         if args.prefill < 0:
             raise ValueError(f"--prefill must be >= 0 tokens (0 skips it), got {args.prefill}")
         within_positions("--prefill", args.prefill,
-                         positions_of(AutoConfig.from_pretrained(resolve_model(args.model))), args.model)
+                         positions_of(read_config(resolve_model(args.model))), args.model)
     model, source = load_any(args.model)
     base = args.baseline
     if base == "auto":

@@ -5,16 +5,16 @@ from .layers.reference import load_reference_state_dict
 from .ops.routing import select_tokens, tokens_per_head
 from .ops.sparse import mosa_attention
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = ["MoSA", "PureMoSA", "load_reference_state_dict", "mosa_attention", "select_tokens", "tokens_per_head"]
 
 from .convert.attention import set_attn_backend  # noqa: E402
 from .convert.config import MoSAConfig  # noqa: E402
-from .convert.serialization import load  # noqa: E402
+from .convert.serialization import load, save  # noqa: E402
 from .convert.surgery import convert_  # noqa: E402
 from .text.assets import resolve_model  # noqa: E402
 from .train.recipe import Recipe  # noqa: E402
 from .train.trainer import train  # noqa: E402
 
-__all__ += ["MoSAConfig", "convert_", "load", "resolve_model", "Recipe", "train", "set_attn_backend"]
+__all__ += ["MoSAConfig", "convert_", "load", "save", "resolve_model", "Recipe", "train", "set_attn_backend"]

@@ -15,7 +15,6 @@ which ``load_any`` (the CLI's loader) and any caller can run on a loaded model.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import warnings
 
@@ -24,6 +23,7 @@ from torch import Tensor, nn
 from ..text.assets import model_reference, resolve_model
 from .attention import init_router_, init_threshold_
 from .config import MoSAConfig
+from .hub import mosa_model_class, read_config
 from .surgery import apply_plan_, convert_, plan_layers
 
 logger = logging.getLogger("mosa_retrofit")
@@ -41,27 +41,13 @@ def rebuild_(model: nn.Module, config: MoSAConfig) -> nn.Module:
     return apply_plan_(model, plan_layers(model, config))
 
 
-@functools.lru_cache(maxsize=None)
-def _mosa_model_class(base_cls: type) -> type:
-    """The base model class, with an ``__init__`` that re-applies the surgery from ``config.mosa``."""
-
-    def __init__(self, config, *args, **kwargs):
-        base_cls.__init__(self, config, *args, **kwargs)
-        rebuild_(self, MoSAConfig.from_dict(config.mosa))
-
-    # The loader class keeps the base's name and module: transformers looks its checkpoint conversions up by
-    # class name / model_type and skips them for classes outside transformers (GPT-NeoX's embed_out -> lm_head).
-    return type(base_cls.__name__, (base_cls,), {"__init__": __init__, "_mosa_loader": True,
-                                                  "__module__": base_cls.__module__,
-                                                  "__qualname__": base_cls.__qualname__})
-
-
 def load(path: str, config: MoSAConfig | None = None, calibration: Tensor | None = None, allow_partial: bool = False,
          **kwargs) -> nn.Module:
-    """Load a converted model (a folder or hub id), or convert a base model on load.
+    """Load a converted model (a folder or hub id, full or adapter-only), or convert a base model on load.
 
     Args:
-        path: a folder written by ``save_pretrained`` of a converted model, or a base checkpoint with ``config``.
+        path: a folder written by ``save_pretrained`` / ``save`` of a converted model, an adapter folder
+            (``save(..., adapter_only=True)``: its base is read and checked), or a base checkpoint with ``config``.
         config: convert on load with this config (the checkpoint's own ``mosa`` block is used if omitted).
         calibration: token ids (N, T) for ``router_init='calibrated'`` / ``head_choice='scored'`` on load.
         allow_partial: load a checkpoint that lacks MoSA tensors its block needs, or holds some it does not use
@@ -69,27 +55,52 @@ def load(path: str, config: MoSAConfig | None = None, calibration: Tensor | None
             normal quantile of the sparsity, each named in a warning. Without it such a checkpoint is refused.
         **kwargs: passed to ``from_pretrained`` (``dtype``, ``device_map``, ``attn_implementation``, ...).
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    hf_config = AutoConfig.from_pretrained(path)
+    from .adapter import is_adapter, load_adapter
+
+    if is_adapter(path):
+        if config is not None:
+            raise ValueError(f"{path} is an adapter folder: it carries its conversion; load it without config=")
+        return load_adapter(path, allow_partial=allow_partial, **kwargs)
+    hf_config = read_config(path, **kwargs)
     saved = getattr(hf_config, "mosa", None)
     if config is None and not saved:
         raise ValueError(f"{path} is not a converted MoSA checkpoint (no 'mosa' block in config.json); "
                          "pass config=MoSAConfig(...) to convert it on load")
-    mapping = AutoModelForCausalLM._model_mapping
-    if type(hf_config) not in mapping:
-        raise ValueError(f"{type(hf_config).__name__} has no causal-LM class in transformers")
-    base_cls = mapping[type(hf_config)]
     if config is not None and not saved:  # convert on load: base weights + new routers
         if config.base_model_name_or_path is None:
             config = dataclasses.replace(config, base_model_name_or_path=model_reference(str(path)))
-        model = base_cls.from_pretrained(path, **kwargs)
+        model = causal_lm_class(hf_config).from_pretrained(path, **kwargs)
         return convert_(model, config, calibration=calibration)
+    return load_saved(path, config=config, allow_partial=allow_partial, hf_config=hf_config, **kwargs)
+
+
+def causal_lm_class(hf_config) -> type:
+    """The transformers causal-LM class of ``hf_config``'s family."""
+    from transformers import AutoModelForCausalLM
+
+    mapping = AutoModelForCausalLM._model_mapping
+    if type(hf_config) not in mapping:
+        raise ValueError(f"{type(hf_config).__name__} has no causal-LM class in transformers")
+    return mapping[type(hf_config)]
+
+
+def load_saved(path: str, model_class: type | None = None, config: MoSAConfig | None = None,
+               allow_partial: bool = False, hf_config=None, **kwargs):
+    """A saved converted checkpoint, through the stock ``from_pretrained`` of ``model_class`` (default: the
+    family's causal LM) with the structure its 'mosa' block describes, its MoSA state checked (``load``)."""
+    hf_config = hf_config if hf_config is not None else read_config(path, **kwargs)
+    saved = getattr(hf_config, "mosa", None)
+    if not saved:
+        raise ValueError(f"{path} is not a converted MoSA checkpoint (no 'mosa' block in config.json)")
+    model_class = mosa_model_class(model_class or causal_lm_class(hf_config))
     if config is not None:
         hf_config.mosa = config.to_dict()
+    want_info = kwargs.pop("output_loading_info", False)
     user_ignores = kwargs.pop("ignore_mismatched_sizes", False)
-    model, info = _mosa_model_class(base_cls).from_pretrained(path, config=hf_config, output_loading_info=True,
-                                                             ignore_mismatched_sizes=True, **kwargs)
+    model, info = model_class._stock_from_pretrained(path, config=hf_config, output_loading_info=True,
+                                                     ignore_mismatched_sizes=True, **kwargs)
     wrong = [(name, tuple(saved), tuple(built)) for name, saved, built in sorted(info.get("mismatched_keys", ()))
              if "mosa_" in name or not user_ignores]
     if wrong:
@@ -98,7 +109,7 @@ def load(path: str, config: MoSAConfig | None = None, calibration: Tensor | None
                          f"'mosa' block needs {built}{f' ({len(wrong) - 1} more tensors too)' if len(wrong) > 1 else ''}"
                          "; was the checkpoint or its 'mosa' block (dense_head_ids, ...) edited?")
     check_mosa_state_(model, path, info, allow_partial)
-    return model
+    return (model, info) if want_info else model
 
 
 _STARTS = {"mosa_router": "initialised at random", "mosa_fill": "left at zero",
@@ -155,17 +166,78 @@ def warn_if_dense_load(model: nn.Module) -> bool:
     return False
 
 
+def save(model: nn.Module, path, adapter_only: bool = False, tokenizer=None, overwrite: bool = False) -> Path:
+    """Write converted ``model`` (and ``tokenizer``) to the folder ``path``, atomically: into a temporary folder
+    beside it, renamed into place, so ``path`` holds the old folder or the new one, never half of one.
+
+    ``adapter_only``: only what the conversion added (routers, thresholds, fills, the plan) and the base's
+    reference and fingerprint (adapter.py), refused when the base weights changed since conversion (trained
+    slices, merged LoRA): such a model saves in full. ``overwrite``: replace a converted model's folder (anything
+    else at ``path`` is never touched)."""
+    import os
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from .adapter import check_unchanged, write_adapter
+    from .card import write_card
+    from .hub import declare
+
+    if not getattr(model.config, "mosa", None):
+        raise ValueError("save: the model is not converted (no config.mosa); convert_ it first, or use its own "
+                         "save_pretrained")
+    path = Path(path)
+    if path.exists() or path.is_symlink():
+        if not overwrite:
+            raise FileExistsError(f"{path} exists; pass overwrite=True to replace a converted model's folder, or "
+                                  "choose a new path")
+        if not _is_converted_folder(path):
+            raise FileExistsError(f"{path} exists and is not a converted model's folder (no config.json with a "
+                                  "'mosa' block): it is left alone; choose a new path")
+    if adapter_only:
+        check_unchanged(model)  # before anything is written
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-{os.getpid()}-"))
+    try:
+        if adapter_only:
+            write_adapter(model, tmp)
+            declare(tmp)
+            write_card(tmp, model, adapter=True)
+        else:
+            model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        old = path.parent / f".{path.name}.old-{os.getpid()}" if path.exists() else None
+        if old is not None:
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def _is_converted_folder(path) -> bool:
+    from .hub import config_dict
+
+    try:
+        return path.is_dir() and bool(config_dict(str(path)).get("mosa"))
+    except (OSError, ValueError):
+        return False
+
+
 def load_any(name_or_path: str, **kwargs) -> tuple[nn.Module, str]:
     """(model, resolved source) for a converted checkpoint (``load``) or an original one (plain transformers);
     ``name_or_path`` may also be 'smollm2-135m', the embedded default."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
+    from transformers import AutoModelForCausalLM
 
     source = resolve_model(name_or_path)
-    hf_config = AutoConfig.from_pretrained(source)
+    hf_config = read_config(source)
     if getattr(hf_config, "mosa", None):
         return load(source, **kwargs), source
-    model, info = AutoModelForCausalLM.from_pretrained(source, output_loading_info=True, **kwargs)
+    model, info = (None, {}) if "mosa" in vars(hf_config) else \
+        AutoModelForCausalLM.from_pretrained(source, output_loading_info=True, **kwargs)
     left = sorted(k for k in info.get("unexpected_keys", ()) if "mosa_" in k)
     if left or "mosa" in vars(hf_config):  # an emptied or nulled block, or MoSA tensors without one
         raise ValueError(f"{name_or_path} holds a converted model's tensors ({', '.join(left[:2]) or 'none'}) or an "

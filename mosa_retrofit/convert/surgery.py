@@ -22,13 +22,17 @@ from typing import Callable
 
 import torch
 from torch import Tensor, nn
+from transformers import PreTrainedModel
 
+from ..text.assets import model_reference
+from .adapter import record_base_
 from .attention import LayerPlan, init_router_, init_threshold_, mosa_class, mosa_layers
 from .calibration import LayerStats, collect_stats, default_calibration, model_tokenizer
 from .config import MoSAConfig
 from .costs import attention_costs, ratios
 from .families import attention_layers, dense_kv_layout, family_of
 from .heads import HEAD_GROUPS
+from .hub import mosa_model_class
 from .retrieval import default_retrieval_prompts, retrieval_scores
 from .thresholds import calibrate_thresholds_, threshold_rows
 
@@ -278,7 +282,15 @@ def apply_plan_(model: nn.Module, plans: dict[int, LayerPlan], evidence: Evidenc
                                    layers=sorted(plans))
     model.config.mosa = resolved.to_dict()
     model.mosa_targets = [layers[i][0] for i in plans]
+    if isinstance(model, PreTrainedModel):  # saves a declared folder, loads through mosa_retrofit.load (hub.py)
+        model.__class__ = mosa_model_class(type(model))
     return model
+
+
+def _reference(model: nn.Module) -> str | None:
+    """Where ``model`` was loaded from (a folder as its absolute path, a hub id as given), if transformers says."""
+    name = getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None)
+    return model_reference(name) if name else None
 
 
 def check_inputs(model: nn.Module, config: MoSAConfig, calibration) -> None:
@@ -344,6 +356,7 @@ def convert_(model: nn.Module, config: MoSAConfig | None = None, calibration: Te
     missing = [i for i in plans if evidence.stats is not None and i not in evidence.stats]
     if missing:
         raise ValueError(f"stats lack layers {missing} that this config converts")
+    record_base_(model, config.base_model_name_or_path or _reference(model))
     apply_plan_(model, plans, evidence)
     ratio = ratios(attention_costs(model, 8192)).kv_bytes
     if ratio >= 1:

@@ -19,6 +19,8 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 DEFAULT_MODEL = "smollm2-135m"
+DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the embedded default is
+DEFAULT_LICENSE = "apache-2.0"
 _GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _WIKI = "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 

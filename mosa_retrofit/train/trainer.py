@@ -38,6 +38,7 @@ from ..convert.attention import mosa_layers
 from ..convert.compat import enable_activation_checkpointing
 from ..convert.config import MoSAConfig
 from ..convert.costs import cost_ratios
+from ..convert.hub import read_config
 from ..convert.serialization import load, rebuild_
 from ..convert.surgery import convert_
 from ..convert.thresholds import RoutingStatePool
@@ -204,7 +205,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------ models and data
 
     def _load_models(self):
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
 
         r = self.recipe
@@ -218,10 +219,10 @@ class Trainer:
             if reads:
                 return AutoModelForCausalLM.from_pretrained(path, **opts)
             with torch.device("meta"):  # (from_config may keep the config's own dtype: set the one asked for)
-                return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), **opts).to(dtype)
+                return AutoModelForCausalLM.from_config(read_config(path), **opts).to(dtype)
 
         if r.conversion is None:  # an already converted model; its base is the teacher
-            saved = getattr(AutoConfig.from_pretrained(source), "mosa", None) or {}
+            saved = getattr(read_config(source), "mosa", None) or {}
             base = saved.get("base_model_name_or_path")
             if base is None:
                 raise ValueError(f"{r.model.name_or_path} has no base_model_name_or_path to use as teacher")

@@ -43,14 +43,16 @@ def test_round_trip_identical_logits(tmp_path, family, cfg):
     assert all(p.dtype == torch.bfloat16 for p in bf16.parameters())
 
 
-def test_import_patches_nothing_and_a_dense_load_is_reported(tmp_path):
-    """``import mosa_retrofit`` leaves transformers as it is; a converted checkpoint loaded as a plain model is
-    named by transformers' load report (the routers are unexpected keys) and by ``warn_if_dense_load``."""
+def test_import_patches_nothing_and_a_legacy_folder_loaded_dense_is_reported(tmp_path):
+    """``import mosa_retrofit`` leaves transformers as it is. A folder of the first format (config.json of the base
+    type with a 'mosa' block, no declaration: what mosa_retrofit 0.1 wrote) still loads with mosa_retrofit.load,
+    and loaded as a plain model it is named by transformers' load report and by ``warn_if_dense_load``."""
     import subprocess
     import sys
 
     from transformers import AutoModelForCausalLM
 
+    from mosa_retrofit.convert.hub import undeclared
     from mosa_retrofit.convert.serialization import warn_if_dense_load
 
     code = ("import transformers; before = transformers.PreTrainedModel.__dict__['from_pretrained']; "
@@ -59,6 +61,13 @@ def test_import_patches_nothing_and_a_dense_load_is_reported(tmp_path):
     model = tiny_model("qwen2")
     convert_(model, plain_config(sparsity=4, dense_heads=1))
     model.save_pretrained(tmp_path)
+    d = undeclared(json.loads((tmp_path / "config.json").read_text()))
+    for key in ("auto_map", "mosa_base_model_type"):
+        d.pop(key)
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    (tmp_path / "modeling_mosa.py").unlink()
+    ids = torch.randint(0, 128, (1, 12))
+    torch.testing.assert_close(mosa_retrofit.load(str(tmp_path))(ids).logits, model(ids).logits, atol=0, rtol=0)
     dense, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
     assert not mosa_layers(dense) and any(k.endswith("mosa_router") for k in info["unexpected_keys"])
     with pytest.warns(UserWarning, match="loaded as a plain dense model.*mosa_retrofit.load"):

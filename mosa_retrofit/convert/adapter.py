@@ -1,0 +1,159 @@
+"""Adapter-only checkpoints (PEFT-style): only what a conversion added, and a fingerprint of the base it applies to.
+
+A conversion keeps every base weight as it is and adds a little (routers, causal thresholds, fills): 0.3 MB on
+SmolLM2-135M beside its 538 MB of weights. ``convert_`` records the base it converted (``config.mosa_base``:
+its reference, hub revision, dtype and a fingerprint of its weights); ``save(model, path, adapter_only=True)``
+writes the declared config.json (hub.py) with an ``mosa_adapter`` entry, the MoSA tensors in
+``mosa_adapter.safetensors`` and the folder's code and card. ``load(path)`` reads the base by its reference,
+refuses a base whose fingerprint differs, re-applies the plan and the tensors: the same model a full save gives.
+
+The fingerprint is a BLAKE2b digest of every base tensor's name, dtype, shape and bytes (the state dict without
+the MoSA tensors), taken in the dtype the base was converted in; a model whose base weights changed since (trained
+slices, merged LoRA, another dtype) has a different one and saves in full instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ADAPTER_WEIGHTS = "mosa_adapter.safetensors"
+FORMAT = 1
+
+
+def is_mosa_tensor(name: str) -> bool:
+    return name.rsplit(".", 1)[-1].startswith("mosa_")
+
+
+def fingerprint(model: nn.Module) -> str | None:
+    """BLAKE2b (128-bit, hex) of the model's base tensors (None when some live on the meta device)."""
+    h = hashlib.blake2b(digest_size=16)
+    state = model.state_dict()
+    for name in sorted(state):
+        if is_mosa_tensor(name):
+            continue
+        t = state[name]
+        if t.is_meta:
+            return None
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{name}|{str(t.dtype).removeprefix('torch.')}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def weights_dtype(model: nn.Module) -> str | None:
+    floats = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    return str(next(iter(floats))).removeprefix("torch.") if len(floats) == 1 else None
+
+
+def record_base_(model: nn.Module, reference: str | None) -> None:
+    """Note in ``model.config.mosa_base`` which base ``model`` is (before or after conversion: the base tensors are
+    the same): its reference, hub revision, dtype and fingerprint."""
+    model.config.mosa_base = {"name_or_path": reference, "revision": getattr(model.config, "_commit_hash", None),
+                              "dtype": weights_dtype(model), "fingerprint": fingerprint(model)}
+
+
+def is_adapter(path) -> bool:
+    """Whether ``path`` (a folder or hub id) is an adapter-only save."""
+    from .hub import config_dict
+
+    try:
+        return bool(config_dict(str(path)).get("mosa_adapter"))
+    except (OSError, ValueError):
+        return False
+
+
+def check_unchanged(model: nn.Module) -> dict:
+    """The recorded base of ``model``, refused (naming why, before anything is written) unless the model's base
+    tensors are still exactly that base's."""
+    base = getattr(model.config, "mosa_base", None)
+    if not base or not base.get("fingerprint"):
+        raise ValueError("adapter_only: this model carries no fingerprint of its base (converted by an older "
+                         "mosa_retrofit, or sharded on the meta device); save it in full (adapter_only=False)")
+    now = weights_dtype(model)
+    if now != base.get("dtype"):
+        raise ValueError(f"adapter_only: the model's weights are {now}, its base was fingerprinted in "
+                         f"{base.get('dtype')}; save the adapter before casting, or save in full")
+    if fingerprint(model) != base["fingerprint"]:
+        raise ValueError(f"adapter_only: the model's base weights differ from the base it was converted from "
+                         f"({base.get('name_or_path')}): training changed them (trainable slices, merged LoRA); "
+                         "an adapter would drop that change, so save it in full (adapter_only=False)")
+    return base
+
+
+def write_adapter(model: nn.Module, folder: Path) -> None:
+    """Into ``folder`` (a fresh temporary folder): the declared config.json marked as an adapter and the MoSA
+    tensors. ``check_unchanged`` first."""
+    from safetensors.torch import save_file
+
+    from .hub import declared
+
+    check_unchanged(model)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items() if is_mosa_tensor(k)}
+    save_file(tensors, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt", "mosa_adapter": str(FORMAT)})
+    d = declared(model.config.to_dict())
+    d["mosa_adapter"] = {"format": FORMAT, "weights": ADAPTER_WEIGHTS, "tensors": len(tensors)}
+    (folder / "config.json").write_text(json.dumps(d, indent=2, sort_keys=True) + "\n")
+
+
+def load_adapter(path, allow_partial: bool = False, **kwargs) -> nn.Module:
+    """The converted model an adapter folder describes: its base read by reference (``kwargs`` such as
+    ``device_map`` and ``attn_implementation`` pass to that load; ``dtype`` casts after the check), the
+    fingerprint checked, the plan and the MoSA tensors applied."""
+    from safetensors.torch import load_file
+
+    from ..text.assets import resolve_model
+    from .config import MoSAConfig
+    from .hub import HUB_KWARGS, config_dict, read_config
+    from .serialization import causal_lm_class, check_mosa_state_, rebuild_
+
+    d = config_dict(str(path), **kwargs)
+    meta = d["mosa_adapter"]
+    if int(meta.get("format", 0)) > FORMAT:
+        raise ValueError(f"{path}: adapter format {meta.get('format')} is newer than this mosa_retrofit reads "
+                         f"({FORMAT}); upgrade mosa_retrofit")
+    base = d.get("mosa_base") or {}
+    ref = base.get("name_or_path")
+    if not ref:
+        raise ValueError(f"{path}: the adapter names no base model (config.json's mosa_base.name_or_path)")
+    try:
+        source = resolve_model(ref)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{path}: its base model {ref} is not found ({e}); put the base there, or load a "
+                                "full save") from None
+    want = kwargs.pop("dtype", None)
+    for k in HUB_KWARGS:
+        kwargs.pop(k, None)  # they address the adapter, not its base
+    hub = {"revision": base["revision"]} if base.get("revision") and not Path(source).is_dir() else {}
+    base_config = read_config(source, **hub)
+    if getattr(base_config, "mosa", None):
+        raise ValueError(f"{path}: its base {ref} is itself a converted model; an adapter applies to an original")
+    dtype = getattr(torch, base["dtype"]) if base.get("dtype") else None
+    model = causal_lm_class(base_config).from_pretrained(source, dtype=dtype, **hub, **kwargs)
+    found = fingerprint(model)
+    if found != base.get("fingerprint"):
+        raise ValueError(f"{path} was converted from a different base: {ref} now has weights with fingerprint "
+                         f"{found}, the adapter was made for {base.get('fingerprint')} ({base.get('dtype')}); "
+                         "load the base it was made from, or a full save")
+    rebuild_(model, MoSAConfig.from_dict(d["mosa"]))
+    weights = Path(path) / meta.get("weights", ADAPTER_WEIGHTS) if Path(path).is_dir() else _hub_file(path, meta)
+    state = load_file(str(weights))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    info = {"missing_keys": [k for k in missing if is_mosa_tensor(k)], "unexpected_keys": list(unexpected)}
+    check_mosa_state_(model, str(path), info, allow_partial)
+    model.config.mosa_base = base
+    if d.get("mosa_check") is not None:
+        model.config.mosa_check = d["mosa_check"]
+    if want is not None and want != "auto":
+        model.to(getattr(torch, want) if isinstance(want, str) else want)
+    return model.eval()
+
+
+def _hub_file(repo: str, meta: dict) -> str:
+    from huggingface_hub import hf_hub_download
+
+    return hf_hub_download(repo, meta.get("weights", ADAPTER_WEIGHTS))
