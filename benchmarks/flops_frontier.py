@@ -50,12 +50,11 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         raise SystemExit(f"unknown points {unknown}; known: {list(POINTS)}")
 
-    from transformers import AutoTokenizer
-
     from mosa_retrofit import MoSAConfig, convert_
     from mosa_retrofit.convert.calibration import collect_stats, default_calibration
     from mosa_retrofit.convert.costs import cost_ratios
     from mosa_retrofit.convert.families import attention_layers
+    from mosa_retrofit.convert.hub import load_tokenizer
     from mosa_retrofit.convert.retrieval import default_retrieval_prompts, retrieval_scores
     from mosa_retrofit.convert.serialization import load_any
     from mosa_retrofit.eval.long_context import answer_correct, context_documents, context_perplexity
@@ -67,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
 
     started = time.time()
     original, source = load_any("smollm2-135m")
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    tokenizer = load_tokenizer(source)
     calibration = default_calibration(original, tokenizer)
     windows = sorted({POINTS[n].get("local_window", MoSAConfig().local_window) for n in names})
     stats = collect_stats(original, calibration, {i: m for i, (_, m) in attention_layers(original).items()},

@@ -55,24 +55,23 @@ def main() -> None:
     args = p.parse_args()
     depths = [float(d) for d in args.depths.split(",")]
 
-    from transformers import AutoTokenizer
-
     from mosa_retrofit import MoSAConfig, convert_
-    from mosa_retrofit.text.assets import shakespeare_plays
     from mosa_retrofit.convert.calibration import collect_stats, default_calibration
     from mosa_retrofit.convert.costs import cost_ratios
-    from mosa_retrofit.eval.perplexity import perplexity
-    from mosa_retrofit.text.protocol import PROTOCOL
     from mosa_retrofit.convert.families import attention_layers
+    from mosa_retrofit.convert.hub import load_tokenizer
+    from mosa_retrofit.convert.retrieval import default_retrieval_prompts, retrieval_scores
     from mosa_retrofit.convert.serialization import load_any
     from mosa_retrofit.eval.long_context import context_documents, context_perplexity, passkey_grid
+    from mosa_retrofit.eval.perplexity import perplexity
     from mosa_retrofit.eval.plots import plot_long_context
-    from mosa_retrofit.convert.retrieval import default_retrieval_prompts, retrieval_scores
     from mosa_retrofit.study import machine
+    from mosa_retrofit.text.assets import shakespeare_plays
+    from mosa_retrofit.text.protocol import PROTOCOL
 
     started = time.time()
     original, source = load_any("smollm2-135m")
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    tokenizer = load_tokenizer(source)
     calibration = default_calibration(original, tokenizer)
     layers = attention_layers(original)
     windows = tuple({MoSAConfig(**f).local_window for f in MODELS.values()

@@ -28,23 +28,22 @@ def main() -> None:
     p.add_argument("--out", default="benchmarks/results/long_frontier.md")
     args = p.parse_args()
 
-    from transformers import AutoTokenizer
-
     from mosa_retrofit import MoSAConfig, convert_
-    from mosa_retrofit.text.assets import shakespeare_plays
     from mosa_retrofit.convert.calibration import collect_stats, default_calibration
     from mosa_retrofit.convert.costs import cost_ratios
-    from mosa_retrofit.eval.perplexity import perplexity
-    from mosa_retrofit.text.protocol import PROTOCOL
     from mosa_retrofit.convert.families import attention_layers
+    from mosa_retrofit.convert.hub import load_tokenizer
+    from mosa_retrofit.convert.retrieval import default_retrieval_prompts, retrieval_scores
     from mosa_retrofit.convert.serialization import load_any
     from mosa_retrofit.eval.long_context import context_documents, context_perplexity
-    from mosa_retrofit.convert.retrieval import default_retrieval_prompts, retrieval_scores
+    from mosa_retrofit.eval.perplexity import perplexity
     from mosa_retrofit.study import machine
+    from mosa_retrofit.text.assets import shakespeare_plays
+    from mosa_retrofit.text.protocol import PROTOCOL
 
     started = time.time()
     original, source = load_any("smollm2-135m")
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    tokenizer = load_tokenizer(source)
     calibration = default_calibration(original, tokenizer)
     windows = tuple(args.budget - 4 - int(r) for r in args.routed.split(",") if int(r) > 0)
     stats = collect_stats(original, calibration, {i: m for i, (_, m) in attention_layers(original).items()},

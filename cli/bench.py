@@ -122,11 +122,7 @@ def add_parser(sub) -> None:
 
 
 def run_attention(args: argparse.Namespace) -> int:
-    from mosa_retrofit.bench.attention import (
-        bench_attention,
-        format_table,
-        profile_mosa,
-    )
+    from mosa_retrofit.bench.attention import bench_attention, format_table, profile_mosa
 
     if args.hybrid_dense_heads >= args.heads or args.hybrid_dense_heads < 0:
         raise ValueError(f"--hybrid-dense-heads must be in [0, --heads - 1 = {args.heads - 1}], got {args.hybrid_dense_heads}")
@@ -175,11 +171,9 @@ def run_keys(args: argparse.Namespace) -> int:
 
 
 def run_model(args: argparse.Namespace) -> int:
-    from transformers import AutoTokenizer
-
     from mosa_retrofit.bench.model import bench_model, format_rows
     from mosa_retrofit.convert.attention import set_attn_backend
-    from mosa_retrofit.convert.hub import read_config
+    from mosa_retrofit.convert.hub import load_tokenizer
     from mosa_retrofit.convert.serialization import load_any
     from mosa_retrofit.text.assets import wikipedia_articles
     from mosa_retrofit.text.data import token_stream
@@ -204,7 +198,7 @@ def run_model(args: argparse.Namespace) -> int:
     if args.attn_backend:
         set_attn_backend(model, args.attn_backend)
     torch.set_num_threads(args.threads)
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    tokenizer = load_tokenizer(source)
     need = longest + 1
     ids = token_stream(tokenizer, wikipedia_articles(), need).long()
     while ids.numel() < need:
@@ -220,10 +214,9 @@ def run_model(args: argparse.Namespace) -> int:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from transformers import AutoTokenizer
-
     from mosa_retrofit.bench.generate import bench_generate, format_rows
     from mosa_retrofit.convert.attention import decode_refusal
+    from mosa_retrofit.convert.hub import load_tokenizer, read_config
     from mosa_retrofit.convert.serialization import load_any
     from mosa_retrofit.text.assets import resolve_model
     from mosa_retrofit.text.data import token_stream
@@ -247,7 +240,7 @@ def run_generate(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     from mosa_retrofit.text.assets import wikipedia_articles
 
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    tokenizer = load_tokenizer(source)
     need = max(max(args.contexts), args.decode_context) + 1
     ids = token_stream(tokenizer, wikipedia_articles(), need).long()
     while ids.numel() < need:

@@ -113,11 +113,11 @@ def build_config(args: argparse.Namespace):
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from mosa_retrofit import convert_, save
-    from mosa_retrofit.convert.hub import read_config
     from mosa_retrofit.convert.families import family_of
+    from mosa_retrofit.convert.hub import load_tokenizer, read_config
     from mosa_retrofit.convert.surgery import check_config
     from mosa_retrofit.eval.perplexity import perplexity
     from mosa_retrofit.text.assets import model_reference, resolve_model
@@ -144,7 +144,7 @@ def run_convert(args: argparse.Namespace) -> int:
         if device.type != "cpu" else {}
     model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[args.dtype], **placement)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        tokenizer = load_tokenizer(source)
     except (OSError, ValueError):
         tokenizer = None  # a bare checkpoint: fine unless calibration or the check needs to tokenize text
     family_of(model)  # unsupported families fail here, before any work

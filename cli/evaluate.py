@@ -89,10 +89,8 @@ def _run_tasks(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from transformers import AutoTokenizer
-
     from mosa_retrofit.convert.costs import cost_ratios
-    from mosa_retrofit.convert.hub import read_config
+    from mosa_retrofit.convert.hub import load_tokenizer, read_config
     from mosa_retrofit.convert.serialization import load_any
     from mosa_retrofit.text.assets import resolve_model
     from mosa_retrofit.text.data import DataSpec, load_corpus
@@ -121,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
         if base is None:
             raise ValueError(f"{args.model} names no base model (it is not a converted model, or an old one); give "
                              "--baseline BASE")
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    tokenizer = load_tokenizer(source)
     corpus = load_corpus(spec, tokenizer, progress=False, validation_only=not args.causal)
     blocks = corpus.blocks("validation", args.block_size)
     if args.causal:

@@ -43,11 +43,12 @@ def original_kv_bytes(model, tokens: int, batch: int = 1) -> int:
 
 def run(args: argparse.Namespace) -> int:
     import torch
-    from transformers import AutoTokenizer, TextStreamer
+    from transformers import TextStreamer
 
     from mosa_retrofit.convert.attention import decode_refusal, mosa_layers
     from mosa_retrofit.convert.cache import cache_bytes
     from mosa_retrofit.convert.compat import output_cache
+    from mosa_retrofit.convert.hub import load_tokenizer
     from mosa_retrofit.convert.serialization import load_any
 
 
@@ -59,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     why = decode_refusal(model)
     if why is not None and not args.no_cache:
         raise ValueError(f"{args.model} cannot decode with a cache: {why}; or pass --no-cache")
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    tokenizer = load_tokenizer(source)
     ids = tokenizer(args.prompt, return_tensors="pt")
     torch.manual_seed(args.seed)
     streamer = TextStreamer(tokenizer, skip_prompt=False) if args.num_beams == 1 else None

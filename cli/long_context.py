@@ -59,16 +59,9 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from transformers import AutoTokenizer
-
-    from mosa_retrofit.convert.hub import read_config
+    from mosa_retrofit.convert.hub import load_tokenizer, read_config
     from mosa_retrofit.convert.serialization import load_any
-    from mosa_retrofit.eval.long_context import (
-        context_documents,
-        context_perplexity,
-        passkey_grid,
-        prefill_footprint,
-    )
+    from mosa_retrofit.eval.long_context import context_documents, context_perplexity, passkey_grid, prefill_footprint
     from mosa_retrofit.eval.plots import plot_long_context
     from mosa_retrofit.text.assets import resolve_model, shakespeare_plays
     from mosa_retrofit.validate import positions_of, within_positions
@@ -92,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     if base and base != "none":  # the original first: the footprint ratios are against it
         models[base] = load_any(base)[0]
     models[args.model] = model
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    tokenizer = load_tokenizer(source)
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit:
         lengths = [L for L in args.lengths if L <= limit]

@@ -136,11 +136,11 @@ def calibration_ids(tokenizer, data: str = "wikipedia-offline", sequences: int =
 def model_tokenizer(model: nn.Module, tokenizer=None):
     """``tokenizer``, or the model's own (found through ``model.name_or_path``); a clear error if neither."""
     if tokenizer is None:
-        from transformers import AutoTokenizer  # (only when no tokenizer was given)
+        from .hub import load_tokenizer  # (only when no tokenizer was given)
 
         source = getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None)
         try:
-            tokenizer = AutoTokenizer.from_pretrained(source) if source else None
+            tokenizer = load_tokenizer(source) if source else None
         except (OSError, ValueError):
             tokenizer = None
     if tokenizer is None:

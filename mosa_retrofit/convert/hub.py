@@ -192,13 +192,18 @@ def mosa_model_class(base_cls: type) -> type:
         rebuild_(self, MoSAConfig.from_dict(config.mosa))
 
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        from .adapter import is_adapter, load_adapter
         from .serialization import load_saved
 
         if model_args:
             raise TypeError(f"{cls.__name__}.from_pretrained takes no positional model arguments, got {model_args}")
         kwargs.pop("config", None)  # the folder's config.json describes the structure; Auto* passes its copy
         kwargs.pop("trust_remote_code", None)
-        return load_saved(pretrained_model_name_or_path, model_class=getattr(cls, "_mosa_base_loader", cls), **kwargs)
+        own = getattr(cls, "_mosa_base_loader", cls)
+        if is_adapter(pretrained_model_name_or_path):  # the base read and checked, the adapter applied
+            model = load_adapter(pretrained_model_name_or_path, **kwargs)
+            return model if isinstance(model, own) else model.base_model
+        return load_saved(pretrained_model_name_or_path, model_class=own, **kwargs)
 
     def stock_from_pretrained(cls, *args, **kwargs):
         return super(loader, cls).from_pretrained(*args, **kwargs)
@@ -242,3 +247,11 @@ def mosa_model_class(base_cls: type) -> type:
         "register_for_auto_class": classmethod(register_for_auto_class),
         "save_pretrained": save_pretrained, "push_to_hub": push_to_hub})
     return loader
+
+
+def load_tokenizer(path: str, **kwargs):
+    """``AutoTokenizer.from_pretrained(path)`` for a folder or hub id, converted or not, without transformers'
+    remote-code prompt: the config it reads first is given (``read_config``)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path), config=read_config(path, **kwargs), **kwargs)

@@ -16,7 +16,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import shutil
+import tempfile
 import warnings
+from pathlib import Path
 
 from torch import Tensor, nn
 
@@ -55,7 +59,6 @@ def load(path: str, config: MoSAConfig | None = None, calibration: Tensor | None
             normal quantile of the sparsity, each named in a warning. Without it such a checkpoint is refused.
         **kwargs: passed to ``from_pretrained`` (``dtype``, ``device_map``, ``attn_implementation``, ...).
     """
-    from transformers import AutoModelForCausalLM
 
     from .adapter import is_adapter, load_adapter
 
@@ -174,11 +177,6 @@ def save(model: nn.Module, path, adapter_only: bool = False, tokenizer=None, ove
     reference and fingerprint (adapter.py), refused when the base weights changed since conversion (trained
     slices, merged LoRA): such a model saves in full. ``overwrite``: replace a converted model's folder (anything
     else at ``path`` is never touched)."""
-    import os
-    import shutil
-    import tempfile
-    from pathlib import Path
-
     from .adapter import check_unchanged, write_adapter
     from .card import write_card
     from .hub import declare
@@ -236,11 +234,13 @@ def load_any(name_or_path: str, **kwargs) -> tuple[nn.Module, str]:
     hf_config = read_config(source)
     if getattr(hf_config, "mosa", None):
         return load(source, **kwargs), source
-    model, info = (None, {}) if "mosa" in vars(hf_config) else \
-        AutoModelForCausalLM.from_pretrained(source, output_loading_info=True, **kwargs)
+    if "mosa" in vars(hf_config):  # an emptied or nulled block
+        raise ValueError(f"{name_or_path} has an empty 'mosa' block in its config.json ({vars(hf_config)['mosa']!r}), "
+                         "so it would run every head dense: restore the 'mosa' block convert or train wrote")
+    model, info = AutoModelForCausalLM.from_pretrained(source, output_loading_info=True, **kwargs)
     left = sorted(k for k in info.get("unexpected_keys", ()) if "mosa_" in k)
-    if left or "mosa" in vars(hf_config):  # an emptied or nulled block, or MoSA tensors without one
-        raise ValueError(f"{name_or_path} holds a converted model's tensors ({', '.join(left[:2]) or 'none'}) or an "
-                         f"empty 'mosa' block in its config.json ({vars(hf_config).get('mosa', 'absent')!r}), so it "
-                         "would run every head dense: restore the 'mosa' block convert or train wrote")
+    if left:  # MoSA tensors without a block
+        raise ValueError(f"{name_or_path} holds a converted model's tensors ({', '.join(left[:2])}) but no 'mosa' "
+                         "block in its config.json, so it would run every head dense: restore the 'mosa' block "
+                         "convert or train wrote")
     return model, source

@@ -46,14 +46,14 @@ def harness_model(name_or_path: str, batch_size: int = 1, **load_kwargs: Any) ->
     and expert-choice routing (top-k over the whole sequence) would see the padding; causal routing does not.
     """
     lm_eval = require_lm_eval()
-    from transformers import AutoTokenizer
+    from ..convert.hub import load_tokenizer
 
     model, source = load_any(str(name_or_path), **load_kwargs)
     if batch_size != 1 and (getattr(model.config, "mosa", None) or {}).get("routing") == "expert_choice":
         logger.warning("%s routes by expert choice (top-k over the whole sequence, padding included): "
                        "evaluating with batch_size=1 instead of %s", name_or_path, batch_size)
         batch_size = 1
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    tokenizer = load_tokenizer(source)
     return lm_eval.models.huggingface.HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
 
 

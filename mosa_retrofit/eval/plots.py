@@ -17,7 +17,8 @@ def plot_selection(model: nn.Module, tokenizer_source: str, path: str, layer: in
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from transformers import AutoTokenizer
+
+    from ..convert.hub import load_tokenizer
 
     layers = {i: m for i, m in mosa_layers(model).items() if hasattr(m, "mosa_router")}
     if not layers:
@@ -30,7 +31,7 @@ def plot_selection(model: nn.Module, tokenizer_source: str, path: str, layer: in
             text = wikipedia_articles()[-1]
         except FileNotFoundError:
             text = "The capital of France is Paris. It lies on the Seine, and its museums draw millions each year."
-    tok = AutoTokenizer.from_pretrained(tokenizer_source)
+    tok = load_tokenizer(tokenizer_source)
     ids = tok(text, return_tensors="pt", add_special_tokens=False)["input_ids"][:, :max_tokens]
     attn = layers[layer]
     seen = {}

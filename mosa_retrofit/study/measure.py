@@ -23,10 +23,10 @@ from ..convert.surgery import attention_layers, check_config, convert_
 from ..eval.perplexity import nll
 from ..text.assets import resolve_model
 from ..text.data import DataSpec, load_corpus
-from ..validate import positions_of, within_positions
 from ..train import checkpoint as ckpt
 from ..train.recipe import Recipe
 from ..train.trainer import train
+from ..validate import positions_of, within_positions
 from .report import format_row, write_report
 from .spec import Point, StudySpec
 
@@ -148,11 +148,13 @@ def fwd_bwd(module: nn.Module, args: tuple, kwargs: dict) -> float:
 
 
 def open_workbench(spec: StudySpec, progress: bool = True) -> Workbench:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
+
+    from ..convert.hub import load_tokenizer
 
 
     source = resolve_model(spec.model)
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    tokenizer = load_tokenizer(source)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, attn_implementation="sdpa").eval()
     for point in spec.points():  # every point must fit the model before the first is measured
         if point.method != "original":

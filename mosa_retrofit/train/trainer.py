@@ -38,7 +38,7 @@ from ..convert.attention import mosa_layers
 from ..convert.compat import enable_activation_checkpointing
 from ..convert.config import MoSAConfig
 from ..convert.costs import cost_ratios
-from ..convert.hub import read_config
+from ..convert.hub import load_tokenizer, read_config
 from ..convert.serialization import load, rebuild_
 from ..convert.surgery import convert_
 from ..convert.thresholds import RoutingStatePool
@@ -54,14 +54,7 @@ from . import checkpoint as ckpt
 from . import sharding
 from .recipe import CONTROL_SUFFIX, Recipe, StageSpec
 from .stages import STAGES
-from .trainable import (
-    apply_lora,
-    control_trainable,
-    head_masks,
-    merge_lora,
-    remove_hooks,
-    select_trainable,
-)
+from .trainable import apply_lora, control_trainable, head_masks, merge_lora, remove_hooks, select_trainable
 
 
 def lr_factor(step: int, steps: int, warmup_fraction: float, min_ratio: float) -> float:
@@ -205,14 +198,13 @@ class Trainer:
     # ------------------------------------------------------------------------------------ models and data
 
     def _load_models(self):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
+        from transformers import AutoModelForCausalLM
 
         r = self.recipe
         dtype = getattr(torch, r.model.dtype)
         source = resolve_model(r.model.name_or_path)
         opts = dict(dtype=dtype, attn_implementation=r.model.attn_implementation)
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        tokenizer = load_tokenizer(source)
         reads = not self.lean or self.acc.is_main_process  # (lean FSDP: the others build on the meta device)
 
         def base_model(path: str) -> nn.Module:

@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from tiny_models import plain_config
 from train_fixtures import make_world, recipe_dict
 
+import mosa_retrofit
 from mosa_retrofit import convert_
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "bad_input.md"
@@ -145,10 +146,53 @@ CASES = [
     ("One clear line", "a folder as `--config`", ["convert", "models/tiny-llama", "out", "--config", "models"], None),
     ("One clear line", "a folder as training data", ["train", "recipe.yaml", "data.source=models", "output_dir=d"],
      None),
+    ("Silent wrong result", "an adapter whose base folder is gone", ["eval", "adapter-nobase", "--data", "corpus.txt"],
+     lambda w: shutil.rmtree(w / "models" / "gone", ignore_errors=True)),
+    ("Silent wrong result", "an adapter whose base folder now holds other weights",
+     ["eval", "adapter-otherbase", "--data", "corpus.txt"], lambda w: _retrain(w / "models" / "changed")),
     ("One clear line", "a data file that is not UTF-8", ["eval", "models/tiny-llama", "--data", "latin1.txt"],
      lambda w: (w / "latin1.txt").write_bytes("caf\xe9 au lait\n\nun autre paragraphe\n".encode("latin-1"))),
 ]
 CASES = [c for c in CASES if c is not None]
+
+
+def _retrain(folder: Path) -> None:
+    """The base folder's weights changed after the adapter was made (a fine-tune saved over it)."""
+    _edit_tensors(folder, lambda t: t["model.norm.weight"].add_(1e-3))
+
+
+# Stock transformers on a converted folder: (case, Python the user runs, how to prepare the folder)
+STOCK = [
+    ("a converted folder loaded without `trust_remote_code`",
+     "AutoModelForCausalLM.from_pretrained('converted')", None),
+    ("folder code written by a newer mosa_retrofit than the installed one",
+     "AutoModelForCausalLM.from_pretrained('newer', trust_remote_code=True)",
+     lambda w: _edit_code(w / "newer", "CODE_VERSION = 1", "CODE_VERSION = 2", "9.0.0")),
+    ("folder code older than the installed mosa_retrofit still reads",
+     "AutoModelForCausalLM.from_pretrained('older', trust_remote_code=True)",
+     lambda w: _edit_code(w / "older", "CODE_VERSION = 1", "CODE_VERSION = 0", "0.0.1")),
+    ("mosa_retrofit not installed", "AutoModelForCausalLM.from_pretrained('converted', trust_remote_code=True)",
+     "uninstalled"),
+]
+
+
+def _edit_code(folder: Path, old: str, new: str, version: str) -> None:
+    path = folder / "modeling_mosa.py"
+    path.write_text(path.read_text().replace(old, new).replace('WRITTEN_BY = "0.2.0"', f'WRITTEN_BY = "{version}"'))
+
+
+def _stock_line(work: Path, code: str, prepare) -> str:
+    """The last line of what the user sees (the exception) when ``code`` runs in ``work``."""
+    import subprocess
+    import sys
+
+    head = "import sys; sys.modules['mosa_retrofit'] = None\n" if prepare == "uninstalled" else ""
+    r = subprocess.run([sys.executable, "-c", f"{head}from transformers import AutoModelForCausalLM\n{code}"],
+                       cwd=work, capture_output=True, text=True)
+    assert r.returncode != 0, code
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    error = next(i for i in range(len(lines) - 1, -1, -1) if lines[i].split(":")[0].endswith("Error"))
+    return " ".join(line.strip() for line in lines[error:])
 
 
 @pytest.fixture(scope="module")
@@ -167,6 +211,13 @@ def work(tmp_path_factory):
     for name in ("narrow", "edited", "nan", "garbage", "version", "norouter", "narrowed", "pruned", "emptied",
                  "truncated"):
         shutil.copytree(root / "converted", root / name)
+    for name in ("newer", "older"):
+        shutil.copytree(root / "converted", root / name)
+    for base, adapter in (("gone", "adapter-nobase"), ("changed", "adapter-otherbase")):
+        shutil.copytree(model_dir, root / "models" / base)
+        model = AutoModelForCausalLM.from_pretrained(root / "models" / base)
+        convert_(model, plain_config(sparsity=2, dense_head_ids={"0": [0], "1": [0]}))
+        mosa_retrofit.save(model, root / adapter, adapter_only=True)
     recipe = recipe_dict(Path("models/tiny-llama"), Path("corpus.txt"), Path("run"))
     (root / "recipe.yaml").write_text(yaml.safe_dump(json.loads(json.dumps(recipe, default=str))))
     return root
@@ -199,6 +250,13 @@ def test_every_bad_input_gets_one_clear_line(work, monkeypatch, capsys):
         assert len(message) < 400, (case, message)
         rows.append((kind, case, "mosa-retrofit " + shlex.join(argv), message))
     assert not [p for p in work.iterdir() if p.name.startswith(".")]  # no temporary folders left
+    stock = []
+    for case, code, prepare in STOCK:
+        if callable(prepare):
+            prepare(work)
+        message = _stock_line(work, code, prepare).replace(str(work) + os.sep, "").replace(str(work), ".")
+        assert len(message) < 600, (case, message)
+        stock.append((case, code, message))
 
     table = ["# Bad input: what the user sees", "",
              "Every case exits with status 2, prints the one line below and leaves the user's files as they were.",
@@ -209,6 +267,11 @@ def test_every_bad_input_gets_one_clear_line(work, monkeypatch, capsys):
         table += [f"## {kind}", "", "| case | command | what the user sees |", "|---|---|---|"]
         table += [f"| {case} | `{cmd}` | {msg.replace('|', '/')} |" for k, case, cmd, msg in rows if k == kind]
         table.append("")
+    table += ["## Stock transformers on a converted folder", "",
+              "What `python -c \"from transformers import AutoModelForCausalLM; ...\"` raises in the work folder "
+              "(the exception's last line).", "", "| case | Python | what the user sees |", "|---|---|---|"]
+    table += [f"| {case} | `{code}` | {msg.replace('|', '/')} |" for case, code, msg in stock]
+    table.append("")
     text = "\n".join(table)
     if os.environ.get("MOSA_RETROFIT_WRITE_DOCS"):
         DOC.write_text(text)

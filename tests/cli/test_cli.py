@@ -82,6 +82,31 @@ def test_convert_and_inspect_a_local_checkpoint(tmp_path, capsys):
     assert "exists" in capsys.readouterr().err
 
 
+def test_convert_adapter_only_writes_kilobytes_that_load_as_the_full_save(tmp_path, capsys):
+    import torch
+    from tiny_models import tiny_model
+    from transformers import AutoModelForCausalLM
+
+    import mosa_retrofit
+
+    base = tmp_path / "base"
+    tiny_model("llama").save_pretrained(base)
+    fast = ["--preset", "paper", "--dense-heads", "1", "--sparsity", "4", "--no-check"]
+    torch.manual_seed(0)  # the paper preset's routers start at random: the same draw for both
+    assert main(["convert", str(base), str(tmp_path / "full"), *fast]) == 0
+    torch.manual_seed(0)
+    assert main(["convert", str(base), str(tmp_path / "adapter"), *fast, "--adapter-only"]) == 0
+    out = capsys.readouterr().out
+    assert f"saved an adapter of {base} to {tmp_path / 'adapter'}" in out and "trust_remote_code=True" in out
+    assert not (tmp_path / "adapter" / "model.safetensors").exists()
+    ids = torch.randint(0, 128, (1, 16))
+    with torch.no_grad():
+        full = mosa_retrofit.load(str(tmp_path / "full"))(ids).logits
+        torch.testing.assert_close(mosa_retrofit.load(str(tmp_path / "adapter"))(ids).logits, full, atol=0, rtol=0)
+        stock = AutoModelForCausalLM.from_pretrained(tmp_path / "full", trust_remote_code=True)
+        torch.testing.assert_close(stock(ids).logits, full, atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["convert", "./no/such/model", "x", "--sparsity", "2"], "./no/such/model: no such folder; give a model folder"),
     (["convert", "m", "x", "--sparsity", "0.5"], "MoSAConfig.sparsity must be a finite number >= 1"),
