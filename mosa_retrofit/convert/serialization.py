@@ -1,15 +1,16 @@
 """Save and load converted models.
 
-A converted model saves with the stock ``model.save_pretrained(dir)``: standard safetensors (the base
-weights under their own names plus ``*.mosa_router`` and ``*.mosa_fill``) and the MoSA config inside ``config.json`` under
-``"mosa"``, with the resolved dense heads of every layer. ``load(dir)`` rebuilds the hybrid model through
-the stock ``from_pretrained`` (dtype, sharding, device_map keep working) by re-applying the surgery in
-``__init__``. ``load(base_dir, config=...)`` converts on load.
+A converted model saves with ``save(model, dir)`` or its own ``model.save_pretrained(dir)``: standard
+safetensors (the base weights under their own names plus ``*.mosa_router``, ``*.mosa_threshold`` and
+``*.mosa_fill``) and the MoSA config inside ``config.json`` under ``"mosa"``, with the resolved dense heads of
+every layer; the folder declares itself so that stock transformers loads it as itself or refuses it (hub.py).
+``save(..., adapter_only=True)`` writes only the MoSA tensors over a fingerprinted base (adapter.py).
+``load(dir)`` rebuilds the hybrid model through the stock ``from_pretrained`` (dtype, sharding, device_map keep
+working) by re-applying the surgery in ``__init__``; ``load(base_dir, config=...)`` converts on load.
 
-Loading a converted checkpoint with plain ``AutoModelForCausalLM.from_pretrained`` runs it dense: the routers
-are dropped. Importing ``mosa_retrofit`` changes nothing in transformers, so what says so is transformers'
-own load report (the routers, fills and thresholds listed as unexpected keys) and ``warn_if_dense_load``,
-which ``load_any`` (the CLI's loader) and any caller can run on a loaded model.
+Folders of the first format (the base's model_type, no declaration) still load with ``load``; loaded with plain
+transformers they run dense, which transformers' load report (the MoSA tensors listed as unexpected keys) and
+``warn_if_dense_load`` name. Importing ``mosa_retrofit`` changes nothing in transformers.
 """
 
 from __future__ import annotations

@@ -115,7 +115,7 @@ def test_plain_cli_convert_keeps_quality_and_shrinks_the_cache(tmp_path, capsys)
     assert "check (held-out perplexity" in printed
     model = mosa_retrofit.load(str(out)).eval()
     base = AutoModelForCausalLM.from_pretrained(smollm2_dir(), dtype=torch.float32).eval()
-    blocks = PROTOCOL.blocks(AutoTokenizer.from_pretrained(out))
+    blocks = PROTOCOL.blocks(AutoTokenizer.from_pretrained(out, trust_remote_code=True))
     original, converted = perplexity(base, blocks), perplexity(model, blocks)
     print(f"\noriginal {original:.2f}, converted {converted:.2f} ({converted / original:.2f}x)")
     assert converted < 1.1 * original  # measured: benchmarks/results/long_context.md
@@ -148,6 +148,33 @@ def test_plain_cli_convert_keeps_quality_and_shrinks_the_cache(tmp_path, capsys)
     a, b = load_file(str(out / "model.safetensors")), load_file(str(half / "model.safetensors"))
     for k in (k for k in a if k.endswith("mosa_router")):
         assert ((a[k] - b[k].float()).norm() / a[k].norm()).item() < 0.06, k
+
+    # the folder as a Hugging Face model: stock loading and a pipeline give the converted model, the card names
+    # the base and the check, the adapter folder loads to the same logits at a fraction of the bytes
+    from transformers import pipeline
+
+    stock = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    x = blocks.reshape(1, -1)[:, :512]
+    with torch.no_grad():
+        torch.testing.assert_close(stock(x).logits, model(x).logits, atol=1e-6, rtol=0)
+        assert (stock(x).logits - base(x).logits).abs().max() > 1e-2
+    generate = pipeline("text-generation", model=str(out), trust_remote_code=True)
+    assert any(hasattr(m, "mosa_plan") for m in generate.model.modules())
+    prompt = "The capital of France is"
+    got = generate(prompt, max_new_tokens=8, do_sample=False)[0]["generated_text"]
+    tok = AutoTokenizer.from_pretrained(out, trust_remote_code=True)
+    ids = tok(prompt, return_tensors="pt")
+    want = tok.decode(model.generate(**ids, max_new_tokens=8, do_sample=False)[0], skip_special_tokens=True)
+    assert got == want
+    card = (out / "README.md").read_text()
+    assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card and "license: apache-2.0" in card
+    assert re.search(r"original [\d.]+, converted [\d.]+ \([\d.]+x the original\)", card)
+    adapter = tmp_path / "adapter"
+    mosa_retrofit.save(model, adapter, adapter_only=True)
+    size = sum(f.stat().st_size for f in adapter.iterdir())
+    assert size < 2**20  # routers, thresholds, the plan: well under a megabyte against 538 MB
+    with torch.no_grad():
+        torch.testing.assert_close(mosa_retrofit.load(str(adapter))(x).logits, model(x).logits, atol=0, rtol=0)
 
 
 def test_causal_decode_and_generate_on_smollm2(smollm2):

@@ -174,3 +174,23 @@ def test_cli_runs_local_tasks(world, harness_run, capsys):
     assert f"| tiny_mc | acc | {harness_run['results']['tiny_mc']['acc,none']:.4f} |" in out
     assert main(["eval", str(world["out"]), "--include-path", str(world["tasks"])]) == 2
     assert "error: --include-path and --limit apply to --tasks only" in capsys.readouterr().err
+
+
+def test_lm_eval_stock_hf_model_by_path_gives_our_loglikelihoods(world, harness_run, ours):
+    """lm-eval's own ``--model hf --model_args pretrained=PATH,trust_remote_code=True`` loads the folder through
+    its modeling_mosa.py: the same log-likelihoods as the model loaded here; without trust_remote_code it refuses."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    model, tok = ours
+    args = dict(tasks=["tiny_mc"], task_manager=TaskManager(include_path=str(world["tasks"])), log_samples=True,
+                batch_size=1)
+    stock = lm_eval.simple_evaluate(
+        model="hf", model_args=f"pretrained={world['out']},trust_remote_code=True,device=cpu", **args)
+    samples = sorted(stock["samples"]["tiny_mc"], key=lambda s: s["doc_id"])
+    for q, sample in zip(QUESTIONS, samples):
+        lls = [_choice_loglikelihood(model, tok, q["question"], " " + c) for c in q["choices"]]
+        assert [ll for ll, _ in sample["filtered_resps"]] == pytest.approx(lls, rel=1e-5, abs=1e-4)
+    assert stock["results"]["tiny_mc"]["acc,none"] == harness_run["results"]["tiny_mc"]["acc,none"]
+    with pytest.raises(ValueError, match="trust_remote_code=True"):
+        lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={world['out']},device=cpu", **args)
