@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 import torch
@@ -18,6 +19,28 @@ def _positive_ints(text: str) -> tuple[int, ...]:
     if any(v < 1 for v in values):
         raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1, got {text!r}")
     return values
+
+
+def _at_least_one(text: str) -> int:
+    """An integer >= 1 (checked where it is parsed, so the message names the flag)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def _sparsity(text: str) -> float:
+    """A finite number >= 1 (one routed token in this many)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 1, got {text!r}") from None
+    if not math.isfinite(value) or value < 1:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 1 (one routed token in this many), got {text}")
+    return value
 
 
 def _sparsities(text: str) -> tuple[float, ...]:
@@ -91,14 +114,14 @@ def add_parser(sub) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     k.add_argument("--seq-lens", type=_positive_ints, default=(2048, 8192), help="comma-separated T values")
     k.add_argument("--backends", default="flash,flex,math", help="comma-separated: flash, flex, math")
-    k.add_argument("--heads", type=int, default=9, help="query heads")
-    k.add_argument("--kv-heads", type=int, default=3, help="key/value heads (units)")
-    k.add_argument("--head-dim", type=int, default=64)
-    k.add_argument("--window", type=int, default=256)
-    k.add_argument("--sparsity", type=float, default=64, help="1 routed key in this many tokens")
-    k.add_argument("--reps", type=int, default=3)
+    k.add_argument("--heads", type=_at_least_one, default=9, help="query heads")
+    k.add_argument("--kv-heads", type=_at_least_one, default=3, help="key/value heads (units)")
+    k.add_argument("--head-dim", type=_at_least_one, default=64)
+    k.add_argument("--window", type=_at_least_one, default=256)
+    k.add_argument("--sparsity", type=_sparsity, default=64, help="1 routed key in this many tokens")
+    k.add_argument("--reps", type=_at_least_one, default=3)
     k.add_argument("--no-backward", action="store_true", help="forward only")
-    k.add_argument("--threads", type=int, default=1)
+    k.add_argument("--threads", type=_at_least_one, default=1)
     k.add_argument("--device", default="cpu")
     k.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     k.add_argument("--output", help="also write the Markdown table to this file")
@@ -156,9 +179,8 @@ def run_keys(args: argparse.Namespace) -> int:
     bad = [b for b in backends if b not in ("flash", "flex", "math")]
     if bad:
         raise ValueError(f"--backends: unknown {bad}; valid: flash, flex, math")
-    if args.heads % args.kv_heads or min(args.heads, args.kv_heads, args.head_dim, args.window, args.reps,
-                                         args.threads) < 1:
-        raise ValueError("--heads must be a multiple of --kv-heads; sizes, --reps and --threads must be >= 1")
+    if args.heads % args.kv_heads:
+        raise ValueError(f"--heads {args.heads} must be a multiple of --kv-heads {args.kv_heads}")
     device = checked_device(args.device)
     torch.set_num_threads(args.threads)
     rows = bench_keys(args.seq_lens, backends, args.heads, args.kv_heads, args.head_dim, args.window, args.sparsity,
@@ -172,6 +194,7 @@ def run_keys(args: argparse.Namespace) -> int:
 
 def run_model(args: argparse.Namespace) -> int:
     from mosa_retrofit.bench.model import bench_model, format_rows
+    from mosa_retrofit.convert.adapter import base_mismatch
     from mosa_retrofit.convert.attention import set_attn_backend
     from mosa_retrofit.convert.hub import load_tokenizer
     from mosa_retrofit.convert.serialization import load_any
@@ -193,6 +216,10 @@ def run_model(args: argparse.Namespace) -> int:
     if limit is not None and longest > limit:
         raise ValueError(f"--contexts / --train-length reach {longest:,} tokens, beyond the model's {limit:,} positions")
     original, _ = load_any(base)
+    why = base_mismatch(model, original)
+    if why is not None:
+        raise ValueError(f"--baseline {base} is not {args.model}'s original: {why}; give the model it was converted "
+                         "from (or leave --baseline out)")
     dtype = DTYPES[args.dtype]
     model, original = model.to(device, dtype), original.to(device, dtype)
     if args.attn_backend:

@@ -124,6 +124,9 @@ def run_convert(args: argparse.Namespace) -> int:
 
     config = build_config(args)  # validates every value before anything is loaded
     device = checked_device(args.device)
+    if args.device_map and "cuda" in args.device_map and not torch.cuda.is_available():
+        raise ValueError(f"--device-map {args.device_map}: this torch has no CUDA device (torch {torch.__version__}); "
+                         "use --device-map auto or cpu, or drop it")
     for name in ("calib_sequences", "calib_length"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -162,13 +165,14 @@ def run_convert(args: argparse.Namespace) -> int:
     after = None
     if args.check:
         after = perplexity(model, blocks, progress=True)
-        model.config.mosa_check = {"protocol": PROTOCOL.describe(), "original": before, "converted": after}
+        described = PROTOCOL.describe(positions_of(hf_config))
+        model.config.mosa_check = {"protocol": described, "original": before, "converted": after}
     out.parent.mkdir(parents=True, exist_ok=True)
     sweep_temporaries(out)
     save(model, out, adapter_only=args.adapter_only, tokenizer=tokenizer, overwrite=args.overwrite)
     print(summary(model, min(2048, positions_of(hf_config) or 2048)))
     if args.check:
-        print(f"\ncheck ({PROTOCOL.describe()}): original {before:.2f}, converted {after:.2f} "
+        print(f"\ncheck ({described}): original {before:.2f}, converted {after:.2f} "
               f"({after / before:.2f}x the original)")
         if after > 4 * before:
             print("the converted model needs adaptation before use: mosa-retrofit train (see recipes/)")
@@ -190,6 +194,10 @@ def checked_device(name: str) -> torch.device:
         raise ValueError(f"--device {name}: there are {torch.cuda.device_count()} CUDA devices")
     if device.type not in ("cpu", "cuda", "mps", "xpu"):
         raise ValueError(f"--device {name}: convert runs on cpu or cuda")
+    backend = getattr(torch.backends, "mps", None) if device.type == "mps" else getattr(torch, "xpu", None)
+    if device.type in ("mps", "xpu") and not (backend is not None and backend.is_available()):
+        raise ValueError(f"--device {name}: this torch has no {device.type} device (torch {torch.__version__}); "
+                         "use cpu" + (" or cuda" if torch.cuda.is_available() else ""))
     return device
 
 

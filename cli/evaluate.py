@@ -96,7 +96,6 @@ def run(args: argparse.Namespace) -> int:
     from mosa_retrofit.text.data import DataSpec, load_corpus
     from mosa_retrofit.validate import positions_of, within_positions
 
-
     for name in ("block_size", "max_tokens", "batch_size", "cost_seq_len", "validation_documents"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -108,6 +107,9 @@ def run(args: argparse.Namespace) -> int:
     if args.block_size is None:
         args.block_size = min(PROTOCOL.block_size, positions or PROTOCOL.block_size)
     within_positions("--block-size", args.block_size, positions, args.model)
+    if args.max_tokens < args.block_size:
+        raise ValueError(f"--max-tokens {args.max_tokens:,} is fewer than one block of --block-size "
+                         f"{args.block_size:,}: give --max-tokens >= {args.block_size:,} (or a smaller --block-size)")
     spec = DataSpec(source=args.data, name=args.data_name, split=args.split, text_field=args.text_field,
                     block_size=args.block_size, validation_documents=args.validation_documents,
                     validation_tokens=max(args.max_tokens, args.block_size),
@@ -120,6 +122,9 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"{args.model} names no base model (it is not a converted model, or an old one); give "
                              "--baseline BASE")
     tokenizer = load_tokenizer(source)
+    if args.causal and (getattr(model.config, "mosa", None) or {}).get("routing") == "causal":
+        raise ValueError(f"--causal: {args.model} already routes causally (its thresholds were set when it was "
+                         "converted or trained); drop --causal to evaluate it as it is")
     corpus = load_corpus(spec, tokenizer, progress=False, validation_only=not args.causal)
     blocks = corpus.blocks("validation", args.block_size)
     if args.causal:

@@ -35,7 +35,7 @@ class SpeedRow:
     tokens: int  # T (prefill / training length, decode context)
     original: float  # seconds (prefill, train), tokens/s (decode), bytes (memory)
     converted: float
-    ratio: float  # speed-up (original time / converted time, or converted / original tokens/s); bytes: conv / orig
+    ratio: float | None  # speed-up (original / converted time, converted / original tokens/s); bytes: conv / orig
     limit: float | None  # what the FLOPs or bytes allow for that ratio
     limit_of: str  # "FLOPs" | "bytes" | ""
 
@@ -203,9 +203,9 @@ def bench_model(converted: nn.Module, original: nn.Module, ids: Tensor, contexts
                              ""))
     T = max(contexts)
     mem = {name: peak_bytes(lambda: prefill(m, ids[:, :T]), dev) for name, m in models.items()}
-    if None not in mem.values():
+    if None not in mem.values():  # (a ratio only where the original's peak rose measurably: never 0/0)
         rows.append(SpeedRow("peak memory", T, mem["original"], mem["converted"],
-                             mem["converted"] / max(mem["original"], 1), None, ""))
+                             mem["converted"] / mem["original"] if mem["original"] > 0 else None, None, ""))
     bar.update(1)
     if train_length:
         x = ids[:, :train_length]
@@ -234,7 +234,8 @@ def format_rows(rows: list[SpeedRow]) -> str:
             rel = f"**{r.ratio:.2f}x** tokens/s"
         else:
             fig = lambda b: f"{b / 2**20:,.1f} MiB"
-            rel = f"{r.ratio:.3f}x the bytes"
+            rel = f"{r.ratio:.3f}x the bytes" if r.ratio is not None else \
+                "not measurable (the original's peak did not rise above what was resident)"
         limit = f"{r.limit:.2f}x ({r.limit_of})" if r.limit is not None else ""
         ctx = f"after {r.tokens:,}" if r.measure.startswith("decode") or r.measure == "KV cache" else f"{r.tokens:,}"
         lines.append(f"| {r.measure} | {ctx} | {fig(r.original)} | {fig(r.converted)} | {rel} | {limit} |")

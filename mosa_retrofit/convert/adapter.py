@@ -57,6 +57,25 @@ def record_base_(model: nn.Module, reference: str | None) -> None:
                               "dtype": weights_dtype(model), "fingerprint": fingerprint(model)}
 
 
+def base_mismatch(model: nn.Module, baseline: nn.Module) -> str | None:
+    """Why ``baseline`` is not the original ``model`` was converted from (None if it is, or cannot be told):
+    a converted baseline, another architecture, or (same dtype) weights whose fingerprint differs."""
+    if getattr(baseline.config, "mosa", None):
+        return "it is itself a converted model"
+    if type(baseline.config).__name__ != type(model.config).__name__:
+        return f"it is a {type(baseline.config).__name__} model, the converted one a {type(model.config).__name__}"
+    shapes = {k: tuple(v.shape) for k, v in baseline.state_dict().items()}
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items() if not is_mosa_tensor(k)}
+    if shapes != own:
+        return "its weights have other names or shapes"
+    base = getattr(model.config, "mosa_base", None) or {}
+    if base.get("fingerprint") and base.get("dtype") == weights_dtype(baseline) \
+            and fingerprint(baseline) != base["fingerprint"]:
+        return (f"its weights differ from the base the model was converted from ({base.get('name_or_path')}, "
+                f"fingerprint {base['fingerprint']})")
+    return None
+
+
 def is_adapter(path) -> bool:
     """Whether ``path`` (a folder or hub id) is an adapter-only save."""
     from .hub import config_dict

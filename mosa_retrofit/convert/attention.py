@@ -144,7 +144,11 @@ def set_attn_backend(model: nn.Module, backend: str) -> None:
     model's saved config keeps the choice."""
     if backend not in ATTN_BACKENDS:
         raise ValueError(f"attn_backend must be one of {ATTN_BACKENDS}, got {backend!r}")
-    for m in mosa_layers(model).values():
+    layers = mosa_layers(model)
+    if not layers:
+        raise ValueError(f"set_attn_backend: {type(model).__name__} has no converted layer, so no attention backend "
+                         "to set; convert_ it (or mosa_retrofit.load a converted checkpoint) first")
+    for m in layers.values():
         m.mosa_plan = replace(m.mosa_plan, config=replace(m.mosa_plan.config, attn_backend=backend))
     mosa = getattr(getattr(model, "config", None), "mosa", None)
     if isinstance(mosa, dict):

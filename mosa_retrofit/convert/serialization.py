@@ -99,6 +99,7 @@ def load_saved(path: str, model_class: type | None = None, config: MoSAConfig | 
     if not saved:
         raise ValueError(f"{path} is not a converted MoSA checkpoint (no 'mosa' block in config.json)")
     model_class = mosa_model_class(model_class or causal_lm_class(hf_config))
+    check_stored_dtypes(path)
     if config is not None:
         hf_config.mosa = config.to_dict()
     want_info = kwargs.pop("output_loading_info", False)
@@ -114,6 +115,25 @@ def load_saved(path: str, model_class: type | None = None, config: MoSAConfig | 
                          "; was the checkpoint or its 'mosa' block (dense_head_ids, ...) edited?")
     check_mosa_state_(model, path, info, allow_partial)
     return (model, info) if want_info else model
+
+
+_FLOATS = ("F16", "BF16", "F32", "F64")
+
+
+def check_stored_dtypes(path) -> None:
+    """Every MoSA tensor a local checkpoint stores is floating point (an integer router would load truncated)."""
+    from safetensors import safe_open
+
+    folder = Path(path)
+    if not folder.is_dir():
+        return  # a hub id: transformers reads the files
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), "pt") as f:
+            for key in f.keys():
+                if "mosa_" in key and (dtype := f.get_slice(key).get_dtype()) not in _FLOATS:
+                    raise ValueError(f"{path}: {key} is stored as {dtype} in {file.name}; MoSA routers, thresholds "
+                                     f"and fills are floating point ({', '.join(_FLOATS)}): the file was edited or "
+                                     "written by another tool")
 
 
 _STARTS = {"mosa_router": "initialised at random", "mosa_fill": "left at zero",
@@ -206,12 +226,23 @@ def save(model: nn.Module, path, adapter_only: bool = False, tokenizer=None, ove
             model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        old = path.parent / f".{path.name}.old-{os.getpid()}" if path.exists() else None
-        if old is not None:
-            os.replace(path, old)
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old)
+        if not overwrite:
+            try:  # one atomic step: it fails if something was put at path while this ran
+                os.rename(tmp, path)
+            except OSError:
+                keep = path.parent / f"{path.name}.unsaved-{os.getpid()}"
+                os.rename(tmp, keep)
+                raise FileExistsError(f"{path} appeared while this ran and is left alone; the converted model is in "
+                                      f"{keep}") from None
+        else:
+            if path.exists() and not _is_converted_folder(path):
+                raise FileExistsError(f"{path} is no longer a converted model's folder and is left alone")
+            old = path.parent / f".{path.name}.old-{os.getpid()}" if path.exists() else None
+            if old is not None:
+                os.replace(path, old)
+            os.replace(tmp, path)
+            if old is not None:
+                shutil.rmtree(old)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path

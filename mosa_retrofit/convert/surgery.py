@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel
 
 from ..text.assets import model_reference
+from ..validate import positions_of
 from .adapter import record_base_
 from .attention import LayerPlan, init_router_, init_threshold_, mosa_class, mosa_layers
 from .calibration import LayerStats, collect_stats, default_calibration, model_tokenizer
@@ -312,6 +313,10 @@ def check_inputs(model: nn.Module, config: MoSAConfig, calibration) -> None:
         found = "no tokens" if calibration.numel() == 0 else \
             f"ids from {int(calibration.min())} to {int(calibration.max())}"
         raise ValueError(f"calibration must hold token ids in 0..{vocab - 1} (the model's vocabulary), got {found}")
+    positions = positions_of(model.config)
+    if positions is not None and calibration.shape[1] > positions:
+        raise ValueError(f"calibration rows hold {calibration.shape[1]:,} tokens, beyond the model's {positions:,} "
+                         f"positions; give rows of at most {positions:,} tokens")
 
 
 def convert_(model: nn.Module, config: MoSAConfig | None = None, calibration: Tensor | None = None,

@@ -153,6 +153,9 @@ def documents(spec: DataSpec) -> tuple[list[str] | None, Iterator[str] | None]:
                                     else f"data.source {spec.source!r}: {why} {bad}")
         if all(Path(f).stat().st_size == 0 for f in files):  # datasets fails on these with a traceback
             raise ValueError(f"data.source {spec.source!r} holds no text (empty file{'s' if len(files) > 1 else ''})")
+        blank = [f for f in files if Path(f).stat().st_size < 2**26 and not Path(f).read_bytes().strip()]
+        if len(blank) == len(files):  # only newlines and spaces: datasets finds no paragraph and names no file
+            raise ValueError(f"data.source {spec.source!r} holds no text (only whitespace in {', '.join(blank[:3])})")
         kinds = {_EXTENSIONS.get(Path(f).suffix) for f in files}
         if None in kinds or len(kinds) > 1:
             raise ValueError(f"data.source files must all be one of {sorted(_EXTENSIONS)}, got {files}")
@@ -189,7 +192,7 @@ def load_corpus(spec: DataSpec, tokenizer, progress: bool = True, validation_onl
         docs = [d for d in docs if d and d.strip()]
         if not docs:
             raise ValueError(f"data.source {spec.source!r} holds no text")
-        if len(docs) <= V:
+        if len(docs) <= V and not validation_only:  # (held-out text alone needs no training document)
             raise ValueError(f"data.validation_documents = {V} leaves no training documents ({len(docs)} in all)")
         train_docs, val_docs = docs[:-V], docs[-V:]
         n_train = len(train_docs)

@@ -21,9 +21,11 @@ class EvalProtocol:
     block_size: int = 1024
     tokens: int = 4096
 
-    def describe(self) -> str:
+    def describe(self, max_length: int | None = None) -> str:
+        """What ``blocks(tokenizer, max_length)`` measures, in words."""
+        block = min(self.block_size, max_length or self.block_size)
         return (f"held-out perplexity: {self.tokens:,} tokens of the last {self.validation_documents} documents of "
-                f"{self.data}, in blocks of {self.block_size}")
+                f"{self.data}, in blocks of {block}")
 
     def blocks(self, tokenizer, max_length: int | None = None) -> Tensor:
         """(N, block_size) validation token ids (blocks shortened to ``max_length``, a model's position limit)."""

@@ -335,6 +335,9 @@ class Recipe:
         now, saved = self.to_dict(), dict(saved)
         for d in (now, saved):  # the split of the global batch may change (the trainer compares the batch)
             d["training"] = {k: v for k, v in (d.get("training") or {}).items() if k not in BATCH_SPLIT}
+            mosa = ((d.get("conversion") or {}).get("mosa") or {})
+            if isinstance(mosa, dict):  # every attention backend computes the same attention (a kernel choice)
+                d["conversion"] = {**d["conversion"], "mosa": {k: v for k, v in mosa.items() if k != "attn_backend"}}
         for key in sorted(set(now) | set(saved)):
             if key not in RESUMABLE_CHANGES:
                 walk(saved.get(key), now.get(key), key)
@@ -364,7 +367,9 @@ class Recipe:
         if not path.is_file():
             raise FileNotFoundError(f"recipe {path} does not exist")
         try:
-            data = yaml.safe_load(path.read_text())
+            data = yaml.load(path.read_text(), Loader=_StrictLoader)
+        except DuplicateKey as e:
+            raise ValueError(f"recipe {path}: {e}") from None
         except UnicodeDecodeError as e:
             raise ValueError(f"recipe {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
         except yaml.YAMLError as e:
@@ -372,6 +377,24 @@ class Recipe:
         if not isinstance(data, dict):
             raise ValueError(f"recipe {path} must be a mapping of sections, got {type(data).__name__}")
         return cls.from_dict(data, overrides)
+
+
+class DuplicateKey(ValueError):
+    pass
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (YAML lets the last one win, silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise DuplicateKey(f"key {key!r} is given twice in one mapping (lines {seen[key] + 1} and "
+                                   f"{key_node.start_mark.line + 1}); keep one")
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
 
 
 # ---------------------------------------------------------------------------------------- building

@@ -106,3 +106,10 @@ def test_gpu_script_runs_at_toy_sizes_on_cpu(tmp_path):
     for name in ("llama-3.2-1b-shape", "smollm2-135m"):
         assert f"### {name}" in text
     assert text.count("| prefill |") == 4 and text.count("| decode b=2 |") == 4
+
+
+def test_a_peak_memory_of_zero_is_said_not_divided():
+    from mosa_retrofit.bench.model import SpeedRow, format_rows
+
+    line = format_rows([SpeedRow("peak memory", 64, 0, 0, None, None, "")]).splitlines()[-1]
+    assert "not measurable" in line and "0.000x" not in line

@@ -62,6 +62,8 @@ CASES = [
      lambda w: _edit_tensors(w / "narrow", lambda t: t.__setitem__(ROUTER, t[ROUTER][:, :-1].clone()))),
     ("Silent wrong result", "a checkpoint whose `dense_head_ids` were edited", ["eval", "edited", "--data", "corpus.txt"],
      lambda w: _edit_config(w / "edited", lambda c: c["mosa"].__setitem__("dense_head_ids", {"0": [0, 1], "1": [0]}))),
+    ("Silent wrong result", "a router stored as int32", ["eval", "introuter", "--data", "corpus.txt"],
+     lambda w: _edit_tensors(w / "introuter", lambda t: t.__setitem__(ROUTER, t[ROUTER].to(torch.int32)))),
     ("Silent wrong result", "a checkpoint with a NaN router", ["eval", "nan", "--data", "corpus.txt"],
      lambda w: _edit_tensors(w / "nan", lambda t: t[ROUTER].__setitem__((0, 0), float("nan")))),
     ("Data loss", "a run that diverges (`optimizer.lr=1e30`)", ["train", "recipe.yaml", "optimizer.lr=1e30",
@@ -74,6 +76,10 @@ CASES = [
      lambda w: (w / "empty.txt").write_text("")),
     ("One clear line", "a whitespace-only data file in `eval`", ["eval", "models/tiny-llama", "--data", "blank.txt"],
      lambda w: (w / "blank.txt").write_text(" \n\n \n")),
+    ("One clear line", "`eval --max-tokens` below one block",
+     ["eval", "models/tiny-llama", "--data", "corpus.txt", "--max-tokens", "10", "--block-size", "64"], None),
+    ("One clear line", "a data file of only newlines in `eval`", ["eval", "models/tiny-llama", "--data", "newlines.txt"],
+     lambda w: (w / "newlines.txt").write_text("\n\n\n\n")),
     ("One clear line", "malformed JSON in `--config`", ["convert", "models/tiny-llama", "out", "--config", "bad.json"],
      lambda w: (w / "bad.json").write_text('{\n  "sparsity": 8,\n  "dense_heads": 0.25,,\n}\n')),
     ("One clear line", '`"version": "1"` in a `--config` file',
@@ -137,7 +143,20 @@ CASES = [
      ["bench", "attention", "--device", "cuda", "--quick"], None) if not torch.cuda.is_available() else None,
     ("One clear line", "`convert --device cuda` on a machine without CUDA",
      ["convert", "models/tiny-llama", "out", "--device", "cuda"], None) if not torch.cuda.is_available() else None,
+    ("Silent wrong result", "`bench model --baseline` naming a converted model",
+     ["bench", "model", "converted", "--baseline", "converted", "--contexts", "32"], None),
+    ("Silent wrong result", "`eval --causal` on a model that already routes causally",
+     ["eval", "causal", "--data", "corpus.txt", "--causal"], None),
     ("One clear line", "`--threads 0`", ["bench", "keys", "--threads", "0"], None),
+    ("One clear line", "`bench keys --sparsity 0`", ["bench", "keys", "--sparsity", "0"], None),
+    ("One clear line", "`bench keys --sparsity nan`", ["bench", "keys", "--sparsity", "nan"], None),
+    ("One clear line", "`bench keys --window 0`", ["bench", "keys", "--window", "0"], None),
+    ("One clear line", "`bench keys --reps 0`", ["bench", "keys", "--reps", "0"], None),
+    ("One clear line", "`convert --device mps` on a machine without it",
+     ["convert", "models/tiny-llama", "out", "--device", "mps"], None)
+    if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()) else None,
+    ("One clear line", "`convert --device-map cuda` on a machine without CUDA",
+     ["convert", "models/tiny-llama", "out", "--device-map", "cuda"], None) if not torch.cuda.is_available() else None,
     ("One clear line", "`eval --baseline` of an unconverted model", ["eval", "models/tiny-llama", "--baseline"], None),
     ("One clear line", "OUT under a file", ["convert", "models/tiny-llama", "corpus.txt/out", *FAST], None),
     ("One clear line", "`long --out` naming a file", ["long", "converted", "--out", "corpus.txt"], None),
@@ -146,6 +165,12 @@ CASES = [
     ("One clear line", "a folder as `--config`", ["convert", "models/tiny-llama", "out", "--config", "models"], None),
     ("One clear line", "a folder as training data", ["train", "recipe.yaml", "data.source=models", "output_dir=d"],
      None),
+    ("Silent wrong result", "a recipe key given twice (`lr:` twice under `optimizer:`)",
+     ["train", "twice.yaml", "output_dir=twice"],
+     lambda w: (w / "twice.yaml").write_text((w / "recipe.yaml").read_text().replace("optimizer:\n",
+                                                                                     "optimizer:\n  lr: 9.0\n"))),
+    ("Silent wrong result", "a recipe section given twice", ["train", "again.yaml", "output_dir=again"],
+     lambda w: (w / "again.yaml").write_text((w / "recipe.yaml").read_text() + "optimizer:\n  lr: 9.0\n")),
     ("Silent wrong result", "an adapter whose base folder is gone", ["eval", "adapter-nobase", "--data", "corpus.txt"],
      lambda w: shutil.rmtree(w / "models" / "gone", ignore_errors=True)),
     ("Silent wrong result", "an adapter whose base folder now holds other weights",
@@ -208,8 +233,12 @@ def work(tmp_path_factory):
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     convert_(model, plain_config(sparsity=2, dense_head_ids={"0": [0], "1": [0]}))
     model.save_pretrained(root / "converted")
+    causal = AutoModelForCausalLM.from_pretrained(model_dir)
+    convert_(causal, plain_config(sparsity=2, dense_head_ids={"0": [0], "1": [0]}, routing="causal"),
+             calibration=torch.randint(0, 100, (2, 32)))
+    causal.save_pretrained(root / "causal")
     for name in ("narrow", "edited", "nan", "garbage", "version", "norouter", "narrowed", "pruned", "emptied",
-                 "truncated"):
+                 "truncated", "introuter"):
         shutil.copytree(root / "converted", root / name)
     for name in ("newer", "older"):
         shutil.copytree(root / "converted", root / name)

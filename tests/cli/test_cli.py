@@ -140,6 +140,10 @@ def test_convert_with_calibrated_fill_from_a_text_file(tmp_path, capsys):
     assert main(["convert", str(model_dir), str(out), "--sparsity", "4", "--dense-heads", "1", "--head-choice",
                  "scored", "--router-init", "calibrated", "--fill", "mean", "--sparse-heads", "mosa",
                  "--calib-text", str(data), "--calib-sequences", "2", "--calib-length", "32"]) == 0
+    printed = capsys.readouterr().out
+    # the check ran in blocks of the model's 128 positions, and says so (on the console and in the card)
+    assert re.search(r"check \(held-out perplexity: .* in blocks of 128\): original", printed)
+    assert "in blocks of 128: original" in (out / "README.md").read_text()
     model = mosa_retrofit.load(str(out))
     layers = mosa_layers(model)
     assert model.config.mosa["fill"] == "mean" and all(m.mosa_fill.abs().sum() > 0 for m in layers.values())
@@ -303,3 +307,13 @@ def test_convert_in_bfloat16_equals_the_fp32_conversion_within_bf16_error(tmp_pa
         assert (a[k] - b[k].float()).abs().max().item() < 0.1, k
     for i in (0, 1):
         assert abs(ppl["bfloat16"][i] / ppl["float32"][i] - 1) < 0.02, ppl
+
+
+def test_eval_of_one_held_out_document_needs_no_training_document(tmp_path, capsys):
+    from train_fixtures import make_world
+
+    model_dir, data = make_world(tmp_path)
+    one = tmp_path / "onedoc.txt"
+    one.write_text(data.read_text().split("\n\n")[0] * 20)  # one paragraph: one document, repeated past a block
+    assert main(["eval", str(model_dir), "--data", str(one), "--validation-documents", "1", "--block-size", "32"]) == 0
+    assert "perplexity" in capsys.readouterr().out.lower()

@@ -131,3 +131,24 @@ def test_save_never_replaces_what_is_not_a_converted_folder(tmp_path):
     mosa_retrofit.save(model, tmp_path / "out", adapter_only=True, overwrite=True)
     assert json.loads((tmp_path / "out" / "config.json").read_text())["mosa_adapter"]["tensors"] > 0
     assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_a_folder_that_appears_at_the_target_while_saving_is_left_alone(tmp_path, monkeypatch):
+    """The target is absent when save starts; the user creates it (with a file) before the rename: their folder
+    is kept, the model is kept under a named path, and save says both."""
+    model = converted_from(base_folder(tmp_path))
+    target = tmp_path / "out"
+    write = model.save_pretrained
+
+    def save_and_race(folder, *a, **kw):  # the other process, between save's check and its rename
+        write(folder, *a, **kw)
+        target.mkdir()
+        (target / "mine.txt").write_text("mine")
+
+    monkeypatch.setattr(model, "save_pretrained", save_and_race)
+    with pytest.raises(FileExistsError, match=r"appeared while this ran and is left alone; the converted model is "
+                                              r"in .*out\.unsaved-\d+"):
+        mosa_retrofit.save(model, target)
+    assert (target / "mine.txt").read_text() == "mine" and sorted(p.name for p in target.iterdir()) == ["mine.txt"]
+    kept = next(tmp_path.glob("out.unsaved-*"))
+    assert mosa_layers(mosa_retrofit.load(str(kept))) and not list(tmp_path.glob(".out*"))

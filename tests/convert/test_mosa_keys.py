@@ -108,3 +108,5 @@ def test_every_attn_backend_gives_the_same_model():
     with pytest.raises(ValueError, match="attn_backend must be one of"):
         mosa_retrofit.set_attn_backend(model, "triton")
     assert {m.mosa_plan.config.attn_backend for m in mosa_layers(model).values()} == {"flex"}
+    with pytest.raises(ValueError, match="has no converted layer"):  # an unconverted model: said, not ignored
+        mosa_retrofit.set_attn_backend(tiny_model("qwen2"), "flash")

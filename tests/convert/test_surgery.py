@@ -263,3 +263,12 @@ def test_a_config_that_converts_nothing_or_nearly_is_refused(over, needle):
         convert_(model, plain_config(), filter_fn=lambda m, name: False)
 
 
+
+
+def test_calibration_rows_beyond_the_models_positions_are_refused_before_any_work():
+    model = tiny_model("llama")  # 128 positions
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="calibration rows hold 200 tokens, beyond the model's 128 positions"):
+        convert_(model, plain_config(sparsity=4, dense_heads=1, routing="causal"),
+                 calibration=torch.randint(0, 128, (2, 200)))
+    assert not mosa_layers(model) and all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
