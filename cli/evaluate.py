@@ -115,6 +115,9 @@ def run(args: argparse.Namespace) -> int:
                     validation_tokens=max(args.max_tokens, args.block_size),
                     max_train_tokens=16 * args.block_size + 1)  # read only for --causal calibration
     model, source = load_any(args.model)
+    if args.causal and (getattr(model.config, "mosa", None) or {}).get("routing") == "causal":
+        raise ValueError(f"--causal: {args.model} already routes causally (its thresholds were set when it was "
+                         "converted or trained); drop --causal to evaluate it as it is")
     base = args.baseline
     if base == "auto":  # before any measurement
         base = (getattr(model.config, "mosa", None) or {}).get("base_model_name_or_path")
@@ -122,9 +125,6 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"{args.model} names no base model (it is not a converted model, or an old one); give "
                              "--baseline BASE")
     tokenizer = load_tokenizer(source)
-    if args.causal and (getattr(model.config, "mosa", None) or {}).get("routing") == "causal":
-        raise ValueError(f"--causal: {args.model} already routes causally (its thresholds were set when it was "
-                         "converted or trained); drop --causal to evaluate it as it is")
     corpus = load_corpus(spec, tokenizer, progress=False, validation_only=not args.causal)
     blocks = corpus.blocks("validation", args.block_size)
     if args.causal:

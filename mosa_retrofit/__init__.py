@@ -1,11 +1,11 @@
 """mosa_retrofit: convert pretrained causal LMs to Mixture of Sparse Attention (MoSA) and adapt them."""
 
-from .layers.modules import MoSA, PureMoSA
-from .layers.reference import load_reference_state_dict
-from .ops.routing import select_tokens, tokens_per_head
-from .ops.sparse import mosa_attention
+__version__ = "0.2.0"  # (first: submodules read it while the package is still importing)
 
-__version__ = "0.2.0"
+from .layers.modules import MoSA, PureMoSA  # noqa: E402
+from .layers.reference import load_reference_state_dict  # noqa: E402
+from .ops.routing import select_tokens, tokens_per_head  # noqa: E402
+from .ops.sparse import mosa_attention  # noqa: E402
 
 __all__ = ["MoSA", "PureMoSA", "load_reference_state_dict", "mosa_attention", "select_tokens", "tokens_per_head"]
 

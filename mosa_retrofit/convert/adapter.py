@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .hub import config_dict, declared
+
 ADAPTER_WEIGHTS = "mosa_adapter.safetensors"
 FORMAT = 1
 
@@ -78,8 +80,6 @@ def base_mismatch(model: nn.Module, baseline: nn.Module) -> str | None:
 
 def is_adapter(path) -> bool:
     """Whether ``path`` (a folder or hub id) is an adapter-only save."""
-    from .hub import config_dict
-
     try:
         return bool(config_dict(str(path)).get("mosa_adapter"))
     except (OSError, ValueError):
@@ -109,70 +109,9 @@ def write_adapter(model: nn.Module, folder: Path) -> None:
     tensors. ``check_unchanged`` first."""
     from safetensors.torch import save_file
 
-    from .hub import declared
-
     check_unchanged(model)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items() if is_mosa_tensor(k)}
     save_file(tensors, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt", "mosa_adapter": str(FORMAT)})
     d = declared(model.config.to_dict())
     d["mosa_adapter"] = {"format": FORMAT, "weights": ADAPTER_WEIGHTS, "tensors": len(tensors)}
     (folder / "config.json").write_text(json.dumps(d, indent=2, sort_keys=True) + "\n")
-
-
-def load_adapter(path, allow_partial: bool = False, **kwargs) -> nn.Module:
-    """The converted model an adapter folder describes: its base read by reference (``kwargs`` such as
-    ``device_map`` and ``attn_implementation`` pass to that load; ``dtype`` casts after the check), the
-    fingerprint checked, the plan and the MoSA tensors applied."""
-    from safetensors.torch import load_file
-
-    from ..text.assets import resolve_model
-    from .config import MoSAConfig
-    from .hub import HUB_KWARGS, config_dict, read_config
-    from .serialization import causal_lm_class, check_mosa_state_, rebuild_
-
-    d = config_dict(str(path), **kwargs)
-    meta = d["mosa_adapter"]
-    if int(meta.get("format", 0)) > FORMAT:
-        raise ValueError(f"{path}: adapter format {meta.get('format')} is newer than this mosa_retrofit reads "
-                         f"({FORMAT}); upgrade mosa_retrofit")
-    base = d.get("mosa_base") or {}
-    ref = base.get("name_or_path")
-    if not ref:
-        raise ValueError(f"{path}: the adapter names no base model (config.json's mosa_base.name_or_path)")
-    try:
-        source = resolve_model(ref)
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"{path}: its base model {ref} is not found ({e}); put the base there, or load a "
-                                "full save") from None
-    want = kwargs.pop("dtype", None)
-    for k in HUB_KWARGS:
-        kwargs.pop(k, None)  # they address the adapter, not its base
-    hub = {"revision": base["revision"]} if base.get("revision") and not Path(source).is_dir() else {}
-    base_config = read_config(source, **hub)
-    if getattr(base_config, "mosa", None):
-        raise ValueError(f"{path}: its base {ref} is itself a converted model; an adapter applies to an original")
-    dtype = getattr(torch, base["dtype"]) if base.get("dtype") else None
-    model = causal_lm_class(base_config).from_pretrained(source, dtype=dtype, **hub, **kwargs)
-    found = fingerprint(model)
-    if found != base.get("fingerprint"):
-        raise ValueError(f"{path} was converted from a different base: {ref} now has weights with fingerprint "
-                         f"{found}, the adapter was made for {base.get('fingerprint')} ({base.get('dtype')}); "
-                         "load the base it was made from, or a full save")
-    rebuild_(model, MoSAConfig.from_dict(d["mosa"]))
-    weights = Path(path) / meta.get("weights", ADAPTER_WEIGHTS) if Path(path).is_dir() else _hub_file(path, meta)
-    state = load_file(str(weights))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    info = {"missing_keys": [k for k in missing if is_mosa_tensor(k)], "unexpected_keys": list(unexpected)}
-    check_mosa_state_(model, str(path), info, allow_partial)
-    model.config.mosa_base = base
-    if d.get("mosa_check") is not None:
-        model.config.mosa_check = d["mosa_check"]
-    if want is not None and want != "auto":
-        model.to(getattr(torch, want) if isinstance(want, str) else want)
-    return model.eval()
-
-
-def _hub_file(repo: str, meta: dict) -> str:
-    from huggingface_hub import hf_hub_download
-
-    return hf_hub_download(repo, meta.get("weights", ADAPTER_WEIGHTS))

@@ -42,6 +42,7 @@ from ..ops.routing import tokens_per_head
 from ..text.data import BUILTIN_SOURCES, DataSpec, documents, token_stream
 from ..text.protocol import PROTOCOL
 from .families import family_of, head_to_kv
+from .hub import load_tokenizer
 
 FILL_KINDS = ("zero", "mean")
 UNITS = ("head", "kv_group")
@@ -136,8 +137,6 @@ def calibration_ids(tokenizer, data: str = "wikipedia-offline", sequences: int =
 def model_tokenizer(model: nn.Module, tokenizer=None):
     """``tokenizer``, or the model's own (found through ``model.name_or_path``); a clear error if neither."""
     if tokenizer is None:
-        from .hub import load_tokenizer  # (only when no tokenizer was given)
-
         source = getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None)
         try:
             tokenizer = load_tokenizer(source) if source else None

@@ -11,23 +11,25 @@ from pathlib import Path
 
 from torch import nn
 
+from .. import __version__
+from ..text.assets import DEFAULT_HUB_ID, DEFAULT_LICENSE, DEFAULT_MODEL, is_hub_id
+from .costs import attention_costs, ratios
+from .families import attention_layers
+from .hub import REQUIRES, write_atomic
+
 MARK = "<!-- written by mosa_retrofit on save; remove this line to keep your own edits of this card -->"
 COST_LENGTHS = (4096, 8192, 32768, 131072)
 
 
 def write_card(folder: Path, model: nn.Module, adapter: bool = False) -> None:
-    from .hub import _atomic_write
-
     path = Path(folder) / "README.md"
     if path.exists() and MARK not in path.read_text(errors="replace"):
         return
-    _atomic_write(path, card_text(model, adapter))
+    write_atomic(path, card_text(model, adapter))
 
 
 def base_license(reference: str | None) -> str | None:
     """The base's license where it is known offline: the embedded default's, or a base folder's card."""
-    from ..text.assets import DEFAULT_LICENSE, DEFAULT_MODEL
-
     if reference == DEFAULT_MODEL:
         return DEFAULT_LICENSE
     if reference and (Path(reference) / "README.md").is_file():
@@ -40,21 +42,14 @@ def base_license(reference: str | None) -> str | None:
 
 def hub_base(reference: str | None) -> str | None:
     """The base as a Hub id (``base_model`` must be one), if it is one."""
-    from ..text.assets import _HUB_ID, DEFAULT_HUB_ID, DEFAULT_MODEL
-
     if reference == DEFAULT_MODEL:
         return DEFAULT_HUB_ID
-    if reference and not Path(reference).is_absolute() and _HUB_ID.fullmatch(reference):
+    if reference and not Path(reference).is_absolute() and is_hub_id(reference):
         return reference
     return None
 
 
 def card_text(model: nn.Module, adapter: bool = False) -> str:
-    from .. import __version__
-    from .costs import attention_costs, ratios
-    from .families import attention_layers
-    from .hub import REQUIRES
-
     cfg = model.config
     mosa = cfg.mosa
     base = getattr(cfg, "mosa_base", None) or {}

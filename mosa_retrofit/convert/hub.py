@@ -16,13 +16,12 @@ class and ``model_type``: only the files on disk carry the declaration (``declar
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import tempfile
 from pathlib import Path
 
-from .config import MoSAConfig
+from .. import __version__
 
 PREFIX = "mosa_"  # model_type on disk: PREFIX + the base's model_type
 CODE_FILE = "modeling_mosa.py"
@@ -45,7 +44,7 @@ CODE_VERSION = {code}
 WRITTEN_BY = "{version}"
 
 try:
-    from mosa_retrofit.convert.hub import remote_classes
+    from mosa_retrofit.convert.serialization import remote_classes
 except ImportError as error:
     raise ImportError(f"this model was converted to MoSA by mosa_retrofit, which is not installed (or older "
                       f"than {{REQUIRES}}): pip install '{{REQUIRES}}'") from error
@@ -55,8 +54,6 @@ MoSAConfig, MoSAForCausalLM, MoSAModel = remote_classes(BASE_MODEL_TYPE, CODE_VE
 
 
 def package_version() -> str:
-    from .. import __version__
-
     return __version__
 
 
@@ -111,7 +108,7 @@ def read_config(path: str, **hub):
     return CONFIG_MAPPING[base].from_dict(undeclared(d))
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
     try:
         with os.fdopen(fd, "w") as f:
@@ -128,8 +125,8 @@ def declare(folder: Path) -> None:
     d = json.loads((folder / "config.json").read_text())
     if not is_declared(d):
         d = declared(d)
-    _atomic_write(folder / "config.json", json.dumps(d, indent=2, sort_keys=True) + "\n")
-    _atomic_write(folder / CODE_FILE, _CODE.format(base=d["mosa_base_model_type"], version=package_version(),
+    write_atomic(folder / "config.json", json.dumps(d, indent=2, sort_keys=True) + "\n")
+    write_atomic(folder / CODE_FILE, _CODE.format(base=d["mosa_base_model_type"], version=package_version(),
                                                    requires=REQUIRES, code=CODE_VERSION))
 
 
@@ -145,108 +142,6 @@ def check_code(code_version: int, written_by: str) -> None:
                           f"{code_version}), older than the installed mosa_retrofit {installed} still reads "
                           f"({OLDEST_CODE}): save it again with mosa_retrofit.save(mosa_retrofit.load(path), path2), "
                           f"or install 'mosa_retrofit=={written_by}'")
-
-
-def remote_classes(base_model_type: str, code_version: int = CODE_VERSION, written_by: str | None = None):
-    """(config, causal-LM, base-model) classes for a folder's modeling_mosa.py: what ``trust_remote_code`` loads."""
-    check_code(code_version, written_by or package_version())
-    return _remote_classes(base_model_type)
-
-
-@functools.lru_cache(maxsize=None)
-def _remote_classes(base_model_type: str):
-    from transformers import AutoModel, AutoModelForCausalLM
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
-    if base_model_type not in CONFIG_MAPPING:
-        raise ImportError(f"base model type {base_model_type!r} is not known to this transformers")
-    base_config = CONFIG_MAPPING[base_model_type]
-    # Only Auto* sees these classes: the config to find the model class (its own name, so that an Auto class the
-    # folder does not map refuses it instead of building its base dense), the model classes to call
-    # mosa_retrofit.load, which reads the folder with the base's own config class.
-    config_cls = type("MoSAConfig", (base_config,), {"model_type": PREFIX + base_model_type, "__module__": __name__})
-
-    def remote(base_cls):
-        loader = mosa_model_class(base_cls)
-        return type(loader.__name__, (loader,), {"config_class": config_cls, "_mosa_base_loader": loader,
-                                                 "__module__": loader.__module__, "__qualname__": loader.__qualname__})
-
-    return (config_cls, remote(AutoModelForCausalLM._model_mapping[base_config]),
-            remote(AutoModel._model_mapping[base_config]))
-
-
-@functools.lru_cache(maxsize=None)
-def mosa_model_class(base_cls: type) -> type:
-    """``base_cls`` as a converted model's class: its ``__init__`` re-applies the surgery ``config.mosa`` describes,
-    ``from_pretrained`` is ``mosa_retrofit.load``, ``save_pretrained`` declares the folder (module docstring).
-
-    The class keeps the base's name and module: transformers looks its checkpoint conversions up by class name and
-    model_type and skips them for custom code (GPT-NeoX's embed_out -> lm_head), and isinstance checks hold."""
-    if getattr(base_cls, "_mosa_loader", False):
-        return base_cls
-
-    def __init__(self, config, *args, **kwargs):
-        base_cls.__init__(self, config, *args, **kwargs)
-        from .serialization import rebuild_  # serialization imports this module
-
-        rebuild_(self, MoSAConfig.from_dict(config.mosa))
-
-    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
-        from .adapter import is_adapter, load_adapter
-        from .serialization import load_saved
-
-        if model_args:
-            raise TypeError(f"{cls.__name__}.from_pretrained takes no positional model arguments, got {model_args}")
-        kwargs.pop("config", None)  # the folder's config.json describes the structure; Auto* passes its copy
-        kwargs.pop("trust_remote_code", None)
-        own = getattr(cls, "_mosa_base_loader", cls)
-        if is_adapter(pretrained_model_name_or_path):  # the base read and checked, the adapter applied
-            model = load_adapter(pretrained_model_name_or_path, **kwargs)
-            return model if isinstance(model, own) else model.base_model
-        return load_saved(pretrained_model_name_or_path, model_class=own, **kwargs)
-
-    def stock_from_pretrained(cls, *args, **kwargs):
-        return super(loader, cls).from_pretrained(*args, **kwargs)
-
-    def register_for_auto_class(cls, auto_class="AutoModel"):
-        """Nothing: the folder's code is written by ``save_pretrained`` (a class marked as remote code would lose
-        transformers' checkpoint conversions)."""
-
-    def save_pretrained(self, save_directory, *args, push_to_hub: bool = False, **kwargs):
-        if push_to_hub:
-            raise ValueError("save_pretrained(push_to_hub=True) is not supported for a MoSA model: call "
-                             "model.push_to_hub(repo_id), which uploads the saved folder as it is")
-        super(loader, self).save_pretrained(save_directory, *args, **kwargs)
-        if kwargs.get("is_main_process", True):
-            from .card import write_card
-
-            declare(Path(save_directory))
-            write_card(Path(save_directory), self)
-
-    def push_to_hub(self, repo_id: str, *, commit_message: str | None = None, private: bool | None = None,
-                    token=None, max_shard_size="50GB", create_pr: bool = False, revision: str | None = None,
-                    commit_description: str | None = None, **kwargs):
-        """Upload the folder ``save_pretrained`` writes (weights, declared config, modeling_mosa.py, the model card)
-        as it is: the stock method would replace the card with a generic one."""
-        from transformers.utils.hub import hf_api
-
-        if kwargs:
-            raise TypeError(f"push_to_hub got unexpected arguments {sorted(kwargs)}")
-        repo_id = hf_api().create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
-        with tempfile.TemporaryDirectory() as tmp:
-            self.save_pretrained(tmp, max_shard_size=max_shard_size)
-            return self._upload_modified_files(tmp, repo_id, files_timestamps={},
-                                               commit_message=commit_message or "Upload MoSA model",
-                                               token=token, create_pr=create_pr, revision=revision,
-                                               commit_description=commit_description)
-
-    loader = type(base_cls.__name__, (base_cls,), {
-        "__init__": __init__, "_mosa_loader": True, "__module__": base_cls.__module__,
-        "__qualname__": base_cls.__qualname__, "from_pretrained": classmethod(from_pretrained),
-        "_stock_from_pretrained": classmethod(stock_from_pretrained),
-        "register_for_auto_class": classmethod(register_for_auto_class),
-        "save_pretrained": save_pretrained, "push_to_hub": push_to_hub})
-    return loader
 
 
 def load_tokenizer(path: str, **kwargs):

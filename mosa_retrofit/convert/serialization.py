@@ -16,6 +16,7 @@ transformers they run dense, which transformers' load report (the MoSA tensors l
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import shutil
@@ -23,13 +24,16 @@ import tempfile
 import warnings
 from pathlib import Path
 
+import torch
 from torch import Tensor, nn
 
 from ..text.assets import model_reference, resolve_model
+from .adapter import ADAPTER_WEIGHTS, FORMAT, check_unchanged, fingerprint, is_adapter, is_mosa_tensor, write_adapter
 from .attention import init_router_, init_threshold_
+from .card import write_card
 from .config import MoSAConfig
-from .hub import mosa_model_class, read_config
-from .surgery import apply_plan_, convert_, plan_layers
+from .hub import HUB_KWARGS, check_code, config_dict, declare, read_config
+from .surgery import convert_, mosa_model_class, rebuild_
 
 logger = logging.getLogger("mosa_retrofit")
 
@@ -38,12 +42,6 @@ DENSE_LOAD_WARNING = (
     "loaded as a plain dense model: the MoSA routers are dropped and every head runs dense. "
     "Load it with mosa_retrofit.load(path) instead."
 )
-
-
-def rebuild_(model: nn.Module, config: MoSAConfig) -> nn.Module:
-    """The structure a saved (resolved) ``config`` describes, applied to ``model`` with nothing fitted: its plan
-    names every layer's dense heads, so planning needs no evidence; the weights come from the checkpoint."""
-    return apply_plan_(model, plan_layers(model, config))
 
 
 def load(path: str, config: MoSAConfig | None = None, calibration: Tensor | None = None, allow_partial: bool = False,
@@ -60,9 +58,6 @@ def load(path: str, config: MoSAConfig | None = None, calibration: Tensor | None
             normal quantile of the sparsity, each named in a warning. Without it such a checkpoint is refused.
         **kwargs: passed to ``from_pretrained`` (``dtype``, ``device_map``, ``attn_implementation``, ...).
     """
-
-    from .adapter import is_adapter, load_adapter
-
     if is_adapter(path):
         if config is not None:
             raise ValueError(f"{path} is an adapter folder: it carries its conversion; load it without config=")
@@ -100,12 +95,18 @@ def load_saved(path: str, model_class: type | None = None, config: MoSAConfig | 
         raise ValueError(f"{path} is not a converted MoSA checkpoint (no 'mosa' block in config.json)")
     model_class = mosa_model_class(model_class or causal_lm_class(hf_config))
     check_stored_dtypes(path)
+    routed_for = getattr(hf_config, "mosa_thresholds_for", None)
+    if config is None and isinstance(saved, dict) and saved.get("routing") == "causal" and routed_for is not None \
+            and saved.get("sparsity") != routed_for:
+        raise ValueError(f"{path}: its 'mosa' block says sparsity {saved.get('sparsity')}, but its thresholds were "
+                         f"set to route 1 token in {routed_for:g}: was the block edited? Set sparsity back to "
+                         f"{routed_for:g}, or set new thresholds (mosa_retrofit.convert.thresholds.make_causal_)")
     if config is not None:
         hf_config.mosa = config.to_dict()
     want_info = kwargs.pop("output_loading_info", False)
     user_ignores = kwargs.pop("ignore_mismatched_sizes", False)
-    model, info = model_class._stock_from_pretrained(path, config=hf_config, output_loading_info=True,
-                                                     ignore_mismatched_sizes=True, **kwargs)
+    model, info = model_class.from_pretrained(path, config=hf_config, output_loading_info=True,
+                                              ignore_mismatched_sizes=True, **kwargs)
     wrong = [(name, tuple(saved), tuple(built)) for name, saved, built in sorted(info.get("mismatched_keys", ()))
              if "mosa_" in name or not user_ignores]
     if wrong:
@@ -198,10 +199,6 @@ def save(model: nn.Module, path, adapter_only: bool = False, tokenizer=None, ove
     reference and fingerprint (adapter.py), refused when the base weights changed since conversion (trained
     slices, merged LoRA): such a model saves in full. ``overwrite``: replace a converted model's folder (anything
     else at ``path`` is never touched)."""
-    from .adapter import check_unchanged, write_adapter
-    from .card import write_card
-    from .hub import declare
-
     if not getattr(model.config, "mosa", None):
         raise ValueError("save: the model is not converted (no config.mosa); convert_ it first, or use its own "
                          "save_pretrained")
@@ -249,8 +246,6 @@ def save(model: nn.Module, path, adapter_only: bool = False, tokenizer=None, ove
 
 
 def _is_converted_folder(path) -> bool:
-    from .hub import config_dict
-
     try:
         return path.is_dir() and bool(config_dict(str(path)).get("mosa"))
     except (OSError, ValueError):
@@ -276,3 +271,98 @@ def load_any(name_or_path: str, **kwargs) -> tuple[nn.Module, str]:
                          "block in its config.json, so it would run every head dense: restore the 'mosa' block "
                          "convert or train wrote")
     return model, source
+
+
+def load_adapter(path, allow_partial: bool = False, **kwargs) -> nn.Module:
+    """The converted model an adapter folder describes: its base read by reference (``kwargs`` such as
+    ``device_map`` and ``attn_implementation`` pass to that load; ``dtype`` casts after the check), the
+    fingerprint checked, the plan and the MoSA tensors applied."""
+    from safetensors.torch import load_file
+
+    d = config_dict(str(path), **kwargs)
+    meta = d["mosa_adapter"]
+    if int(meta.get("format", 0)) > FORMAT:
+        raise ValueError(f"{path}: adapter format {meta.get('format')} is newer than this mosa_retrofit reads "
+                         f"({FORMAT}); upgrade mosa_retrofit")
+    base = d.get("mosa_base") or {}
+    ref = base.get("name_or_path")
+    if not ref:
+        raise ValueError(f"{path}: the adapter names no base model (config.json's mosa_base.name_or_path)")
+    try:
+        source = resolve_model(ref)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{path}: its base model {ref} is not found ({e}); put the base there, or load a "
+                                "full save") from None
+    want = kwargs.pop("dtype", None)
+    for k in HUB_KWARGS:
+        kwargs.pop(k, None)  # they address the adapter, not its base
+    hub = {"revision": base["revision"]} if base.get("revision") and not Path(source).is_dir() else {}
+    base_config = read_config(source, **hub)
+    if getattr(base_config, "mosa", None):
+        raise ValueError(f"{path}: its base {ref} is itself a converted model; an adapter applies to an original")
+    dtype = getattr(torch, base["dtype"]) if base.get("dtype") else None
+    model = causal_lm_class(base_config).from_pretrained(source, dtype=dtype, **hub, **kwargs)
+    found = fingerprint(model)
+    if found != base.get("fingerprint"):
+        raise ValueError(f"{path} was converted from a different base: {ref} now has weights with fingerprint "
+                         f"{found}, the adapter was made for {base.get('fingerprint')} ({base.get('dtype')}); "
+                         "load the base it was made from, or a full save")
+    rebuild_(model, MoSAConfig.from_dict(d["mosa"]))
+    weights = Path(path) / meta.get("weights", ADAPTER_WEIGHTS) if Path(path).is_dir() else _hub_file(path, meta)
+    state = load_file(str(weights))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    info = {"missing_keys": [k for k in missing if is_mosa_tensor(k)], "unexpected_keys": list(unexpected)}
+    check_mosa_state_(model, str(path), info, allow_partial)
+    model.config.mosa_base = base
+    if d.get("mosa_check") is not None:
+        model.config.mosa_check = d["mosa_check"]
+    if want is not None and want != "auto":
+        model.to(getattr(torch, want) if isinstance(want, str) else want)
+    return model.eval()
+
+
+def _hub_file(repo: str, meta: dict) -> str:
+    from huggingface_hub import hf_hub_download
+
+    return hf_hub_download(repo, meta.get("weights", ADAPTER_WEIGHTS))
+
+
+def remote_classes(base_model_type: str, code_version: int, written_by: str):
+    """(config, causal-LM, base-model) classes for a folder's modeling_mosa.py: what ``trust_remote_code`` loads
+    (hub.py). Their ``from_pretrained`` is ``load``; the folder's code is checked against this package first."""
+    check_code(code_version, written_by)
+    return _remote_classes(base_model_type)
+
+
+@functools.lru_cache(maxsize=None)
+def _remote_classes(base_model_type: str):
+    from transformers import AutoModel, AutoModelForCausalLM
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if base_model_type not in CONFIG_MAPPING:
+        raise ImportError(f"base model type {base_model_type!r} is not known to this transformers")
+    base_config = CONFIG_MAPPING[base_model_type]
+    # Only Auto* sees these classes: the config to find the model class (its own name, so that an Auto class the
+    # folder does not map refuses it instead of building its base dense), the model classes to call load, which
+    # reads the folder with the base's own config class.
+    config_cls = type("MoSAConfig", (base_config,), {"model_type": "mosa_" + base_model_type, "__module__": __name__})
+
+    def remote(base_cls):
+        loader = mosa_model_class(base_cls)
+
+        def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+            if model_args:
+                raise TypeError(f"{cls.__name__}.from_pretrained takes no positional model arguments")
+            for k in ("config", "trust_remote_code", "adapter_kwargs", "_from_auto"):
+                kwargs.pop(k, None)  # the folder's config.json describes the structure; Auto* passes its copy
+            if is_adapter(pretrained_model_name_or_path):  # the base read and checked, the adapter applied
+                model = load_adapter(pretrained_model_name_or_path, **kwargs)
+                return model if isinstance(model, loader) else model.base_model
+            return load_saved(pretrained_model_name_or_path, model_class=loader, **kwargs)
+
+        return type(loader.__name__, (loader,), {"config_class": config_cls, "__module__": loader.__module__,
+                                                 "__qualname__": loader.__qualname__,
+                                                 "from_pretrained": classmethod(from_pretrained)})
+
+    return (config_cls, remote(AutoModelForCausalLM._model_mapping[base_config]),
+            remote(AutoModel._model_mapping[base_config]))

@@ -16,8 +16,11 @@ exactly the same structure again without any evidence.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -29,11 +32,12 @@ from ..validate import positions_of
 from .adapter import record_base_
 from .attention import LayerPlan, init_router_, init_threshold_, mosa_class, mosa_layers
 from .calibration import LayerStats, collect_stats, default_calibration, model_tokenizer
+from .card import write_card
 from .config import MoSAConfig
 from .costs import attention_costs, ratios
 from .families import attention_layers, dense_kv_layout, family_of
 from .heads import HEAD_GROUPS
-from .hub import mosa_model_class
+from .hub import declare
 from .retrieval import default_retrieval_prompts, retrieval_scores
 from .thresholds import calibrate_thresholds_, threshold_rows
 
@@ -279,6 +283,8 @@ def apply_plan_(model: nn.Module, plans: dict[int, LayerPlan], evidence: Evidenc
     if evidence is not None and config.routing == "causal" and evidence.calibration is not None:
         positions = getattr(model.config, "max_position_embeddings", None)
         calibrate_thresholds_(model, threshold_rows(evidence.calibration, config.threshold_length, positions))
+    if evidence is not None and config.routing == "causal":
+        model.config.mosa_thresholds_for = config.sparsity  # what the thresholds route (checked on load)
     resolved = dataclasses.replace(config, dense_head_ids={str(i): list(p.dense) for i, p in plans.items()},
                                    layers=sorted(plans))
     model.config.mosa = resolved.to_dict()
@@ -286,6 +292,65 @@ def apply_plan_(model: nn.Module, plans: dict[int, LayerPlan], evidence: Evidenc
     if isinstance(model, PreTrainedModel):  # saves a declared folder, loads through mosa_retrofit.load (hub.py)
         model.__class__ = mosa_model_class(type(model))
     return model
+
+
+def rebuild_(model: nn.Module, config: MoSAConfig) -> nn.Module:
+    """The structure a saved (resolved) ``config`` describes, applied to ``model`` with nothing fitted: its plan
+    names every layer's dense heads, so planning needs no evidence; the weights come from the checkpoint."""
+    return apply_plan_(model, plan_layers(model, config))
+
+
+@functools.lru_cache(maxsize=None)
+def mosa_model_class(base_cls: type) -> type:
+    """``base_cls`` as a converted model's class (``apply_plan_`` gives a converted model this class): its
+    ``__init__`` re-applies the surgery ``config.mosa`` describes, ``save_pretrained`` declares the folder
+    (hub.py) and writes its card (card.py), ``push_to_hub`` uploads that folder as it is.
+
+    The class keeps the base's name and module: transformers looks its checkpoint conversions up by class name and
+    model_type and skips them for custom code (GPT-NeoX's embed_out -> lm_head), and isinstance checks hold."""
+    if getattr(base_cls, "_mosa_loader", False):
+        return base_cls
+
+    def __init__(self, config, *args, **kwargs):
+        base_cls.__init__(self, config, *args, **kwargs)
+        rebuild_(self, MoSAConfig.from_dict(config.mosa))
+
+    def register_for_auto_class(cls, auto_class="AutoModel"):
+        """Nothing: the folder's code is written by ``save_pretrained`` (a class marked as remote code would lose
+        transformers' checkpoint conversions)."""
+
+    def save_pretrained(self, save_directory, *args, push_to_hub: bool = False, **kwargs):
+        if push_to_hub:
+            raise ValueError("save_pretrained(push_to_hub=True) is not supported for a MoSA model: call "
+                             "model.push_to_hub(repo_id), which uploads the saved folder as it is")
+        super(loader, self).save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            declare(Path(save_directory))
+            write_card(Path(save_directory), self)
+
+    def push_to_hub(self, repo_id: str, *, commit_message: str | None = None, private: bool | None = None,
+                    token=None, max_shard_size="50GB", create_pr: bool = False, revision: str | None = None,
+                    commit_description: str | None = None, **kwargs):
+        """Upload the folder ``save_pretrained`` writes (weights, declared config, modeling_mosa.py, the model card)
+        as it is: the stock method would replace the card with a generic one."""
+        from transformers.utils.hub import hf_api
+
+        if kwargs:
+            raise TypeError(f"push_to_hub got unexpected arguments {sorted(kwargs)}")
+        repo_id = hf_api().create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_pretrained(tmp, max_shard_size=max_shard_size)
+            return self._upload_modified_files(tmp, repo_id, files_timestamps={},
+                                               commit_message=commit_message or "Upload MoSA model",
+                                               token=token, create_pr=create_pr, revision=revision,
+                                               commit_description=commit_description)
+
+    loader = type(base_cls.__name__, (base_cls,), {
+        "__init__": __init__, "_mosa_loader": True, "__module__": base_cls.__module__,
+        "__qualname__": base_cls.__qualname__,
+        "register_for_auto_class": classmethod(register_for_auto_class),
+        "save_pretrained": save_pretrained, "push_to_hub": push_to_hub})
+    return loader
 
 
 def _reference(model: nn.Module) -> str | None:

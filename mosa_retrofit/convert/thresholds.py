@@ -86,6 +86,7 @@ def make_causal_(model: nn.Module, calibration: Tensor | None, momentum: float =
         init_threshold_(m.mosa_threshold, m.mosa_plan.config.sparsity)
     model.config.mosa = {**model.config.mosa, "routing": "causal", "threshold_momentum": momentum}
     calibrate_thresholds_(model, calibration)
+    model.config.mosa_thresholds_for = model.config.mosa["sparsity"]
     return model
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
+from ..convert.hub import load_tokenizer
 from ..convert.serialization import load_any
 
 if TYPE_CHECKING:
@@ -46,8 +47,6 @@ def harness_model(name_or_path: str, batch_size: int = 1, **load_kwargs: Any) ->
     and expert-choice routing (top-k over the whole sequence) would see the padding; causal routing does not.
     """
     lm_eval = require_lm_eval()
-    from ..convert.hub import load_tokenizer
-
     model, source = load_any(str(name_or_path), **load_kwargs)
     if batch_size != 1 and (getattr(model.config, "mosa", None) or {}).get("routing") == "expert_choice":
         logger.warning("%s routes by expert choice (top-k over the whole sequence, padding included): "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..convert.hub import load_tokenizer
 from ..convert.surgery import mosa_layers
 from ..ops.routing import select_tokens
 from ..text.assets import wikipedia_articles
@@ -17,8 +18,6 @@ def plot_selection(model: nn.Module, tokenizer_source: str, path: str, layer: in
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from ..convert.hub import load_tokenizer
 
     layers = {i: m for i, m in mosa_layers(model).items() if hasattr(m, "mosa_router")}
     if not layers:

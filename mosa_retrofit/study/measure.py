@@ -18,6 +18,7 @@ from ..convert.calibration import collect_stats
 from ..convert.compat import StopForward, without_cache
 from ..convert.config import MoSAConfig
 from ..convert.costs import attention_costs, ratios
+from ..convert.hub import load_tokenizer
 from ..convert.serialization import load
 from ..convert.surgery import attention_layers, check_config, convert_
 from ..eval.perplexity import nll
@@ -149,8 +150,6 @@ def fwd_bwd(module: nn.Module, args: tuple, kwargs: dict) -> float:
 
 def open_workbench(spec: StudySpec, progress: bool = True) -> Workbench:
     from transformers import AutoModelForCausalLM
-
-    from ..convert.hub import load_tokenizer
 
 
     source = resolve_model(spec.model)

@@ -71,6 +71,11 @@ def smollm2_dir() -> Path:
 _HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
 
 
+def is_hub_id(name: str) -> bool:
+    """Whether ``name`` has the shape of a Hugging Face hub id (``org/name`` or ``name``)."""
+    return bool(_HUB_ID.fullmatch(name))
+
+
 def model_reference(name_or_path: str) -> str:
     """How a converted model names its base so that any working directory finds the same one: a folder as its
     absolute path, the embedded default and hub ids as given."""

@@ -144,7 +144,10 @@ CASES = [
     ("One clear line", "`convert --device cuda` on a machine without CUDA",
      ["convert", "models/tiny-llama", "out", "--device", "cuda"], None) if not torch.cuda.is_available() else None,
     ("Silent wrong result", "`bench model --baseline` naming a converted model",
-     ["bench", "model", "converted", "--baseline", "converted", "--contexts", "32"], None),
+     ["bench", "model", "converted", "--baseline", "converted", "--contexts", "32", "--train-length", "0"], None),
+    ("Silent wrong result", "an edited `sparsity` in a causal checkpoint's mosa block",
+     ["eval", "resparse", "--data", "corpus.txt"],
+     lambda w: _edit_config(w / "resparse", lambda c: c["mosa"].__setitem__("sparsity", 8))),
     ("Silent wrong result", "`eval --causal` on a model that already routes causally",
      ["eval", "causal", "--data", "corpus.txt", "--causal"], None),
     ("One clear line", "`--threads 0`", ["bench", "keys", "--threads", "0"], None),
@@ -237,6 +240,7 @@ def work(tmp_path_factory):
     convert_(causal, plain_config(sparsity=2, dense_head_ids={"0": [0], "1": [0]}, routing="causal"),
              calibration=torch.randint(0, 100, (2, 32)))
     causal.save_pretrained(root / "causal")
+    shutil.copytree(root / "causal", root / "resparse")
     for name in ("narrow", "edited", "nan", "garbage", "version", "norouter", "narrowed", "pruned", "emptied",
                  "truncated", "introuter"):
         shutil.copytree(root / "converted", root / name)
