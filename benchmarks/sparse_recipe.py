@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     m = recipe.conversion.mosa
     lines = [f"# The sparse recipe and its control: {m.dense_heads} of the KV groups dense, the others window "
              f"{m.local_window} + 1 in {m.sparsity:g} tokens routed",
-             "", f"Command: `python benchmarks/sparse_recipe.py {' '.join(argv)}`".replace(" `", "`"), "",
+             "", f"Command: `{' '.join(['python benchmarks/sparse_recipe.py', *argv])}`", "",
              f"Machine: {machine()}; {time.strftime('%Y-%m-%d')}; this script {time.time() - started:.0f} s.", "",
              "## Summary", "", summary_table(summary, sibling), "",
              "## Learning curve", "", "Every long-context check of the converted run against training tokens.", "",

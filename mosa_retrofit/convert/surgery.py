@@ -326,7 +326,7 @@ def mosa_model_class(base_cls: type) -> type:
         super(loader, self).save_pretrained(save_directory, *args, **kwargs)
         if kwargs.get("is_main_process", True):
             declare(Path(save_directory))
-            write_card(Path(save_directory), self)
+            write_card(Path(save_directory), structure_of(self))
 
     def push_to_hub(self, repo_id: str, *, commit_message: str | None = None, private: bool | None = None,
                     token=None, max_shard_size="50GB", create_pr: bool = False, revision: str | None = None,
@@ -351,6 +351,18 @@ def mosa_model_class(base_cls: type) -> type:
         "register_for_auto_class": classmethod(register_for_auto_class),
         "save_pretrained": save_pretrained, "push_to_hub": push_to_hub})
     return loader
+
+
+def structure_of(model: nn.Module) -> nn.Module:
+    """``model``, or (its weights sharded over processes, FSDP) the same converted structure on the meta device:
+    what cost tables and cards read without gathering a weight."""
+    if not any(type(p).__name__ == "DTensor" for p in model.parameters()):
+        return model
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        twin = AutoModelForCausalLM.from_config(model.config)
+    return rebuild_(twin, MoSAConfig.from_dict(model.config.mosa))
 
 
 def _reference(model: nn.Module) -> str | None:

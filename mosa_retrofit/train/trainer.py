@@ -237,9 +237,12 @@ class Trainer:
         conv = self.recipe.conversion
         config = dataclasses.replace(conv.mosa, base_model_name_or_path=model_reference(self.recipe.model.name_or_path))
         calibration = None
-        if config.uses_calibration:
-            n = conv.calibration_sequences * conv.calibration_length
-            calibration = as_blocks(corpus.train[:n], conv.calibration_length).long()
+        if config.uses_calibration:  # rows within the model's positions (the default 512 on a shorter model)
+            length = min(conv.calibration_length, positions_of(teacher.config) or conv.calibration_length)
+            if length < conv.calibration_length:
+                self.say(f"calibration: rows of {length} tokens, the model's positions "
+                         f"(conversion.calibration_length is {conv.calibration_length})")
+            calibration = as_blocks(corpus.train[: conv.calibration_sequences * length], length).long()
         return convert_(student, config, calibration=calibration, progress=self.progress and self.acc.is_main_process,
                         tokenizer=getattr(self, "tokenizer", None))
 
