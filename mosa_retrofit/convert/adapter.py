@@ -43,7 +43,8 @@ def fingerprint(model: nn.Module) -> str | None:
             return None
         t = t.detach().to("cpu").contiguous()
         h.update(f"{name}|{str(t.dtype).removeprefix('torch.')}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        if t.numel():
+            h.update(t.view(-1).view(torch.uint8).numpy())  # (the tensor's own buffer, not a copy)
     return h.hexdigest()
 
 
@@ -106,10 +107,9 @@ def check_unchanged(model: nn.Module) -> dict:
 
 def write_adapter(model: nn.Module, folder: Path) -> None:
     """Into ``folder`` (a fresh temporary folder): the declared config.json marked as an adapter and the MoSA
-    tensors. ``check_unchanged`` first."""
+    tensors, of a model ``check_unchanged`` passed (``serialization.save`` checks before it writes anything)."""
     from safetensors.torch import save_file
 
-    check_unchanged(model)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items() if is_mosa_tensor(k)}
     save_file(tensors, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt", "mosa_adapter": str(FORMAT)})
     d = declared(model.config.to_dict())

@@ -353,16 +353,19 @@ def mosa_model_class(base_cls: type) -> type:
     return loader
 
 
-def structure_of(model: nn.Module) -> nn.Module:
-    """``model``, or (its weights sharded over processes, FSDP) the same converted structure on the meta device:
-    what cost tables and cards read without gathering a weight."""
-    if not any(type(p).__name__ == "DTensor" for p in model.parameters()):
-        return model
+def meta_twin(model: nn.Module) -> nn.Module:
+    """The converted structure ``model.config`` describes, on the meta device (no weights)."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
         twin = AutoModelForCausalLM.from_config(model.config)
     return rebuild_(twin, MoSAConfig.from_dict(model.config.mosa))
+
+
+def structure_of(model: nn.Module) -> nn.Module:
+    """``model``, or (its weights sharded over processes, FSDP) its ``meta_twin``: what cost tables and cards
+    read without gathering a weight."""
+    return meta_twin(model) if any(type(p).__name__ == "DTensor" for p in model.parameters()) else model
 
 
 def _reference(model: nn.Module) -> str | None:

@@ -40,7 +40,7 @@ from ..convert.config import MoSAConfig
 from ..convert.costs import cost_ratios
 from ..convert.hub import load_tokenizer, read_config
 from ..convert.serialization import load, rebuild_
-from ..convert.surgery import convert_
+from ..convert.surgery import convert_, meta_twin
 from ..convert.thresholds import RoutingStatePool
 from ..eval.long_context import answer_correct, context_documents, context_perplexity
 from ..eval.perplexity import nll
@@ -429,7 +429,7 @@ class Trainer:
     def _cost_model(self) -> nn.Module:
         """The student as the cost tables read it: itself, or (sharded) its structure on the meta device."""
         model = self.acc.unwrap_model(self.student)
-        return _placeholder(model.config, self.state.mosa) if self.sharded else model
+        return meta_twin(model) if self.sharded else model
 
     def _keep_head_masks(self, student: nn.Module) -> None:
         """Before sharding: the MoSA heads' rows of q/k/v/o, for ``trainable: mosa`` (read off whole parameters;
@@ -789,15 +789,6 @@ def summary_rows(summary: dict, sibling: dict | None = None) -> list[dict]:
             last["name"] = f"converted, {last['name']}"
         rows.append(last)
     return rows
-
-
-def _placeholder(config, mosa: dict) -> nn.Module:
-    """The converted structure on the meta device (no weights): what the cost tables read."""
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    return rebuild_(model, MoSAConfig.from_dict(mosa))
 
 
 def summary_table(summary: dict, sibling: dict | None = None) -> str:
