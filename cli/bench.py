@@ -3,51 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 
 import torch
 
 from .convert import check_writable_parent, checked_device
+from .flags import COUNT, COUNTS, NONNEGATIVE, SPARSITIES, SPARSITY, THREADS
 
 WHAT = ("model", "keys", "attention", "generate")  # the bench subcommands
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def _positive_ints(text: str) -> tuple[int, ...]:
-    values = tuple(int(v) for v in text.split(","))
-    if any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1, got {text!r}")
-    return values
-
-
-def _at_least_one(text: str) -> int:
-    """An integer >= 1 (checked where it is parsed, so the message names the flag)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
-
-
-def _sparsity(text: str) -> float:
-    """A finite number >= 1 (one routed token in this many)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 1, got {text!r}") from None
-    if not math.isfinite(value) or value < 1:
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 1 (one routed token in this many), got {text}")
-    return value
-
-
-def _sparsities(text: str) -> tuple[float, ...]:
-    values = tuple(float(v) for v in text.split(","))
-    if any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"sparsity must be >= 1, got {text!r}")
-    return values
 
 
 def add_parser(sub) -> None:
@@ -66,13 +30,14 @@ def add_parser(sub) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     m.add_argument("model", metavar="MODEL_OR_DIR", help="a converted model folder (or hub id)")
     m.add_argument("--baseline", help="the original model (default: the converted model's base)")
-    m.add_argument("--contexts", type=_positive_ints, default=(2048, 4096, 8192),
-                   help="prefill lengths, and the contexts decoding is timed after")
-    m.add_argument("--batch", type=_positive_ints, default=(1, 8), help="decode batch sizes")
-    m.add_argument("--decode-tokens", type=int, default=16, help="decode steps timed per measurement")
-    m.add_argument("--train-length", type=int, default=2048, help="tokens of the timed training step (0: none)")
-    m.add_argument("--reps", type=int, default=3, help="prefill and training repetitions (the minimum is kept)")
-    m.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    m.add_argument("--contexts", type=COUNTS, default=(2048, 4096, 8192),
+                   help="prefill lengths, and the contexts decoding is timed after (within the model's positions: "
+                        "where a context + --decode-tokens would pass them, decoding is timed after fewer tokens)")
+    m.add_argument("--batch", type=COUNTS, default=(1, 8), help="decode batch sizes")
+    m.add_argument("--decode-tokens", type=COUNT, default=16, help="decode steps timed per measurement")
+    m.add_argument("--train-length", type=NONNEGATIVE, default=2048, help="tokens of the timed training step (0: none)")
+    m.add_argument("--reps", type=COUNT, default=3, help="prefill and training repetitions (the minimum is kept)")
+    m.add_argument("--threads", type=THREADS, default=1, help="torch CPU threads")
     m.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     m.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     m.add_argument("--attn-backend", choices=("auto", "flash", "flex", "math"), default=None,
@@ -89,18 +54,18 @@ def add_parser(sub) -> None:
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    a.add_argument("--seq-lens", type=_positive_ints, default=None,
+    a.add_argument("--seq-lens", type=COUNTS, default=None,
                    help="comma-separated T values (default 1024,4096,8192; with --quick 256,512)")
-    a.add_argument("--sparsities", type=_sparsities, default=(4.0, 8.0, 16.0), help="comma-separated sparsities")
-    a.add_argument("--width", type=int, default=1024, help="model width h")
-    a.add_argument("--heads", type=int, default=16, help="heads in every layer")
-    a.add_argument("--head-dim", type=int, default=64, help="per-head width h'")
-    a.add_argument("--hybrid-dense-heads", type=int, default=4, help="dense heads kept in the hybrid layer")
-    a.add_argument("--batch", type=int, default=1)
-    a.add_argument("--reps", type=int, default=3, help="timed repetitions of the dense layer (MoSA: 2x+1)")
+    a.add_argument("--sparsities", type=SPARSITIES, default=(4.0, 8.0, 16.0), help="comma-separated sparsities")
+    a.add_argument("--width", type=COUNT, default=1024, help="model width h")
+    a.add_argument("--heads", type=COUNT, default=16, help="heads in every layer")
+    a.add_argument("--head-dim", type=COUNT, default=64, help="per-head width h'")
+    a.add_argument("--hybrid-dense-heads", type=NONNEGATIVE, default=4, help="dense heads kept in the hybrid layer")
+    a.add_argument("--batch", type=COUNT, default=1)
+    a.add_argument("--reps", type=COUNT, default=3, help="timed repetitions of the dense layer (MoSA: 2x+1)")
     a.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     a.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    a.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 gives stable ratios)")
+    a.add_argument("--threads", type=THREADS, default=1, help="torch CPU threads (1 gives stable ratios)")
     a.add_argument("--quick", action="store_true", help="smoke run in seconds: width 256, 4 heads, 1 rep")
     a.add_argument("--profile", action="store_true", help="also print where an all-MoSA step spends its time")
     a.add_argument("--output", help="also write the Markdown table to this file")
@@ -112,16 +77,16 @@ def add_parser(sub) -> None:
                     "against dense causal SDPA with the same Q/K/V, forward and forward+backward, per backend, and "
                     "prints each time ratio beside the FLOP ratio (the op's pairs over the causal half).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    k.add_argument("--seq-lens", type=_positive_ints, default=(2048, 8192), help="comma-separated T values")
+    k.add_argument("--seq-lens", type=COUNTS, default=(2048, 8192), help="comma-separated T values")
     k.add_argument("--backends", default="flash,flex,math", help="comma-separated: flash, flex, math")
-    k.add_argument("--heads", type=_at_least_one, default=9, help="query heads")
-    k.add_argument("--kv-heads", type=_at_least_one, default=3, help="key/value heads (units)")
-    k.add_argument("--head-dim", type=_at_least_one, default=64)
-    k.add_argument("--window", type=_at_least_one, default=256)
-    k.add_argument("--sparsity", type=_sparsity, default=64, help="1 routed key in this many tokens")
-    k.add_argument("--reps", type=_at_least_one, default=3)
+    k.add_argument("--heads", type=COUNT, default=9, help="query heads")
+    k.add_argument("--kv-heads", type=COUNT, default=3, help="key/value heads (units)")
+    k.add_argument("--head-dim", type=COUNT, default=64)
+    k.add_argument("--window", type=COUNT, default=256)
+    k.add_argument("--sparsity", type=SPARSITY, default=64, help="1 routed key in this many tokens")
+    k.add_argument("--reps", type=COUNT, default=3)
     k.add_argument("--no-backward", action="store_true", help="forward only")
-    k.add_argument("--threads", type=_at_least_one, default=1)
+    k.add_argument("--threads", type=THREADS, default=1)
     k.add_argument("--device", default="cpu")
     k.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     k.add_argument("--output", help="also write the Markdown table to this file")
@@ -136,10 +101,10 @@ def add_parser(sub) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g.add_argument("model", metavar="MODEL_OR_DIR", help="a converted model with routing='causal'")
     g.add_argument("--baseline", help="the original model (default: the converted model's base)")
-    g.add_argument("--contexts", type=_positive_ints, default=(2048, 8192), help="prefill lengths for KV bytes")
-    g.add_argument("--decode-context", type=int, default=4096, help="context length at which decoding is timed")
-    g.add_argument("--decode-tokens", type=int, default=32, help="decode steps timed")
-    g.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 gives stable ratios)")
+    g.add_argument("--contexts", type=COUNTS, default=(2048, 8192), help="prefill lengths for KV bytes")
+    g.add_argument("--decode-context", type=COUNT, default=4096, help="context length at which decoding is timed")
+    g.add_argument("--decode-tokens", type=COUNT, default=32, help="decode steps timed")
+    g.add_argument("--threads", type=THREADS, default=1, help="torch CPU threads (1 gives stable ratios)")
     g.add_argument("--output", help="also write the Markdown table to this file")
     g.set_defaults(run=_checked(run_generate))
 
@@ -200,6 +165,7 @@ def run_model(args: argparse.Namespace) -> int:
     from mosa_retrofit.convert.serialization import load_any
     from mosa_retrofit.text.assets import wikipedia_articles
     from mosa_retrofit.text.data import token_stream
+    from mosa_retrofit.validate import positions_of, within_positions
 
     if args.decode_tokens < 1 or args.threads < 1 or args.reps < 1 or args.train_length < 0:
         raise ValueError("--decode-tokens, --threads and --reps must be >= 1, --train-length >= 0")
@@ -211,10 +177,13 @@ def run_model(args: argparse.Namespace) -> int:
     base = args.baseline or mosa.get("base_model_name_or_path")
     if base is None:
         raise ValueError(f"{args.model} names no base model; give --baseline")
-    limit = getattr(model.config, "max_position_embeddings", None)
+    positions = positions_of(model.config)  # learned and rotary positions alike: nothing runs past them
+    within_positions("--contexts", max(args.contexts), positions, args.model)
+    within_positions("--train-length", args.train_length, positions, args.model)
+    if positions is not None and args.decode_tokens + 1 >= positions:  # + 1: the untimed first step
+        raise ValueError(f"--decode-tokens {args.decode_tokens:,} leaves no context within the {positions:,} "
+                         f"positions of {args.model}; give --decode-tokens < {positions - 1:,}")
     longest = max(max(args.contexts), args.train_length)
-    if limit is not None and longest > limit:
-        raise ValueError(f"--contexts / --train-length reach {longest:,} tokens, beyond the model's {limit:,} positions")
     original, _ = load_any(base)
     why = base_mismatch(model, original)
     if why is not None:
@@ -231,7 +200,7 @@ def run_model(args: argparse.Namespace) -> int:
     while ids.numel() < need:
         ids = torch.cat([ids, ids])
     rows = bench_model(model, original, ids[None, :need].to(device), list(args.contexts), list(args.batch),
-                       args.decode_tokens, args.train_length or None, args.reps)
+                       args.decode_tokens, args.train_length or None, args.reps, positions=positions)
     header = (f"Speed: {args.model} (converted) vs {base} (original); {args.dtype}, device {device}, torch "
               f"{torch.__version__}, {args.threads} thread(s){_cpu_name()}. Times are the minimum of {args.reps} "
               f"runs; decode over {args.decode_tokens} greedy steps. Limit: the original's FLOPs (prefill, training) "

@@ -9,6 +9,8 @@ import inspect
 import textwrap
 import typing
 
+from .flags import Number
+
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows an option's default only where it has one (flags that override a config say theirs in words)."""
@@ -55,6 +57,8 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, *, choices: 
                                 help=help_text + (f" (any of {', '.join(choices[f.name])})" if f.name in choices else ""))
         elif f.name in parsers or base in (int, float, str):
             parse = parsers.get(f.name) or (_optional(base) if optional else base)
+            if f.name in parsers or base in (int, float):
+                parse = Checked(cls, f.name, parse, numeric=base in (int, float) or f.name in parsers)
             parser.add_argument(flag, type=parse, choices=choices.get(f.name), default=None, help=help_text,
                                 metavar=None if f.name in choices else f.name.upper())
         else:
@@ -83,6 +87,48 @@ def _comma_list(kind: type):
 
 def _optional(kind: type):
     def parse(text: str):
-        return NULL if text.lower() in ("none", "null") else kind(text)
+        return NULL if text.lower() in ("none", "null") else _number(kind)(text)
     parse.__name__ = kind.__name__
     return parse
+
+
+def _number(kind: type):
+    return Number(kind, lo=None) if kind in (int, float) else kind
+
+
+class Checked:
+    """A generated flag's parser that also asks the dataclass whether the value is valid for its field alone
+    (``cls(**{field: value})``), so a bad value is refused where it is parsed, in the field's own words, and
+    named by argparse with its flag. Numbers are finite and integers fit 32 bits before the dataclass sees them."""
+
+    def __init__(self, cls: type, field: str, parse: typing.Callable, numeric: bool):
+        self.cls, self.field, self.numeric = cls, field, numeric
+        self.parse, self.bounds = parse, _number(parse) if parse in (int, float) else None
+        self.__name__ = getattr(parse, "__name__", field)
+
+    def __call__(self, text: str):
+        try:
+            value = self.parse(text.strip())
+        except ValueError as e:
+            if self.bounds is None:
+                raise argparse.ArgumentTypeError(str(e)) from None
+            self.bounds(text)  # raises in the domain's words: "expected an integer, got '0.5'"
+            raise
+        if value is not NULL:
+            try:  # the field's own words first ("MoSAConfig.sparsity must be a finite number >= 1, got inf")
+                self.cls(**{self.field: value})
+            except (ValueError, TypeError) as e:
+                raise argparse.ArgumentTypeError(str(e)) from None
+            if self.bounds is not None:
+                self.bounds(text)  # then finite, and an integer within 32 bits, whatever the field allows
+        return value
+
+    def admits(self, value) -> bool:
+        try:
+            self(str(value))
+        except argparse.ArgumentTypeError:
+            return False
+        return True
+
+    def __repr__(self) -> str:
+        return f"{self.cls.__name__}.{self.field}"

@@ -18,6 +18,7 @@ from mosa_retrofit.text.protocol import PROTOCOL
 from mosa_retrofit.validate import positions_of, within_positions
 
 from .common import HelpFormatter, add_dataclass_flags, given_flags
+from .flags import COUNT
 
 PRESETS = ("default", "paper")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -66,8 +67,8 @@ def add_parser(sub) -> None:
                    help="calibration text: 'wikipedia-offline' (embedded; its held-out articles are never used), "
                         "'shakespeare-offline', text/jsonl/parquet files or a hub dataset (falls back to the "
                         "embedded text when the hub is unreachable)")
-    p.add_argument("--calib-sequences", type=int, default=16, help="calibration sequences")
-    p.add_argument("--calib-length", type=int, default=None,
+    p.add_argument("--calib-sequences", type=COUNT, default=16, help="calibration sequences")
+    p.add_argument("--calib-length", type=COUNT, default=None,
                    help="tokens per calibration sequence (default: 512, or the model's positions if fewer)")
     p.add_argument("--device", default="cpu",
                    help="where the model is loaded and converted: cpu, cuda, cuda:1, ... (calibration, retrieval "

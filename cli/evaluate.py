@@ -7,6 +7,8 @@ import argparse
 
 from mosa_retrofit.text.protocol import PROTOCOL
 
+from .flags import BLOCK, COUNT, LIMIT
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
@@ -24,15 +26,15 @@ def add_parser(sub) -> None:
     p.add_argument("--data-name", help="hub dataset configuration name")
     p.add_argument("--split", default="train", help="hub split to read")
     p.add_argument("--text-field", default="text")
-    p.add_argument("--validation-documents", type=int, default=PROTOCOL.validation_documents,
+    p.add_argument("--validation-documents", type=COUNT, default=PROTOCOL.validation_documents,
                    help="evaluate on the last N documents (the held-out split of the training recipes)")
-    p.add_argument("--block-size", type=int, default=None,
+    p.add_argument("--block-size", type=BLOCK, default=None,
                    help=f"tokens per block (default: {PROTOCOL.block_size}, or the model's positions if fewer)")
-    p.add_argument("--max-tokens", type=int, default=PROTOCOL.tokens, help="validation tokens used")
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--max-tokens", type=COUNT, default=PROTOCOL.tokens, help="validation tokens used")
+    p.add_argument("--batch-size", type=COUNT, default=4)
     p.add_argument("--baseline", nargs="?", const="auto", metavar="BASE",
                    help="also measure BASE (default: the converted model's base_model_name_or_path)")
-    p.add_argument("--cost-seq-len", type=int, default=8192, help="T at which FLOPs and the KV cache are counted")
+    p.add_argument("--cost-seq-len", type=COUNT, default=8192, help="T at which FLOPs and the KV cache are counted")
     p.add_argument("--causal", action="store_true",
                    help="switch an expert-choice model to causal routing first (thresholds set on 16 training blocks)")
     h = p.add_argument_group("lm-evaluation-harness (the [eval] extra)")
@@ -41,7 +43,7 @@ def add_parser(sub) -> None:
                         "measurement (--data and the cost flags are then unused); lm-eval's own tasks fetch their "
                         "datasets from the hub")
     h.add_argument("--include-path", metavar="DIR", help="a folder of lm-eval task YAMLs (local tasks)")
-    h.add_argument("--limit", type=float, metavar="N", help="documents per task (a fraction if < 1)")
+    h.add_argument("--limit", type=LIMIT, metavar="N", help="documents per task (a fraction if < 1)")
     p.set_defaults(run=run)
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from .flags import COUNT, PROBABILITY, SEED, TEMPERATURE
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
@@ -14,12 +16,12 @@ def add_parser(sub) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("model", metavar="MODEL_OR_DIR")
     p.add_argument("prompt", metavar="PROMPT")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=COUNT, default=64)
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float, default=0.8, help="with --sample")
-    p.add_argument("--top-p", type=float, default=0.95, help="with --sample")
-    p.add_argument("--num-beams", type=int, default=1, help="beam search width (1: no beam search)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=TEMPERATURE, default=0.8, help="with --sample")
+    p.add_argument("--top-p", type=PROBABILITY, default=0.95, help="with --sample")
+    p.add_argument("--num-beams", type=COUNT, default=1, help="beam search width (1: no beam search)")
+    p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--no-cache", action="store_true",
                    help="recompute the whole sequence for every token (the only way an expert-choice model generates)")
     p.set_defaults(run=run)
@@ -50,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     from mosa_retrofit.convert.compat import output_cache
     from mosa_retrofit.convert.hub import load_tokenizer
     from mosa_retrofit.convert.serialization import load_any
-
+    from mosa_retrofit.validate import positions_of
 
     if args.max_new_tokens < 1 or args.num_beams < 1:
         raise ValueError("--max-new-tokens and --num-beams must be >= 1")
@@ -62,6 +64,13 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.model} cannot decode with a cache: {why}; or pass --no-cache")
     tokenizer = load_tokenizer(source)
     ids = tokenizer(args.prompt, return_tensors="pt")
+    prompt, positions = ids["input_ids"].shape[1], positions_of(model.config)
+    if positions is not None and prompt + args.max_new_tokens > positions:  # learned and rotary positions alike
+        room = (f"give --max-new-tokens <= {positions - prompt}" if prompt < positions else
+                "shorten the prompt")
+        raise ValueError(f"--max-new-tokens {args.max_new_tokens}: the prompt's {prompt:,} tokens and "
+                         f"{args.max_new_tokens:,} new ones reach beyond the {positions:,} positions of {args.model}; "
+                         f"{room}")
     torch.manual_seed(args.seed)
     streamer = TextStreamer(tokenizer, skip_prompt=False) if args.num_beams == 1 else None
     opts = dict(max_new_tokens=args.max_new_tokens, do_sample=args.sample, num_beams=args.num_beams,

@@ -6,6 +6,7 @@ import argparse
 
 from .common import HelpFormatter
 from .convert import summary
+from .flags import COUNT, NONNEGATIVE
 
 
 def add_parser(sub) -> None:
@@ -17,9 +18,9 @@ def add_parser(sub) -> None:
                     "of --layer selects on a sample text.",
         formatter_class=HelpFormatter)
     p.add_argument("model", metavar="MODEL_OR_DIR")
-    p.add_argument("--seq-len", type=int, default=2048, help="T for k, FLOPs and KV cache")
+    p.add_argument("--seq-len", type=COUNT, default=2048, help="T for k, FLOPs and KV cache")
     p.add_argument("--plot", metavar="FILE.png", help="draw the token selection of one layer's MoSA heads")
-    p.add_argument("--layer", type=int, help="layer to plot (default: the first converted one)")
+    p.add_argument("--layer", type=NONNEGATIVE, help="layer to plot (default: the first converted one)")
     p.add_argument("--text", help="sample text for --plot (default: the start of a Wikipedia article)")
     p.set_defaults(run=run)
 

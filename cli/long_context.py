@@ -7,26 +7,7 @@ from pathlib import Path
 
 from .common import HelpFormatter
 from .convert import check_writable_parent
-
-
-def _ints(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
-    return values
-
-
-def _depths(text: str) -> list[float]:
-    try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated fractions, got {text!r}") from None
-    if not values or not all(0 <= v <= 1 for v in values):
-        raise argparse.ArgumentTypeError(f"expected fractions in [0, 1], got {text!r}")
-    return values
+from .flags import COUNT, COUNTS, FRACTIONS, NONNEGATIVE
 
 
 def add_parser(sub) -> None:
@@ -41,17 +22,17 @@ def add_parser(sub) -> None:
         formatter_class=HelpFormatter)
     p.add_argument("model", metavar="MODEL_OR_DIR")
     p.add_argument("--baseline", default="auto", help="the model to measure beside MODEL ('auto': its base; 'none')")
-    p.add_argument("--lengths", type=_ints, default=[1024, 2048, 4096, 8192],
+    p.add_argument("--lengths", type=COUNTS, default=[1024, 2048, 4096, 8192],
                    help="passkey prompt lengths in tokens (those beyond the model's positions are dropped)")
-    p.add_argument("--depths", type=_depths, default=[0.1, 0.5, 0.9], help="depths of the key")
-    p.add_argument("--trials", type=int, default=2, help="keys per (length, depth)")
+    p.add_argument("--depths", type=FRACTIONS, default=[0.1, 0.5, 0.9], help="depths of the key")
+    p.add_argument("--trials", type=COUNT, default=2, help="keys per (length, depth)")
     p.add_argument("--variant", choices=("single", "multi"), default="single")
-    p.add_argument("--contexts", type=_ints, default=[512, 1024, 2048, 4096, 7936],
+    p.add_argument("--contexts", type=COUNTS, default=[512, 1024, 2048, 4096, 7936],
                    help="tokens of context before the scored tokens (with --score-tokens at most the model's "
                         "positions; longer ones are dropped)")
-    p.add_argument("--score-tokens", type=int, default=256, help="final tokens scored in each document")
-    p.add_argument("--documents", type=int, default=4, help="long documents scored")
-    p.add_argument("--prefill", type=int, default=None,
+    p.add_argument("--score-tokens", type=COUNT, default=256, help="final tokens scored in each document")
+    p.add_argument("--documents", type=COUNT, default=4, help="long documents scored")
+    p.add_argument("--prefill", type=NONNEGATIVE, default=None,
                    help="tokens of the prefill whose KV-cache bytes and time are measured (default: the longest "
                         "--lengths; 0: skip)")
     p.add_argument("--out", default="out/long", help="folder for long_context.png")
@@ -93,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         if not lengths or not contexts:
             raise ValueError(f"the model has {limit} positions: give --lengths <= {limit} and --contexts <= "
                              f"{limit - args.score_tokens}")
-        if lengths != args.lengths or contexts != args.contexts:
+        if lengths != list(args.lengths) or contexts != list(args.contexts):
             print(f"the model has {limit} positions: passkey lengths {lengths}, contexts {contexts}")
         args.lengths, args.contexts = lengths, contexts
     docs = context_documents(tokenizer, shakespeare_plays(), max(args.contexts), args.score_tokens)[: args.documents]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from .flags import COUNT
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
@@ -25,7 +27,7 @@ def add_parser(sub) -> None:
                         "final row beside its own")
     p.add_argument("--prompt", help="afterwards, generate a continuation of PROMPT with the final model and report "
                                     "its attention FLOPs and KV cache against the original")
-    p.add_argument("--max-new-tokens", type=int, default=40, help="with --prompt")
+    p.add_argument("--max-new-tokens", type=COUNT, default=40, help="with --prompt")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=run)
 

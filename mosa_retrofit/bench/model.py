@@ -163,8 +163,11 @@ def peak_bytes(fn, device: torch.device) -> int | None:
 
 
 def bench_model(converted: nn.Module, original: nn.Module, ids: Tensor, contexts: list[int], batches: list[int],
-                decode_steps: int, train_length: int | None, reps: int = 3, progress: bool = True) -> list[SpeedRow]:
-    """``ids`` (1, N) with N >= every length; both models on the same device and dtype."""
+                decode_steps: int, train_length: int | None, reps: int = 3, progress: bool = True,
+                positions: int | None = None) -> list[SpeedRow]:
+    """``ids`` (1, N) with N >= every length; both models on the same device and dtype. With ``positions`` (the
+    model's), decoding never runs past them: where T + ``decode_steps`` + 1 (the untimed first step) would, the
+    decode rows are timed after ``positions - decode_steps - 1`` tokens and say so (their ``tokens``)."""
     from tqdm.auto import tqdm
 
     dev = ids.device
@@ -183,11 +186,15 @@ def bench_model(converted: nn.Module, original: nn.Module, ids: Tensor, contexts
         rows.append(SpeedRow("prefill", T, best["original"], best["converted"], best["original"] / best["converted"],
                              limit, "FLOPs"))
         bar.update(1)
+        Td = T if positions is None else min(T, positions - decode_steps - 1)  # + 1 untimed step
         kv = {}
+        if Td != T:
+            for name, m in models.items():
+                kv[name] = sum(cache_bytes(prefill(m, x)[0])[:2])
         for b in batches:
             rate = {}
             for name, m in models.items():
-                cache, token = prefill(m, x)
+                cache, token = prefill(m, x[:, :Td])
                 kv.setdefault(name, sum(cache_bytes(cache)[:2]))
                 if b > 1:  # every row holds the same T tokens: the bytes a step reads are b rows' worth
                     cache.batch_repeat_interleave(b)
@@ -195,7 +202,7 @@ def bench_model(converted: nn.Module, original: nn.Module, ids: Tensor, contexts
                 rate[name] = decode_seconds(m, cache, token, decode_steps)
                 del cache
             per_token = {name: wbytes[name] + b * kv[name] for name in models}
-            rows.append(SpeedRow(f"decode b={b}", T, b / rate["original"], b / rate["converted"],
+            rows.append(SpeedRow(f"decode b={b}", Td, b / rate["original"], b / rate["converted"],
                                  rate["original"] / rate["converted"], per_token["original"] / per_token["converted"],
                                  "bytes"))
             bar.update(1)

@@ -113,3 +113,21 @@ def test_a_peak_memory_of_zero_is_said_not_divided():
 
     line = format_rows([SpeedRow("peak memory", 64, 0, 0, None, None, "")]).splitlines()[-1]
     assert "not measurable" in line and "0.000x" not in line
+
+
+def test_decoding_stays_within_learned_positions():
+    """GPT-2 embeds positions in a table: decoding after a context at its last position would index past it.
+    With the model's positions the decode rows are timed after fewer tokens and say so; the KV row is still
+    the full context's (the original's cache holds 2 (K, V) x layers x heads x d floats per token)."""
+    original, converted = tiny_model("gpt2"), _converted(tiny_model("gpt2"))
+    P = original.config.n_positions  # 128
+    ids = torch.randint(1, 100, (1, P + 1), generator=torch.Generator().manual_seed(2))
+    rows = bench_model(converted, original, ids, [P], [1], decode_steps=4, train_length=None, reps=1,
+                       progress=False, positions=P)
+    kinds = {r.measure: r.tokens for r in rows}
+    assert kinds["prefill"] == P and kinds["decode b=1"] == P - 5 and kinds["KV cache"] == P
+    kv = next(r for r in rows if r.measure == "KV cache")
+    cfg = original.config
+    assert kv.original == 2 * cfg.n_layer * cfg.n_embd * P * 4
+    with pytest.raises(IndexError):  # what the positions guard prevents
+        bench_model(converted, original, ids, [P], [1], decode_steps=4, train_length=None, reps=1, progress=False)

@@ -1,5 +1,6 @@
 """``mosa-retrofit generate`` and ``mosa-retrofit bench generate`` on a tiny causal-routing model."""
 
+import json
 import re
 
 import pytest
@@ -113,3 +114,12 @@ def test_beam_search_kv_bytes_count_every_beam_on_both_sides(models, capsys):
     assert abs(ratios[3] - ratios[1]) < 1e-3
     assert main(["generate", str(models["streaming"]), "the", "--max-new-tokens", "1"]) == 0
     assert "lie within the 4-token window" in capsys.readouterr().out
+
+
+def test_generate_refuses_to_run_past_the_positions(models, capsys):
+    """The prompt's tokens + --max-new-tokens are checked against the model's positions before generating
+    (a learned-position model would index past its table, a rotary one decode where it never trained)."""
+    positions = json.loads((models["causal"] / "config.json").read_text())["max_position_embeddings"]
+    assert main(["generate", str(models["causal"]), "the cat sees", "--max-new-tokens", str(positions)]) == 2
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if "error" in line]
+    assert len(err) == 1 and "--max-new-tokens" in err[0] and f"{positions:,} positions" in err[0], err
