@@ -152,32 +152,42 @@ def save(accelerator, root: str | Path, step: int, model: nn.Module, optimizer, 
 
     root = Path(root)
     final = root / f"checkpoint-{step:07d}"
-    tmp = root / f".tmp-checkpoint-{step:07d}"
-    if accelerator.is_main_process:
-        for stale in root.glob(".tmp-checkpoint-*"):
-            shutil.rmtree(stale, ignore_errors=True)
+    tmp, old = root / f".tmp-checkpoint-{step:07d}", root / f".old-checkpoint-{step:07d}"
+    main = accelerator.is_main_process
+    if main:
+        for stale in [*root.glob(".tmp-checkpoint-*"), *root.glob(".old-checkpoint-*")]:
+            shutil.rmtree(stale, ignore_errors=True)  # (what a SIGKILL, which nothing can catch, left)
         tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    torch.save(rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
-    sharded = sharding.is_sharded(model)
-    if sharded:
-        sharding.save_sharded(tmp / "sharded", model, optimizer)
-    if accelerator.is_main_process:
-        if not sharded:
-            save_model(accelerator.unwrap_model(model), str(tmp / "model.safetensors"))
-        if optimizer is not None:
+    try:
+        accelerator.wait_for_everyone()
+        torch.save(rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
+        sharded = sharding.is_sharded(model)
+        if sharded:
+            sharding.save_sharded(tmp / "sharded", model, optimizer)
+        if main:
             if not sharded:
-                torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        (tmp / "state.json").write_text(json.dumps(state, indent=1))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        write_manifest(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        for old in checkpoints(root)[:-keep_last]:
+                save_model(accelerator.unwrap_model(model), str(tmp / "model.safetensors"))
+            if optimizer is not None:
+                if not sharded:
+                    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+                torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            (tmp / "state.json").write_text(json.dumps(state, indent=1))
+        accelerator.wait_for_everyone()
+        if main:
+            write_manifest(tmp)
+            if final.exists():  # (a stage end re-saving a step): the old one aside until the new one is in place
+                os.replace(final, old)
+            os.replace(tmp, final)
             shutil.rmtree(old, ignore_errors=True)
+    except BaseException:  # Ctrl-C, SIGTERM (raised as KeyboardInterrupt) or an error: no hidden folder survives
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if old.exists() and not final.exists():
+                os.replace(old, final)
+        raise
+    if main:
+        for stale in checkpoints(root)[:-keep_last]:
+            shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
 

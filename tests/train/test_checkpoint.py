@@ -180,6 +180,8 @@ def test_kills_at_random_moments_and_damage_resume_bit_identical(world, tmp_path
             break
         except Killed:
             kills += 1
+            hidden = [p.name for p in out.iterdir() if p.name.startswith((".tmp-", ".old-"))]
+            assert not hidden, hidden  # an interrupted checkpoint write removes its temporary folder
             found = ckpt.checkpoints(out)
             if len(found) > 1 and rng.random() < 0.5:  # damage the newest while an older one is left
                 rng.choice(damages)(found[-1])
@@ -213,3 +215,20 @@ def test_sigkill_from_outside_at_random_times(world, tmp_path, reference):
     print(f"{kills} kills; checkpoints left by them: {[p.name for p in ckpt.checkpoints(out)]}")
     assert kills >= 2 and (out / "final").is_dir()
     assert same_final(out, reference)
+
+
+@pytest.mark.parametrize("at", ["torch.save", "write_manifest"])
+def test_an_interrupted_checkpoint_write_leaves_no_hidden_folder(world, tmp_path, monkeypatch, at):
+    """Ctrl-C (KeyboardInterrupt) while a checkpoint is being written: its temporary folder is removed, the
+    message's promise that nothing half-written was left holds, and --resume continues from what is on disk."""
+    out = tmp_path / "run"
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    target = ckpt.torch if at == "torch.save" else ckpt
+    monkeypatch.setattr(target, at.split(".")[-1], interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run(world, out)
+    assert [p.name for p in out.iterdir() if p.name.startswith(".") and p.name != ".mosa_retrofit-run"] == []
+    assert ckpt.checkpoints(out) == []
