@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..ops.routing import tokens_per_head
-from ..text.data import BUILTIN_SOURCES, DataSpec, documents, token_stream
+from ..text.data import DataSpec, builtin_parts, documents, token_stream
 from ..text.protocol import PROTOCOL
 from .families import family_of, head_to_kv
 from .hub import load_tokenizer
@@ -119,11 +119,11 @@ def calibration_ids(tokenizer, data: str = "wikipedia-offline", sequences: int =
     n = sequences * length
     try:
         docs, stream = documents(DataSpec(source=data, block_size=max(length, 2), streaming=True))
-        if docs is not None and data in BUILTIN_SOURCES:
+        if docs is not None and builtin_parts(data) is not None:
             docs = docs[:-PROTOCOL.validation_documents]  # never calibrate on the held-out documents
         ids = token_stream(tokenizer, docs if docs is not None else stream, n, progress, "tokenising calibration text")
     except (ConnectionError, OSError) as e:  # a hub dataset that cannot be reached (a missing file is an error)
-        if data in BUILTIN_SOURCES or Path(data.split(",")[0]).suffix or Path(data).exists():
+        if builtin_parts(data) is not None or Path(data.split(",")[0]).suffix or Path(data).exists():
             raise
         logger.warning("mosa_retrofit: calibration data %r could not be read (%s: %s); using the embedded "
                        "wikipedia-offline text instead", data, type(e).__name__, e)

@@ -3,7 +3,8 @@
 Documents are tokenised, joined with EOS and cut into fixed-length blocks (the remainder is dropped).
 The validation documents never contribute a token to training: the split happens before packing.
 Sources (``DataSpec.source``):
-  * ``wikipedia-offline``: the embedded Wikipedia articles (assets.py);
+  * ``wikipedia-offline`` / ``shakespeare-offline``: the embedded Wikipedia articles and Shakespeare plays
+    (assets.py), alone or comma-separated (``shakespeare-offline,wikipedia-offline``: the plays, then the articles);
   * local files, comma-separated or a glob: ``.txt`` (blank-line separated paragraphs are documents),
     ``.jsonl`` / ``.json`` / ``.parquet`` (one document per row, column ``text_field``);
   * anything else is a hub dataset name for ``datasets.load_dataset`` (``name``, ``split``, ``streaming``).
@@ -27,8 +28,8 @@ from .assets import shakespeare_plays, wikipedia_articles
 @dataclass(frozen=True)
 class DataSpec:
     source: str = "wikipedia-offline"
-    """'wikipedia-offline' / 'shakespeare-offline' (embedded texts), local .txt/.jsonl/.json/.parquet files (comma-separated or a
-    glob), or a hub dataset name."""
+    """'wikipedia-offline' / 'shakespeare-offline' (embedded texts, alone or comma-separated, in that order), local
+    .txt/.jsonl/.json/.parquet files (comma-separated or a glob), or a hub dataset name."""
     name: str | None = None
     """Hub dataset configuration name (e.g. 'wikitext-103-raw-v1')."""
     split: str = "train"
@@ -53,8 +54,8 @@ class DataSpec:
         for name in ("validation_tokens", "max_train_tokens"):
             if getattr(self, name) is not None:
                 positive_int(name, getattr(self, name), self.block_size)
-        if self.source in BUILTIN_SOURCES or _local_files(self.source) is not None:
-            where = "an embedded text" if self.source in BUILTIN_SOURCES else "local files"
+        if builtin_parts(self.source) is not None or _local_files(self.source) is not None:
+            where = "an embedded text" if builtin_parts(self.source) is not None else "local files"
             for name, unset in (("name", None), ("split", "train")):  # hub-only fields must not be ignored
                 require(getattr(self, name) == unset, name, getattr(self, name),
                         f"{unset!r} for source {self.source!r} ({where}: the dataset name and split apply to hub "
@@ -79,12 +80,19 @@ BUILTIN_SOURCES: dict[str, Callable[[], list[str]]] = {"wikipedia-offline": _wik
                                                        "shakespeare-offline": _shakespeare}
 
 
+def builtin_parts(source: str) -> list[str] | None:
+    """The embedded texts ``source`` names, comma-separated (None if it names anything else)."""
+    parts = [p.strip() for p in source.split(",")]
+    return parts if parts and all(p in BUILTIN_SOURCES for p in parts) else None
+
+
 @dataclass
 class Corpus:
     train: Tensor  # (N_train,) int32 token ids, documents joined with EOS
     validation: Tensor  # (N_val,) int32
     train_documents: int
     validation_documents: int
+    excluded_documents: int = 0  # training documents left out because they are evaluated elsewhere
 
     def blocks(self, split: str, block_size: int) -> Tensor:
         """(N, block_size) non-overlapping blocks of ``split``."""
@@ -139,8 +147,9 @@ def _local_files(source: str) -> list[str] | None:
 
 def documents(spec: DataSpec) -> tuple[list[str] | None, Iterator[str] | None]:
     """(all documents as a list) or (a stream of documents when streaming)."""
-    if spec.source in BUILTIN_SOURCES:
-        return BUILTIN_SOURCES[spec.source](), None
+    parts = builtin_parts(spec.source)
+    if parts is not None:
+        return [doc for part in parts for doc in BUILTIN_SOURCES[part]()], None
     import datasets
 
     files = _local_files(spec.source)
@@ -184,10 +193,15 @@ def documents(spec: DataSpec) -> tuple[list[str] | None, Iterator[str] | None]:
     return list(texts), None
 
 
-def load_corpus(spec: DataSpec, tokenizer, progress: bool = True, validation_only: bool = False) -> Corpus:
-    """Read, split by document and tokenise ``spec``'s data (only the held-out part with ``validation_only``)."""
+def load_corpus(spec: DataSpec, tokenizer, progress: bool = True, validation_only: bool = False,
+                exclude: Iterable[str] = ()) -> Corpus:
+    """Read, split by document and tokenise ``spec``'s data (only the held-out part with ``validation_only``).
+    ``exclude``: documents never trained on (those another evaluation scores, e.g. the long-context play); a
+    training document equal to one of them (up to surrounding whitespace) is left out."""
     docs, stream = documents(spec)
     V = spec.validation_documents
+    skip = {d.strip() for d in exclude}
+    excluded = 0
     if docs is not None:
         docs = [d for d in docs if d and d.strip()]
         if not docs:
@@ -195,10 +209,16 @@ def load_corpus(spec: DataSpec, tokenizer, progress: bool = True, validation_onl
         if len(docs) <= V and not validation_only:  # (held-out text alone needs no training document)
             raise ValueError(f"data.validation_documents = {V} leaves no training documents ({len(docs)} in all)")
         train_docs, val_docs = docs[:-V], docs[-V:]
+        if skip:
+            kept = [d for d in train_docs if d.strip() not in skip]
+            excluded, train_docs = len(train_docs) - len(kept), kept
+            if not train_docs and not validation_only:
+                raise ValueError(f"data.source {spec.source!r}: every training document is one the evaluation "
+                                 "scores (the long-context checks); train on other text")
         n_train = len(train_docs)
     else:  # streaming: the first V documents are held out, the rest stream into training
         val_docs = list(itertools.islice(stream, V))
-        train_docs = stream
+        train_docs = (d for d in stream if d.strip() not in skip) if skip else stream
         n_train = -1
     validation = token_stream(tokenizer, val_docs, spec.validation_tokens, progress, "tokenising validation")
     train = token_stream(tokenizer, [] if validation_only else train_docs, spec.max_train_tokens, progress,
@@ -209,7 +229,7 @@ def load_corpus(spec: DataSpec, tokenizer, progress: bool = True, validation_onl
         if t.numel() < spec.block_size + 1:
             raise ValueError(f"{name} text has {t.numel()} tokens, fewer than one block of data.block_size = "
                              f"{spec.block_size}")
-    return Corpus(train, validation, n_train, len(val_docs))
+    return Corpus(train, validation, n_train, len(val_docs), excluded)
 
 
 class BlockSchedule:

@@ -305,9 +305,6 @@ class Recipe:
             require(self.conversion is not None, "control", self.control,
                     "false for a recipe that adapts an already converted model (conversion: null): its original "
                     "is not what it loads")
-        if self.evaluation.long_contexts and self.data.source == "shakespeare-offline":
-            raise ValueError("evaluation.long_contexts scores Shakespeare's plays, which data.source "
-                             "'shakespeare-offline' trains on; train on other text or drop long_contexts")
         if self.training.distributed == "fsdp":
             first = next((i for i, s in enumerate(self.stages) if s.kind != "layer_distill"), len(self.stages))
             late = [s.name for s in self.stages[first:] if s.kind == "layer_distill"]

@@ -263,13 +263,18 @@ class Trainer:
                              ("evaluation.passkey_lengths", E.passkey_lengths)):
             for L in values:
                 within_positions(name, L, positions, self.recipe.model.name_or_path)
-        self.long_docs = []
+        self.long_docs, self.long_texts = [], []  # (the texts are never trained on: load_corpus excludes them)
         if E.long_contexts:
-            docs = context_documents(tokenizer, shakespeare_plays(), max(E.long_contexts), SCORED)
-            if not docs:
+            for text in shakespeare_plays():  # the first plays long enough, in order
+                docs = context_documents(tokenizer, [text], max(E.long_contexts), SCORED)
+                if docs:
+                    self.long_docs.append(docs[0])
+                    self.long_texts.append(text)
+                if len(self.long_docs) == E.long_documents:
+                    break
+            if not self.long_docs:
                 raise ValueError(f"evaluation.long_contexts {E.long_contexts}: no play has {max(E.long_contexts) + SCORED} "
                                  "tokens; choose shorter contexts")
-            self.long_docs = docs[: E.long_documents]
         depths = (0.25, 0.5, 0.75)
         self.passkeys = {(v, L): [passkey_prompt(tokenizer, L, depths[i % 3], random.Random(f"recipe-{v}-{L}-{i}"), v)
                                   for i in range(E.passkey_trials)]
@@ -327,7 +332,8 @@ class Trainer:
         within_positions("data.block_size", r.data.block_size, positions_of(teacher.config), r.model.name_or_path)
         self.tokenizer = tokenizer
         self._long_setup(tokenizer, positions_of(teacher.config))
-        corpus = load_corpus(r.data, tokenizer, progress=self.progress and acc.is_main_process)
+        corpus = load_corpus(r.data, tokenizer, progress=self.progress and acc.is_main_process,
+                             exclude=self.long_texts)
         self.train_blocks = corpus.blocks("train", r.data.block_size)
         E = r.evaluation
         limit = getattr(teacher.config, "max_position_embeddings", None) or PROTOCOL.block_size
@@ -337,7 +343,9 @@ class Trainer:
         self.protocol = (f"held-out perplexity: {self.val_blocks.numel():,} tokens of the last "
                          f"{corpus.validation_documents} documents of {r.data.source}, in blocks of {vb}")
         self.say(f"data: {len(self.train_blocks)} training blocks of {r.data.block_size} tokens "
-                 f"({corpus.train_documents} documents); {self.protocol}")
+                 f"({corpus.train_documents} documents"
+                 + (f"; {corpus.excluded_documents} left out, the long-context checks score them"
+                    if corpus.excluded_documents else "") + f"); {self.protocol}")
         if not self.lean or acc.is_main_process:  # (lean FSDP: the others hold it on the meta device)
             teacher.to(acc.device)  # conversion runs where training does
 

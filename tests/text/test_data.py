@@ -99,3 +99,31 @@ def test_block_schedule_epochs_processes_and_resume():
     assert one == two
     assert sum(one, []) == s.indices(6, 4).tolist()
     assert BlockSchedule(10, seed=4).indices(0, 10).tolist() != first
+
+
+def test_excluded_documents_never_reach_training(tmp_path, tok):
+    """``exclude``: training documents another evaluation scores are left out (up to surrounding whitespace),
+    listed or streamed; the held-out documents stay what they were."""
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS))
+    spec = DataSpec(source=str(path), block_size=16, validation_documents=4, validation_tokens=None)
+    c = load_corpus(spec, tok, progress=False, exclude=[DOCS[2], f"  {DOCS[5]}\n"])
+    kept = [d for i, d in enumerate(DOCS[:16]) if i not in (2, 5)]
+    assert (c.train_documents, c.excluded_documents) == (14, 2)
+    assert torch.equal(c.train.long(), _expected(tok, kept))
+    assert torch.equal(c.validation.long(), _expected(tok, DOCS[16:]))
+    s = load_corpus(DataSpec(source=str(path), streaming=True, block_size=16, validation_documents=3,
+                             validation_tokens=None), tok, progress=False, exclude=[DOCS[4]])
+    assert torch.equal(s.train.long(), _expected(tok, DOCS[3:4] + DOCS[5:]))
+    with pytest.raises(ValueError, match="every training document"):
+        load_corpus(spec, tok, progress=False, exclude=DOCS)
+
+
+def test_embedded_texts_combine_in_the_order_named():
+    from mosa_retrofit.text.assets import shakespeare_plays, wikipedia_articles
+    from mosa_retrofit.text.data import documents
+
+    docs, _ = documents(DataSpec(source="shakespeare-offline, wikipedia-offline"))
+    assert docs == shakespeare_plays() + wikipedia_articles()
+    with pytest.raises(ValueError, match="name"):  # an embedded text takes no hub fields
+        DataSpec(source="shakespeare-offline,wikipedia-offline", name="wikitext-2")

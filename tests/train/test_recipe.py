@@ -70,7 +70,6 @@ def test_overrides_by_dotted_path_stage_name_and_index():
     (BASE, ["control=3"], ["recipe.control", "true or false"]),
     (BASE, ["conversion.mosa.sparse_heads=streaming"], ["router_warmup", "'streaming'", "mosa_keys"]),
     (BASE, ["control=true", "conversion=null"], ["control", "already converted"]),
-    (BASE, ["data.source=shakespeare-offline", "evaluation.long_contexts=[1024]"], ["long_contexts", "Shakespeare"]),
 ])
 def test_bad_recipes_are_rejected_naming_the_key(data, overrides, words):
     with pytest.raises(ValueError) as e:

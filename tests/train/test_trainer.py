@@ -301,3 +301,29 @@ def test_resume_refuses_a_recipe_that_changes_the_weights_and_a_fresh_run_keeps_
     assert (mine / "summary.md").read_text() == "my notes" and sorted(p.name for p in mine.iterdir()) == ["summary.md"]
     with pytest.raises(ValueError, match="nothing to resume"):
         run(world, tmp_path / "empty", resume=True)
+
+
+def test_the_long_context_play_is_never_trained_on(world, tmp_path):  # noqa: F811
+    """Training on the embedded plays (and Wikipedia) beside long-context checks: the play those checks score
+    is left out of the training documents, and only that one (the held-out documents are the last N)."""
+    from transformers import AutoTokenizer
+
+    from mosa_retrofit.text.assets import shakespeare_plays, wikipedia_articles
+    from mosa_retrofit.text.data import load_corpus
+    from mosa_retrofit.train.recipe import Recipe
+    from mosa_retrofit.train.trainer import Trainer
+
+    model_dir, _ = world
+    V = 6
+    recipe = Recipe.from_dict(recipe_dict(model_dir, "unused", tmp_path / "run"),
+                              ["data.source=shakespeare-offline,wikipedia-offline", "evaluation.long_contexts=[512]"])
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    trainer = Trainer(recipe, progress=False)
+    trainer._long_setup(tok, None)
+    plays, articles = shakespeare_plays(), wikipedia_articles()
+    assert trainer.long_texts == plays[:1]  # the first play long enough: 512 + 256 tokens
+    corpus = load_corpus(recipe.data, tok, progress=False, exclude=trainer.long_texts)
+    train_docs = plays[1:] + articles[:-V]
+    assert (corpus.train_documents, corpus.excluded_documents) == (len(train_docs), 1)
+    expected = sum(len(tok(d, add_special_tokens=False)["input_ids"]) + 1 for d in train_docs)
+    assert corpus.train.numel() == expected
