@@ -271,8 +271,9 @@ def _emit(header: str, table: str, output: str | None) -> None:
     """Print the header and table; also write them to ``output`` when given."""
     print(header + "\n\n" + table)
     if output:
-        with open(output, "w") as f:
-            f.write(header + "\n\n" + table + "\n")
+        from mosa_retrofit.atomic import write_atomic
+
+        write_atomic(output, header + "\n\n" + table + "\n")
 
 
 def _cpu_name() -> str:

@@ -12,10 +12,11 @@ from pathlib import Path
 from torch import nn
 
 from .. import __version__
+from ..atomic import write_atomic
 from ..text.assets import DEFAULT_HUB_ID, DEFAULT_LICENSE, DEFAULT_MODEL, is_hub_id
 from .costs import attention_costs, ratios
 from .families import attention_layers
-from .hub import REQUIRES, write_atomic
+from .hub import REQUIRES
 
 MARK = "<!-- written by mosa_retrofit on save; remove this line to keep your own edits of this card -->"
 COST_LENGTHS = (4096, 8192, 32768, 131072)

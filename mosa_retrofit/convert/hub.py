@@ -17,11 +17,10 @@ class and ``model_type``: only the files on disk carry the declaration (``declar
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 from .. import __version__
+from ..atomic import write_atomic
 
 PREFIX = "mosa_"  # model_type on disk: PREFIX + the base's model_type
 CODE_FILE = "modeling_mosa.py"
@@ -106,17 +105,6 @@ def read_config(path: str, **hub):
     if base not in CONFIG_MAPPING:
         raise ValueError(f"{path}: its base model type {base!r} is not known to this transformers")
     return CONFIG_MAPPING[base].from_dict(undeclared(d))
-
-
-def write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def declare(folder: Path) -> None:

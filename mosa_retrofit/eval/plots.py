@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..atomic import savefig_atomic
 from ..convert.hub import load_tokenizer
 from ..convert.surgery import mosa_layers
 from ..ops.routing import select_tokens
@@ -60,7 +61,7 @@ def plot_selection(model: nn.Module, tokenizer_source: str, path: str, layer: in
     ax.set_title(f"Layer {layer}: tokens each {unit} selects (k = {idx.shape[-1]} of {T}, sparsity {plan.config.sparsity:g}, "
                  f"dense heads {list(plan.dense)})", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    savefig_atomic(fig, path, dpi=120)
     plt.close(fig)
     return layer
 
@@ -101,7 +102,7 @@ def plot_losses(metrics_jsonl, path) -> None:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    savefig_atomic(fig, path, dpi=120)
     plt.close(fig)
 
 
@@ -138,5 +139,5 @@ def plot_long_context(grids: dict[str, dict], curves: dict[str, dict], path) -> 
     ax.set_ylabel("perplexity of the same final tokens (log)")
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     ax.set_title("perplexity against context", fontsize=9)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    savefig_atomic(fig, path, dpi=120, bbox_inches="tight")
     plt.close(fig)

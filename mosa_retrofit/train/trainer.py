@@ -34,6 +34,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from ..atomic import write_atomic
 from ..convert.attention import mosa_layers
 from ..convert.compat import enable_activation_checkpointing
 from ..convert.config import MoSAConfig
@@ -752,9 +753,9 @@ class Trainer:
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
+            write_atomic(self.out / "summary.json", json.dumps(summary, indent=1))
             table = summary_table(summary, sibling_summary(self.out, r.control))
-            (self.out / "summary.md").write_text(table + "\n")
+            write_atomic(self.out / "summary.md", table + "\n")
             if r.logging.plot:
                 plot_losses(self.log_file, self.out / "loss.png")
             if self.tb is not None:
