@@ -182,12 +182,17 @@ class Trainer:
             return
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / RUN_MARKER).touch()
-        for tmp in self.out.glob(".tmp-final-*"):  # a final/ half-written when an earlier run was killed
+        for tmp in self.out.glob(".tmp-final-*"):  # a final/ half-written when an earlier run was SIGKILLed
             shutil.rmtree(tmp, ignore_errors=True)
+        for old in self.out.glob(".old-final-*"):  # killed while replacing final/: the old one back, or away
+            if (self.out / "final").exists():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(old, self.out / "final")
         if self.log_file.exists():  # drop records written after the checkpoint we resume from
             kept = [line for line in self.log_file.read_text().splitlines()
                     if line and json.loads(line)["global_step"] <= global_step]
-            self.log_file.write_text("".join(line + "\n" for line in kept))
+            write_atomic(self.log_file, "".join(line + "\n" for line in kept))
         if self.recipe.logging.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -747,12 +752,20 @@ class Trainer:
         if acc.is_main_process:
             final = self.out / "final"
             tmp = Path(tempfile.mkdtemp(dir=self.out, prefix=".tmp-final-"))
-            model = acc.unwrap_model(self.student)
-            model.save_pretrained(tmp, **({"state_dict": full} if full is not None else {}))
-            self.tokenizer.save_pretrained(tmp)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            old = self.out / f".old-final-{os.getpid()}"
+            try:  # final/ is the old model or the new one, never half of one; no temporary survives Ctrl-C
+                model = acc.unwrap_model(self.student)
+                model.save_pretrained(tmp, **({"state_dict": full} if full is not None else {}))
+                self.tokenizer.save_pretrained(tmp)
+                if final.exists():
+                    os.replace(final, old)
+                os.replace(tmp, final)
+                shutil.rmtree(old, ignore_errors=True)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                if old.exists() and not final.exists():
+                    os.replace(old, final)
+                raise
             write_atomic(self.out / "summary.json", json.dumps(summary, indent=1))
             table = summary_table(summary, sibling_summary(self.out, r.control))
             write_atomic(self.out / "summary.md", table + "\n")

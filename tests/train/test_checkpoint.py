@@ -232,3 +232,22 @@ def test_an_interrupted_checkpoint_write_leaves_no_hidden_folder(world, tmp_path
         run(world, out)
     assert [p.name for p in out.iterdir() if p.name.startswith(".") and p.name != ".mosa_retrofit-run"] == []
     assert ckpt.checkpoints(out) == []
+
+
+def test_an_interrupted_final_save_leaves_nothing_hidden_and_resumes(world, tmp_path, monkeypatch, reference):
+    """Ctrl-C while final/ is written: no temporary folder, no half final/; --resume writes the same final."""
+    from transformers import PreTrainedTokenizerBase
+
+    out = tmp_path / "run"
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(PreTrainedTokenizerBase, "save_pretrained", interrupted)  # final/ only saves a tokenizer
+    with pytest.raises(KeyboardInterrupt):
+        run(world, out)
+    assert [p.name for p in out.iterdir() if p.name.startswith(".") and p.name != ".mosa_retrofit-run"] == []
+    assert not (out / "final").exists()
+    monkeypatch.undo()
+    run(world, out, resume=True)
+    assert same_final(out, reference)
