@@ -114,14 +114,7 @@ def build_config(args: argparse.Namespace):
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    from transformers import AutoModelForCausalLM
-
-    from mosa_retrofit import convert_, save
-    from mosa_retrofit.convert.families import family_of
-    from mosa_retrofit.convert.hub import load_tokenizer, read_config
-    from mosa_retrofit.convert.surgery import check_config
-    from mosa_retrofit.eval.perplexity import perplexity
-    from mosa_retrofit.text.assets import model_reference, resolve_model
+    from mosa_retrofit.atomic import output_lock
 
     config = build_config(args)  # validates every value before anything is loaded
     device = checked_device(args.device)
@@ -133,6 +126,21 @@ def run_convert(args: argparse.Namespace) -> int:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     out = Path(args.out)
     check_output(out, args.model, args.overwrite)
+    with output_lock(out):  # a second convert into OUT stops here, in one line, while this one runs
+        check_output(out, args.model, args.overwrite)  # (what a run that just finished left there)
+        return _convert_into(args, config, device, out)
+
+
+def _convert_into(args: argparse.Namespace, config, device: torch.device, out: Path) -> int:
+    from transformers import AutoModelForCausalLM
+
+    from mosa_retrofit import convert_, save
+    from mosa_retrofit.convert.families import family_of
+    from mosa_retrofit.convert.hub import load_tokenizer, read_config
+    from mosa_retrofit.convert.surgery import check_config
+    from mosa_retrofit.eval.perplexity import perplexity
+    from mosa_retrofit.text.assets import model_reference, resolve_model
+
     source = resolve_model(args.model)
     hf_config = read_config(source)
     check_lengths(config, args, positions_of(hf_config))

@@ -7,6 +7,7 @@ half-written).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -38,3 +39,44 @@ def savefig_atomic(fig, path: str | Path, **kwargs) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+@contextlib.contextmanager
+def output_lock(path: str | Path, what: str = "OUT"):
+    """Hold ``path``'s writer lock (an exclusive ``flock`` on ``.NAME.lock`` beside it) for the block: a second
+    run writing the same target stops at once with one line, instead of both reporting success with one result
+    silently replacing the other. The lock file is removed on the way out; where ``fcntl`` is missing (Windows)
+    the block runs unlocked."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover
+        yield
+        return
+    path = Path(path)
+    lock = path.absolute().parent / f".{path.name}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise ValueError(f"{what} {path} is being written by another mosa-retrofit run (pid {holder}); wait for "
+                             "it or choose another path") from None
+        try:
+            same = os.stat(lock).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # locked a file its holder had just removed: lock the new one
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        try:
+            yield
+        finally:
+            lock.unlink(missing_ok=True)  # (before the lock is released: a waiting run then locks a new file)
+    finally:
+        os.close(fd)

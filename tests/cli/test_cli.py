@@ -317,3 +317,37 @@ def test_eval_of_one_held_out_document_needs_no_training_document(tmp_path, caps
     one.write_text(data.read_text().split("\n\n")[0] * 20)  # one paragraph: one document, repeated past a block
     assert main(["eval", str(model_dir), "--data", str(one), "--validation-documents", "1", "--block-size", "32"]) == 0
     assert "perplexity" in capsys.readouterr().out.lower()
+
+
+def test_two_converts_into_one_out_one_wins_and_the_other_says_so(tmp_path, capsys):
+    """While a convert holds OUT (here: this test, holding its lock as a running convert does), a second convert
+    into OUT, --overwrite or not, stops in one line and touches nothing; once the lock is gone it runs. A real
+    two-process race: both started together, exactly one reports success, OUT holds one whole model."""
+    import os
+
+    from tiny_models import tiny_model
+
+    from mosa_retrofit.atomic import output_lock
+
+    base, out = tmp_path / "base", tmp_path / "out"
+    tiny_model("llama").save_pretrained(base)
+    fast = ["--preset", "paper", "--dense-heads", "1", "--sparsity", "4", "--no-check"]
+    assert main(["convert", str(base), str(out), *fast]) == 0
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    capsys.readouterr()
+    with output_lock(out):
+        assert main(["convert", str(base), str(out), *fast, "--overwrite"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"OUT {out} is being written by another mosa-retrofit run (pid {os.getpid()})" \
+            in err[0], err
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "out"]  # the lock file is gone with its holder
+
+    race = tmp_path / "race"
+    argv = [sys.executable, "-m", "mosa_retrofit", "convert", str(base), str(race), *fast]
+    procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    assert sorted(code for code, _ in results) == [0, 2], results
+    loser = next(err for code, err in results if code == 2)
+    assert "being written by another" in loser or f"{race} exists" in loser or "appeared while this ran" in loser
+    assert (race / "model.safetensors").is_file() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
