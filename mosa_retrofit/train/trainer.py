@@ -34,7 +34,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from ..atomic import write_atomic
+from ..atomic import output_lock, write_atomic
 from ..convert.attention import mosa_layers
 from ..convert.compat import enable_activation_checkpointing
 from ..convert.config import MoSAConfig
@@ -70,8 +70,11 @@ def lr_factor(step: int, steps: int, warmup_fraction: float, min_ratio: float) -
 def train(recipe: Recipe, resume: bool = False, progress: bool = True,
           interrupt: Callable[[str, int], None] | None = None) -> dict:
     """Run ``recipe``; returns the summary. ``interrupt(stage, step)`` is called mid-step (tests use it to
-    simulate a crash after the backward pass and before the optimizer step)."""
-    return Trainer(recipe, resume=resume, progress=progress, interrupt=interrupt).run()
+    simulate a crash after the backward pass and before the optimizer step). The main process holds
+    output_dir's writer lock for the run: a second run into the same folder stops at once, in one line."""
+    main = int(os.environ.get("RANK", "0")) == 0
+    with output_lock(recipe.output_dir, "output_dir") if main else contextlib.nullcontext():
+        return Trainer(recipe, resume=resume, progress=progress, interrupt=interrupt).run()
 
 logger = logging.getLogger("mosa_retrofit")
 

@@ -327,3 +327,18 @@ def test_the_long_context_play_is_never_trained_on(world, tmp_path):  # noqa: F8
     assert (corpus.train_documents, corpus.excluded_documents) == (len(train_docs), 1)
     expected = sum(len(tok(d, add_special_tokens=False)["input_ids"]) + 1 for d in train_docs)
     assert corpus.train.numel() == expected
+
+
+def test_a_second_run_into_a_running_runs_output_dir_stops_in_one_line(world, tmp_path):  # noqa: F811
+    """While a run holds output_dir (its writer lock), another run into it, fresh or --resume, stops before
+    anything is read or written; the folder is as it was."""
+    from mosa_retrofit.atomic import output_lock
+
+    out = tmp_path / "run"
+    with output_lock(out, "output_dir"):
+        for resume in (False, True):
+            with pytest.raises(ValueError, match=f"output_dir {out} is being written by another mosa-retrofit run"):
+                run(world, out, resume=resume)
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == []
+    run(world, out, ["stages.adaptation.steps=1", "stages.router_warmup.steps=1"])  # the lock gone: it runs
+    assert (out / "final").is_dir()
