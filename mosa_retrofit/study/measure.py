@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -14,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ..atomic import output_lock, write_atomic
 from ..convert.calibration import collect_stats
 from ..convert.compat import StopForward, without_cache
 from ..convert.config import MoSAConfig
@@ -193,18 +193,21 @@ def read_results(path: Path) -> list[dict]:
 def run_study(spec: StudySpec, out: str | Path, work: str | Path | None = None, progress: bool = True,
               command: str = "", say=print) -> list[dict]:
     """Measure every point of ``spec`` not yet in ``out/results.jsonl``; write study.md and study.png."""
+    out = Path(out)
+    with output_lock(out, "--out"):  # a second study into the same folder stops in one line
+        return _run_study(spec, out, work, progress, command, say)
+
+
+def _run_study(spec: StudySpec, out: Path, work, progress: bool, command: str, say) -> list[dict]:
     from tqdm.auto import tqdm
 
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(work) if work is not None else out / "adapt"
     results_file = out / "results.jsonl"
-    (out / "spec.json").write_text(json.dumps(asdict(spec), indent=1) + "\n")
+    write_atomic(out / "spec.json", json.dumps(asdict(spec), indent=1) + "\n")
     done = {r["key"]: r for r in read_results(results_file)}
     if results_file.exists() and len(results_file.read_text().splitlines()) != len(done):  # cut lines: drop them
-        tmp = out / ".results.jsonl.tmp"
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in done.values()))
-        os.replace(tmp, results_file)
+        write_atomic(results_file, "".join(json.dumps(r) + "\n" for r in done.values()))
     todo = [p for p in spec.points() if p.key not in done]
     say(f"study: {len(spec.points())} points, {len(done)} already measured in {results_file}")
     if todo:
