@@ -88,7 +88,7 @@ def test_cli_bench_model_is_bench_MODEL(tmp_path, capsys):
     assert any(re.search(r"\d+\.\d\dx \(FLOPs\)", r) for r in rows) and any("(bytes)" in r for r in rows)
     assert out.read_text().strip().endswith(rows[-1].strip())
     assert main(["bench", str(tmp_path / "conv"), "--contexts", "1000", "--reps", "1"]) == 2
-    assert "beyond the model's 256 positions" in capsys.readouterr().err
+    assert "--contexts = 1,000 reaches beyond the 256 positions" in capsys.readouterr().err
     assert main(["bench", str(base)]) == 2  # not converted
     assert "not a converted model" in capsys.readouterr().err
 

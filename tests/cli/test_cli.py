@@ -34,7 +34,7 @@ def test_bench_attention_prints_ratios_with_correct_flops(capsys):
 
 
 @pytest.mark.parametrize("argv, needle", [
-    (["bench", "attention", "--sparsities", "0.5"], "sparsity must be >= 1"),
+    (["bench", "attention", "--sparsities", "0.5"], "argument --sparsities: expected comma-separated numbers >= 1"),
     (["bench", "attention", "--seq-lens", "0"], "integers >= 1"),
     (["bench", "attention", "--dtype", "int8"], "invalid choice"),
 ])

@@ -86,7 +86,10 @@ def test_train_with_prompt_adapts_then_samples(tmp_path, capsys):
     assert "| after adaptation |" in text and "| original model |" in text
     assert re.search(r"attention FLOPs / KV bytes / KV entries vs the original: [\d.]+x / [\d.]+x / [\d.]+x at T = 2048", text)
     assert "causal routing, greedy" in text and "KV cache after" in text
-    assert main(["train", str(recipe), "--check", "--max-new-tokens", "0"]) == 0  # --check only validates the recipe
+    assert main(["train", str(recipe), "--check", "--max-new-tokens", "9"]) == 0  # --check only validates the recipe
+    with pytest.raises(SystemExit) as e:  # a bad flag is refused where it is parsed, --check or not
+        main(["train", str(recipe), "--check", "--max-new-tokens", "0"])
+    assert e.value.code == 2 and "argument --max-new-tokens: expected an integer >= 1" in capsys.readouterr().err
 
 
 def test_what_decodes_is_decided_by_the_head_kinds_not_the_routing_field(models, capsys):

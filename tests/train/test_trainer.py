@@ -217,7 +217,9 @@ def test_cli_eval_reports_model_and_baseline(world, tmp_path, capsys):
     dense = 8 * 64 * 16 * 64 + 2 * 16 * 64 * 64
     mosa = 8 * 64 * 16 * 16 + 2 * 16 * 16 * 16 + 2 * 64 * 64
     assert abs(flops - (dense + 3 * mosa) / (4 * dense)) < 1e-3 and abs(kv - (64 + 3 * 16) / (4 * 64)) < 1e-3
-    assert main(["eval", str(out / "final"), "--block-size", "0"]) == 2
+    with pytest.raises(SystemExit) as e:  # refused where it is parsed
+        main(["eval", str(out / "final"), "--block-size", "0"])
+    assert e.value.code == 2
     assert main(["eval", str(out / "final"), "--data", str(data), "--validation-documents", "6", "--block-size", "32",
                  "--max-tokens", "256", "--causal"]) == 0
     causal_row = [line for line in capsys.readouterr().out.splitlines() if "(causal routing)" in line]
