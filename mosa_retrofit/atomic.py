@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -80,3 +81,20 @@ def output_lock(path: str | Path, what: str = "OUT"):
             lock.unlink(missing_ok=True)  # (before the lock is released: a waiting run then locks a new file)
     finally:
         os.close(fd)
+
+
+def replace_folder(tmp: str | Path, target: str | Path) -> None:
+    """Publish the finished folder ``tmp`` at ``target`` by renames: an existing ``target`` waits aside
+    (``.old-NAME``) until ``tmp`` is in place and is then removed; interrupted in between, it is put back."""
+    tmp, target = Path(tmp), Path(target)
+    old = target.with_name(f".old-{target.name}")
+    if target.exists():
+        shutil.rmtree(old, ignore_errors=True)  # (one a SIGKILL left beside a target that is whole)
+        os.replace(target, old)
+    try:
+        os.replace(tmp, target)
+    except BaseException:
+        if old.exists() and not target.exists():
+            os.replace(old, target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..atomic import replace_folder
 from . import sharding
 
 _NAME = re.compile(r"checkpoint-(\d+)$")
@@ -152,7 +153,7 @@ def save(accelerator, root: str | Path, step: int, model: nn.Module, optimizer, 
 
     root = Path(root)
     final = root / f"checkpoint-{step:07d}"
-    tmp, old = root / f".tmp-checkpoint-{step:07d}", root / f".old-checkpoint-{step:07d}"
+    tmp = root / f".tmp-checkpoint-{step:07d}"
     main = accelerator.is_main_process
     if main:
         for stale in [*root.glob(".tmp-checkpoint-*"), *root.glob(".old-checkpoint-*")]:
@@ -175,15 +176,10 @@ def save(accelerator, root: str | Path, step: int, model: nn.Module, optimizer, 
         accelerator.wait_for_everyone()
         if main:
             write_manifest(tmp)
-            if final.exists():  # (a stage end re-saving a step): the old one aside until the new one is in place
-                os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
+            replace_folder(tmp, final)  # (a stage end may re-save a step)
     except BaseException:  # Ctrl-C, SIGTERM (raised as KeyboardInterrupt) or an error: no hidden folder survives
         if main:
             shutil.rmtree(tmp, ignore_errors=True)
-            if old.exists() and not final.exists():
-                os.replace(old, final)
         raise
     if main:
         for stale in checkpoints(root)[:-keep_last]:

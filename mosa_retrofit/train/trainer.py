@@ -34,7 +34,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from ..atomic import output_lock, write_atomic
+from ..atomic import output_lock, replace_folder, write_atomic
 from ..convert.attention import mosa_layers
 from ..convert.compat import enable_activation_checkpointing
 from ..convert.config import MoSAConfig
@@ -187,7 +187,8 @@ class Trainer:
         (self.out / RUN_MARKER).touch()
         for tmp in self.out.glob(".tmp-final-*"):  # a final/ half-written when an earlier run was SIGKILLed
             shutil.rmtree(tmp, ignore_errors=True)
-        for old in self.out.glob(".old-final-*"):  # killed while replacing final/: the old one back, or away
+        old = self.out / ".old-final"  # killed while replacing final/: the old one back, or away
+        if old.exists():
             if (self.out / "final").exists():
                 shutil.rmtree(old, ignore_errors=True)
             else:
@@ -755,19 +756,13 @@ class Trainer:
         if acc.is_main_process:
             final = self.out / "final"
             tmp = Path(tempfile.mkdtemp(dir=self.out, prefix=".tmp-final-"))
-            old = self.out / f".old-final-{os.getpid()}"
             try:  # final/ is the old model or the new one, never half of one; no temporary survives Ctrl-C
                 model = acc.unwrap_model(self.student)
                 model.save_pretrained(tmp, **({"state_dict": full} if full is not None else {}))
                 self.tokenizer.save_pretrained(tmp)
-                if final.exists():
-                    os.replace(final, old)
-                os.replace(tmp, final)
-                shutil.rmtree(old, ignore_errors=True)
+                replace_folder(tmp, final)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
-                if old.exists() and not final.exists():
-                    os.replace(old, final)
                 raise
             write_atomic(self.out / "summary.json", json.dumps(summary, indent=1))
             table = summary_table(summary, sibling_summary(self.out, r.control))
