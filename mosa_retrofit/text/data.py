@@ -8,6 +8,7 @@ Sources (``DataSpec.source``):
   * local files, comma-separated or a glob: ``.txt`` (blank-line separated paragraphs are documents),
     ``.jsonl`` / ``.json`` / ``.parquet`` (one document per row, column ``text_field``);
   * anything else is a hub dataset name for ``datasets.load_dataset`` (``name``, ``split``, ``streaming``).
+``needles`` > 0 hides that many keys in every training block and asks for them at its end (text/needles.py).
 """
 
 from __future__ import annotations
@@ -46,11 +47,21 @@ class DataSpec:
     """Cap on validation tokens (None: all of the held-out documents)."""
     max_train_tokens: int | None = None
     """Cap on training tokens read (None: everything)."""
+    needles: int = 0
+    """Synthetic retrieval in every training block (text/needles.py): this many key sentences at random depths
+    and, at the block's end, a question and answer for each; 0: the text as it is. Validation stays plain."""
 
     def __post_init__(self):
         require(isinstance(self.source, str) and bool(self.source), "source", self.source, "a non-empty string")
         positive_int("block_size", self.block_size, 2)
         positive_int("validation_documents", self.validation_documents)
+        from .needles import NAMES
+        require(isinstance(self.needles, int) and not isinstance(self.needles, bool)
+                and 0 <= self.needles <= len(NAMES), "needles", self.needles,
+                f"an integer from 0 (plain text) to {len(NAMES)} (one per name the keys can belong to)")
+        require(self.block_size >= 128 * self.needles, "needles", self.needles,
+                f"at most data.block_size / 128 = {self.block_size // 128} for blocks of {self.block_size} tokens "
+                "(keys and questions take about 40 tokens each and may fill at most half a block)")
         for name in ("validation_tokens", "max_train_tokens"):
             if getattr(self, name) is not None:
                 positive_int(name, getattr(self, name), self.block_size)
@@ -256,6 +267,11 @@ class BlockSchedule:
         for g in range(start, start + count):
             out.append(self._perm(g // self.num_blocks)[g % self.num_blocks])
         return torch.stack(out)
+
+    def positions(self, start: int, micro: int, m: int, rank: int, processes: int) -> Tensor:
+        """The sample positions g that micro-batch m of process r reads (``micro_batch`` gives their blocks)."""
+        first = start + (m * processes + rank) * micro
+        return torch.arange(first, first + micro)
 
     def micro_batch(self, start: int, micro: int, m: int, rank: int, processes: int) -> Tensor:
         return self.indices(start + (m * processes + rank) * micro, micro)

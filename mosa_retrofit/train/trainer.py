@@ -48,6 +48,7 @@ from ..eval.perplexity import nll
 from ..eval.plots import plot_losses
 from ..text.assets import model_reference, resolve_model, shakespeare_plays
 from ..text.data import BlockSchedule, as_blocks, load_corpus
+from ..text.needles import needle_batch
 from ..text.prompts import passkey_prompt
 from ..text.protocol import PROTOCOL
 from ..validate import positions_of, within_positions
@@ -355,7 +356,9 @@ class Trainer:
         self.say(f"data: {len(self.train_blocks)} training blocks of {r.data.block_size} tokens "
                  f"({corpus.train_documents} documents"
                  + (f"; {corpus.excluded_documents} left out, the long-context checks score them"
-                    if corpus.excluded_documents else "") + f"); {self.protocol}")
+                    if corpus.excluded_documents else "") + ")"
+                 + (f"; {r.data.needles} keys and their questions inserted in every training block"
+                    if r.data.needles else "") + f"; {self.protocol}")
         if not self.lean or acc.is_main_process:  # (lean FSDP: the others hold it on the meta device)
             teacher.to(acc.device)  # conversion runs where training does
 
@@ -631,8 +634,10 @@ class Trainer:
         tc, acc, s = self.recipe.training, self.acc, self.state
         totals: dict[str, Tensor] = {}
         for m in range(tc.gradient_accumulation_steps):
-            idx = self.schedule.micro_batch(s.samples, tc.micro_batch_size, m, acc.process_index, acc.num_processes)
-            ids = self.train_blocks[idx].to(acc.device).long()
+            where = (s.samples, tc.micro_batch_size, m, acc.process_index, acc.num_processes)
+            ids = self.train_blocks[self.schedule.micro_batch(*where)]
+            ids = needle_batch(ids, self.schedule.positions(*where), self.tokenizer, self.recipe.data.needles,
+                               self.recipe.seed).to(acc.device).long()
             last = m == tc.gradient_accumulation_steps - 1
             if self.sharded:
                 net.set_requires_gradient_sync(last)

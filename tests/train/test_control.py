@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 import transformers as tf
 from tiny_models import fake_retrieval
-from train_fixtures import records, run, world  # noqa: F401  (world: the module fixture)
+from train_fixtures import make_world, records, run, world  # noqa: F401  (world: the module fixture)
 
 from mosa_retrofit import convert_
 from mosa_retrofit.convert.costs import cost_ratios
@@ -113,3 +113,32 @@ def test_the_sparse_recipe_converts_to_the_point_it_states():
         dense_kv = len(plan.dense) // 3
         rows += dense_kv * 8192 + (3 - dense_kv) * routed
     assert abs(rows / (30 * 3 * 8192) - cost.kv_bytes) < 0.002
+
+
+def test_needles_reach_the_loss_and_the_control_reads_the_same_ones(tmp_path, monkeypatch):
+    """data.needles: every training block the loss sees holds the key and its question, the control's too."""
+    (tmp_path / "world").mkdir()
+    world = make_world(tmp_path / "world", positions=256)  # (a needle and its question: ~100 tiny-BPE tokens)
+    seen: dict[str, list] = {"converted": [], "control": []}
+    current = {}
+    plain_loss = stages.AdaptationStage.loss
+
+    def spy(self, net, ids):
+        seen[current["run"]].append(ids.clone())
+        return plain_loss(self, net, ids)
+
+    monkeypatch.setattr(stages.AdaptationStage, "loss", spy)
+    over = ["data.block_size=256", "data.needles=1", "data.validation_tokens=null", "training.micro_batch_size=2",
+            "stages=[{name: a, kind: adaptation, steps: 2, trainable: all}]", "evaluation.before_conversion=false"]
+    for name, control in (("converted", False), ("control", True)):
+        current["run"] = name
+        run(world, tmp_path / name, over, control=control)
+    tok = tf.AutoTokenizer.from_pretrained(world[0])
+    assert len(seen["converted"]) == 2 and all(torch.equal(a, b) for a, b in zip(seen["converted"], seen["control"]))
+    rows = torch.cat(seen["converted"])
+    assert rows.shape == (4, 256)
+    for row in rows:
+        text = tok.decode(row.tolist(), clean_up_tokenization_spaces=False)
+        # the key once in the text, asked and answered at the end (this BPE has no "Q", "?" or ":" to show)
+        assert text.count(" The access code for the ") == 1 and text.count("access code for the") == 3
+        assert text.endswith(" is .") and "what is the access code for the" in text[-100:]
