@@ -24,6 +24,7 @@ from torch import Tensor
 
 from ..validate import positive_int, require
 from .assets import shakespeare_plays, wikipedia_articles
+from .needles import NAMES as NEEDLE_NAMES
 
 
 @dataclass(frozen=True)
@@ -55,10 +56,9 @@ class DataSpec:
         require(isinstance(self.source, str) and bool(self.source), "source", self.source, "a non-empty string")
         positive_int("block_size", self.block_size, 2)
         positive_int("validation_documents", self.validation_documents)
-        from .needles import NAMES
         require(isinstance(self.needles, int) and not isinstance(self.needles, bool)
-                and 0 <= self.needles <= len(NAMES), "needles", self.needles,
-                f"an integer from 0 (plain text) to {len(NAMES)} (one per name the keys can belong to)")
+                and 0 <= self.needles <= len(NEEDLE_NAMES), "needles", self.needles,
+                f"an integer from 0 (plain text) to {len(NEEDLE_NAMES)} (one per name the keys can belong to)")
         require(self.block_size >= 128 * self.needles, "needles", self.needles,
                 f"at most data.block_size / 128 = {self.block_size // 128} for blocks of {self.block_size} tokens "
                 "(keys and questions take about 40 tokens each and may fill at most half a block)")
