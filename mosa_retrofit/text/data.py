@@ -274,4 +274,4 @@ class BlockSchedule:
         return torch.arange(first, first + micro)
 
     def micro_batch(self, start: int, micro: int, m: int, rank: int, processes: int) -> Tensor:
-        return self.indices(start + (m * processes + rank) * micro, micro)
+        return self.indices(int(self.positions(start, micro, m, rank, processes)[0]), micro)

@@ -20,7 +20,8 @@ from mosa_retrofit.train.trainer import summary_table
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_control_trains_the_original_on_the_same_blocks_in_the_same_steps(world, tmp_path, monkeypatch):
+def spy_adaptation_batches(monkeypatch) -> tuple[dict[str, list], dict]:
+    """Every adaptation batch the loss sees, recorded under ``current["run"]`` ("converted" or "control")."""
     seen: dict[str, list] = {"converted": [], "control": []}
     current = {}
     plain_loss = stages.AdaptationStage.loss
@@ -30,6 +31,11 @@ def test_control_trains_the_original_on_the_same_blocks_in_the_same_steps(world,
         return plain_loss(self, net, ids)
 
     monkeypatch.setattr(stages.AdaptationStage, "loss", spy)
+    return seen, current
+
+
+def test_control_trains_the_original_on_the_same_blocks_in_the_same_steps(world, tmp_path, monkeypatch):
+    seen, current = spy_adaptation_batches(monkeypatch)
     current["run"] = "converted"
     converted = run(world, tmp_path / "run")
     current["run"] = "control"
@@ -119,15 +125,7 @@ def test_needles_reach_the_loss_and_the_control_reads_the_same_ones(tmp_path, mo
     """data.needles: every training block the loss sees holds the key and its question, the control's too."""
     (tmp_path / "world").mkdir()
     world = make_world(tmp_path / "world", positions=256)  # (a needle and its question: ~100 tiny-BPE tokens)
-    seen: dict[str, list] = {"converted": [], "control": []}
-    current = {}
-    plain_loss = stages.AdaptationStage.loss
-
-    def spy(self, net, ids):
-        seen[current["run"]].append(ids.clone())
-        return plain_loss(self, net, ids)
-
-    monkeypatch.setattr(stages.AdaptationStage, "loss", spy)
+    seen, current = spy_adaptation_batches(monkeypatch)
     over = ["data.block_size=256", "data.needles=1", "data.validation_tokens=null", "training.micro_batch_size=2",
             "stages=[{name: a, kind: adaptation, steps: 2, trainable: all}]", "evaluation.before_conversion=false"]
     for name, control in (("converted", False), ("control", True)):
