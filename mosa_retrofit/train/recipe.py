@@ -101,6 +101,10 @@ class StageSpec:
     kd_weight: float = 0.0
     """Weight of KL(teacher || student) on the logits (adaptation); the teacher is the unconverted model."""
     kd_temperature: float = 1.0
+    answer_weight: float = 0.0
+    """With ``data.needles``: adaptation adds to each loss term this times its mean over the tokens that answer
+    the blocks' questions; router warm-up adds this times the KL toward the far attention of the queries that
+    predict those answers (0: every token, every query weighs the same)."""
 
     def __post_init__(self):
         require(isinstance(self.name, str) and self.name.isidentifier(), "name", self.name,
@@ -113,6 +117,10 @@ class StageSpec:
         for name in ("lm_weight", "kd_weight"):
             require(getattr(self, name) >= 0, name, getattr(self, name), ">= 0")
         require(self.kd_temperature > 0, "kd_temperature", self.kd_temperature, "> 0")
+        require(isinstance(self.answer_weight, (int, float)) and not isinstance(self.answer_weight, bool)
+                and 0 <= self.answer_weight < math.inf, "answer_weight", self.answer_weight, "a finite number >= 0")
+        if self.kind == "layer_distill":
+            require(self.answer_weight == 0, "answer_weight", self.answer_weight, "0 in a layer_distill stage")
         if self.kind == "router_warmup":
             require(self.trainable == "routers", "trainable", self.trainable, "'routers' in a router_warmup stage")
             require(self.lora is None, "lora", self.lora, "null in a router_warmup stage")
@@ -300,6 +308,10 @@ class Recipe:
             raise ValueError(f"stages {warm} (router_warmup) train routers, but conversion.mosa.sparse_heads="
                              f"{self.conversion.mosa.sparse_heads!r} has none; use 'mosa_keys' or 'mosa', or drop "
                              "the stage")
+        weighted = [s.name for s in self.stages if s.answer_weight > 0]
+        if weighted and self.data.needles == 0:
+            raise ValueError(f"stages {weighted} weigh the answers of data.needles (answer_weight > 0), but "
+                             "data.needles is 0: set data.needles (1 to 16) or answer_weight: 0")
         require(isinstance(self.control, bool), "control", self.control, "true or false")
         if self.control:
             require(self.conversion is not None, "control", self.control,

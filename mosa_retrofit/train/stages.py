@@ -29,7 +29,8 @@ def register_stage(kind: str):
 
 
 class Stage:
-    """One stage of a run: ``context()`` is entered around its steps, ``loss(net, ids)`` gives each step's loss."""
+    """One stage of a run: ``context()`` is entered around its steps, ``loss(net, ids, answers)`` gives each step's
+    loss (``answers``: (B, L) bool, the tokens that answer the questions of ``data.needles``, or None)."""
 
     local = False
     """A layer-local loss: the model runs without the data-parallel wrapper, gradients are averaged by hand."""
@@ -45,7 +46,7 @@ class Stage:
     def context(self):
         return contextlib.nullcontext()
 
-    def loss(self, net: nn.Module, ids: Tensor) -> tuple[Tensor, dict]:
+    def loss(self, net: nn.Module, ids: Tensor, answers: Tensor | None = None) -> tuple[Tensor, dict]:
         raise NotImplementedError
 
 
@@ -57,10 +58,11 @@ class RouterWarmupStage(Stage):
     converted_only = True
 
     def context(self):
-        self.observer = RouterWarmup(mosa_layers(self.student))
+        self.observer = RouterWarmup(mosa_layers(self.student), self.spec.answer_weight)
         return self.observer
 
-    def loss(self, net, ids):
+    def loss(self, net, ids, answers=None):
+        self.observer.answers = answers
         with torch.no_grad(), self.acc.autocast():
             net(input_ids=ids, use_cache=False)
         loss = self.observer.pop_loss()
@@ -79,7 +81,7 @@ class LayerDistillStage(Stage):
         self.observer = LayerDistill(self.teacher, self.student)
         return self.observer
 
-    def loss(self, net, ids):
+    def loss(self, net, ids, answers=None):
         with self.acc.autocast():
             loss = self.observer.loss(ids)
         return loss, {"loss": loss.detach()}
@@ -87,24 +89,37 @@ class LayerDistillStage(Stage):
 
 @register_stage("adaptation")
 class AdaptationStage(Stage):
-    """End to end: LM loss, plus ``kd_weight`` × KL(teacher ‖ student) on the logits."""
+    """End to end: LM loss, plus ``kd_weight`` × KL(teacher ‖ student) on the logits. With ``answer_weight`` > 0
+    each term adds that times its mean over the answers' tokens (``data.needles``), so the few tokens where
+    retrieval shows are not drowned by the thousands around them."""
 
-    def loss(self, net, ids):
+    def loss(self, net, ids, answers=None):
         spec, acc = self.spec, self.acc
         with acc.autocast():
             logits = net(input_ids=ids, use_cache=False).logits[:, :-1].float()  # (B, T-1, V)
         V = logits.shape[-1]
-        lm = F.cross_entropy(logits.reshape(-1, V), ids[:, 1:].reshape(-1))
-        loss = spec.lm_weight * lm
+        focus = answers[:, 1:] if answers is not None and spec.answer_weight > 0 else None  # (B, T-1) targets
+        lm_t = F.cross_entropy(logits.reshape(-1, V), ids[:, 1:].reshape(-1), reduction="none")  # (B·(T-1),)
+        lm = lm_t.mean()
         parts = {"lm": lm.detach()}
+        loss = spec.lm_weight * self._weighted(lm_t, focus, parts, "lm")
         if spec.kd_weight > 0:
             tau = spec.kd_temperature
             with torch.no_grad(), acc.autocast():
                 t_logits = self.teacher(input_ids=ids, use_cache=False).logits[:, :-1].float()
             log_t = F.log_softmax(t_logits / tau, -1)
             log_s = F.log_softmax(logits / tau, -1)
-            kd = (log_t.exp() * (log_t - log_s)).sum(-1).mean() * tau * tau  # KL(teacher ‖ student)
-            loss = loss + spec.kd_weight * kd
-            parts["kd"] = kd.detach()
+            kd_t = (log_t.exp() * (log_t - log_s)).sum(-1).reshape(-1) * tau * tau  # KL(teacher ‖ student) per token
+            parts["kd"] = kd_t.mean().detach()
+            loss = loss + spec.kd_weight * self._weighted(kd_t, focus, parts, "kd")
         parts["loss"] = loss.detach()
         return loss, parts
+
+    def _weighted(self, per_token: Tensor, focus: Tensor | None, parts: dict, name: str) -> Tensor:
+        """The mean of ``per_token`` (B·(T-1),), plus ``answer_weight`` × its mean over the answers' tokens."""
+        if focus is None:
+            return per_token.mean()
+        on = focus.reshape(-1)
+        answer = (per_token * on).sum() / on.sum().clamp(min=1)
+        parts[f"{name}_answers"] = answer.detach()
+        return per_token.mean() + self.spec.answer_weight * answer

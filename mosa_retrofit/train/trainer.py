@@ -636,14 +636,16 @@ class Trainer:
         for m in range(tc.gradient_accumulation_steps):
             where = (s.samples, tc.micro_batch_size, m, acc.process_index, acc.num_processes)
             ids = self.train_blocks[self.schedule.micro_batch(*where)]
-            ids = needle_batch(ids, self.schedule.positions(*where), self.tokenizer, self.recipe.data.needles,
-                               self.recipe.seed).to(acc.device).long()
+            ids, answers = needle_batch(ids, self.schedule.positions(*where), self.tokenizer,
+                                        self.recipe.data.needles, self.recipe.seed)
+            ids = ids.to(acc.device).long()
+            answers = answers.to(acc.device) if answers is not None else None
             last = m == tc.gradient_accumulation_steps - 1
             if self.sharded:
                 net.set_requires_gradient_sync(last)
             sync = contextlib.nullcontext() if (kind.local or last or self.sharded) else acc.no_sync(net)
             with sync:
-                loss, parts = kind.loss(net, ids)
+                loss, parts = kind.loss(net, ids, answers)
                 acc.backward(loss / tc.gradient_accumulation_steps)
             for k, v in parts.items():
                 totals[k] = totals.get(k, 0) + v / tc.gradient_accumulation_steps

@@ -20,6 +20,12 @@ over the tokens that have such queries and are not sinks (the calibrated router'
 here at the training length instead of 512 tokens), estimated from FAR_QUERIES evenly spaced queries. The layer input x is detached: each router learns from its own layer only, and
 the forward of the model itself runs without autograd.
 
+With ``answer_weight`` > 0 and training blocks that hold keys and ask for them (``data.needles``), each unit's
+loss adds that weight times the same KL toward the far mass from the queries that predict the answers alone:
+what a retrieval query reaches for from beyond the window (the key sentence), which the mean over hundreds of
+queries hides. A router learns to pass a token only from such a target: the straight-through gate gives
+gradient to tokens already passed, never to one the threshold keeps out.
+
 Shape legend: B batch, T tokens, D width, n MoSA query heads of the layer, E units, G heads per unit, d head dim.
 """
 
@@ -48,11 +54,12 @@ this long): the mean attention from beyond the window is well estimated from a f
 4,096-token row then costs 1/8 of the full attention matrix."""
 
 
-def attention_mass(module: nn.Module, x: Tensor, W: HeadWeights, mask, cos, sin, far: int = 0
-                   ) -> tuple[Tensor, Tensor]:
+def attention_mass(module: nn.Module, x: Tensor, W: HeadWeights, mask, cos, sin, far: int = 0,
+                   queries: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Received dense-attention mass per MoSA unit (B, E, T) and the valid-token mask (B, T). With ``far`` > 0
     only queries at least ``far`` tokens after the key count, and the mass is their mean (0 without any), taken
-    over every ``ceil(T / FAR_QUERIES)``-th query (the last one included)."""
+    over every ``ceil(T / FAR_QUERIES)``-th query (the last one included), or over the ``queries`` (B, T) bool
+    of each row."""
     fam, plan = module.mosa_family, module.mosa_plan
     B, T, D = x.shape
     heads = torch.tensor(plan.mosa, device=x.device)  # (n,)
@@ -60,7 +67,10 @@ def attention_mass(module: nn.Module, x: Tensor, W: HeadWeights, mask, cos, sin,
     kv = torch.tensor([kv_of[h] for h in plan.mosa], device=x.device)  # (n,) K/V head of every query head
     i = torch.arange(T, device=x.device)
     stride = -(-T // FAR_QUERIES)  # ceil
-    rows = i if far == 0 else torch.arange(T - 1, -1, -stride, device=x.device).flip(0)  # (Q,) queries that count
+    if queries is not None:  # the positions any row asks from; each row counts its own
+        rows = queries.any(0).nonzero().flatten()  # (Q,)
+    else:
+        rows = i if far == 0 else torch.arange(T - 1, -1, -stride, device=x.device).flip(0)  # (Q,) queries that count
     q = torch.einsum("btD,ncD->bntc", x[:, rows], W.wq[heads])  # (B, n, Q, d)
     k = torch.einsum("btD,ncD->bntc", x, W.wk[kv])  # (B, n, T, d)
     if W.bq is not None:
@@ -87,11 +97,12 @@ def attention_mass(module: nn.Module, x: Tensor, W: HeadWeights, mask, cos, sin,
     allowed = allowed[None] & valid[:, None, :]  # (B, Q, T)
     allowed = allowed | (rows[:, None] == i[None, :])[None]  # no empty rows
     probs = s.masked_fill(~allowed[:, None], float("-inf")).softmax(-1)  # (B, n, Q, T)
-    probs = probs * valid[:, rows][:, None, :, None]  # padded queries give nothing
+    counted = valid[:, rows] if queries is None else valid[:, rows] & queries[:, rows]  # (B, Q)
+    probs = probs * counted[:, None, :, None]  # padded (or, with ``queries``, other) queries give nothing
     if far > 0:
         reach = (rows[:, None] - i[None, :]) >= far  # (Q, T) query i lies beyond key j's window
         probs = probs * reach
-        count = (reach[None] & valid[:, rows, None]).sum(1)  # (B, T) far real queries of each key
+        count = (reach[None] & counted[:, :, None]).sum(1)  # (B, T) far real queries of each key
         mass = probs.sum(-2) / count.clamp_min(1)[:, None]  # (B, n, T) mean far attention
     else:
         mass = probs.sum(-2)  # (B, n, T)
@@ -99,14 +110,16 @@ def attention_mass(module: nn.Module, x: Tensor, W: HeadWeights, mask, cos, sin,
     return mass.view(B, -1, G, T).sum(2), valid  # (B, E, T), (B, T)
 
 
-def warmup_target(module: nn.Module, x: Tensor, W: HeadWeights, mask, cos, sin) -> tuple[Tensor, Tensor]:
+def warmup_target(module: nn.Module, x: Tensor, W: HeadWeights, mask, cos, sin, queries: Tensor | None = None
+                  ) -> tuple[Tensor, Tensor]:
     """The routers' target mass (B, E, T) of a converted layer and the tokens it covers (B, T): total mass for
-    paper-form units; far mass, without sinks and tokens no query reaches from afar, for key-selection units."""
+    paper-form units; far mass, without sinks and tokens no query reaches from afar, for key-selection units;
+    from the ``queries`` (B, T) bool only, where given (else from all, or evenly spaced ones)."""
     group = next(g for g in module.mosa_groups if g.routed)
     cfg = module.mosa_plan.config
     B, T, _ = x.shape
     far = group.window(module.mosa_family.sliding_window(module)) if group.far_router else 0
-    mass, keep = attention_mass(module, x, W, mask, cos, sin, far)
+    mass, keep = attention_mass(module, x, W, mask, cos, sin, far, queries)
     keep = keep.clone()
     if far > 0:
         index = keep.long().cumsum(-1) - 1  # (B, T) position among the row's real tokens
@@ -133,19 +146,27 @@ def router_warmup_loss(router: Tensor, x: Tensor, mass: Tensor, keep: Tensor) ->
 class RouterWarmup:
     """Installs the warm-up observer on every converted layer and collects the per-layer losses."""
 
-    def __init__(self, layers: dict[int, nn.Module]):
+    def __init__(self, layers: dict[int, nn.Module], answer_weight: float = 0.0):
         unrouted = sorted(i for i, m in layers.items() if m.mosa_plan.mosa and not any(g.routed for g in m.mosa_groups))
         if unrouted:
             raise ValueError(f"router warm-up needs routed MoSA heads (sparse_heads 'mosa' or 'mosa_keys'), but "
                              f"layers {unrouted} have sparse_heads="
                              f"{layers[unrouted[0]].mosa_plan.config.sparse_heads!r}, which have no router")
         self.layers = layers
-        self.seen: list[tuple[nn.Module, Tensor, Tensor, Tensor]] = []
+        self.answer_weight = answer_weight
+        self.answers: Tensor | None = None  # (B, T) bool: the tokens of the next forward that answer (needles)
+        self.seen: list[tuple[nn.Module, Tensor, list]] = []
 
     def _observe(self, module, x, W, mask, cos, sin) -> None:
+        x = x.detach()
+        targets = []  # (weight, mass, keep): the loss is taken after the forward (pop_loss)
         with torch.no_grad():
-            mass, keep = warmup_target(module, x.detach(), W, mask, cos, sin)
-        self.seen.append((module, x.detach(), mass, keep))  # the loss is taken after the forward (pop_loss)
+            targets.append((1.0, *warmup_target(module, x, W, mask, cos, sin)))
+            if self.answer_weight > 0 and self.answers is not None and self.answers.any():
+                asking = torch.zeros_like(self.answers)
+                asking[:, :-1] = self.answers[:, 1:]  # the positions that predict an answer's tokens
+                targets.append((self.answer_weight, *warmup_target(module, x, W, mask, cos, sin, asking)))
+        self.seen.append((module, x, targets))
 
     def __enter__(self) -> RouterWarmup:
         for m in self.layers.values():
@@ -163,6 +184,9 @@ class RouterWarmup:
         if not self.seen:
             raise RuntimeError("no converted layer ran: nothing to warm up")
         with torch.enable_grad():
-            losses = [router_warmup_loss(gathered(m.mosa_router), x, mass, keep) for m, x, mass, keep in self.seen]
+            losses = []
+            for m, x, targets in self.seen:
+                router = gathered(m.mosa_router)
+                losses.append(sum(w * router_warmup_loss(router, x, mass, keep) for w, mass, keep in targets))
         self.seen = []
         return torch.stack(losses).mean()

@@ -87,9 +87,10 @@ def test_expert_choice_and_sigmoid_keys_refuse_to_decode():
             decode_incrementally(model, x)
 
 
-def test_every_attn_backend_gives_the_same_model():
-    """set_attn_backend switches the windowed heads' kernel on a converted model; flash, math and flex (compiled
-    on CPU) give the same logits, padding included; a bad name is refused before anything changes."""
+@pytest.mark.parametrize("other", ["flash", pytest.param("flex", marks=pytest.mark.slow)])  # (flex compiles: ~20 s)
+def test_every_attn_backend_gives_the_same_model(other):
+    """set_attn_backend switches the windowed heads' kernel on a converted model; flash and flex (compiled on
+    CPU) give the math backend's logits, padding included; a bad name is refused before anything changes."""
     import mosa_retrofit
 
     ids, mask = ids_and_mask(T=40)
@@ -98,15 +99,14 @@ def test_every_attn_backend_gives_the_same_model():
                      calibration=torch.randint(1, 128, (4, 40), generator=torch.Generator().manual_seed(0)))
     real = mask.bool()
     out = {}
-    for backend in ("math", "flash", "flex"):
+    for backend in ("math", other):
         mosa_retrofit.set_attn_backend(model, backend)
         assert {m.mosa_plan.config.attn_backend for m in mosa_layers(model).values()} == {backend}
         with torch.no_grad():
             out[backend] = model(ids, attention_mask=mask, use_cache=False).logits[real]
-    torch.testing.assert_close(out["flash"], out["math"], atol=1e-5, rtol=0)
-    torch.testing.assert_close(out["flex"], out["math"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(out[other], out["math"], atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="attn_backend must be one of"):
         mosa_retrofit.set_attn_backend(model, "triton")
-    assert {m.mosa_plan.config.attn_backend for m in mosa_layers(model).values()} == {"flex"}
+    assert {m.mosa_plan.config.attn_backend for m in mosa_layers(model).values()} == {other}
     with pytest.raises(ValueError, match="has no converted layer"):  # an unconverted model: said, not ignored
         mosa_retrofit.set_attn_backend(tiny_model("qwen2"), "flash")

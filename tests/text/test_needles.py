@@ -32,8 +32,8 @@ def decode(tok, ids):
 
 @pytest.mark.parametrize("n", [1, 4])
 def test_keys_sit_in_the_text_and_each_is_asked_once_with_its_answer(tok, block, n):
-    out = insert_needles(block, tok, n, random.Random(n))
-    assert out.shape == block.shape and out.dtype == block.dtype
+    out, answers = insert_needles(block, tok, n, random.Random(n))
+    assert out.shape == answers.shape == block.shape and out.dtype == block.dtype and answers.dtype == torch.bool
     text = decode(tok, out)
     qa_at = text.index(" Question:")
     keys = dict(KEY.findall(text[:qa_at]))
@@ -45,21 +45,34 @@ def test_keys_sit_in_the_text_and_each_is_asked_once_with_its_answer(tok, block,
     haystack = KEY.sub("", text[:qa_at])  # the rest is the block's own text, in order, from its start
     original = decode(tok, block)
     assert original.startswith(haystack) and len(haystack) > len(original) // 2
+    # the marked tokens are exactly the answers' codes, in the order asked (each " " + digits)
+    runs, run = [], []
+    for t, on in zip(out.tolist(), answers.tolist()):
+        if on:
+            run.append(t)
+        elif run:
+            runs, run = runs + [run], []
+    assert [decode(tok, torch.tensor(r)).strip() for r in runs] == [code for _, _, code in asked]
+    assert not answers[: len(tok(text[:qa_at], add_special_tokens=False)["input_ids"]) - 1].any()
 
 
 def test_no_needles_leaves_the_block_alone(tok, block):
-    assert insert_needles(block, tok, 0, random.Random(0)) is block
+    out, answers = insert_needles(block, tok, 0, random.Random(0))
+    assert out is block and not answers.any()
     ids = block.view(1, -1)
-    assert needle_batch(ids, torch.tensor([5]), tok, 0, seed=0) is ids
+    assert needle_batch(ids, torch.tensor([5]), tok, 0, seed=0) == (ids, None)
 
 
 def test_needles_depend_on_the_seed_and_the_sample_position_only(tok, block):
     ids = torch.stack([block, block])
-    a = needle_batch(ids, torch.tensor([3, 4]), tok, 3, seed=0)
-    b = needle_batch(ids, torch.tensor([3, 4]), tok, 3, seed=0)
-    assert torch.equal(a, b)  # a resumed run, or the control, reading positions 3 and 4 gets the same blocks
-    assert not torch.equal(a[0], a[1])  # the same block at two positions: different keys
-    assert not torch.equal(a, needle_batch(ids, torch.tensor([3, 4]), tok, 3, seed=1))
+    a, marks = needle_batch(ids, torch.tensor([3, 4]), tok, 3, seed=0)
+    b, marks_b = needle_batch(ids, torch.tensor([3, 4]), tok, 3, seed=0)
+    assert torch.equal(a, b) and torch.equal(marks, marks_b)  # a resumed run, or the control, reading positions 3
+    assert not torch.equal(a[0], a[1])  # and 4 gets the same blocks; the same block at two positions: other keys
+    assert not torch.equal(a, needle_batch(ids, torch.tensor([3, 4]), tok, 3, seed=1)[0])
+    for row, p in zip(range(2), (3, 4)):  # each row is insert_needles of its own position
+        alone = insert_needles(block, tok, 3, random.Random(f"needles-0-{p}"))
+        assert torch.equal(a[row], alone[0]) and torch.equal(marks[row], alone[1])
 
 
 @pytest.mark.parametrize("value", [-1, 17, True, 2.0, "3"])

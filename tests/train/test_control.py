@@ -26,9 +26,9 @@ def spy_adaptation_batches(monkeypatch) -> tuple[dict[str, list], dict]:
     current = {}
     plain_loss = stages.AdaptationStage.loss
 
-    def spy(self, net, ids):
+    def spy(self, net, ids, answers=None):
         seen[current["run"]].append(ids.clone())
-        return plain_loss(self, net, ids)
+        return plain_loss(self, net, ids, answers)
 
     monkeypatch.setattr(stages.AdaptationStage, "loss", spy)
     return seen, current

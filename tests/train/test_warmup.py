@@ -53,12 +53,15 @@ def test_attention_mass_matches_the_models_eager_attention(family):
         torch.testing.assert_close(mass, expected, atol=2e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("family, queries", [("llama", 512), ("qwen2", 512), ("llama", 7)])
+@pytest.mark.parametrize("family, queries", [("llama", 512), ("qwen2", 512), ("llama", 7), ("llama", "asked")])
 def test_far_mass_of_key_selection_units_matches_the_models_eager_attention(family, queries, monkeypatch):
     """Key-selection units learn the mean attention a token receives from queries beyond its window, summed over
     the unit's heads, over the tokens that are not sinks and have such queries (a plain loop over the original
-    model's attention matrices); from every ceil(T / FAR_QUERIES)-th query counted back from the last."""
-    monkeypatch.setattr(warmup, "FAR_QUERIES", queries)
+    model's attention matrices); from every ceil(T / FAR_QUERIES)-th query counted back from the last, or
+    ('asked') from the queries a (B, T) mask names, each row its own."""
+    asked = torch.zeros(2, 24, dtype=torch.bool)
+    asked[0, [17, 22, 23]] = asked[1, [12, 20]] = True
+    monkeypatch.setattr(warmup, "FAR_QUERIES", 512 if queries == "asked" else queries)
     model = tiny_model(family)
     g = torch.Generator().manual_seed(2)
     B, T, w, sinks = 2, 24, 5, 2
@@ -71,7 +74,8 @@ def test_far_mass_of_key_selection_units_matches_the_models_eager_attention(fami
     seen = {}
 
     def observe(module, x, W, m, cos, sin):
-        seen[module.layer_idx] = (warmup_target(module, x, W, m, cos, sin), module)
+        seen[module.layer_idx] = (warmup_target(module, x, W, m, cos, sin, asked if queries == "asked" else None),
+                                  module)
 
     for mod in mosa_layers(model).values():
         mod.mosa_observer = observe
@@ -80,9 +84,11 @@ def test_far_mass_of_key_selection_units_matches_the_models_eager_attention(fami
     assert sorted(seen) == sorted(ref)
     for idx, ((mass, keep), module) in seen.items():
         units = next(gr for gr in module.mosa_groups if gr.routed).units
-        stride = -(-T // queries)
-        sampled = set(range(T - 1, -1, -stride))
         for b in range(B):
+            if queries == "asked":
+                sampled = {i for i in range(T) if asked[b, i]}
+            else:
+                sampled = set(range(T - 1, -1, -(-(-T // queries))))
             real = [t for t in range(T) if mask[b, t]]
             for t in range(T):
                 far = [i for i in real if i - t >= w and i in sampled]
@@ -131,3 +137,38 @@ def test_warmup_gradients_reach_only_routers_through_the_observer(kind):
     assert all(m.mosa_router.grad is not None and m.mosa_router.grad.abs().sum() > 0 for m in layers.values())
     assert all(p.grad is None for n, p in model.named_parameters() if "mosa_router" not in n)
     assert all("mosa_observer" not in m.__dict__ for m in layers.values())  # removed on exit
+
+
+def test_answer_weight_adds_the_far_mass_of_the_queries_that_predict_answers():
+    """RouterWarmup(answer_weight=a): per layer, KL toward the usual far target plus a x KL toward the far mass of
+    the queries just before answer tokens (each row its own); without answers, the usual loss alone."""
+    model = tiny_model("llama")
+    convert_(model, plain_config(sparsity=4, dense_heads=1, sparse_heads="mosa_keys", local_window=4, sink_tokens=1,
+                                 router_granularity="kv_group"))
+    ids = torch.randint(1, 128, (2, 24), generator=torch.Generator().manual_seed(3))
+    answers = torch.zeros(2, 24, dtype=torch.bool)
+    answers[0, 20:23] = answers[1, 15] = True
+    asking = torch.zeros_like(answers)
+    asking[0, 19:22] = asking[1, 14] = True
+    layers = mosa_layers(model)
+    seen = []
+
+    def record(module, x, W, m, cos, sin):
+        seen.append((module, x, warmup_target(module, x, W, m, cos, sin),
+                     warmup_target(module, x, W, m, cos, sin, asking)))
+
+    for mod in layers.values():
+        mod.mosa_observer = record
+    with torch.no_grad():
+        model(ids)
+    expected = torch.stack([router_warmup_loss(m.mosa_router, x, *plain) + 2.5 * router_warmup_loss(m.mosa_router, x, *asked)
+                            for m, x, plain, asked in seen]).mean()
+    alone = torch.stack([router_warmup_loss(m.mosa_router, x, *plain) for m, x, plain, _ in seen]).mean()
+    assert any(asked[0].sum() > 0 for *_, asked in seen)  # the answers' queries do reach keys beyond the window
+    for answered, want in ((answers, expected), (None, alone)):
+        with RouterWarmup(layers, answer_weight=2.5) as w:
+            w.answers = answered
+            with torch.no_grad():
+                model(ids)
+            got = w.pop_loss()
+        assert abs(got.item() - want.item()) < 1e-6 and got.item() > 0
