@@ -33,13 +33,14 @@ def _curve(out: Path) -> list[dict]:
 
 
 def _objective(stage: dict) -> str:
+    answers = stage.get("answer_weight", 0.0)
     if stage["kind"] == "router_warmup":
-        return "KL to the dense attention mass"
+        return "KL to the dense attention mass" + (f" + {answers:g} x that of the answers' queries" if answers else "")
     if stage["kind"] == "layer_distill":
         return "layer outputs"
     parts = [f"{w:g} LM" for w in [stage.get("lm_weight", 1.0)] if w] + \
             [f"{w:g} KD" for w in [stage.get("kd_weight", 0.0)] if w]
-    return " + ".join(parts)
+    return " + ".join(parts) + (f", answers +{answers:g}x" if answers else "")
 
 
 def _keys(found: dict) -> str:

@@ -238,7 +238,8 @@ class EvaluationSpec:
     passkey_variants: list = field(default_factory=lambda: ["single"])
     """'single' (one key in filler) and/or 'multi' (the key among distractor keys)."""
     long_every: int = 0
-    """Also run the long-context checks every N steps (a learning curve; 0: only at the three points above)."""
+    """Also run the long-context checks every N steps of a stage and at every stage's end (a learning curve; 0:
+    only at the three points above)."""
 
     def __post_init__(self):
         positive_int("every", self.every, 0)

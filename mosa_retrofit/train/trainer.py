@@ -596,7 +596,7 @@ class Trainer:
             s.peft = self.lora_on = False
         self.student.requires_grad_(True)
         s.step = stage.steps
-        self._eval_record(stage.name, stage.steps, f"after {stage.name}", long=i == len(r.stages) - 1)
+        self._eval_record(stage.name, stage.steps, f"after {stage.name}", long=self._long_at_end(i))
         self._save(None, None)
         self.say(f"stage {stage.name} done in {time.perf_counter() - t_stage:.0f} s")
         s.stage, s.step = i + 1, 0
@@ -613,9 +613,13 @@ class Trainer:
         self.say(f"control: stage {stage.name} ({stage.kind}, trainable {stage.trainable}) trains nothing in the "
                  f"original model; its {steps} steps' {batch * steps} blocks are passed over")
         s.step = stage.steps
-        self._eval_record(stage.name, stage.steps, f"after {stage.name}", long=i == len(r.stages) - 1)
+        self._eval_record(stage.name, stage.steps, f"after {stage.name}", long=self._long_at_end(i))
         self._save(None, None)
         s.stage, s.step = i + 1, 0
+
+    def _long_at_end(self, i: int) -> bool:
+        """The long-context checks close the last stage, and every stage when a learning curve is asked for."""
+        return i == len(self.recipe.stages) - 1 or bool(self.recipe.evaluation.long_every)
 
     def _optimizer(self, stage: StageSpec, plain: list, masked: list):
         """AdamW over the stage's parameters (no weight decay on MoSA slices) and its warm-up + cosine schedule."""

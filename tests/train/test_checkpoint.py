@@ -189,6 +189,7 @@ def test_kills_at_random_moments_and_damage_resume_bit_identical(world, tmp_path
     assert same_final(out, reference)
 
 
+@pytest.mark.slow  # (CLI processes killed at random times: ~20 s)
 def test_sigkill_from_outside_at_random_times(world, tmp_path, reference):
     """The real thing: ``kill -9`` on the CLI process at random wall-clock times, then ``--resume``."""
     out = tmp_path / "run"

@@ -74,6 +74,7 @@ def test_two_fsdp_processes_match_one(world, two, tmp_path):
     assert {k: v for k, v in model.state_dict().items() if k in b}.keys() == b.keys()
 
 
+@pytest.mark.slow  # (three torchrun launches: ~25 s)
 def test_a_killed_fsdp_run_resumes_bit_exactly(world, tmp_path):
     over = {"stages": [{"name": "router_warmup", "kind": "router_warmup", "steps": 4, "lr": 0.01},
                        {"name": "adaptation", "kind": "adaptation", "steps": 20, "trainable": "all", "kd_weight": 0.5}]}
