@@ -7,11 +7,10 @@ from pathlib import Path
 
 import torch
 
-from .convert import check_writable_parent, checked_device
+from .convert import DTYPES, check_writable_parent, checked_device
 from .flags import COUNT, COUNTS, NONNEGATIVE, SPARSITIES, SPARSITY, THREADS
 
 WHAT = ("model", "keys", "attention", "generate")  # the bench subcommands
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def add_parser(sub) -> None:

@@ -143,7 +143,7 @@ def _convert_into(args: argparse.Namespace, config, device: torch.device, out: P
 
     source = resolve_model(args.model)
     hf_config = read_config(source)
-    check_lengths(config, args, positions_of(hf_config))
+    calib_length = check_lengths(config, args, positions_of(hf_config))
     saved = getattr(hf_config, "mosa", None)
     if saved:
         base = saved.get("base_model_name_or_path") if isinstance(saved, dict) else None
@@ -166,9 +166,9 @@ def _convert_into(args: argparse.Namespace, config, device: torch.device, out: P
                          "--no-check for a bare checkpoint)")
     calibration = blocks = before = None
     if config.uses_calibration:
-        calibration = calibration_ids(tokenizer, args.calibration_data, args.calib_sequences, args.calib_length)
+        calibration = calibration_ids(tokenizer, args.calibration_data, args.calib_sequences, calib_length)
     if args.check:
-        blocks = PROTOCOL.blocks(tokenizer, getattr(model.config, "max_position_embeddings", None))
+        blocks = PROTOCOL.blocks(tokenizer, positions_of(model.config))
         before = perplexity(model, blocks, progress=True)
     convert_(model, config, calibration=calibration, tokenizer=tokenizer)
     after = None
@@ -210,23 +210,24 @@ def checked_device(name: str) -> torch.device:
     return device
 
 
-def check_lengths(config: MoSAConfig, args: argparse.Namespace, positions: int | None) -> None:
-    """Lengths against the model's positions and what calibration can fit, before the model is loaded."""
+def check_lengths(config: MoSAConfig, args: argparse.Namespace, positions: int | None) -> int:
+    """Lengths against the model's positions and what calibration can fit, before the model is loaded; returns
+    the calibration length (``--calib-length``, or 512 tokens where the model has them)."""
     explicit = getattr(args, "local_window", None) is not None  # the default window on a short model: noted later
     if explicit and positions is not None and HEAD_GROUPS[config.sparse_heads].windowed \
             and config.local_window >= positions:
         raise ValueError(f"--local-window {config.local_window:,} covers all {positions:,} positions of "
                          f"{args.model}: its '{config.sparse_heads}' heads would attend every token (a no-op); give "
                          f"--local-window < {positions:,}")
-    if args.calib_length is None:
-        args.calib_length = min(512, positions or 512)
+    length = args.calib_length if args.calib_length is not None else min(512, positions or 512)
     if config.uses_calibration:
-        within_positions("--calib-length", args.calib_length, positions, args.model)
+        within_positions("--calib-length", length, positions, args.model)
         floor = config.calibration_floor
-        if args.calib_length < floor:
-            raise ValueError(f"--calib-length {args.calib_length} is too short to calibrate this conversion: it "
+        if length < floor:
+            raise ValueError(f"--calib-length {length} is too short to calibrate this conversion: it "
                              f"needs >= {floor} tokens per sequence (one routed token at sparsity "
                              f"{config.sparsity:g})")
+    return length
 
 
 def check_writable_parent(path: Path, what: str) -> None:

@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
         models[base] = load_any(base)[0]
     models[args.model] = model
     tokenizer = load_tokenizer(source)
-    limit = getattr(model.config, "max_position_embeddings", None)
+    limit = positions_of(model.config)
     if limit:
         lengths = [L for L in args.lengths if L <= limit]
         contexts = [L for L in args.contexts if L + args.score_tokens <= limit]

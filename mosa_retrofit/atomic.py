@@ -98,3 +98,18 @@ def replace_folder(tmp: str | Path, target: str | Path) -> None:
             os.replace(old, target)
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_folder(target: str | Path, prefix: str | None = None, publish=replace_folder):
+    """A fresh hidden folder beside ``target`` (``prefix``, default ``.tmp-NAME-``) to fill in the block; when the
+    block ends, ``publish(tmp, target)`` puts it in place (by default ``replace_folder``); if the block or the
+    publishing fails, the temporary folder is removed (a SIGKILL leaves it for the writer's own sweep)."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=prefix or f".tmp-{target.name}-"))
+    try:
+        yield tmp
+        publish(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # (gone after a rename: nothing to remove)

@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 from ..ops.routing import tokens_per_head
 from ..text.data import DataSpec, builtin_parts, documents, token_stream
 from ..text.protocol import PROTOCOL
+from ..validate import positions_of
 from .families import family_of, head_to_kv
 from .hub import load_tokenizer
 
@@ -154,7 +155,7 @@ def default_calibration(model: nn.Module, tokenizer=None, sequences: int = 16, l
     """(sequences, length) token ids of the embedded Wikipedia text (training articles only: the held-out ones
     stay unseen), tokenised by ``tokenizer`` or by the model's own (``model.name_or_path``)."""
     tokenizer = model_tokenizer(model, tokenizer)
-    limit = getattr(model.config, "max_position_embeddings", None) or length
+    limit = positions_of(model.config) or length
     return calibration_ids(tokenizer, "wikipedia-offline", sequences, min(length, limit), progress=False)
 
 

@@ -14,6 +14,7 @@ from torch import nn
 from .. import __version__
 from ..atomic import write_atomic
 from ..text.assets import DEFAULT_HUB_ID, DEFAULT_LICENSE, DEFAULT_MODEL, is_hub_id
+from ..validate import positions_of
 from .costs import attention_costs, ratios
 from .families import attention_layers
 from .hub import REQUIRES
@@ -63,7 +64,7 @@ def card_text(model: nn.Module, adapter: bool = False) -> str:
     if lic:
         front.append(f"license: {lic}")
     front.append("---")
-    positions = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    positions = positions_of(cfg)
     costs = attention_costs(model, 1024)
     heads = sum(c.dense + c.local + c.mosa + c.pruned for c in costs)
     dense = sum(c.dense for c in costs)

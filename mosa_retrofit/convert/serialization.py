@@ -20,13 +20,13 @@ import functools
 import logging
 import os
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from ..atomic import atomic_folder
 from ..text.assets import model_reference, resolve_model
 from .adapter import ADAPTER_WEIGHTS, FORMAT, check_unchanged, fingerprint, is_adapter, is_mosa_tensor, write_adapter
 from .attention import init_router_, init_threshold_
@@ -212,9 +212,8 @@ def save(model: nn.Module, path, adapter_only: bool = False, tokenizer=None, ove
                                   "'mosa' block): it is left alone; choose a new path")
     if adapter_only:
         check_unchanged(model)  # before anything is written
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-{os.getpid()}-"))
-    try:
+    publish = functools.partial(_publish, overwrite=overwrite)
+    with atomic_folder(path, prefix=f".{path.name}.tmp-{os.getpid()}-", publish=publish) as tmp:
         if adapter_only:
             write_adapter(model, tmp)
             declare(tmp)
@@ -223,26 +222,29 @@ def save(model: nn.Module, path, adapter_only: bool = False, tokenizer=None, ove
             model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if not overwrite:
-            try:  # one atomic step: it fails if something was put at path while this ran
-                os.rename(tmp, path)
-            except OSError:
-                keep = path.parent / f"{path.name}.unsaved-{os.getpid()}"
-                os.rename(tmp, keep)
-                raise FileExistsError(f"{path} appeared while this ran and is left alone; the converted model is in "
-                                      f"{keep}") from None
-        else:
-            if path.exists() and not _is_converted_folder(path):
-                raise FileExistsError(f"{path} is no longer a converted model's folder and is left alone")
-            old = path.parent / f".{path.name}.old-{os.getpid()}" if path.exists() else None
-            if old is not None:
-                os.replace(path, old)
-            os.replace(tmp, path)
-            if old is not None:
-                shutil.rmtree(old)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def _publish(tmp: Path, path: Path, overwrite: bool) -> None:
+    """Put the finished folder ``tmp`` at ``path``: by one rename that fails if something appeared there meanwhile
+    (kept aside as ``NAME.unsaved-PID``, said), or with ``overwrite`` over a converted model's folder only."""
+    if not overwrite:
+        try:
+            os.rename(tmp, path)
+        except OSError:
+            keep = path.parent / f"{path.name}.unsaved-{os.getpid()}"
+            os.rename(tmp, keep)
+            raise FileExistsError(f"{path} appeared while this ran and is left alone; the converted model is in "
+                                  f"{keep}") from None
+        return
+    if path.exists() and not _is_converted_folder(path):
+        raise FileExistsError(f"{path} is no longer a converted model's folder and is left alone")
+    old = path.parent / f".{path.name}.old-{os.getpid()}" if path.exists() else None
+    if old is not None:
+        os.replace(path, old)
+    os.replace(tmp, path)
+    if old is not None:
+        shutil.rmtree(old)
 
 
 def _is_converted_folder(path) -> bool:

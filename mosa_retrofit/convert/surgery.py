@@ -86,7 +86,7 @@ def gather(model: nn.Module, config: MoSAConfig, calibration: Tensor | None = No
     if (scored or fitted) and calibration is None and stats is None:
         calibration = default_calibration(model, tokenizer)
     if config.head_choice == "retrieval" and retrieval is None:
-        length = min(1024, getattr(model.config, "max_position_embeddings", None) or 1024)
+        length = min(1024, positions_of(model.config) or 1024)
         prompts = default_retrieval_prompts(model_tokenizer(model, tokenizer), length=length)
         retrieval = retrieval_scores(model, prompts, list(modules), progress)
     windows = tuple(sorted({w for w in _windows(config, family, modules).values() if w is not None}))
@@ -235,7 +235,7 @@ def check_config(model: nn.Module, config: MoSAConfig, filter_fn: Callable[[nn.M
         raise ValueError(f"this config converts no attention layer (dense_heads={config.dense_heads!r} keeps every "
                          f"head of the selected layers dense, or layers={config.layers!r} / the filter selects none): "
                          "nothing to convert; keep fewer heads dense or select some layers")
-    positions = getattr(model.config, "max_position_embeddings", None)
+    positions = positions_of(model.config)
     if config.routed and isinstance(positions, int) and config.sparsity > positions:
         raise ValueError(f"MoSAConfig.sparsity={config.sparsity:g} routes less than one token per sequence of the "
                          f"model's {positions} positions; use a sparsity in 1..{positions}")
@@ -281,7 +281,7 @@ def apply_plan_(model: nn.Module, plans: dict[int, LayerPlan], evidence: Evidenc
             m.register_buffer("mosa_threshold", torch.empty(len(units), device=ref.device, dtype=torch.float32))
             init_threshold_(m.mosa_threshold, config.sparsity)
     if evidence is not None and config.routing == "causal" and evidence.calibration is not None:
-        positions = getattr(model.config, "max_position_embeddings", None)
+        positions = positions_of(model.config)
         calibrate_thresholds_(model, threshold_rows(evidence.calibration, config.threshold_length, positions))
     if evidence is not None and config.routing == "causal":
         model.config.mosa_thresholds_for = config.sparsity  # what the thresholds route (checked on load)

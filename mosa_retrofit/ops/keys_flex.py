@@ -87,8 +87,7 @@ def flex_inputs(q: Tensor, k: Tensor, v: Tensor, window: int, far: FarKeys | Non
     else:
         kk, vv = k, v
         fpos = fval = None
-    kvalid = key_valid if key_valid is not None else None
-    w = window
+    kvalid, w = key_valid, window
 
     def mask_mod(b, h, q_idx, kv_idx):
         j = kv_idx - Mp  # position of a band key
@@ -108,8 +107,8 @@ def flex_inputs(q: Tensor, k: Tensor, v: Tensor, window: int, far: FarKeys | Non
     # band: key blocks overlapping [qs - w + 1, qe]; whole if every query of the block sees every key of it
     band_any = (kb[None] * BK >= Mp) & (ke[None] >= (qs[:, None] - w + 1)) & (ks[None] <= qe[:, None])  # (NQ, NK)
     band_full = band_any & (ks[None] >= qe[:, None] - w + 1) & (ke[None] <= qs[:, None]) & (ke[None] < T)
-    if kvalid is not None:
-        band_full = band_full & False
+    if kvalid is not None:  # padding: no block is whole, every one consults its mask
+        band_full = torch.zeros_like(band_full)
     partial = band_any & ~band_full  # (NQ, NK)
     partial = partial[None, None].expand(B, E, NQ, NK)
     if Mp:

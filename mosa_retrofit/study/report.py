@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import math
-import os
 import time
 from pathlib import Path
 
 import torch
 
+from ..atomic import savefig_atomic, write_atomic
 from .spec import StudySpec, format_number
 
 
@@ -38,9 +38,7 @@ def write_report(rows: list[dict], spec: StudySpec, out: Path, command: str) -> 
 
     original = next((r for r in rows if r["method"] == "original"), None)
     text = render_markdown(rows, original, spec, command)
-    tmp = out / ".study.md.tmp"
-    tmp.write_text(text)
-    os.replace(tmp, out / "study.md")
+    write_atomic(out / "study.md", text)
     if original is not None and len(rows) > 1:
         plot_study(rows, original, out / "study.png", spec)
 
@@ -177,10 +175,8 @@ def plot_study(rows: list[dict], original: dict, path: Path, spec: StudySpec) ->
     fig.suptitle(f"MoSA retrofit of {spec.model}: perplexity kept vs attention compute (lines: best point at that "
                  "compute or less, no training; stars: adapted; dotted: 1.05x and 3x-lower FLOPs)", fontsize=8.5)
     fig.tight_layout()
-    tmp = path.with_name("." + path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    savefig_atomic(fig, path, dpi=110)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def machine() -> str:

@@ -13,10 +13,10 @@ import bz2
 import importlib.util
 import os
 import re
-import shutil
-import tempfile
 import xml.etree.ElementTree as ET
 from pathlib import Path
+
+from ..atomic import atomic_folder
 
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the embedded default is
@@ -55,15 +55,12 @@ def smollm2_dir() -> Path:
         del config.quantization_config  # save_pretrained refuses GGUF-loaded models otherwise
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(gguf_model.state_dict())
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-smollm2-"))
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)  # atomic: a half-written folder is never mistaken for the model
+    try:  # atomic: a half-written folder is never mistaken for the model
+        with atomic_folder(target, prefix=".tmp-smollm2-", publish=os.replace) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
     except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (target / "config.json").exists():
+        if not (target / "config.json").exists():  # (another process converted it meanwhile: theirs is whole)
             raise
     return target
 

@@ -25,7 +25,6 @@ import math
 import os
 import random
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -34,7 +33,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from ..atomic import output_lock, replace_folder, write_atomic
+from ..atomic import atomic_folder, output_lock, write_atomic
 from ..convert.attention import mosa_layers
 from ..convert.compat import enable_activation_checkpointing
 from ..convert.config import MoSAConfig
@@ -347,7 +346,7 @@ class Trainer:
                              exclude=self.long_texts)
         self.train_blocks = corpus.blocks("train", r.data.block_size)
         E = r.evaluation
-        limit = getattr(teacher.config, "max_position_embeddings", None) or PROTOCOL.block_size
+        limit = positions_of(teacher.config) or PROTOCOL.block_size
         vb = E.block_size or min(PROTOCOL.block_size, limit, corpus.validation.numel())
         self.val_blocks = corpus.blocks("validation", vb)[: max((E.tokens or PROTOCOL.tokens) // vb, 1)]
         self.schedule = BlockSchedule(len(self.train_blocks), r.seed)
@@ -604,7 +603,7 @@ class Trainer:
     def _pass_over(self, i: int, stage: StageSpec, start_step: int) -> None:
         """Control run, a stage with nothing to train in the original: its steps' blocks are consumed without a
         step, so that every later stage reads the blocks the converted run reads, at the same global steps."""
-        r, s, tc = self.recipe, self.state, self.recipe.training
+        s, tc = self.state, self.recipe.training
         batch = tc.micro_batch_size * self.acc.num_processes * tc.gradient_accumulation_steps
         steps = stage.steps - start_step
         s.samples += batch * steps
@@ -766,15 +765,10 @@ class Trainer:
         full = sharding.full_state_dict(self.student) if self.sharded else None  # collective
         if acc.is_main_process:
             final = self.out / "final"
-            tmp = Path(tempfile.mkdtemp(dir=self.out, prefix=".tmp-final-"))
-            try:  # final/ is the old model or the new one, never half of one; no temporary survives Ctrl-C
+            with atomic_folder(final, prefix=".tmp-final-") as tmp:  # final/ is the old model or the new one
                 model = acc.unwrap_model(self.student)
                 model.save_pretrained(tmp, **({"state_dict": full} if full is not None else {}))
                 self.tokenizer.save_pretrained(tmp)
-                replace_folder(tmp, final)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
             write_atomic(self.out / "summary.json", json.dumps(summary, indent=1))
             table = summary_table(summary, sibling_summary(self.out, r.control))
             write_atomic(self.out / "summary.md", table + "\n")
