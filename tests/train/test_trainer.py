@@ -344,3 +344,20 @@ def test_a_second_run_into_a_running_runs_output_dir_stops_in_one_line(world, tm
     assert not out.exists() and [p.name for p in tmp_path.iterdir()] == []
     run(world, out, ["stages.adaptation.steps=1", "stages.router_warmup.steps=1"])  # the lock gone: it runs
     assert (out / "final").is_dir()
+
+
+@pytest.mark.parametrize("every", [0, 3])
+def test_long_checks_fall_every_n_steps_and_at_every_stage_end(world, tmp_path, monkeypatch, every):  # noqa: F811
+    """The learning curve's points: with ``long_every`` N the long checks run after conversion, every N steps of
+    each stage and at each stage's end; with 0, after conversion and after the last stage only."""
+    from mosa_retrofit.train.trainer import Trainer
+
+    calls = []
+    monkeypatch.setattr(Trainer, "long_evaluate", lambda self, model: calls.append(1) or {"long": {"64": len(calls)}})
+    out = tmp_path / "run"
+    run(world, out, [f"evaluation.long_every={every}", "evaluation.before_conversion=false"])
+    got = [(r["stage"], r["step"]) for r in records(out, "validation") if "long" in r]
+    # stages: router_warmup 4 steps, adaptation 6 steps (train_fixtures.recipe_dict)
+    want = [("after conversion", 0)] + ([("router_warmup", 3), ("router_warmup", 4), ("adaptation", 3)] if every
+                                        else []) + [("adaptation", 6)]
+    assert got == want and len(calls) == len(want)
