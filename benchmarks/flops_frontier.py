@@ -1,13 +1,15 @@
 """Where the FLOPs go: quality against attention FLOPs and KV bytes at 8,192 tokens for the levers a conversion
 has (dense fraction, window, routed share, which layers convert). SmolLM2-135M, no training, one run.
 
-    python benchmarks/flops_frontier.py [--points default,d10-w192,...] [--trials 2] [--quick]
+    python benchmarks/flops_frontier.py [--points default,d10-w192,...] [--trials 2] [--quick] [--adapted DIR ...]
 
 Every point keeps dense the KV groups of highest retrieval score (the default's choice; fewer or more of them)
 and turns the others into key-selection units; each is measured beside the original on held-out perplexity
 (the shared protocol), long-document perplexity (the final 256 tokens of Shakespeare's plays given 4,096 and
-7,936 tokens before them) and single-key passkey retrieval at 2k / 4k / 8k. Writes
-benchmarks/results/flops_frontier.md and docs/results/flops_frontier.png.
+7,936 tokens before them) and single-key passkey retrieval at 2k / 4k / 8k. ``sparse-recipe`` is the conversion
+of recipes/smollm2-sparse.yaml; ``--adapted`` adds saved models (such as that recipe's ``final/``), measured the same
+way, as rows of their own beside the zero-shot points. Writes benchmarks/results/flops_frontier.md and
+docs/results/flops_frontier.png.
 """
 
 from __future__ import annotations
@@ -17,6 +19,10 @@ import random
 import time
 from pathlib import Path
 
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
 # name -> MoSAConfig fields ({}: the library default)
 POINTS = {
     "default": {},
@@ -24,6 +30,7 @@ POINTS = {
     "d10-w192": dict(dense_heads=0.10, local_window=192),
     "d10-w256-s128": dict(dense_heads=0.10, sparsity=128),
     "d10-w128": dict(dense_heads=0.10, local_window=128),
+    "sparse-recipe": yaml.safe_load((ROOT / "recipes" / "smollm2-sparse.yaml").read_text())["conversion"]["mosa"],
 }
 
 
@@ -40,6 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--contexts", type=ints, default=[4096, 7936], help="long-document contexts")
     p.add_argument("--documents", type=int, default=1, help="plays scored")
     p.add_argument("--quick", action="store_true", help="2 trials at 2k only, one context")
+    p.add_argument("--adapted", nargs="*", default=[], metavar="DIR", help="saved (trained) models to measure too")
     p.add_argument("--out", default="benchmarks/results/flops_frontier.md")
     p.add_argument("--plot", default="docs/results/flops_frontier.png")
     args = p.parse_args(argv)
@@ -49,6 +57,9 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [n for n in names if n not in POINTS]
     if unknown:
         raise SystemExit(f"unknown points {unknown}; known: {list(POINTS)}")
+    missing = [d for d in args.adapted if not (Path(d) / "config.json").exists()]
+    if missing:
+        raise SystemExit(f"--adapted: no saved model (config.json) in {missing}")
 
     from mosa_retrofit import MoSAConfig, convert_
     from mosa_retrofit.convert.calibration import collect_stats, default_calibration
@@ -94,22 +105,30 @@ def main(argv: list[str] | None = None) -> None:
         rows[name] = dict(measure(model), flops=cost.flops, kv=cost.kv_bytes)
         print(name, rows[name], flush=True)
         del model
+    for path in args.adapted:
+        model = load_any(path)[0]
+        cost = cost_ratios(model, 8192)
+        label = Path(path).parent.name if Path(path).name == "final" else Path(path).name  # (a run's final/)
+        rows[label] = dict(measure(model), flops=cost.flops, kv=cost.kv_bytes, adapted=True)
+        print(label, rows[label], flush=True)
+        del model
 
     base = rows["original"]
     cols = ["held-out"] + [f"long {L}" for L in args.contexts]
     head = ("| point | fields | attn FLOPs @8k | KV bytes @8k | " + " | ".join(
         f"{c} ppl (× original)" for c in cols) + " | passkey found of " + f"{args.trials} (" + " · ".join(
         f"{L // 1024}k" for L in args.lengths) + ") |")
-    lines = ["# Where the FLOPs go: quality against attention FLOPs at 8,192 tokens, SmolLM2-135M-Instruct, no "
-             "training", "",
+    lines = ["# Where the FLOPs go: quality against attention FLOPs at 8,192 tokens, SmolLM2-135M-Instruct"
+             + (", zero-shot and adapted" if args.adapted else ", no training"), "",
              f"Command: `python benchmarks/flops_frontier.py {' '.join(argv) if argv else ''}`".rstrip(), "",
              f"Machine: {machine()}; {time.strftime('%Y-%m-%d')}; {time.time() - started:.0f} s in all.", "",
              f"Held-out: {PROTOCOL.describe()}. Long: the final 256 tokens of {len(docs)} play(s) given the context "
              f"before them. Passkey: single key at depths 25 % and 75 %, teacher forced. Every point keeps dense the "
              f"KV groups of highest retrieval score.", "", head, "|" + "---|" * (5 + len(cols)) ]
     for name, row in rows.items():
-        fields = ", ".join(f"{k}={v}" for k, v in POINTS.get(name, {}).items()) or ("-" if name == "original" else
-                                                                                    "MoSAConfig()")
+        fields = "adapted: the saved model" if row.get("adapted") else "recipes/smollm2-sparse.yaml's conversion" \
+            if name == "sparse-recipe" else ", ".join(f"{k}={v}" for k, v in POINTS.get(name, {}).items()) or (
+                "-" if name == "original" else "MoSAConfig()")
         figs = " | ".join(f"{row[c]:.2f} ({row[c] / base[c]:.3f})" for c in cols)
         keys = " · ".join(str(row[f"passkey {L}"]) for L in args.lengths)
         lines.append(f"| {name} | {fields} | {row['flops']:.3f}x | {row['kv']:.3f}x | {figs} | {keys} |")
@@ -133,7 +152,8 @@ def _plot(rows: dict, cols: list[str], lengths: list[int], path: str) -> None:
             continue
         kept = all(row[f"passkey {L}"] >= base[f"passkey {L}"] for L in lengths)
         for ax, col in zip(axes, (cols[0], cols[-1])):
-            ax.scatter(row["flops"], row[col] / base[col], marker="o" if kept else "x", color="C0" if kept else "C3")
+            ax.scatter(row["flops"], row[col] / base[col], marker="*" if row.get("adapted") else "o" if kept else "x",
+                       s=90 if row.get("adapted") else None, color="C0" if kept else "C3")
             ax.annotate(name, (row["flops"], row[col] / base[col]), fontsize=7, xytext=(3, 3),
                         textcoords="offset points")
     for ax, col in zip(axes, (cols[0], cols[-1])):
@@ -141,7 +161,7 @@ def _plot(rows: dict, cols: list[str], lengths: list[int], path: str) -> None:
         ax.axvline(0.35, color="grey", lw=0.8, ls=":")
         ax.set_xlabel("attention FLOPs at 8,192 tokens (× original)")
         ax.set_ylabel(f"{col} perplexity (× original)")
-    fig.suptitle("Quality against FLOPs (o: passkey as the original's, x: keys lost)")
+    fig.suptitle("Quality against FLOPs (o: passkey as the original's, x: keys lost; *: adapted, blue if kept)")
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

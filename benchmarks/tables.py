@@ -282,10 +282,11 @@ def sparse_row() -> list[str]:
     import yaml
 
     recipe = yaml.safe_load((ROOT / "recipes" / "smollm2-sparse.yaml").read_text())
-    mosa, steps = recipe["conversion"]["mosa"], sum(st["steps"] for st in recipe["stages"])
-    block = recipe["data"]["block_size"]
+    mosa, block = recipe["conversion"]["mosa"], recipe["data"]["block_size"]
+    word = {"router_warmup": "router warm-up", "layer_distill": "layer distillation", "adaptation": "distillation"}
+    steps = " + ".join(f"{st['steps']} steps of {word[st['kind']]}" for st in recipe["stages"])
     return [f"`train recipes/smollm2-sparse.yaml`: window {mosa['local_window']} + 1/{mosa['sparsity']} routed, a "
-            f"tenth of the groups dense, {steps} steps of distillation at {block // 1024}k ({wall} min end to end)",
+            f"tenth of the groups dense, {steps} at {block // 1024}k ({wall} min end to end)",
             first(last["held-out ppl"]), first(next(last[c] for c in last if c.startswith("long "))), last[single],
             costs.group(1), costs.group(2), "", ""]
 
