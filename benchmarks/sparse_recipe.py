@@ -174,7 +174,8 @@ def _plot(curve: list[dict], summary: dict, sibling: dict | None, path: str) -> 
         if ctrl:
             ax.axhline(ctrl, color="C3", lw=1, ls=":", label="control (original trained the same way)")
         ax.set_title(title, fontsize=9)
-        ax.set_xlabel("training tokens")
+        ax.set_xlabel("training tokens (thousands)")
+        ax.xaxis.set_major_formatter(lambda x, _: f"{x / 1000:g}")
     axes[0].legend(fontsize=7)
     for ax, v in zip(axes[2:], variants):
         lengths = sorted(curve[0]["passkey"][v], key=int)
@@ -183,7 +184,8 @@ def _plot(curve: list[dict], summary: dict, sibling: dict | None, path: str) -> 
             if base and v in base.get("passkey", {}):
                 ax.axhline(base["passkey"][v][Lp], color=f"C{j}", lw=0.8, ls="--")
         ax.set_title(f"passkey ({v}) found (dashed: original)", fontsize=9)
-        ax.set_xlabel("training tokens")
+        ax.set_xlabel("training tokens (thousands)")
+        ax.xaxis.set_major_formatter(lambda x, _: f"{x / 1000:g}")
         ax.legend(fontsize=7)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
