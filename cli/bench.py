@@ -19,6 +19,11 @@ def add_parser(sub) -> None:
                                    "attention, measured in the same run. `mosa-retrofit bench MODEL` is short for "
                                    "`mosa-retrofit bench model MODEL`.")
     bsub = p.add_subparsers(dest="bench", metavar="WHAT", required=True)
+    for add in (_add_model, _add_attention, _add_keys, _add_generate):
+        add(bsub)
+
+
+def _add_model(bsub) -> None:
     m = bsub.add_parser(
         "model", help="a converted model against its original: prefill, decode, training step, memory",
         description="Times MODEL (a converted model) and its original in the same run: prefill at every --contexts "
@@ -43,6 +48,9 @@ def add_parser(sub) -> None:
                    help="kernel of the windowed heads (default: the one the model was saved with)")
     m.add_argument("--output", help="also write the Markdown table to this file")
     m.set_defaults(run=_checked(run_model))
+
+
+def _add_attention(bsub) -> None:
     a = bsub.add_parser(
         "attention",
         help="one attention layer: all-MoSA and hybrid against dense causal SDPA",
@@ -70,6 +78,8 @@ def add_parser(sub) -> None:
     a.add_argument("--output", help="also write the Markdown table to this file")
     a.set_defaults(run=_checked(run_attention))
 
+
+def _add_keys(bsub) -> None:
     k = bsub.add_parser(
         "keys", help="the key-selection attention op, per backend, against fused dense causal SDPA",
         description="Times the key-selection op of windowed MoSA heads (window + sinks + routed keys, GQA units) "
@@ -91,6 +101,8 @@ def add_parser(sub) -> None:
     k.add_argument("--output", help="also write the Markdown table to this file")
     k.set_defaults(run=_checked(run_keys))
 
+
+def _add_generate(bsub) -> None:
     g = bsub.add_parser(
         "generate", help="a converted causal-routing model against its original: KV-cache bytes and decode speed",
         description="Prefill the same text into MODEL (converted, routing='causal') and into its original, measure "

@@ -40,11 +40,45 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mosa_retrofit.convert.hub import load_tokenizer, read_config
+    from mosa_retrofit.convert.hub import load_tokenizer
     from mosa_retrofit.convert.serialization import load_any
     from mosa_retrofit.eval.long_context import context_documents, context_perplexity, passkey_grid, prefill_footprint
     from mosa_retrofit.eval.plots import plot_long_context
-    from mosa_retrofit.text.assets import resolve_model, shakespeare_plays
+    from mosa_retrofit.text.assets import shakespeare_plays
+
+    _check(args)
+    model, source = load_any(args.model)
+    base = args.baseline
+    if base == "auto":
+        base = (getattr(model.config, "mosa", None) or {}).get("base_model_name_or_path")
+    models = {}
+    if base and base != "none":  # the original first: the footprint ratios are against it
+        models[base] = load_any(base)[0]
+    models[args.model] = model
+    tokenizer = load_tokenizer(source)
+    lengths, contexts = _within_positions(args, model)
+    docs = context_documents(tokenizer, shakespeare_plays(), max(contexts), args.score_tokens)[: args.documents]
+    if not docs:
+        raise ValueError(f"no document has {max(contexts) + args.score_tokens} tokens; lower --contexts")
+    grids, curves, footprints = {}, {}, {}
+    prefill = max(lengths) if args.prefill is None else args.prefill
+    for name, m in models.items():
+        grids[name] = passkey_grid(m, tokenizer, lengths, args.depths, args.trials, args.variant)
+        curves[name] = context_perplexity(m, docs, contexts, args.score_tokens)
+        if prefill:
+            footprints[name] = prefill_footprint(m, prefill)
+    _print_tables(args, lengths, contexts, len(docs), grids, curves, footprints, prefill)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    plot_long_context(grids, curves, out / "long_context.png")
+    print(f"\nwrote {out / 'long_context.png'}")
+    return 0
+
+
+def _check(args: argparse.Namespace) -> None:
+    """Every flag checked before any model is read."""
+    from mosa_retrofit.convert.hub import read_config
+    from mosa_retrofit.text.assets import resolve_model
     from mosa_retrofit.validate import positions_of, within_positions
 
     for name in ("trials", "score_tokens", "documents"):
@@ -58,16 +92,13 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--prefill must be >= 0 tokens (0 skips it), got {args.prefill}")
         within_positions("--prefill", args.prefill,
                          positions_of(read_config(resolve_model(args.model))), args.model)
-    model, source = load_any(args.model)
-    base = args.baseline
-    if base == "auto":
-        base = (getattr(model.config, "mosa", None) or {}).get("base_model_name_or_path")
-    models = {}
-    if base and base != "none":  # the original first: the footprint ratios are against it
-        models[base] = load_any(base)[0]
-    models[args.model] = model
-    tokenizer = load_tokenizer(source)
-    limit = positions_of(model.config)
+
+
+def _within_positions(args: argparse.Namespace, model) -> tuple[list[int], list[int]]:
+    """The passkey lengths and contexts the model's positions hold (said when some are dropped)."""
+    from mosa_retrofit.validate import positions_of
+
+    lengths, contexts, limit = list(args.lengths), list(args.contexts), positions_of(model.config)
     if limit:
         lengths = [L for L in args.lengths if L <= limit]
         contexts = [L for L in args.contexts if L + args.score_tokens <= limit]
@@ -76,29 +107,22 @@ def run(args: argparse.Namespace) -> int:
                              f"{limit - args.score_tokens}")
         if lengths != list(args.lengths) or contexts != list(args.contexts):
             print(f"the model has {limit} positions: passkey lengths {lengths}, contexts {contexts}")
-        args.lengths, args.contexts = lengths, contexts
-    docs = context_documents(tokenizer, shakespeare_plays(), max(args.contexts), args.score_tokens)[: args.documents]
-    if not docs:
-        raise ValueError(f"no document has {max(args.contexts) + args.score_tokens} tokens; lower --contexts")
-    grids, curves, footprints = {}, {}, {}
-    prefill = max(args.lengths) if args.prefill is None else args.prefill
-    for name, m in models.items():
-        grids[name] = passkey_grid(m, tokenizer, args.lengths, args.depths, args.trials, args.variant)
-        curves[name] = context_perplexity(m, docs, args.contexts, args.score_tokens)
-        if prefill:
-            footprints[name] = prefill_footprint(m, prefill)
+    return lengths, contexts
+
+
+def _print_tables(args, lengths, contexts, documents, grids, curves, footprints, prefill) -> None:
     print(f"\npasskey ({args.variant}) accuracy over {args.trials} keys per cell, averaged over depths "
           f"{', '.join(f'{d:.0%}' for d in args.depths)}:\n")
-    print("| model | " + " | ".join(str(L) for L in args.lengths) + " |")
-    print("|---|" + "---|" * len(args.lengths))
+    print("| model | " + " | ".join(str(L) for L in lengths) + " |")
+    print("|---|" + "---|" * len(lengths))
     for name, grid in grids.items():
-        cells = [sum(grid[(L, d)] for d in args.depths) / len(args.depths) for L in args.lengths]
+        cells = [sum(grid[(L, d)] for d in args.depths) / len(args.depths) for L in lengths]
         print(f"| {name} | " + " | ".join(f"{c:.2f}" for c in cells) + " |")
-    print(f"\nperplexity of the final {args.score_tokens} tokens of {len(docs)} plays given L tokens before them:\n")
-    print("| model | " + " | ".join(f"L = {L}" for L in args.contexts) + " |")
-    print("|---|" + "---|" * len(args.contexts))
+    print(f"\nperplexity of the final {args.score_tokens} tokens of {documents} plays given L tokens before them:\n")
+    print("| model | " + " | ".join(f"L = {L}" for L in contexts) + " |")
+    print("|---|" + "---|" * len(contexts))
     for name, curve in curves.items():
-        print(f"| {name} | " + " | ".join(f"{curve[L]:.2f}" for L in args.contexts) + " |")
+        print(f"| {name} | " + " | ".join(f"{curve[L]:.2f}" for L in contexts) + " |")
     if footprints:
         first_bytes, first_time = next(iter(footprints.values()))
         print(f"\nKV cache held after one {prefill}-token prefill, and its time (ratios against the first row):\n")
@@ -106,8 +130,3 @@ def run(args: argparse.Namespace) -> int:
         for name, (held, seconds) in footprints.items():
             print(f"| {name} | {held / 2**20:.1f} MiB ({held / max(first_bytes, 1):.3f}x) | "
                   f"{seconds / first_time:.2f}x |")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    plot_long_context(grids, curves, out / "long_context.png")
-    print(f"\nwrote {out / 'long_context.png'}")
-    return 0

@@ -1,6 +1,6 @@
 """The package's shape: no import cycle (imports inside functions included), intra-package imports at module
-top, subpackages import only downward, no module imports another's private names, and importing the package
-changes nothing in transformers."""
+top, subpackages import only downward, no module imports another's private names, no function over 60 lines,
+and importing the package changes nothing in transformers."""
 
 import ast
 import subprocess
@@ -51,7 +51,7 @@ def test_no_import_cycle_and_imports_at_module_top():
 
 
 # Subpackages from the bottom up: a module imports from its own subpackage or from a lower layer, never upward.
-LAYERS = [{"validate", "atomic"}, {"ops", "text"}, {"layers"}, {"convert"}, {"eval"}, {"train"}, {"study", "bench"}, {"cli"}]
+LAYERS = [{"validate", "atomic", "kinds"}, {"ops", "text"}, {"layers"}, {"convert"}, {"eval"}, {"train"}, {"study", "bench"}, {"cli"}]
 
 
 def _layer(module: str) -> int | None:
@@ -69,6 +69,18 @@ def test_subpackages_import_only_downward():
     assert upward == []
 
 
+def test_the_config_is_a_leaf():
+    """MoSAConfig validates against the kinds' published declarations (kinds.py), importing no kernel: nothing it
+    reaches, directly or not, is a head kind or an op."""
+    graph, _ = _graph()
+    reached, todo = set(), ["mosa_retrofit.convert.config"]
+    while todo:
+        for d in graph[todo.pop()] - reached:
+            reached.add(d)
+            todo.append(d)
+    assert reached == {"mosa_retrofit.kinds"}
+
+
 def test_no_module_imports_private_names_of_another():
     found = []
     for f in list(PACKAGE.rglob("*.py")) + list((PACKAGE.parent / "cli").rglob("*.py")):
@@ -77,6 +89,17 @@ def test_no_module_imports_private_names_of_another():
                 found += [f"{f.name}: {node.module}.{a.name}" for a in node.names
                           if a.name.startswith("_") and not a.name.startswith("__")]
     assert found == []
+
+
+def test_no_function_is_longer_than_60_lines():
+    """Small units: every function of the package and the CLI, docstring included, fits on a screen."""
+    long = []
+    for f in list(PACKAGE.rglob("*.py")) + list((PACKAGE.parent / "cli").rglob("*.py")):
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = node.end_lineno - node.lineno + 1
+                long += [f"{f.relative_to(PACKAGE.parent)}:{node.lineno} {node.name} ({n} lines)"] if n > 60 else []
+    assert long == []
 
 
 def test_importing_the_package_patches_nothing_in_transformers():

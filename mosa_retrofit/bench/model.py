@@ -173,41 +173,19 @@ def bench_model(converted: nn.Module, original: nn.Module, ids: Tensor, contexts
     dev = ids.device
     models = {"original": original.eval(), "converted": converted.eval()}
     rows: list[SpeedRow] = []
-    wbytes = {k: weight_bytes(m) for k, m in models.items()}
     steps = len(contexts) * (1 + len(batches)) + (1 if train_length else 0) + 1
     bar = tqdm(total=steps, desc="bench", disable=not progress)
     for T in contexts:
-        x = ids[:, :T]
         best = {k: float("inf") for k in models}
         for _ in range(reps):  # alternate the models
             for name, m in models.items():
-                best[name] = min(best[name], _clock(lambda: prefill(m, x), dev))
+                best[name] = min(best[name], _clock(lambda: prefill(m, ids[:, :T]), dev))
         limit = original_flops(converted, T, 1) / model_flops(converted, T, 1)
         rows.append(SpeedRow("prefill", T, best["original"], best["converted"], best["original"] / best["converted"],
                              limit, "FLOPs"))
         bar.update(1)
         Td = T if positions is None else min(T, positions - decode_steps - 1)  # + 1 untimed step
-        kv = {}
-        if Td != T:
-            for name, m in models.items():
-                kv[name] = sum(cache_bytes(prefill(m, x)[0])[:2])
-        for b in batches:
-            rate = {}
-            for name, m in models.items():
-                cache, token = prefill(m, x[:, :Td])
-                kv.setdefault(name, sum(cache_bytes(cache)[:2]))
-                if b > 1:  # every row holds the same T tokens: the bytes a step reads are b rows' worth
-                    cache.batch_repeat_interleave(b)
-                    token = token.repeat_interleave(b, 0)
-                rate[name] = decode_seconds(m, cache, token, decode_steps)
-                del cache
-            per_token = {name: wbytes[name] + b * kv[name] for name in models}
-            rows.append(SpeedRow(f"decode b={b}", Td, b / rate["original"], b / rate["converted"],
-                                 rate["original"] / rate["converted"], per_token["original"] / per_token["converted"],
-                                 "bytes"))
-            bar.update(1)
-        rows.append(SpeedRow("KV cache", T, kv["original"], kv["converted"], kv["converted"] / kv["original"], None,
-                             ""))
+        rows += _decode_rows(models, ids[:, :T], Td, batches, decode_steps, bar)
     T = max(contexts)
     mem = {name: peak_bytes(lambda: prefill(m, ids[:, :T]), dev) for name, m in models.items()}
     if None not in mem.values():  # (a ratio only where the original's peak rose measurably: never 0/0)
@@ -226,6 +204,34 @@ def bench_model(converted: nn.Module, original: nn.Module, ids: Tensor, contexts
                              best["original"] / best["converted"], limit, "FLOPs"))
         bar.update(1)
     bar.close()
+    return rows
+
+
+def _decode_rows(models: dict, x: Tensor, Td: int, batches: list[int], decode_steps: int, bar) -> list[SpeedRow]:
+    """Greedy decoding after the first ``Td`` tokens of ``x`` at every batch size (each beside the bytes a step
+    reads: weights + b rows of KV cache), then the KV cache both models hold after all of ``x``."""
+    T = x.shape[1]
+    wbytes = {k: weight_bytes(m) for k, m in models.items()}
+    rows, kv = [], {}
+    if Td != T:
+        for name, m in models.items():
+            kv[name] = sum(cache_bytes(prefill(m, x)[0])[:2])
+    for b in batches:
+        rate = {}
+        for name, m in models.items():
+            cache, token = prefill(m, x[:, :Td])
+            kv.setdefault(name, sum(cache_bytes(cache)[:2]))
+            if b > 1:  # every row holds the same T tokens: the bytes a step reads are b rows' worth
+                cache.batch_repeat_interleave(b)
+                token = token.repeat_interleave(b, 0)
+            rate[name] = decode_seconds(m, cache, token, decode_steps)
+            del cache
+        per_token = {name: wbytes[name] + b * kv[name] for name in models}
+        rows.append(SpeedRow(f"decode b={b}", Td, b / rate["original"], b / rate["converted"],
+                             rate["original"] / rate["converted"], per_token["original"] / per_token["converted"],
+                             "bytes"))
+        bar.update(1)
+    rows.append(SpeedRow("KV cache", T, kv["original"], kv["converted"], kv["converted"] / kv["original"], None, ""))
     return rows
 
 

@@ -14,17 +14,17 @@ E routed units (MoSA heads, or KV groups with router_granularity='kv_group'), G 
 from __future__ import annotations
 
 import inspect
-import math
 import sys
 from dataclasses import dataclass, replace
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from .compat import find_cache
 from .config import ATTN_BACKENDS, MoSAConfig
 from .families import Family
 from .heads import Call, HeadGroup, head_groups
+from .layer_state import layer_state
 
 
 @dataclass(frozen=True)
@@ -100,7 +100,7 @@ class MoSAAttentionMixin:
         and version counter: optimizer steps, loads and moves all invalidate them).
         """
         if (torch.is_grad_enabled() or any(hasattr(m, "base_layer") for m in self.children())
-                or getattr(self, "_mosa_sharded", False)):
+                or layer_state(self).sharded):
             # LoRA-wrapped projections can be switched on and off without touching parameters; FSDP gathers
             # parameters into buffers it reuses for other layers
             return build()
@@ -123,20 +123,6 @@ def mosa_class(base: type) -> type:
         cls._mosa_setup_class(base)
         _CLASSES[base] = cls
     return _CLASSES[base]
-
-
-def init_threshold_(threshold: Tensor, sparsity: float) -> None:
-    """Causal-routing threshold for unit-RMS logits: the (1 - 1/sparsity) normal quantile (-inf at sparsity 1)."""
-    from statistics import NormalDist
-
-    with torch.no_grad():
-        threshold.fill_(-math.inf if sparsity <= 1 else NormalDist().inv_cdf(1 - 1 / sparsity))
-
-
-def init_router_(router: nn.Parameter) -> None:
-    """Random router init: N(0, 1/D), logits of unit variance for unit-variance inputs."""
-    with torch.no_grad():
-        router.normal_(0.0, 1.0 / math.sqrt(router.shape[1]))
 
 
 def set_attn_backend(model: nn.Module, backend: str) -> None:

@@ -51,11 +51,8 @@ def hub_base(reference: str | None) -> str | None:
     return None
 
 
-def card_text(model: nn.Module, adapter: bool = False) -> str:
-    cfg = model.config
-    mosa = cfg.mosa
-    base = getattr(cfg, "mosa_base", None) or {}
-    reference = base.get("name_or_path") or mosa.get("base_model_name_or_path")
+def _front_matter(reference: str | None, adapter: bool) -> list[str]:
+    """The card's YAML header: library, tags, the hub base (and how this model relates to it), its license."""
     hub_id, lic = hub_base(reference), base_license(reference)
     front = ["---", "library_name: transformers", "pipeline_tag: text-generation",
              "tags:", "- mosa", "- mosa_retrofit", "- sparse-attention"]
@@ -63,8 +60,15 @@ def card_text(model: nn.Module, adapter: bool = False) -> str:
         front += [f"base_model: {hub_id}", "base_model_relation: adapter" if adapter else "base_model_relation: finetune"]
     if lic:
         front.append(f"license: {lic}")
-    front.append("---")
-    positions = positions_of(cfg)
+    return front + ["---"]
+
+
+def card_text(model: nn.Module, adapter: bool = False) -> str:
+    cfg = model.config
+    mosa = cfg.mosa
+    base = getattr(cfg, "mosa_base", None) or {}
+    reference = base.get("name_or_path") or mosa.get("base_model_name_or_path")
+    front = _front_matter(reference, adapter)
     costs = attention_costs(model, 1024)
     heads = sum(c.dense + c.local + c.mosa + c.pruned for c in costs)
     dense = sum(c.dense for c in costs)
@@ -97,6 +101,7 @@ def card_text(model: nn.Module, adapter: bool = False) -> str:
         lines += ["", "## Convert-time check", "",
                   f"{check.get('protocol', 'held-out perplexity')}: original {check['original']:.2f}, converted "
                   f"{check['converted']:.2f} ({check['converted'] / check['original']:.3f}x the original)."]
+    positions = positions_of(cfg)
     lengths = [T for T in COST_LENGTHS if positions is None or T <= positions] or [positions]
     lines += ["", "## Costs against the original", "",
               "Attention FLOPs (causal half, projections included) and KV-cache bytes, computed from the structure:",

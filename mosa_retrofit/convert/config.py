@@ -27,8 +27,7 @@ from dataclasses import asdict, dataclass, field, fields
 from numbers import Real
 from typing import Any
 
-from ..ops.routing import ROUTER_SCORES
-from .heads import HEAD_GROUPS, kinds
+from ..kinds import ROUTER_SCORES, declared, kinds
 
 CONFIG_VERSION = 3
 """2: the defaults became the calibrated retrofit; 3: they keep long context (retrieval-scored dense KV groups over
@@ -48,8 +47,8 @@ CHOICES = {"head_choice": HEAD_CHOICES, "dense_scope": DENSE_SCOPES, "router_sco
 
 
 def field_choices() -> dict[str, tuple[str, ...]]:
-    """Every field that takes one of a few words, with the words: ``CHOICES`` and the head kinds registered now
-    that declare they may keep (kept_heads) or replace (sparse_heads) heads (heads/base.py)."""
+    """Every field that takes one of a few words, with the words: ``CHOICES`` and the head kinds (built-in and
+    registered now) that declare they may keep (kept_heads) or replace (sparse_heads) heads (kinds.py)."""
     return {**CHOICES, "kept_heads": kinds(keeps=True), "sparse_heads": kinds(replaces=True)}
 
 
@@ -196,9 +195,9 @@ class MoSAConfig:
             _fail("local_window", self.local_window, "an integer >= 1")
         if isinstance(self.sink_tokens, bool) or not isinstance(self.sink_tokens, int) or self.sink_tokens < 0:
             _fail("sink_tokens", self.sink_tokens, "an integer >= 0")
-        sparse, kept = HEAD_GROUPS[self.sparse_heads], HEAD_GROUPS[self.kept_heads]
+        sparse, kept = declared(self.sparse_heads), declared(self.kept_heads)
         if sparse.windowed and not sparse.routed and kept.windowed:
-            allowed = [k for k in kinds(replaces=True) if not (HEAD_GROUPS[k].windowed and not HEAD_GROUPS[k].routed)]
+            allowed = [k for k in kinds(replaces=True) if not (declared(k).windowed and not declared(k).routed)]
             _fail("sparse_heads", self.sparse_heads, f"one of {allowed} when kept_heads={self.kept_heads!r} "
                   "(every head would attend a plain window)")
         if isinstance(self.threshold_momentum, bool) or not isinstance(self.threshold_momentum, Real) or not (
@@ -240,17 +239,17 @@ class MoSAConfig:
     def calibration_floor(self) -> int:
         """The shortest calibration sequence that can fit what this config calibrates: two tokens (attention
         from one to another), and for routed kinds one routed token per sequence (``sparsity`` tokens)."""
-        return max(2, math.ceil(self.sparsity)) if HEAD_GROUPS[self.sparse_heads].routed else 2
+        return max(2, math.ceil(self.sparsity)) if declared(self.sparse_heads).routed else 2
 
     @property
     def routed(self) -> bool:
         """Whether the sparse heads have routers (their kind declares it: MoSA heads, in either form)."""
-        return HEAD_GROUPS[self.sparse_heads].routed
+        return declared(self.sparse_heads).routed
 
     @property
     def fills(self) -> bool:
         """Whether the sparse heads write a fill where they have no output (paper-form MoSA heads, pruned)."""
-        return HEAD_GROUPS[self.sparse_heads].fills
+        return declared(self.sparse_heads).fills
 
     # ------------------------------------------------------------------------------------ per layer
 

@@ -29,7 +29,6 @@ from torch import Tensor, nn
 from ..atomic import atomic_folder
 from ..text.assets import model_reference, resolve_model
 from .adapter import ADAPTER_WEIGHTS, FORMAT, check_unchanged, fingerprint, is_adapter, is_mosa_tensor, write_adapter
-from .attention import init_router_, init_threshold_
 from .card import write_card
 from .config import MoSAConfig
 from .hub import HUB_KWARGS, check_code, config_dict, declare, read_config
@@ -137,10 +136,6 @@ def check_stored_dtypes(path) -> None:
                                      "written by another tool")
 
 
-_STARTS = {"mosa_router": "initialised at random", "mosa_fill": "left at zero",
-           "mosa_threshold": "set to the normal quantile of the sparsity"}
-
-
 def check_mosa_state_(model: nn.Module, path: str, info: dict, allow_partial: bool = False) -> None:
     """The MoSA state a checkpoint loaded into ``model`` is the whole state its 'mosa' block describes: every
     router, fill and threshold present and finite, none left over; else one clear error (``allow_partial``:
@@ -163,17 +158,12 @@ def check_mosa_state_(model: nn.Module, path: str, info: dict, allow_partial: bo
     if unused:
         logger.warning("%s: MoSA tensors its 'mosa' block does not use, ignored: %s", path, names(unused))
     if missing:
-        params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
-        for name in missing:
-            kind = name.rsplit(".", 1)[-1]
-            logger.warning("%s: %s missing, %s (allow_partial=True)", path, name, _STARTS.get(kind, "left as built"))
-            module = model.get_submodule(name.rsplit(".", 1)[0])
-            if kind == "mosa_router":
-                init_router_(params[name])
-            elif kind == "mosa_fill":
-                params[name].data.zero_()
-            elif kind == "mosa_threshold":
-                init_threshold_(buffers[name], module.mosa_plan.config.sparsity)
+        tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+        for name in missing:  # the kind that owns the tensor starts it afresh
+            owner, own = name.rsplit(".", 1)
+            module = model.get_submodule(owner)
+            done = next((d for g in module.mosa_groups if (d := g.restart(module, own, tensors[name]))), None)
+            logger.warning("%s: %s missing, %s (allow_partial=True)", path, name, done or "left as built")
     bad = [name for name, t in model.named_parameters() if "mosa_" in name and not t.isfinite().all()]
     # thresholds: -inf routes every token (sparsity 1), anything else must be a number
     bad += [name for name, t in model.named_buffers() if "mosa_" in name and (t.isnan() | (t == float("inf"))).any()]

@@ -30,7 +30,7 @@ from transformers import PreTrainedModel
 from ..text.assets import model_reference
 from ..validate import positions_of
 from .adapter import record_base_
-from .attention import LayerPlan, init_router_, init_threshold_, mosa_class, mosa_layers
+from .attention import LayerPlan, mosa_class, mosa_layers
 from .calibration import LayerStats, collect_stats, default_calibration, model_tokenizer
 from .card import write_card
 from .config import MoSAConfig
@@ -111,14 +111,7 @@ def plan_layers(model: nn.Module, config: MoSAConfig, evidence: Evidence | None 
     """
     family = family_of(model)
     layers = attention_layers(model, family)
-    if not layers:
-        raise ValueError(f"no attention modules found in {type(model).__name__}")
-    unknown = sorted(int(k) for k in config.dense_head_ids if int(k) not in layers)
-    if unknown:
-        raise ValueError(f"MoSAConfig.dense_head_ids names layers {unknown}; the model has layers 0..{max(layers)}")
-    if isinstance(config.layers, list) and any(i not in layers for i in config.layers):
-        bad = [i for i in config.layers if i not in layers]
-        raise ValueError(f"MoSAConfig.layers names layers {bad}; the model has layers 0..{max(layers)}")
+    _check_layer_names(model, config, layers)
     plans, rounded, split = {}, {}, []
     stats, retrieval = (evidence.stats, evidence.retrieval) if evidence is not None else (None, None)
     selected = _selected(model, config, filter_fn)
@@ -150,26 +143,49 @@ def plan_layers(model: nn.Module, config: MoSAConfig, evidence: Evidence | None 
                                              for g in range(KV)):
             granularity = "head"  # a group split between dense and MoSA heads has no unit of whole groups
             split.append(idx)
-        for field, heads in (("kept_heads", dense), ("sparse_heads", mosa)):
-            kind = getattr(config, field)
-            if heads and not HEAD_GROUPS[kind].softcap and family.softcap(m) is not None:
-                able = [k for k, cls in HEAD_GROUPS.items() if cls.softcap and getattr(cls, "keeps" if field ==
-                        "kept_heads" else "replaces")]
-                raise ValueError(f"{field}={kind!r} does not support attention logit soft-capping (Gemma2); use one "
-                                 f"of {able}")
-        if not mosa:
-            continue  # every head stays dense: the layer is left as it is
-        plans[idx] = LayerPlan(config, tuple(dense), tuple(mosa), granularity, G)
+        _check_softcap(config, family, m, dense, mosa)
+        if mosa:  # (every head dense: the layer is left as it is)
+            plans[idx] = LayerPlan(config, tuple(dense), tuple(mosa), granularity, G)
     if notes is not None:
-        for (asked, n, G), idxs in rounded.items():
-            notes.append(f"dense heads rounded up from {asked} to {n} (whole KV groups of {G} query heads) in "
-                         f"{_layer_list(idxs)}, so the KV cache holds each K/V row once; "
-                         "router_granularity='head' keeps the count as asked")
-        if split:
-            notes.append(f"{_layer_list(split)}: the dense heads split a KV group, so the MoSA heads there route "
-                         "one by one (router_granularity='head') and each caches its own K/V copy; dense heads in "
-                         "whole KV groups shrink the cache more")
+        notes += _plan_notes(rounded, split)
     return plans
+
+
+def _check_layer_names(model: nn.Module, config: MoSAConfig, layers: dict) -> None:
+    """The layers the config names exist in the model."""
+    if not layers:
+        raise ValueError(f"no attention modules found in {type(model).__name__}")
+    unknown = sorted(int(k) for k in config.dense_head_ids if int(k) not in layers)
+    if unknown:
+        raise ValueError(f"MoSAConfig.dense_head_ids names layers {unknown}; the model has layers 0..{max(layers)}")
+    if isinstance(config.layers, list) and any(i not in layers for i in config.layers):
+        bad = [i for i in config.layers if i not in layers]
+        raise ValueError(f"MoSAConfig.layers names layers {bad}; the model has layers 0..{max(layers)}")
+
+
+def _check_softcap(config: MoSAConfig, family, m: nn.Module, dense: list, mosa: list) -> None:
+    """Attention logit soft-capping (Gemma2) only with head kinds that apply it."""
+    for field, heads in (("kept_heads", dense), ("sparse_heads", mosa)):
+        kind = getattr(config, field)
+        if heads and not HEAD_GROUPS[kind].softcap and family.softcap(m) is not None:
+            able = [k for k, cls in HEAD_GROUPS.items() if cls.softcap and getattr(cls, "keeps" if field ==
+                    "kept_heads" else "replaces")]
+            raise ValueError(f"{field}={kind!r} does not support attention logit soft-capping (Gemma2); use one "
+                             f"of {able}")
+
+
+def _plan_notes(rounded: dict, split: list) -> list[str]:
+    """What the plan changed from what was asked: dense counts rounded up to whole KV groups, split groups."""
+    notes = []
+    for (asked, n, G), idxs in rounded.items():
+        notes.append(f"dense heads rounded up from {asked} to {n} (whole KV groups of {G} query heads) in "
+                     f"{_layer_list(idxs)}, so the KV cache holds each K/V row once; "
+                     "router_granularity='head' keeps the count as asked")
+    if split:
+        notes.append(f"{_layer_list(split)}: the dense heads split a KV group, so the MoSA heads there route "
+                     "one by one (router_granularity='head') and each caches its own K/V copy; dense heads in "
+                     "whole KV groups shrink the cache more")
+    return notes
 
 
 def _scores(config: MoSAConfig, stats, retrieval, idx: int, KV: int, unit: str) -> Tensor:
@@ -260,26 +276,8 @@ def apply_plan_(model: nn.Module, plans: dict[int, LayerPlan], evidence: Evidenc
         m.mosa_family, m.mosa_plan = family, plan
         if plan.dense:  # what the attention backend repeats the kept heads' K/V by
             m.num_key_value_groups = dense_kv_layout(plan.dense, weights.num_heads, weights.num_kv_heads)[1]
-        sparse = HEAD_GROUPS[config.sparse_heads](plan.mosa, plan, "sparse")
-        units, ref = sparse.units, weights.wq
-        fit = stats is not None and idx in stats
-        if sparse.fills and config.fill == "mean":
-            m.mosa_fill = nn.Parameter(torch.zeros(len(units), sparse.unit_size * weights.head_dim, device=ref.device,
-                                                   dtype=ref.dtype))
-            if fit:
-                with torch.no_grad():
-                    m.mosa_fill.copy_(stats[idx].mean_output(units).to(ref.dtype))
-        if not sparse.routed:
-            continue
-        m.mosa_router = nn.Parameter(torch.empty(len(units), ref.shape[2], device=ref.device, dtype=ref.dtype))
-        if fit and config.router_init == "calibrated":
-            with torch.no_grad():
-                m.mosa_router.copy_(stats[idx].fit_router(units, config.fill, window=windows[idx]).to(ref.dtype))
-        else:
-            init_router_(m.mosa_router)
-        if config.routing == "causal":
-            m.register_buffer("mosa_threshold", torch.empty(len(units), device=ref.device, dtype=torch.float32))
-            init_threshold_(m.mosa_threshold, config.sparsity)
+        for group in m.mosa_groups:  # each kind makes (and fits) what it owns
+            group.own(m, weights, stats.get(idx) if stats is not None else None, windows[idx])
     if evidence is not None and config.routing == "causal" and evidence.calibration is not None:
         positions = positions_of(model.config)
         calibrate_thresholds_(model, threshold_rows(evidence.calibration, config.threshold_length, positions))

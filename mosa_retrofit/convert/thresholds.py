@@ -19,9 +19,10 @@ from torch import Tensor, nn
 
 from ..ops.masks import key_padding
 from ..ops.routing import logit_quantile, threshold_of
-from .attention import init_threshold_, mosa_layers
+from .attention import mosa_layers
 from .compat import StopForward
-from .heads.routed import moved_threshold
+from .heads.routed import moved_threshold, own_threshold
+from .layer_state import layer_state
 
 
 def threshold_rows(ids: Tensor, length: int | None, max_positions: int | None = None) -> Tensor:
@@ -81,9 +82,7 @@ def make_causal_(model: nn.Module, calibration: Tensor | None, momentum: float =
     for m in layers.values():
         m.mosa_plan = dataclasses.replace(m.mosa_plan, config=dataclasses.replace(
             m.mosa_plan.config, routing="causal", threshold_momentum=momentum))
-        if not hasattr(m, "mosa_threshold"):
-            m.register_buffer("mosa_threshold", torch.empty(m.mosa_router.shape[0], device=m.mosa_router.device))
-        init_threshold_(m.mosa_threshold, m.mosa_plan.config.sparsity)
+        own_threshold(m, m.mosa_router.shape[0], m.mosa_plan.config.sparsity)
     model.config.mosa = {**model.config.mosa, "routing": "causal", "threshold_momentum": momentum}
     calibrate_thresholds_(model, calibration)
     model.config.mosa_thresholds_for = model.config.mosa["sparsity"]
@@ -110,19 +109,19 @@ class RoutingStatePool:
 
     def __enter__(self) -> "RoutingStatePool":
         for m in self.layers:
-            m.__dict__["_mosa_pool"] = []
+            layer_state(m).pool = []
         return self
 
     def __exit__(self, *exc) -> None:
         for m in self.layers:
-            m.__dict__.pop("_mosa_pool", None)
+            layer_state(m).pool = None
 
     @torch.no_grad()
     def commit(self, gather=None) -> None:
         """Move every threshold from the logits pooled since the last commit (all processes' with ``gather``),
         then start a new pool. Collective under ``gather``: every process calls it at the same step."""
         for m in self.layers:
-            cfg, pool = m.mosa_plan.config, m.__dict__.get("_mosa_pool")
+            cfg, pool = m.mosa_plan.config, layer_state(m).pool
             if pool is None:
                 continue
             E = m.mosa_threshold.shape[0]

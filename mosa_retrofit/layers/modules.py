@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops.rope import apply_rope, rope_cos_sin, rotated_dims
-from ..ops.routing import ROUTER_SCORES
+from ..kinds import ROUTER_SCORES
 from ..ops.sparse import mosa_attention
 
 HYBRID_TYPES = ("dense", "local")

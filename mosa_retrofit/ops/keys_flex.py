@@ -64,6 +64,23 @@ def flex_key_selection(q: Tensor, k: Tensor, v: Tensor, window: int, scale: floa
     return out.transpose(1, 2)
 
 
+def _far_first(k: Tensor, v: Tensor, far: FarKeys | None):
+    """Keys and values (B, E, Mp + T, d) with the far keys first, padded to whole key blocks (Mp of them), and
+    the far keys' positions (B, E, Mp); a padded or invalid far key sits at a position no query reaches."""
+    M = far.k.shape[2] if far is not None else 0
+    Mp = -(-M // BK) * BK
+    if not M:
+        return k, v, None, 0
+    pad = Mp - M
+    kk = torch.cat((F.pad(far.k, (0, 0, 0, pad)), k), dim=2)
+    vv = torch.cat((F.pad(far.v, (0, 0, 0, pad)), v), dim=2)
+    big = torch.iinfo(torch.long).max // 4
+    fpos = F.pad(far.pos, (0, pad), value=big)
+    fval = far.valid if far.valid is not None else torch.ones_like(far.pos, dtype=torch.bool)
+    fval = F.pad(fval, (0, pad), value=False)
+    return kk, vv, torch.where(fval, fpos, big), Mp
+
+
 def flex_inputs(q: Tensor, k: Tensor, v: Tensor, window: int, far: FarKeys | None, key_valid: Tensor | None,
                 reach: int | None):
     """(keys (B, E, Mp + T, d), values, BlockMask) of the [far | sequence] layout."""
@@ -73,20 +90,7 @@ def flex_inputs(q: Tensor, k: Tensor, v: Tensor, window: int, far: FarKeys | Non
     E = k.shape[1]
     G = H // E
     dev = q.device
-    M = far.k.shape[2] if far is not None else 0
-    Mp = -(-M // BK) * BK
-    if M:
-        pad = Mp - M
-        kk = torch.cat((F.pad(far.k, (0, 0, 0, pad)), k), dim=2)
-        vv = torch.cat((F.pad(far.v, (0, 0, 0, pad)), v), dim=2)
-        big = torch.iinfo(torch.long).max // 4
-        fpos = F.pad(far.pos, (0, pad), value=big)
-        fval = far.valid if far.valid is not None else torch.ones_like(far.pos, dtype=torch.bool)
-        fval = F.pad(fval, (0, pad), value=False)
-        fpos = torch.where(fval, fpos, big)
-    else:
-        kk, vv = k, v
-        fpos = fval = None
+    kk, vv, fpos, Mp = _far_first(k, v, far)
     kvalid, w = key_valid, window
 
     def mask_mod(b, h, q_idx, kv_idx):

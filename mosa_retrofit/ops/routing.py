@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-ROUTER_SCORES = ("sigmoid", "straight_through")
+from ..kinds import ROUTER_SCORES
 
 
 def router_logits(router: Tensor, x: Tensor) -> Tensor:

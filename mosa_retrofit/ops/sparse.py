@@ -158,43 +158,48 @@ def base_output(x: Tensor, w_o: Tensor, fill: Tensor | None, add_to: Tensor | No
     return f.expand_as(x) if add_to is None else add_to + f
 
 
-def mosa_attention(
-    x: Tensor,
-    router: Tensor,
-    w_qkv: Tensor,
-    w_o: Tensor,
-    *,
-    sparsity: float,
-    heads_per_unit: int = 1,
-    b_qkv: Tensor | None = None,
-    include_first: bool = False,
-    router_score: str = "sigmoid",
-    rope: RopeFn | None = None,
-    q_norm: Callable[[Tensor], Tensor] | None = None,
-    k_norm: Callable[[Tensor], Tensor] | None = None,
-    scale: float | None = None,
-    softcap: float | None = None,
-    sliding_window: int | None = None,
-    dropout_p: float = 0.0,
-    attention_mask: Tensor | None = None,
-    add_to: Tensor | None = None,
-    threshold: Tensor | None = None,
-    fill: Tensor | None = None,
-) -> Tensor:
+def route(x: Tensor, router: Tensor, sparsity: float, include_first: bool, valid: Tensor | None,
+          threshold: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Router logits (E, B, T) of every token (no autograd: the gates carry the router's gradient) and each
+    unit's selected tokens (E, B, K), sorted by position: expert-choice top-K, or with ``threshold`` causal
+    routing; ``live`` (E, B, K) is False at dead slots (rows or units that select fewer), None if none is."""
+    with torch.no_grad():
+        logits = router_logits(router, x)  # (E, B, T)
+    if threshold is None:
+        idx, live = select_tokens(logits, sparsity, include_first, valid)  # (E, B, K)
+    else:
+        idx, live = select_tokens_causal(logits, threshold, include_first, valid)
+    return logits, idx, live
+
+
+def attend_selected(q: Tensor, k: Tensor, v: Tensor, scale: float, softcap: float | None, dropout_p: float,
+                    mask: Tensor | None) -> Tensor:
+    """Causal attention among the selected tokens: q (E·B, G, K, d), k and v (E·B, 1, K, d). Sorted indices make
+    the plain causal triangle exact; ``mask`` (a sliding window on original positions) replaces it when given."""
+    if softcap is not None:
+        return softcap_attention(q, k, v, scale, softcap, dropout_p, mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale,
+                                          dropout_p=dropout_p, enable_gqa=q.shape[1] > k.shape[1])
+
+
+def mosa_attention(x: Tensor, router: Tensor, w_qkv: Tensor, w_o: Tensor, *, sparsity: float, heads_per_unit: int = 1,
+                   b_qkv: Tensor | None = None, include_first: bool = False, router_score: str = "sigmoid",
+                   rope: RopeFn | None = None, q_norm: Callable[[Tensor], Tensor] | None = None,
+                   k_norm: Callable[[Tensor], Tensor] | None = None, scale: float | None = None,
+                   softcap: float | None = None, sliding_window: int | None = None, dropout_p: float = 0.0,
+                   attention_mask: Tensor | None = None, add_to: Tensor | None = None,
+                   threshold: Tensor | None = None, fill: Tensor | None = None) -> Tensor:
     """All MoSA units of one layer, batched (no loop over heads).
 
     Args:
-        x: (B, T, h) input.
-        router: (E, h) router rows.
+        x: (B, T, h) input. router: (E, h) router rows. w_o: (E, G·d, h) output projection.
         w_qkv: (E, h, (G+2)·d) fused projection, columns ``[q_1 … q_G | k | v]`` (applied as x @ W).
-        w_o: (E, G·d, h) output projection.
-        sparsity: ρ (>= 1); see :func:`tokens_per_head`.
+        sparsity: ρ (>= 1); see :func:`tokens_per_head`. b_qkv: optional (E, (G+2)·d) projection bias.
         heads_per_unit: G query heads sharing one selection and one K/V (GQA groups); 1 = per head.
-        b_qkv: optional (E, (G+2)·d) projection bias.
         include_first / router_score: see :func:`select_tokens` / :func:`router_gates`.
         rope: maps selected token indices (E, B, K) to cos, sin (E, B, K, R); None = no RoPE.
-        q_norm, k_norm: optional per-head norms applied to (…, d) before RoPE (Qwen3, Gemma3).
-        scale: attention scale, default 1/sqrt(d). softcap: tanh logit cap (Gemma2), default none.
+        q_norm, k_norm: optional per-head norms applied to (…, d) before RoPE (Qwen3, Gemma3). scale: attention
+            scale, default 1/sqrt(d). softcap: tanh logit cap (Gemma2), default none.
         sliding_window: a query at position i sees only keys with i - j < window (sliding-window layers).
         attention_mask: (B, T), nonzero/True for real tokens; padding is never selected.
         add_to: optional (B, T, h) tensor that the result is added to (e.g. the dense heads' output).
@@ -206,18 +211,12 @@ def mosa_attention(
     Returns:
         (B, T, h): the sum over units of their scattered outputs (+ ``add_to``).
     """
-    B, T, h = x.shape
-    E, G = router.shape[0], heads_per_unit
+    (B, T, h), E, G = x.shape, router.shape[0], heads_per_unit
     d = w_o.shape[1] // G
     valid = None if attention_mask is None else attention_mask.bool()
 
     # 1. route: score every token (no autograd here), expert-choice top-K per unit, sorted by position
-    with torch.no_grad():
-        logits = router_logits(router, x)  # (E, B, T)
-    if threshold is None:
-        idx, live = select_tokens(logits, sparsity, include_first, valid)  # (E, B, K)
-    else:
-        idx, live = select_tokens_causal(logits, threshold, include_first, valid)
+    logits, idx, live = route(x, router, sparsity, include_first, valid, threshold)  # (E, B, T), (E, B, K)
     K = idx.shape[-1]
     add_to = base_output(x, w_o, fill, add_to)
     if K == 0:
@@ -236,12 +235,7 @@ def mosa_attention(
     #    sliding window shorter than the sequence needs an explicit mask on original positions)
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     mask = _window_mask(idx, sliding_window) if sliding_window is not None and sliding_window < T else None
-    if softcap is not None:
-        a = softcap_attention(q, k, v, scale, softcap, dropout_p, mask)
-    else:
-        a = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale, dropout_p=dropout_p, enable_gqa=G > 1
-        )  # (E·B, G, K, d)
+    a = attend_selected(q, k, v, scale, softcap, dropout_p, mask)  # (E·B, G, K, d)
 
     # 5. scale each row by its router score, project out, scatter-add back to the sequence
     y = gated_output(a, gate, w_o, fill)  # (E·B·K, h)

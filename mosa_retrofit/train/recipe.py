@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from ..convert.config import MoSAConfig
+from ..kinds import kinds
 from ..text.data import DataSpec
 from ..text.prompts import VARIANTS
 from ..validate import positive_int, require
@@ -307,8 +308,8 @@ class Recipe:
         warm = [s.name for s in self.stages if s.kind == "router_warmup"]
         if warm and self.conversion is not None and not self.conversion.mosa.routed:
             raise ValueError(f"stages {warm} (router_warmup) train routers, but conversion.mosa.sparse_heads="
-                             f"{self.conversion.mosa.sparse_heads!r} has none; use 'mosa_keys' or 'mosa', or drop "
-                             "the stage")
+                             f"{self.conversion.mosa.sparse_heads!r} has none; use one of {kinds(routed=True)}, or "
+                             "drop the stage")
         weighted = [s.name for s in self.stages if s.answer_weight > 0]
         if weighted and self.data.needles == 0:
             raise ValueError(f"stages {weighted} weigh the answers of data.needles (answer_weight > 0), but "
@@ -423,34 +424,40 @@ def _build(tp: Any, value: Any, path: str) -> Any:
         except (ValueError, TypeError) as e:
             raise ValueError(f"{path}: {str(e).removeprefix('MoSAConfig.')}") from None
     if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
-        if not isinstance(value, dict):
-            raise ValueError(f"{path} must be a mapping, got {value!r}")
-        hints = typing.get_type_hints(tp)
-        known = [f.name for f in fields(tp) if f.init]
-        unknown = sorted(set(value) - set(known))
-        if unknown:
-            raise ValueError(f"unknown key {path}.{unknown[0]}; valid keys of {path}: {known}")
-        kwargs = {}
-        for name in known:
-            if name in value:
-                sub = f"{path}.{name}"
-                hint = StageSpec if (tp is Recipe and name == "stages") else hints[name]
-                if tp is Recipe and name == "stages":
-                    if not isinstance(value[name], list):
-                        raise ValueError(f"{sub} must be a list of stages, got {value[name]!r}")
-                    kwargs[name] = [_build(StageSpec, s, f"{sub}[{i}]") for i, s in enumerate(value[name])]
-                else:
-                    kwargs[name] = _build(hint, value[name], sub)
-        missing = [f.name for f in fields(tp) if f.init and f.default is dataclasses.MISSING
-                   and f.default_factory is dataclasses.MISSING and f.name not in kwargs]
-        if missing:
-            raise ValueError(f"{path}.{missing[0]} is required")
-        try:
-            return tp(**kwargs)
-        except (ValueError, TypeError) as e:
-            raise ValueError(f"{path}.{e}") from None
+        return value if isinstance(value, tp) else _build_dataclass(tp, value, path)
+    return _build_scalar(tp, value, path)
+
+
+def _build_dataclass(tp: Any, value: Any, path: str) -> Any:
+    """A recipe section from its mapping: unknown and missing keys named, every field built by its type."""
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} must be a mapping, got {value!r}")
+    hints = typing.get_type_hints(tp)
+    known = [f.name for f in fields(tp) if f.init]
+    unknown = sorted(set(value) - set(known))
+    if unknown:
+        raise ValueError(f"unknown key {path}.{unknown[0]}; valid keys of {path}: {known}")
+    kwargs = {}
+    for name in (n for n in known if n in value):
+        sub = f"{path}.{name}"
+        if tp is Recipe and name == "stages":
+            if not isinstance(value[name], list):
+                raise ValueError(f"{sub} must be a list of stages, got {value[name]!r}")
+            kwargs[name] = [_build(StageSpec, s, f"{sub}[{i}]") for i, s in enumerate(value[name])]
+        else:
+            kwargs[name] = _build(hints[name], value[name], sub)
+    missing = [f.name for f in fields(tp) if f.init and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING and f.name not in kwargs]
+    if missing:
+        raise ValueError(f"{path}.{missing[0]} is required")
+    try:
+        return tp(**kwargs)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{path}.{e}") from None
+
+
+def _build_scalar(tp: Any, value: Any, path: str) -> Any:
+    """A number, flag or string checked against its type (YAML 1.1's "1e-3" read as the float it means)."""
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads 1e-3 as a string
             try:

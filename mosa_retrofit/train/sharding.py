@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from ..convert.attention import mosa_layers
 from ..convert.families import attention_layers, family_of
+from ..convert.layer_state import layer_state
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
@@ -35,7 +36,7 @@ def shard_(model: nn.Module) -> nn.Module:
     from torch.distributed.fsdp import fully_shard
 
     for layer in mosa_layers(model).values():
-        layer._mosa_sharded = True  # gathered weights live in reused buffers: no memo across calls (attention.py)
+        layer_state(layer).sharded = True  # gathered weights live in reused buffers: no memo across calls
     for block in decoder_layers(model):
         fully_shard(block)
     fully_shard(model)

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ..convert.families import attention_layers, head_to_kv
+from ..convert.layer_state import layer_state
 from ..convert.surgery import mosa_layers
 
 
@@ -27,10 +28,10 @@ def head_masks(module: nn.Module) -> dict[str, Tensor]:
     Finds the slices generically: every parameter is temporarily filled with its own element indices
     (float64, offset per parameter), the family's ``head_weights`` views are read, and the indices found
     in the MoSA heads' views are marked. Works for split, fused and transposed layouts alike. A module about
-    to be sharded keeps its masks (``_mosa_head_masks``): sharded parameters cannot be filled this way.
+    to be sharded keeps its masks (its ``layer_state(...).head_masks``): sharded parameters cannot be filled this way.
     """
-    if "_mosa_head_masks" in module.__dict__:
-        return module.__dict__["_mosa_head_masks"]
+    if layer_state(module).head_masks is not None:
+        return layer_state(module).head_masks
     fam, plan = module.mosa_family, module.mosa_plan
     params = {n: p for n, p in module.named_parameters() if n not in ("mosa_router", "mosa_fill")}
     saved, offsets, total = {}, {}, 0

@@ -39,6 +39,7 @@ from ..convert.compat import enable_activation_checkpointing
 from ..convert.config import MoSAConfig
 from ..convert.costs import cost_ratios
 from ..convert.hub import load_tokenizer, read_config
+from ..convert.layer_state import layer_state
 from ..convert.serialization import load, rebuild_
 from ..convert.surgery import convert_, meta_twin
 from ..convert.thresholds import RoutingStatePool
@@ -127,6 +128,20 @@ def check_output_dir(out: Path, resume: bool) -> None:
     if theirs and not (out / RUN_MARKER).exists():
         raise ValueError(f"output_dir {out} holds files this tool did not write ({', '.join(theirs[:3])}"
                          f"{', ...' if len(theirs) > 3 else ''}); choose a new or empty folder")
+
+
+@dataclass
+class _StageRun:
+    """What one stage's steps work with (Trainer._stage_setup)."""
+    model: nn.Module  # the student (with LoRA when the stage has it)
+    net: nn.Module  # the model as the steps call it (DDP-wrapped unless local or sharded)
+    kind: object  # the stage kind (stages.STAGES): its loss and context
+    opt: torch.optim.Optimizer
+    sched: object
+    params: list  # every trainable parameter
+    masked: list  # (parameter, rows) of MoSA slices: hooks removed at the stage's end
+    masks: list  # sharded: (parameter, local rows) applied by hand
+    batch: int  # blocks per optimizer step, all processes
 
 
 class Trainer:
@@ -332,22 +347,37 @@ class Trainer:
     # ------------------------------------------------------------------------------------ the run
 
     def run(self) -> dict:
+        """Load, read the data, start (or resume) the run state, then every stage; the summary."""
         from accelerate.utils import set_seed
 
-
-        r, acc = self.recipe, self.acc
         start = time.perf_counter()
-        set_seed(r.seed)
+        set_seed(self.recipe.seed)
         tokenizer, teacher, student = self._load_models()
-        within_positions("data.block_size", r.data.block_size, positions_of(teacher.config), r.model.name_or_path)
+        corpus = self._read_data(tokenizer, teacher)
+        if not self.lean or self.acc.is_main_process:  # (lean FSDP: the others hold it on the meta device)
+            teacher.to(self.acc.device)  # conversion runs where training does
+        if self.resume_from is not None:
+            state, student = self._resume(teacher, student, corpus)
+        else:
+            state, student = self._begin(teacher, student, corpus)
+        self._ready(teacher, student, state)
+        self.state.elapsed += time.perf_counter() - start
+        for i in range(state.stage, len(self.recipe.stages)):
+            self._run_stage(i, self.recipe.stages[i])
+        return self._finish()
+
+    def _read_data(self, tokenizer, teacher: nn.Module):
+        """The long-context checks' texts (left out of training), the training blocks and their schedule, the
+        held-out blocks; returns the corpus."""
+        r, E = self.recipe, self.recipe.evaluation
+        positions = positions_of(teacher.config)
+        within_positions("data.block_size", r.data.block_size, positions, r.model.name_or_path)
         self.tokenizer = tokenizer
-        self._long_setup(tokenizer, positions_of(teacher.config))
-        corpus = load_corpus(r.data, tokenizer, progress=self.progress and acc.is_main_process,
+        self._long_setup(tokenizer, positions)
+        corpus = load_corpus(r.data, tokenizer, progress=self.progress and self.acc.is_main_process,
                              exclude=self.long_texts)
         self.train_blocks = corpus.blocks("train", r.data.block_size)
-        E = r.evaluation
-        limit = positions_of(teacher.config) or PROTOCOL.block_size
-        vb = E.block_size or min(PROTOCOL.block_size, limit, corpus.validation.numel())
+        vb = E.block_size or min(PROTOCOL.block_size, positions or PROTOCOL.block_size, corpus.validation.numel())
         self.val_blocks = corpus.blocks("validation", vb)[: max((E.tokens or PROTOCOL.tokens) // vb, 1)]
         self.schedule = BlockSchedule(len(self.train_blocks), r.seed)
         self.protocol = (f"held-out perplexity: {self.val_blocks.numel():,} tokens of the last "
@@ -358,73 +388,90 @@ class Trainer:
                     if corpus.excluded_documents else "") + ")"
                  + (f"; {r.data.needles} keys and their questions inserted in every training block"
                     if r.data.needles else "") + f"; {self.protocol}")
-        if not self.lean or acc.is_main_process:  # (lean FSDP: the others hold it on the meta device)
-            teacher.to(acc.device)  # conversion runs where training does
+        return corpus
 
-        if self.resume_from is not None:
-            state = RunState.from_dict(ckpt.read_state(self.resume_from))
-            names = [s["name"] for s in state.stages]
-            if names != [s.name for s in r.stages[: len(names)]] or len(names) != len(r.stages):
-                raise ValueError(f"{self.resume_from} was written by a recipe with stages {names}; this recipe has "
-                                 f"{[s.name for s in r.stages]}")
-            changed = r.changes(state.recipe) if state.recipe is not None else []
-            if state.recipe is not None:
-                t, tc = state.recipe["training"], r.training
-                before = t["micro_batch_size"] * t["gradient_accumulation_steps"] * state.processes
-                now = tc.micro_batch_size * tc.gradient_accumulation_steps * acc.num_processes
-                if before != now:
-                    changed.append(f"global batch: {before} ({state.processes} processes x micro-batch "
-                                   f"{t['micro_batch_size']} x {t['gradient_accumulation_steps']} accumulation) -> "
-                                   f"{now} ({acc.num_processes} x {tc.micro_batch_size} x "
-                                   f"{tc.gradient_accumulation_steps}); keep processes x micro_batch_size x "
-                                   "gradient_accumulation_steps")
-            state.processes = acc.num_processes
-            if changed:
-                raise ValueError(f"--resume: the recipe differs from the one that wrote {self.resume_from} in what "
-                                 f"decides the weights ({'; '.join(changed[:4])}{'; ...' if len(changed) > 4 else ''}): "
-                                 "the resumed run would not continue that run; resume with the same recipe and "
-                                 "overrides, or start a new run in another output_dir (only output, logging, "
-                                 "evaluation and checkpointing may change)")
-            if student is None and r.control:
-                student = copy.deepcopy(teacher).requires_grad_(True).train()
-            elif student is None:
-                student = self._convert(teacher, corpus, MoSAConfig.from_dict(state.mosa))
-            if state.peft and not self.fsdp:  # (under FSDP: on the sharded model, at the stage's start)
-                student = apply_lora(student, r.stages[state.stage].lora)
-                self.lora_on = True
-            if not ckpt.is_sharded(self.resume_from) and (not self.lean or acc.is_main_process):
-                ckpt.load_model(self.resume_from, student)  # (sharded weights are read once the model is sharded)
-            if self.lean:
-                self._shard_and_fill(teacher, student)
-            self.say(f"resuming from {self.resume_from} (stage {r.stages[state.stage].name if state.stage < len(r.stages) else 'done'}, "
-                     f"step {state.step})")
-        else:
-            if self.out.exists() and not ckpt.checkpoints(self.out):
-                (self.out / "metrics.jsonl").unlink(missing_ok=True)
-            state = RunState(stages=[{"name": s.name, "kind": s.kind} for s in r.stages], recipe=r.to_dict(),
-                             processes=acc.num_processes)
-            if self.lean:  # convert on the main process, then shard both and fill the others' shards
-                if student is None:
-                    student = self._converted_on_main(teacher, corpus)
-                self._shard_and_fill(teacher, student)
-            if r.evaluation.before_conversion:
-                self.say("measuring the original model ...")
-                state.evals.append({"name": "original model", "ppl": self.evaluate(teacher), "global_step": 0,
-                                    **self.long_evaluate(teacher)})
-            if r.control:
-                student = copy.deepcopy(teacher).requires_grad_(True).train()
-                self.say("control run: the original model trains, unconverted, on the blocks the converted run reads")
-            else:
-                if student is None:
-                    student = self._convert(teacher, corpus, None)
-                state.mosa = student.config.mosa
-                if not self.lean:
-                    student.to(acc.device)
-                self.say("measuring the converted model ...")
-                state.evals.append({"name": "after conversion", "ppl": self.evaluate(student), "global_step": 0,
-                                    **self.long_evaluate(student)})
+    def _resume(self, teacher: nn.Module, student: nn.Module | None, corpus) -> tuple[RunState, nn.Module]:
+        """The run state of ``resume_from`` (checked to continue that run) and the student holding its weights."""
+        r, acc = self.recipe, self.acc
+        state = RunState.from_dict(ckpt.read_state(self.resume_from))
+        self._check_resumable(state)
+        state.processes = acc.num_processes
+        if student is None and r.control:
+            student = copy.deepcopy(teacher).requires_grad_(True).train()
+        elif student is None:
+            student = self._convert(teacher, corpus, MoSAConfig.from_dict(state.mosa))
+        if state.peft and not self.fsdp:  # (under FSDP: on the sharded model, at the stage's start)
+            student = apply_lora(student, r.stages[state.stage].lora)
+            self.lora_on = True
+        if not ckpt.is_sharded(self.resume_from) and (not self.lean or acc.is_main_process):
+            ckpt.load_model(self.resume_from, student)  # (sharded weights are read once the model is sharded)
+        if self.lean:
+            self._shard_and_fill(teacher, student)
+        where = r.stages[state.stage].name if state.stage < len(r.stages) else "done"
+        self.say(f"resuming from {self.resume_from} (stage {where}, step {state.step})")
+        return state, student
+
+    def _check_resumable(self, state: RunState) -> None:
+        """The checkpoint's recipe must decide the weights as this one does (stages, what changes the weights,
+        the global batch); otherwise one clear error."""
+        r, acc = self.recipe, self.acc
+        names = [s["name"] for s in state.stages]
+        if names != [s.name for s in r.stages[: len(names)]] or len(names) != len(r.stages):
+            raise ValueError(f"{self.resume_from} was written by a recipe with stages {names}; this recipe has "
+                             f"{[s.name for s in r.stages]}")
+        changed = r.changes(state.recipe) if state.recipe is not None else []
+        if state.recipe is not None:
+            t, tc = state.recipe["training"], r.training
+            before = t["micro_batch_size"] * t["gradient_accumulation_steps"] * state.processes
+            now = tc.micro_batch_size * tc.gradient_accumulation_steps * acc.num_processes
+            if before != now:
+                changed.append(f"global batch: {before} ({state.processes} processes x micro-batch "
+                               f"{t['micro_batch_size']} x {t['gradient_accumulation_steps']} accumulation) -> "
+                               f"{now} ({acc.num_processes} x {tc.micro_batch_size} x "
+                               f"{tc.gradient_accumulation_steps}); keep processes x micro_batch_size x "
+                               "gradient_accumulation_steps")
+        if changed:
+            raise ValueError(f"--resume: the recipe differs from the one that wrote {self.resume_from} in what "
+                             f"decides the weights ({'; '.join(changed[:4])}{'; ...' if len(changed) > 4 else ''}): "
+                             "the resumed run would not continue that run; resume with the same recipe and "
+                             "overrides, or start a new run in another output_dir (only output, logging, "
+                             "evaluation and checkpointing may change)")
+
+    def _begin(self, teacher: nn.Module, student: nn.Module | None, corpus) -> tuple[RunState, nn.Module]:
+        """A new run: the original measured (when asked), the student converted (or, in a control run, a
+        trainable copy of the original) and measured."""
+        r, acc = self.recipe, self.acc
+        if self.out.exists() and not ckpt.checkpoints(self.out):
+            (self.out / "metrics.jsonl").unlink(missing_ok=True)
+        state = RunState(stages=[{"name": s.name, "kind": s.kind} for s in r.stages], recipe=r.to_dict(),
+                         processes=acc.num_processes)
+        if self.lean:  # convert on the main process, then shard both and fill the others' shards
+            if student is None:
+                student = self._converted_on_main(teacher, corpus)
+            self._shard_and_fill(teacher, student)
+        if r.evaluation.before_conversion:
+            self.say("measuring the original model ...")
+            state.evals.append({"name": "original model", "ppl": self.evaluate(teacher), "global_step": 0,
+                                **self.long_evaluate(teacher)})
+        if r.control:
+            self.say("control run: the original model trains, unconverted, on the blocks the converted run reads")
+            return state, copy.deepcopy(teacher).requires_grad_(True).train()
+        if student is None:
+            student = self._convert(teacher, corpus, None)
+        state.mosa = student.config.mosa
         if not self.lean:
             student.to(acc.device)
+        self.say("measuring the converted model ...")
+        state.evals.append({"name": "after conversion", "ppl": self.evaluate(student), "global_step": 0,
+                            **self.long_evaluate(student)})
+        return state, student
+
+    def _ready(self, teacher: nn.Module, student: nn.Module, state: RunState) -> None:
+        """The student on its device (activation checkpointing as asked), the teacher kept only while a stage
+        distills, the logs opened with the measurements so far, and (a new run) the step-0 checkpoint."""
+        r = self.recipe
+        if not self.lean:
+            student.to(self.acc.device)
         if r.training.gradient_checkpointing:
             enable_activation_checkpointing(student, {"use_reentrant": False})
         if not any(s.kd_weight > 0 or s.kind == "layer_distill" for s in r.stages[state.stage:]):
@@ -440,11 +487,6 @@ class Trainer:
             self.say(f"perplexity {e['name']}: {e['ppl']:.2f}" + (f"; {_long_line(e)}" if "long" in e else ""))
         if self.resume_from is None:
             self._save(None, None)
-        self.state.elapsed += time.perf_counter() - start
-
-        for i in range(state.stage, len(r.stages)):
-            self._run_stage(i, r.stages[i])
-        return self._finish()
 
     def _cost_model(self) -> nn.Module:
         """The student as the cost tables read it: itself, or (sharded) its structure on the meta device."""
@@ -458,7 +500,7 @@ class Trainer:
             for m in mosa_layers(student).values():
                 whole = m if not any(p.is_meta for p in m.parameters()) else \
                     copy.deepcopy(m).to_empty(device="cpu")
-                m._mosa_head_masks = head_masks(whole)
+                layer_state(m).head_masks = head_masks(whole)
 
     def _shard_and_fill(self, teacher: nn.Module, student: nn.Module) -> None:
         """Lean FSDP: shard student and teacher before anything else. The main process holds them whole (it read
@@ -518,7 +560,7 @@ class Trainer:
         log / evaluation / checkpoint schedule after each, then the stage's end (LoRA merged, evaluated, saved)."""
         from tqdm.auto import tqdm
 
-        r, acc, s = self.recipe, self.acc, self.state
+        r, s = self.recipe, self.state
         start_step = s.step if s.stage == i else 0
         s.stage, s.step = i, start_step
         if start_step >= stage.steps:  # the checkpoint was written at the end of this stage
@@ -529,6 +571,34 @@ class Trainer:
             self._pass_over(i, stage, start_step)
             return
         t_stage = time.perf_counter()
+        live = self._stage_setup(stage, start_step)
+        bar = tqdm(total=stage.steps, initial=start_step, desc=stage.name, unit="step",
+                   disable=not (self.progress and self.acc.is_main_process), dynamic_ncols=True)
+        live.net.train()
+        with live.kind.context(), RoutingStatePool(live.model) as routing_state:
+            for step in range(start_step, stage.steps):
+                record = self._step(live, stage, step, routing_state)
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                                tok_s=f"{record['tokens_per_s']:,.0f}")
+                for callback in (self._log_every, self._evaluate_every, self._checkpoint_every):
+                    callback(stage, step, start_step, record, live.opt, live.sched)
+        bar.close()
+        remove_hooks(live.masked)
+        if stage.lora is not None:
+            self.student = merge_lora(self.student)
+            s.peft = self.lora_on = False
+        self.student.requires_grad_(True)
+        s.step = stage.steps
+        self._eval_record(stage.name, stage.steps, f"after {stage.name}", long=self._long_at_end(i))
+        self._save(None, None)
+        self.say(f"stage {stage.name} done in {time.perf_counter() - t_stage:.0f} s")
+        s.stage, s.step = i + 1, 0
+
+    def _stage_setup(self, stage: StageSpec, start_step: int) -> _StageRun:
+        """Sharding and LoRA as the stage needs, its trainable parameters, optimizer and schedule (restored
+        mid-stage on resume), the stage kind's loss and the (wrapped) network."""
+        r, acc, s = self.recipe, self.acc, self.state
         if STAGES[stage.kind].shardable:
             self._shard()  # before LoRA: the adapters stay whole on every process, their gradients averaged by hand
         if stage.lora is not None and not self.lora_on:
@@ -541,7 +611,6 @@ class Trainer:
             plain, masked = select_trainable(model, stage.trainable, lora=stage.lora is not None,
                                              hooks=not self.sharded)
         masks = [(p, sharding.local_mask(p, m)) for p, m in masked] if self.sharded else []  # applied by hand
-        params = plain + [p for p, _ in masked]
         opt, sched, peak = self._optimizer(stage, plain, [p for p, _ in masked])
         kind = STAGES[stage.kind](stage, model, self.teacher, acc)
         net = model if (kind.local or self.sharded) else acc.prepare_model(model)
@@ -552,53 +621,37 @@ class Trainer:
             self.resume_from = None
         tc = r.training
         batch = tc.micro_batch_size * acc.num_processes * tc.gradient_accumulation_steps
-        tokens_per_step = batch * r.data.block_size
         n_trainable = sum(int(p.numel()) for p in plain) + sum(int(m.sum()) for _, m in masked)
         s.stage_log.setdefault(stage.name, {"tokens": 0, "time": 0.0})["trainable"] = n_trainable
         self.say(f"stage {stage.name} ({stage.kind}): {stage.steps} steps, global batch {batch} x "
                  f"{r.data.block_size} tokens, {n_trainable:,} trainable parameters, peak lr {peak:g}")
-        bar = tqdm(total=stage.steps, initial=start_step, desc=stage.name, unit="step",
-                   disable=not (self.progress and acc.is_main_process), dynamic_ncols=True)
-        net.train()
-        with kind.context(), RoutingStatePool(model) as routing_state:
-            for step in range(start_step, stage.steps):
-                t0 = time.perf_counter()
-                totals = self._accumulate(net, kind)
-                self._sync_gradients(params, masks, kind.local)
-                if self.interrupt is not None:
-                    self.interrupt(stage.name, step)
-                values, grad_norm = self._clip_and_guard(params, totals, stage, step)
-                routing_state.commit(self._gather_rows if acc.num_processes > 1 else None)  # the global batch's
-                lr = sched.get_last_lr()[0]
-                opt.step()
-                sched.step()
-                opt.zero_grad(set_to_none=True)
-                s.samples += batch
-                s.step = step + 1
-                s.global_step += 1
-                dt = time.perf_counter() - t0
-                s.elapsed += dt
-                log = s.stage_log.setdefault(stage.name, {"tokens": 0, "time": 0.0})
-                log["tokens"] += tokens_per_step
-                log["time"] += dt
-                bar.update(1)
-                bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_step / dt:,.0f}")
-                record = {"split": "train", "stage": stage.name, "step": step + 1, "global_step": s.global_step,
-                          **values, "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": tokens_per_step / dt,
-                          "tokens": s.samples * r.data.block_size, "elapsed": s.elapsed}
-                for callback in (self._log_every, self._evaluate_every, self._checkpoint_every):
-                    callback(stage, step, start_step, record, opt, sched)
-        bar.close()
-        remove_hooks(masked)
-        if stage.lora is not None:
-            self.student = merge_lora(self.student)
-            s.peft = self.lora_on = False
-        self.student.requires_grad_(True)
-        s.step = stage.steps
-        self._eval_record(stage.name, stage.steps, f"after {stage.name}", long=self._long_at_end(i))
-        self._save(None, None)
-        self.say(f"stage {stage.name} done in {time.perf_counter() - t_stage:.0f} s")
-        s.stage, s.step = i + 1, 0
+        return _StageRun(model, net, kind, opt, sched, plain + [p for p, _ in masked], masked, masks, batch)
+
+    def _step(self, live: _StageRun, stage: StageSpec, step: int, routing_state) -> dict:
+        """One optimizer step of the stage; returns its training record."""
+        s, tokens = self.state, live.batch * self.recipe.data.block_size
+        t0 = time.perf_counter()
+        totals = self._accumulate(live.net, live.kind)
+        self._sync_gradients(live.params, live.masks, live.kind.local)
+        if self.interrupt is not None:
+            self.interrupt(stage.name, step)
+        values, grad_norm = self._clip_and_guard(live.params, totals, stage, step)
+        routing_state.commit(self._gather_rows if self.acc.num_processes > 1 else None)  # the global batch's
+        lr = live.sched.get_last_lr()[0]
+        live.opt.step()
+        live.sched.step()
+        live.opt.zero_grad(set_to_none=True)
+        s.samples += live.batch
+        s.step = step + 1
+        s.global_step += 1
+        dt = time.perf_counter() - t0
+        s.elapsed += dt
+        log = s.stage_log.setdefault(stage.name, {"tokens": 0, "time": 0.0})
+        log["tokens"] += tokens
+        log["time"] += dt
+        return {"split": "train", "stage": stage.name, "step": step + 1, "global_step": s.global_step,
+                **values, "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": tokens / dt,
+                "tokens": s.samples * self.recipe.data.block_size, "elapsed": s.elapsed}
 
     def _pass_over(self, i: int, stage: StageSpec, start_step: int) -> None:
         """Control run, a stage with nothing to train in the original: its steps' blocks are consumed without a

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from ..convert.families import HeadWeights, head_to_kv
+from ..kinds import kinds
 from ..ops.masks import key_padding
 from ..ops.rope import apply_rope
 from ..ops.sparse import softcap_logits
@@ -149,7 +150,7 @@ class RouterWarmup:
     def __init__(self, layers: dict[int, nn.Module], answer_weight: float = 0.0):
         unrouted = sorted(i for i, m in layers.items() if m.mosa_plan.mosa and not any(g.routed for g in m.mosa_groups))
         if unrouted:
-            raise ValueError(f"router warm-up needs routed MoSA heads (sparse_heads 'mosa' or 'mosa_keys'), but "
+            raise ValueError(f"router warm-up needs routed MoSA heads (sparse_heads one of {kinds(routed=True)}), but "
                              f"layers {unrouted} have sparse_heads="
                              f"{layers[unrouted[0]].mosa_plan.config.sparse_heads!r}, which have no router")
         self.layers = layers

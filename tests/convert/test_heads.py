@@ -31,6 +31,20 @@ def test_the_config_takes_the_words_the_kinds_declare():
     assert (sparse.kind, sparse.role, sparse.heads) == ("pruned", "sparse", (1, 2, 3))
 
 
+def test_the_published_declarations_are_the_classes_own():
+    """kinds.py publishes what the built-in classes declare (the config reads it without importing them); a class
+    registered under a built-in name that declares otherwise is refused, and the registry keeps the real one."""
+    from mosa_retrofit.kinds import BUILT_IN, Declared
+
+    assert {k: Declared.of(HEAD_GROUPS[k]) for k in BUILT_IN} == BUILT_IN
+    real = HEAD_GROUPS["mosa"]
+    with pytest.raises(TypeError, match="built-in kind 'mosa'"):
+        @register_heads("mosa")
+        class Impostor(DenseHeads):  # declares keeps=True, no router
+            pass
+    assert HEAD_GROUPS["mosa"] is real
+
+
 def test_a_new_kept_kind_runs_as_soon_as_a_plan_names_it():
     calls = []
 

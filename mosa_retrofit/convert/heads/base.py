@@ -8,8 +8,9 @@ registered class; everything specific to it lives there:
 * what it declares (class attributes): whether it may be kept or replace heads, whether it owns routers
   (``mosa_router``; ``mosa_threshold`` under causal routing) or a fill (``mosa_fill``), whether it attends a
   recent window, whether it runs soft-capped layers, what its calibrated routers are fitted to, and its column
-  in the cost tables. ``MoSAConfig`` validates its words against these declarations, ``convert_`` creates the
-  parameters a kind owns, the cost model asks the kind;
+  in the cost tables (the fields of ``kinds.Declared``). ``MoSAConfig`` validates its words against these
+  declarations (published by mosa_retrofit/kinds.py, whose ``REGISTRY`` is this registry, without importing a
+  kernel), ``convert_`` creates the parameters a kind owns, the cost model asks the kind;
 * what it answers: ``forward(layer, call)`` (its contribution to the layer output, bias excluded: the layer
   adds the output bias once), ``cost(T, dims)``, ``check_decode`` and ``prepare`` (before any group writes the
   cache).
@@ -29,28 +30,29 @@ from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
+from ...kinds import BUILT_IN, REGISTRY, Declared, kinds
 from ...ops.rope import apply_rope
 from ..cache import LayerStore
 from ..costs import Dims, GroupCost
 from ..families import HeadWeights
 
-HEAD_GROUPS: dict[str, type[HeadGroup]] = {}
+HEAD_GROUPS: dict[str, type[HeadGroup]] = REGISTRY  # (the registry kinds.py publishes to MoSAConfig)
+__all__ = ["HEAD_GROUPS", "Call", "HeadGroup", "head_groups", "kinds", "register_heads", "split_units"]
 
 
 def register_heads(kind: str):
-    """Class decorator: ``kind`` is the word a ``MoSAConfig`` uses for this group (kept_heads / sparse_heads)."""
+    """Class decorator: ``kind`` is the word a ``MoSAConfig`` uses for this group (kept_heads / sparse_heads).
+    A built-in kind's class must declare what kinds.BUILT_IN says it does."""
     def wrap(cls):
+        if kind in BUILT_IN and Declared.of(cls) != BUILT_IN[kind]:
+            raise TypeError(f"{cls.__name__} declares {Declared.of(cls)}; the built-in kind {kind!r} is published "
+                            f"as {BUILT_IN[kind]} (mosa_retrofit/kinds.py)")
         HEAD_GROUPS[kind] = cls
         cls.kind = kind
         return cls
     return wrap
-
-
-def kinds(**declared) -> tuple[str, ...]:
-    """The registered kinds whose declarations match, e.g. ``kinds(keeps=True)``."""
-    return tuple(k for k, cls in HEAD_GROUPS.items() if all(getattr(cls, a) == v for a, v in declared.items()))
 
 
 @dataclass
@@ -104,6 +106,30 @@ class HeadGroup:
 
     def window(self, reach: int | None) -> int:
         return self.window_for(self.plan.config, reach)
+
+    # -- what the kind owns on the layer: created (and fitted) by convert_, started afresh on a partial load
+
+    def own(self, layer, weights: HeadWeights, stats=None, window: int | None = None) -> None:
+        """Create on ``layer`` the tensors this kind owns, fitted from the layer's calibration ``stats`` when
+        given (``window``: the recent window the kind attends), else at their starting values for a checkpoint
+        to fill. The base: a kind that fills (``fills``) owns ``mosa_fill`` (E, G·d) with ``fill='mean'``: the
+        units' mean output, or zeros."""
+        if not (self.fills and self.plan.config.fill == "mean"):
+            return
+        ref = weights.wq
+        layer.mosa_fill = nn.Parameter(torch.zeros(len(self.units), self.unit_size * weights.head_dim,
+                                                   device=ref.device, dtype=ref.dtype))
+        if stats is not None:
+            with torch.no_grad():
+                layer.mosa_fill.copy_(stats.mean_output(self.units).to(ref.dtype))
+
+    def restart(self, layer, name: str, tensor: Tensor) -> str | None:
+        """Give ``tensor``, the layer's ``name`` (a tensor this kind owns that a checkpoint lacked), its starting
+        value; says which (None: not this kind's)."""
+        if name == "mosa_fill" and self.fills:
+            tensor.data.zero_()
+            return "left at zero"
+        return None
 
     def forward(self, layer, call: Call) -> Tensor | None:
         """The group's contribution to the layer output (B, T, D), without the output bias; None: nothing."""

@@ -7,8 +7,10 @@ Shape legend as in base.py; K selected tokens.
 
 from __future__ import annotations
 
+import math
+
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ...ops.routing import (
     budget_logits,
@@ -18,6 +20,29 @@ from ...ops.routing import (
     select_tokens,
     threshold_of,
 )
+from ..layer_state import layer_state
+
+
+def init_router_(router: nn.Parameter) -> None:
+    """Random router init: N(0, 1/D), logits of unit variance for unit-variance inputs."""
+    with torch.no_grad():
+        router.normal_(0.0, 1.0 / math.sqrt(router.shape[1]))
+
+
+def init_threshold_(threshold: Tensor, sparsity: float) -> None:
+    """Causal-routing threshold for unit-RMS logits: the (1 - 1/sparsity) normal quantile (-inf at sparsity 1)."""
+    from statistics import NormalDist
+
+    with torch.no_grad():
+        threshold.fill_(-math.inf if sparsity <= 1 else NormalDist().inv_cdf(1 - 1 / sparsity))
+
+
+def own_threshold(layer, units: int, sparsity: float) -> None:
+    """The buffer ``mosa_threshold`` (units,) of causal routing on ``layer`` (made if absent), at its start."""
+    if not hasattr(layer, "mosa_threshold"):
+        layer.register_buffer("mosa_threshold", torch.empty(units, device=layer.mosa_router.device,
+                                                            dtype=torch.float32))
+    init_threshold_(layer.mosa_threshold, sparsity)
 
 
 class RoutedUnits:
@@ -32,6 +57,32 @@ class RoutedUnits:
     @property
     def causal(self) -> bool:
         return self.plan.config.routing == "causal"
+
+    def own(self, layer, weights, stats=None, window: int | None = None) -> None:
+        """What the kind's base owns, then ``mosa_router`` (E, D): fitted to the calibration ``stats`` with
+        ``router_init='calibrated'`` (to the attention beyond ``window`` for far routers), else random; under
+        causal routing the buffer ``mosa_threshold`` (E,) too, at the normal quantile of the sparsity (the
+        calibration text sets it later, thresholds.py)."""
+        super().own(layer, weights, stats, window)
+        cfg, ref = self.plan.config, weights.wq
+        layer.mosa_router = nn.Parameter(torch.empty(len(self.units), ref.shape[2], device=ref.device,
+                                                     dtype=ref.dtype))
+        if stats is not None and cfg.router_init == "calibrated":
+            with torch.no_grad():
+                layer.mosa_router.copy_(stats.fit_router(self.units, cfg.fill, window=window).to(ref.dtype))
+        else:
+            init_router_(layer.mosa_router)
+        if self.causal:
+            own_threshold(layer, len(self.units), cfg.sparsity)
+
+    def restart(self, layer, name: str, tensor: Tensor) -> str | None:
+        if name == "mosa_router":
+            init_router_(tensor)
+            return "initialised at random"
+        if name == "mosa_threshold":
+            init_threshold_(tensor, self.plan.config.sparsity)
+            return "set to the normal quantile of the sparsity"
+        return super().restart(layer, name, tensor)
 
     def decode_refusal(self) -> str | None:
         if not self.causal:
@@ -66,13 +117,13 @@ class RoutedUnits:
         activation checkpointing recomputes the forward in between, and that recomputation must select with the
         threshold the forward selected with."""
         cfg = self.plan.config
-        pool = layer.__dict__.get("_mosa_pool")
+        pool = layer_state(layer).pool
         if pool is not None:
             if not in_backward():  # a checkpointed forward recomputed: its tokens are counted already
                 pool.append(budget_logits(layer.mosa_router, x, valid, cfg.include_first))
             return
         target = threshold_of(budget_logits(layer.mosa_router, x, valid, cfg.include_first), cfg.sparsity)  # (E,)
-        layer._mosa_threshold_next = moved_threshold(layer.mosa_threshold, target, cfg.threshold_momentum)
+        layer_state(layer).threshold_next = moved_threshold(layer.mosa_threshold, target, cfg.threshold_momentum)
         if y.requires_grad:
             y.register_hook(lambda grad: _commit_threshold(layer))
         else:
@@ -93,6 +144,7 @@ def in_backward() -> bool:
 @torch.no_grad()
 def _commit_threshold(layer) -> None:
     """Write the threshold a training forward computed (see ``RoutedUnits.track_threshold``); once."""
-    nxt = layer.__dict__.pop("_mosa_threshold_next", None)
+    state = layer_state(layer)
+    nxt, state.threshold_next = state.threshold_next, None
     if nxt is not None:
         layer.mosa_threshold.copy_(nxt)
