@@ -1,12 +1,16 @@
 """The sparse recipe and its control, measured in one run: what continued pretraining buys at a conversion twice
 as sparse as the default, separated from what training on the text alone would buy.
 
-    python benchmarks/sparse_recipe.py [--recipe recipes/smollm2-sparse.yaml] [--no-control] [--from-runs]
+    python benchmarks/sparse_recipe.py [--recipe recipes/smollm2-sparse.yaml] [--curve-every 20] [--no-control]
+                                       [--from-runs]
     python benchmarks/sparse_recipe.py --compare OUT_A OUT_B ...   # objectives, each a finished run's folder
 
 Runs ``mosa-retrofit train RECIPE`` and then ``--control`` (the original trained by the same recipe on the same
-blocks), one after the other (measure alone), then writes benchmarks/results/smollm2_sparse.md (the summary
-rows, the costs, the learning curve) and docs/results/sparse_curve.png. ``--from-runs`` only reads the two
+blocks), one after the other (measure alone); the converted run with its long-context checks also every
+``--curve-every`` steps and at every stage end (the learning curve's points; about 7 minutes each, so the run
+takes longer than the recipe alone, whose checks fall after conversion and after training only). Then it writes
+benchmarks/results/smollm2_sparse.md (the summary rows, the costs, the learning curve) and
+docs/results/sparse_curve.png. ``--from-runs`` only reads the two
 output folders again. ``--compare`` writes benchmarks/results/sparse_objectives.md from finished runs of the
 same conversion with different stages (the objective comparison at equal wall time).
 """
@@ -51,6 +55,8 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--recipe", default="recipes/smollm2-sparse.yaml")
+    p.add_argument("--curve-every", type=int, default=20, metavar="N",
+                   help="long checks every N steps and at every stage end of the converted run (0: the recipe's own)")
     p.add_argument("--no-control", action="store_true", help="only the converted run")
     p.add_argument("--from-runs", action="store_true", help="read the two output folders, train nothing")
     p.add_argument("--out", default="benchmarks/results/smollm2_sparse.md")
@@ -66,7 +72,8 @@ def main(argv: list[str] | None = None) -> None:
     from mosa_retrofit.train.recipe import CONTROL_SUFFIX, Recipe
     from mosa_retrofit.train.trainer import summary_table, train
 
-    recipe = Recipe.from_yaml(args.recipe, args.overrides)
+    curve_every = [f"evaluation.long_every={args.curve_every}"] if args.curve_every else []
+    recipe = Recipe.from_yaml(args.recipe, [*curve_every, *args.overrides])
     control = dataclasses.replace(recipe, control=True, output_dir=recipe.output_dir + CONTROL_SUFFIX,
                                   evaluation=dataclasses.replace(recipe.evaluation, before_conversion=False, long_every=0))
     started = time.time()
@@ -84,6 +91,9 @@ def main(argv: list[str] | None = None) -> None:
              f"{m.local_window} + 1 in {m.sparsity:g} tokens routed",
              "", f"Command: `{' '.join(['python benchmarks/sparse_recipe.py', *argv])}`", "",
              f"Machine: {machine()}; {time.strftime('%Y-%m-%d')}; this script {time.time() - started:.0f} s.", "",
+             *([f"Runs read from `{main_dir}`" + (f" and `{control_dir}`" if sibling else " (no control run there)")
+                + f", as `mosa-retrofit train {args.recipe} {' '.join([*curve_every, *args.overrides])}`".rstrip()
+                + " wrote them.", ""] if args.from_runs else []),
              "## Summary", "", summary_table(summary, sibling), "",
              "## Learning curve", "", "Every long-context check of the converted run against training tokens.", "",
              "| tokens | held-out ppl | " + " | ".join(f"long {L} ppl" for L in (curve[0]["long"] if curve else {}))

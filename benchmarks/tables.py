@@ -196,7 +196,15 @@ def speed_goals() -> str:
 
 
 def frontier() -> str:
+    """The zero-shot points, then (when measured) the adapted run's: the sparse recipe's conversion before and after
+    training. The two runs' original rows must agree (the same protocol, the same model), else they cannot share
+    a table."""
     rows = table("flops_frontier.md")
+    if (RESULTS / "flops_frontier_adapted.md").exists():
+        adapted = table("flops_frontier_adapted.md")
+        if row(adapted, "point", "original") != row(rows, "point", "original"):
+            raise ValueError("flops_frontier.md and flops_frontier_adapted.md measured the original differently")
+        rows += [r for r in adapted if r["point"] != "original"]
     seen, keep = set(), []
     for r in rows:  # points that resolve to the same model (same costs and results) are shown once
         key = tuple(v for k, v in r.items() if k not in ("point", "fields"))
@@ -246,7 +254,8 @@ def readme_memory() -> str:
                                                for m in models])
 
 
-SPARSE = "smollm2_sparse.md"
+SPARSE = "smollm2_sparse.md"  # the recipe and its control, with the learning curve's checks
+SPARSE_RECIPE = "smollm2_sparse_recipe.md"  # the recipe as shipped, alone (its wall time)
 
 
 def _section(name: str, heading: str) -> str:
@@ -272,11 +281,13 @@ def sparse_objectives() -> str:
 
 
 def sparse_row() -> list[str]:
-    """README's row of the adapted sparse recipe: its last summary row, the costs its summary states."""
-    rows = tables(RESULTS / SPARSE)[0][1]
+    """README's row of the adapted sparse recipe: the last summary row of its own run (the recipe as shipped, not
+    the learning-curve run with its extra checks), the costs and the wall time that run states."""
+    rows = tables(RESULTS / SPARSE_RECIPE)[0][1]
     last = [r for r in rows if r["model"].startswith("after ")][-1]
-    costs = re.search(r"attention FLOPs ([0-9.]+)x and KV bytes ([0-9.]+)x", (RESULTS / SPARSE).read_text())
-    wall = re.search(r"([0-9.]+) min end to end", (RESULTS / SPARSE).read_text()).group(1)
+    text = (RESULTS / SPARSE_RECIPE).read_text()
+    costs = re.search(r"attention FLOPs ([0-9.]+)x and KV bytes ([0-9.]+)x", text)
+    wall = re.search(r"([0-9.]+) min end to end", text).group(1)
     first = lambda cell: cell.split(" (")[0]
     single = next(c for c in last if c.startswith("passkey single"))
     import yaml
@@ -299,7 +310,12 @@ def sparse_points() -> str:
     return copy(table("sparse_points.md"))
 
 
+def long_frontier() -> str:
+    return copy(table("long_frontier.md"))
+
+
 BLOCKS = {
+    "long-frontier": long_frontier,
     "sparse-summary": sparse_summary,
     "sparse-curve": sparse_curve,
     "sparse-objectives": sparse_objectives,
