@@ -328,7 +328,7 @@ def test_the_long_context_play_is_never_trained_on(world, tmp_path):  # noqa: F8
     corpus = load_corpus(recipe.data, tok, progress=False, exclude=trainer.long_texts)
     train_docs = plays[1:] + articles[:-V]
     assert (corpus.train_documents, corpus.excluded_documents) == (len(train_docs), 1)
-    expected = sum(len(tok(d, add_special_tokens=False)["input_ids"]) + 1 for d in train_docs)
+    expected = sum(len(ids) + 1 for ids in tok(train_docs, add_special_tokens=False)["input_ids"])  # (one batch)
     assert corpus.train.numel() == expected
 
 
