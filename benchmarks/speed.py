@@ -18,14 +18,17 @@ import time
 from pathlib import Path
 
 
+MODEL, OUT = "out/smollm2-mosa", "benchmarks/results/speed.md"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="out/smollm2-mosa")
+    p.add_argument("--model", default=MODEL)
     p.add_argument("--threads", default="1,2")
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--decode-tokens", type=int, default=8)
-    p.add_argument("--out", default="benchmarks/results/speed.md")
+    p.add_argument("--out", default=OUT)
     p.add_argument("--plot", default="docs/results/speed.png")
     args = p.parse_args()
     cli = [sys.executable, "-m", "mosa_retrofit"]
@@ -42,12 +45,13 @@ def main() -> None:
         tmp.unlink()
         tables[threads] = text
         sections.append(f"## {threads} thread(s)\n\n`{' '.join(['mosa-retrofit', *cmd[3:-2]])}`\n\n{text}")
-    head = (f"# Speed: the default conversion of SmolLM2-135M-Instruct beside the original\n\n"
-            f"`python benchmarks/speed.py --model {args.model} --threads {args.threads} --reps {args.reps}` "
+    head = (f"# Speed: {_what(args.model)} beside the original\n\n"
+            f"`python benchmarks/speed.py --model {args.model} --threads {args.threads} --reps {args.reps}"
+            + (f" --out {args.out} --plot {args.plot}" if args.out != OUT else "") + "` "
             f"({time.strftime('%Y-%m-%d')}, {time.time() - started:,.0f} s in all).\n")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(head + "\n" + "\n".join(sections))
-    _plot(tables, args.plot)
+    _plot(tables, args.plot, _what(args.model))
     print(Path(args.out).read_text())
 
 
@@ -63,7 +67,12 @@ def _rows(table: str) -> list[tuple[str, str, float, float | None]]:
     return out
 
 
-def _plot(tables: dict[int, str], path: str) -> None:
+def _what(model: str) -> str:
+    """The model measured, in words: the default conversion, or the saved model's folder."""
+    return "the default conversion of SmolLM2-135M-Instruct" if model == MODEL else f"`{model}`"
+
+
+def _plot(tables: dict[int, str], path: str, what: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -82,7 +91,7 @@ def _plot(tables: dict[int, str], path: str) -> None:
     ax.axhline(1.0, color="black", lw=0.8)
     ax.set_xticks([x + width * len(tables) / 2 for x in range(len(labels))], labels, fontsize=7)
     ax.set_ylabel("× the original's speed")
-    ax.set_title("Default conversion of SmolLM2-135M against the original (CPU)")
+    ax.set_title(f"{what.strip('`')} against the original (CPU)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)

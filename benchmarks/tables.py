@@ -86,8 +86,8 @@ SPEED = "speed.md"
 LONG = "long_context.md"
 
 
-def speed(threads: int) -> list[dict[str, str]]:
-    return table(SPEED, f"{threads} thread(s)")
+def speed(threads: int, name: str = SPEED) -> list[dict[str, str]]:
+    return table(name, f"{threads} thread(s)")
 
 
 def speed_ratio(threads: int, measure: str, tokens: str) -> tuple[str, str]:
@@ -173,8 +173,8 @@ def readme_headline() -> str:
             f"{decode8} (batch 8) on a CPU thread.", 113)
 
 
-def speed_table(threads: int):
-    return lambda: copy(speed(threads))
+def speed_table(threads: int, name: str = SPEED):
+    return lambda: copy(speed(threads, name))
 
 
 GOALS = (("prefill at 4k >= 1.25x", "prefill", "4,096"), ("prefill at 8k >= 1.5x", "prefill", "8,192"),
@@ -326,6 +326,8 @@ BLOCKS = {
     "speed-1-thread": speed_table(1),
     "speed-2-threads": speed_table(2),
     "speed-goals": speed_goals,
+    "speed-sparse-1-thread": speed_table(1, "speed_sparse.md"),
+    "speed-sparse-2-threads": speed_table(2, "speed_sparse.md"),
     "flops-frontier": frontier,
     "long-context": long_context,
     "demo": demo_table,
