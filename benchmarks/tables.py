@@ -314,7 +314,12 @@ def long_frontier() -> str:
     return copy(table("long_frontier.md"))
 
 
+def retrieval_levers() -> str:
+    return copy(table("retrieval_levers.md"))
+
+
 BLOCKS = {
+    "retrieval-levers": retrieval_levers,
     "long-frontier": long_frontier,
     "sparse-summary": sparse_summary,
     "sparse-curve": sparse_curve,
