@@ -60,7 +60,7 @@ def two(world, tmp_path_factory):
     return root / "two"
 
 
-@pytest.mark.slow  # (torchrun launches; routing_state's keys case covers FSDP by default)
+@pytest.mark.slow  # (torchrun launches)
 def test_two_fsdp_processes_match_one(world, two, tmp_path):
     summary = json.loads((two / "summary.json").read_text())
     assert summary["processes"] == 2
@@ -98,7 +98,7 @@ def test_a_killed_fsdp_run_resumes_bit_exactly(world, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.slow  # (torchrun launches; routing_state's keys case covers FSDP by default)
+@pytest.mark.slow  # (torchrun launches)
 def test_mosa_slices_bf16_autocast_and_checkpointing_under_fsdp(world, tmp_path):
     """trainable: mosa under sharding: the dense heads' rows of q/k/v/o stay bit-exact (masks laid out as the
     shards are), the MoSA rows learn; with bf16 autocast and gradient checkpointing."""
@@ -122,7 +122,7 @@ def test_mosa_slices_bf16_autocast_and_checkpointing_under_fsdp(world, tmp_path)
             assert not torch.equal(trained[mask.bool()], original[key][mask.bool()]), key  # MoSA rows learned
 
 
-@pytest.mark.slow  # (torchrun launches; routing_state's keys case covers FSDP by default)
+@pytest.mark.slow  # (torchrun launches)
 def test_lora_under_fsdp_matches_one_process_and_resumes(world, tmp_path):
     """A LoRA stage on the sharded model (adapters whole on every process, gradients averaged; merged into the
     sharded base weights at the stage's end), killed after its checkpoint at global step 3 and resumed: the
@@ -156,7 +156,7 @@ def test_fsdp_recipe_errors():
 
 
 
-@pytest.mark.slow  # (torchrun launches; routing_state's keys case covers FSDP by default)
+@pytest.mark.slow  # (torchrun launches)
 def test_a_sharded_checkpoint_resumes_on_another_number_of_processes_exactly(world, two, tmp_path):
     """The 2-process FSDP run's checkpoint at global step 9 (mid-adaptation) continues on 1 process (micro-batch 4)
     and on 4 processes (micro-batch 1): the same global batch, DCP reshards weights and Adam states, and both end

@@ -61,7 +61,8 @@ def assert_same(a: dict, b: dict) -> None:
     assert (a[worst].float() - b[worst].float()).abs().max().item() < 1e-5, worst
 
 
-@pytest.mark.parametrize("form", ["keys", pytest.param("paper", marks=pytest.mark.slow)])  # (4 trainings, 2 launched)
+@pytest.mark.slow  # (4 trainings each, 2 of them launched processes)
+@pytest.mark.parametrize("form", ["keys", "paper"])
 def test_every_split_of_the_global_batch_saves_the_same_model(world, tmp_path, form):
     reference = one_process(world, tmp_path / "one", form)
     thresholds = [k for k in reference if k.endswith("mosa_threshold")]

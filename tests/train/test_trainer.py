@@ -140,7 +140,7 @@ def test_lora_stage_saves_merged_and_reloads(world, tmp_path):
     assert after < summary["evals"][1]["ppl"]
 
 
-@pytest.mark.slow  # (a torchrun launch; routing_state's keys case covers DDP by default)
+@pytest.mark.slow  # (a torchrun launch)
 def test_two_processes_match_one(world, tmp_path):
     """torchrun, 2 CPU processes (gloo, DDP) at micro-batch 2 == 1 process at micro-batch 4 (same global batch)."""
     model_dir, data = world
