@@ -90,11 +90,12 @@ def speed(threads: int, name: str = SPEED) -> list[dict[str, str]]:
     return table(name, f"{threads} thread(s)")
 
 
-def speed_ratio(threads: int, measure: str, tokens: str) -> tuple[str, str]:
-    """(the measured ratio, its limit) of one line of the speed table, e.g. ('1.73x', '1.64x')."""
-    r = [r for r in speed(threads) if r["measure"] == measure and r["tokens"] == tokens]
+def speed_ratio(threads: int, measure: str, tokens: str, name: str = SPEED) -> tuple[str, str]:
+    """(the measured ratio, its limit) of one line of a speed table, e.g. ('1.73x', '1.64x'); ``tokens`` may be
+    a prefix ('after 8,1': decoding after as many tokens as the model's positions allowed)."""
+    r = [r for r in speed(threads, name) if r["measure"] == measure and r["tokens"].startswith(tokens)]
     if len(r) != 1:
-        raise ValueError(f"benchmarks/results/{SPEED} has {len(r)} lines for {measure} at {tokens} tokens")
+        raise ValueError(f"benchmarks/results/{name} has {len(r)} lines for {measure} at {tokens} tokens")
     return r[0]["converted vs original"].split()[0].strip("*"), r[0]["the limit (what bounds it)"].split()[0]
 
 
@@ -296,10 +297,12 @@ def sparse_row() -> list[str]:
     mosa, block = recipe["conversion"]["mosa"], recipe["data"]["block_size"]
     word = {"router_warmup": "router warm-up", "layer_distill": "layer distillation", "adaptation": "distillation"}
     steps = " + ".join(f"{st['steps']} steps of {word[st['kind']]}" for st in recipe["stages"])
+    prefill = speed_ratio(1, "prefill", "8,192", "speed_sparse.md")
+    decode = speed_ratio(1, "decode b=1", "after 8,1", "speed_sparse.md")  # (8,183: the model's positions)
     return [f"`train recipes/smollm2-sparse.yaml`: window {mosa['local_window']} + 1/{mosa['sparsity']} routed, a "
             f"tenth of the groups dense, {steps} at {block // 1024}k ({wall} min end to end)",
             first(last["held-out ppl"]), first(next(last[c] for c in last if c.startswith("long "))), last[single],
-            costs.group(1), costs.group(2), "", ""]
+            costs.group(1), costs.group(2), f"{prefill[0]} ({prefill[1]})", f"{decode[0]} ({decode[1]})"]
 
 
 def sharing_sizes() -> str:
