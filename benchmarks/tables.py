@@ -174,6 +174,18 @@ def readme_headline() -> str:
             f"{decode8} (batch 8) on a CPU thread.", 113)
 
 
+def kv_held() -> str:
+    """What the default conversion's cache holds after an 8,192-token prefill, beside the original's (speed run)."""
+    r = [r for r in speed(1) if r["measure"] == "KV cache" and r["tokens"] == "after 8,192"]
+    if len(r) != 1:
+        raise ValueError(f"benchmarks/results/{SPEED} has {len(r)} KV cache lines after 8,192 tokens")
+    ratio = r[0]["converted vs original"].split()[0]
+    return textwrap.fill(f"KV bytes actually held: after one 8,192-token prefill the default conversion's cache holds "
+                         f"{r[0]['converted']} against the original's {r[0]['original']} ({ratio}; "
+                         f"`mosa-retrofit bench` on Wikipedia text, [speed.md](../benchmarks/results/speed.md); "
+                         f"`mosa-retrofit long` prints the same measure for its own input).", 113)
+
+
 def speed_table(threads: int, name: str = SPEED):
     return lambda: copy(speed(threads, name))
 
@@ -334,6 +346,7 @@ BLOCKS = {
     "speed-1-thread": speed_table(1),
     "speed-2-threads": speed_table(2),
     "speed-goals": speed_goals,
+    "kv-held": kv_held,
     "speed-sparse-1-thread": speed_table(1, "speed_sparse.md"),
     "speed-sparse-2-threads": speed_table(2, "speed_sparse.md"),
     "flops-frontier": frontier,
