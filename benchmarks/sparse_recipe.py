@@ -4,6 +4,7 @@ as sparse as the default, separated from what training on the text alone would b
     python benchmarks/sparse_recipe.py [--recipe recipes/smollm2-sparse.yaml] [--curve-every 20] [--no-control]
                                        [--from-runs]
     python benchmarks/sparse_recipe.py --compare OUT_A OUT_B ...   # objectives, each a finished run's folder
+    python benchmarks/sparse_recipe.py --compare OUT_C --append   # one more row under the table's runs
 
 Runs ``mosa-retrofit train RECIPE`` and then ``--control`` (the original trained by the same recipe on the same
 blocks), one after the other (measure alone); the converted run with its long-context checks also every
@@ -12,7 +13,8 @@ takes longer than the recipe alone, whose checks fall after conversion and after
 benchmarks/results/smollm2_sparse.md (the summary rows, the costs, the learning curve) and
 docs/results/sparse_curve.png. ``--from-runs`` only reads the two
 output folders again. ``--compare`` writes benchmarks/results/sparse_objectives.md from finished runs of the
-same conversion with different stages (the objective comparison at equal wall time).
+same conversion with different stages (the objective comparison at equal wall time); with ``--append`` the
+rows go under those already there (measured before, on the same conversion), with the command that added them.
 """
 
 from __future__ import annotations
@@ -62,11 +64,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default="benchmarks/results/smollm2_sparse.md")
     p.add_argument("--plot", default="docs/results/sparse_curve.png")
     p.add_argument("--compare", nargs="+", metavar="OUT", help="finished runs to compare (objective table only)")
+    p.add_argument("--append", action="store_true",
+                   help="with --compare: add the rows under the table already in the results file")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides (both runs)")
     argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
     if args.compare:
-        return compare(args.compare, argv)
+        return compare(args.compare, argv, args.append)
 
     from mosa_retrofit.study import machine
     from mosa_retrofit.train.recipe import CONTROL_SUFFIX, Recipe
@@ -110,56 +114,76 @@ def main(argv: list[str] | None = None) -> None:
         _plot(curve, summary, sibling, args.plot)
 
 
-def compare(outs: list[str], argv) -> None:
+def compare(outs: list[str], argv, append: bool = False) -> None:
     """One row per finished run: its stages, what trained, tokens and training time, and its quality after
     training beside its own "after conversion" row (the same conversion in every run)."""
     from mosa_retrofit.study import machine
 
-    lines = ["# Objectives compared at about equal training time, on the sparse recipe's conversion", "",
-             f"Command: `python benchmarks/sparse_recipe.py {' '.join(argv)}`", "",
-             f"Machine: {machine()}; {time.strftime('%Y-%m-%d')}.", "",
-             "Each run: `mosa-retrofit train recipes/smollm2-sparse.yaml output_dir=OUT "
-             "evaluation.before_conversion=false evaluation.passkey_variants=[single] evaluation.long_every=0 "
-             "\"stages=[...]\"` with the stages below (the whole recipe is in each run's checkpoint state), router "
-             "warm-up without and adaptation with `training.gradient_checkpointing=true`; a row marked 'N of M "
-             "steps' is the recipe's own run at its step-N checks. Quality after training (× after conversion, "
-             "the same conversion in every run).", "",
-             "| stages: kind (objective; what trains), steps | trainable parameters | training tokens | training time | "
-             "held-out ppl | long ppl | passkey single (2k · 4k · 8k) |", "|---|---|---|---|---|---|---|"]
-    for spec in outs:
-        name, _, at = spec.partition("@")  # OUT@STEP: the run's long-context checks at global step STEP
-        out = Path(name)
-        summary = json.loads((out / "summary.json").read_text())
-        state = json.loads(sorted(out.glob("checkpoint-*/state.json"))[-1].read_text())
-        conv = next(e for e in summary["evals"] if e["name"] == "after conversion")
-        recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
-        steps = {st["name"]: st["steps"] for st in state["recipe"]["stages"]}
-        if at:
-            last = next(r for r in recs if r["split"] == "validation" and r["global_step"] == int(at) and "long" in r)
-            train = [r for r in recs if r["split"] == "train" and r["global_step"] <= int(at)]
-            # steps are logged every few: the time of the logged span, scaled to all steps up to STEP
-            time_s = (train[-1]["elapsed"] - train[0]["elapsed"]) * int(at) / (train[-1]["global_step"] - train[0]["global_step"])
-            tokens = last["tokens"]
-            steps = {k: f"{at} of {v}" for k, v in steps.items()}
-        else:
-            last = summary["evals"][-1]
-            time_s = sum(v["time"] for v in state["stage_log"].values())
-            tokens = summary["tokens"]
-        stages = ", ".join(f"{st['kind']} ({_objective(st)}; {st.get('trainable', 'routers')}), {steps[st['name']]} steps"
-                           for st in state["recipe"]["stages"])
-        trained = [v["trainable"] for v in state["stage_log"].values() if "trainable" in v]
-        if not trained and (out / "console.log").exists():  # runs from before the count was kept: their output
-            trained = [int(n.replace(",", "")) for n in
-                       re.findall(r"([\d,]+) trainable parameters", (out / "console.log").read_text())]
-        L = next(iter(last["long"]))
-        lines.append(f"| {stages} | {' + '.join(f'{n:,}' for n in trained) or '-'} | {tokens:,} | {time_s:.0f} s | "
-                     f"{last['ppl']:.2f} ({last['ppl'] / conv['ppl']:.3f}x) | "
-                     f"{last['long'][L]:.2f} ({last['long'][L] / conv['long'][L]:.3f}x) | "
-                     f"{_keys(last['passkey']['single'])} (was {_keys(conv['passkey']['single'])}) |")
-    text = "\n".join(lines) + "\n"
     path = Path("benchmarks/results/sparse_objectives.md")
+    rows = [_compare_row(spec) for spec in outs]
+    if append:
+        lines = path.read_text().rstrip("\n").splitlines()
+        last = max(i for i, line in enumerate(lines) if line.startswith("|"))
+        note = (f"The last {len(rows)} row(s): `python benchmarks/sparse_recipe.py {' '.join(argv)}` ({machine()}; "
+                f"{time.strftime('%Y-%m-%d')}), each run the recipe with the stages its row names, on the same "
+                "conversion (the run's overrides are in its checkpoint state).")
+        lines = lines[:last + 1] + rows + lines[last + 1:] + ["", note]
+    else:
+        lines = ["# Objectives compared at about equal training time, on the sparse recipe's conversion", "",
+                 f"Command: `python benchmarks/sparse_recipe.py {' '.join(argv)}`", "",
+                 f"Machine: {machine()}; {time.strftime('%Y-%m-%d')}.", "",
+                 "Each run: `mosa-retrofit train recipes/smollm2-sparse.yaml output_dir=OUT "
+                 "evaluation.before_conversion=false evaluation.passkey_variants=[single] evaluation.long_every=0 "
+                 "\"stages=[...]\"` with the stages below (the whole recipe is in each run's checkpoint state), "
+                 "router warm-up without and adaptation with `training.gradient_checkpointing=true`; a row marked 'N "
+                 "of M steps' is the recipe's own run at its step-N checks. Quality after training (× after "
+                 "conversion, the same conversion in every run).", "",
+                 "| stages: kind (objective; what trains), steps | trainable parameters | training tokens | "
+                 "training time | held-out ppl | long ppl | passkey single (2k · 4k · 8k) |",
+                 "|---|---|---|---|---|---|---|", *rows]
+    text = "\n".join(lines) + "\n"
     path.write_text(text)
     print(text)
+
+
+def _trains(stage: dict) -> str:
+    lora = stage.get("lora")
+    if lora:
+        return f"LoRA r={lora.get('r', 16)} on {'/'.join(lora.get('target_modules', ['q/k/v/o']))} + routers"
+    return stage.get("trainable", "routers")
+
+
+def _compare_row(spec: str) -> str:
+    """One run's row: OUT, or OUT@STEP for the run's long-context checks at global step STEP."""
+    name, _, at = spec.partition("@")
+    out = Path(name)
+    summary = json.loads((out / "summary.json").read_text())
+    state = json.loads(sorted(out.glob("checkpoint-*/state.json"))[-1].read_text())
+    conv = next(e for e in summary["evals"] if e["name"] == "after conversion")
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
+    steps = {st["name"]: st["steps"] for st in state["recipe"]["stages"]}
+    if at:
+        last = next(r for r in recs if r["split"] == "validation" and r["global_step"] == int(at) and "long" in r)
+        train = [r for r in recs if r["split"] == "train" and r["global_step"] <= int(at)]
+        # steps are logged every few: the time of the logged span, scaled to all steps up to STEP
+        time_s = (train[-1]["elapsed"] - train[0]["elapsed"]) * int(at) / (train[-1]["global_step"] - train[0]["global_step"])
+        tokens = last["tokens"]
+        steps = {k: f"{at} of {v}" for k, v in steps.items()}
+    else:
+        last = summary["evals"][-1]
+        time_s = sum(v["time"] for v in state["stage_log"].values())
+        tokens = summary["tokens"]
+    stages = ", ".join(f"{st['kind']} ({_objective(st)}; {_trains(st)}), {steps[st['name']]} steps"
+                       for st in state["recipe"]["stages"])
+    trained = [v["trainable"] for v in state["stage_log"].values() if "trainable" in v]
+    if not trained and (out / "console.log").exists():  # runs from before the count was kept: their output
+        trained = [int(n.replace(",", "")) for n in
+                   re.findall(r"([\d,]+) trainable parameters", (out / "console.log").read_text())]
+    L = next(iter(last["long"]))
+    return (f"| {stages} | {' + '.join(f'{n:,}' for n in trained) or '-'} | {tokens:,} | {time_s:.0f} s | "
+            f"{last['ppl']:.2f} ({last['ppl'] / conv['ppl']:.3f}x) | "
+            f"{last['long'][L]:.2f} ({last['long'][L] / conv['long'][L]:.3f}x) | "
+            f"{_keys(last['passkey']['single'])} (was {_keys(conv['passkey']['single'])}) |")
 
 
 def _plot(curve: list[dict], summary: dict, sibling: dict | None, path: str) -> None:

@@ -290,7 +290,7 @@ def sparse_curve() -> str:
 
 def sparse_objectives() -> str:
     text = (RESULTS / "sparse_objectives.md").read_text()
-    return text[text.index("| stages"):].strip("\n")
+    return text[text.index("| stages"):].split("\n\n")[0].strip("\n")  # the table, not the notes under it
 
 
 def sparse_row() -> list[str]:

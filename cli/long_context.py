@@ -1,4 +1,5 @@
-"""``mosa-retrofit long MODEL``: passkey retrieval and perplexity against context, beside the original model."""
+"""``mosa-retrofit long MODEL``: passkey retrieval and perplexity against context, or the RULER-style suite
+(``--suite ruler``), beside the original model."""
 
 from __future__ import annotations
 
@@ -18,7 +19,11 @@ def add_parser(sub) -> None:
                     "each length, scored exactly by teacher forcing; --variant multi hides several keys and asks "
                     "for one) and perplexity of the same final --score-tokens of long documents (Shakespeare's "
                     "plays, embedded) given each --contexts amount of text before them. Prints both tables and "
-                    "draws OUT/long_context.png (heat maps and curves).",
+                    "draws OUT/long_context.png (heat maps and curves). --suite ruler runs RULER's synthetic tasks "
+                    "instead (needles with number / word / UUID values, multi-key, multi-value, multi-query, "
+                    "variable tracking, common and frequent words; built from a seed on embedded Wikipedia text), "
+                    "each answered by greedy generation through the model's KV cache and scored as RULER does "
+                    "(the answer contains every expected string); the worst task's ratio is printed first.",
         formatter_class=HelpFormatter)
     p.add_argument("model", metavar="MODEL_OR_DIR")
     p.add_argument("--baseline", default="auto", help="the model to measure beside MODEL ('auto': its base; 'none')")
@@ -27,6 +32,11 @@ def add_parser(sub) -> None:
     p.add_argument("--depths", type=FRACTIONS, default=[0.1, 0.5, 0.9], help="depths of the key")
     p.add_argument("--trials", type=COUNT, default=2, help="keys per (length, depth)")
     p.add_argument("--variant", choices=("single", "multi"), default="single")
+    p.add_argument("--suite", choices=("passkey", "ruler"), default="passkey",
+                   help="passkey + perplexity against context, or the RULER-style tasks (--lengths, --trials "
+                        "prompts per task and length)")
+    p.add_argument("--tasks", type=_tasks, default=None,
+                   help="with --suite ruler: comma-separated tasks (default: all of " + ", ".join(_task_names()) + ")")
     p.add_argument("--contexts", type=COUNTS, default=[512, 1024, 2048, 4096, 7936],
                    help="tokens of context before the scored tokens (with --score-tokens at most the model's "
                         "positions; longer ones are dropped)")
@@ -56,6 +66,8 @@ def run(args: argparse.Namespace) -> int:
         models[base] = load_any(base)[0]
     models[args.model] = model
     tokenizer = load_tokenizer(source)
+    if args.suite == "ruler":
+        return _run_ruler(args, models, tokenizer, _ruler_lengths(args, model))
     lengths, contexts = _within_positions(args, model)
     docs = context_documents(tokenizer, shakespeare_plays(), max(contexts), args.score_tokens)[: args.documents]
     if not docs:
@@ -73,6 +85,74 @@ def run(args: argparse.Namespace) -> int:
     plot_long_context(grids, curves, out / "long_context.png")
     print(f"\nwrote {out / 'long_context.png'}")
     return 0
+
+
+def _task_names() -> tuple[str, ...]:
+    from mosa_retrofit.text.ruler import TASKS
+
+    return TASKS
+
+
+def _tasks(text: str) -> list[str]:
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [t for t in names if t not in _task_names()]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"unknown task(s) {bad or text!r}; choose from {', '.join(_task_names())}")
+    return names
+
+
+def _ruler_lengths(args: argparse.Namespace, model) -> list[int]:
+    """The --lengths the model's positions hold (said when some are dropped)."""
+    from mosa_retrofit.validate import positions_of
+
+    limit = positions_of(model.config)
+    lengths = [L for L in args.lengths if not limit or L <= limit]
+    if not lengths:
+        raise ValueError(f"the model has {limit} positions: give --lengths <= {limit}")
+    if lengths != list(args.lengths):
+        print(f"the model has {limit} positions: RULER lengths {lengths}")
+    return lengths
+
+
+def _run_ruler(args: argparse.Namespace, models: dict, tokenizer, lengths: list[int]) -> int:
+    from mosa_retrofit.eval.long_context import prefill_footprint
+    from mosa_retrofit.eval.ruler import greedy_answerer, ruler_prompts, run_ruler, task_ratios
+    from mosa_retrofit.text.assets import wikipedia_articles
+
+    tasks = args.tasks or list(_task_names())
+    prompts = ruler_prompts(tokenizer, wikipedia_articles(), tasks, lengths, args.trials)
+    scores = run_ruler({name: greedy_answerer(m, tokenizer) for name, m in models.items()}, prompts)
+    prefill = max(lengths) if args.prefill is None else args.prefill
+    footprints = {name: prefill_footprint(m, prefill) for name, m in models.items()} if prefill else {}
+    names = list(models)
+    if len(names) == 2:
+        worst = task_ratios(scores[names[0]], scores[names[1]])
+        scored = [r for r in worst if r.ratio is not None]
+        if scored:
+            r = scored[0]
+            print(f"\nworst task: {r.task} at {r.ratio:.2f}x the original's score ({r.converted:.2f} against "
+                  f"{r.original:.2f}, mean over lengths {', '.join(map(str, lengths))})")
+        unsolved = [r.task for r in worst if r.ratio is None]
+        if unsolved:
+            print(f"the original solves none of: {', '.join(unsolved)} (no ratio)")
+    print(f"\nRULER-style tasks, mean score over {args.trials} prompts per cell (string_match_all"
+          + (f"; each cell: {' · '.join(names)}" if len(names) > 1 else "") + "):\n")
+    print("| task | " + " | ".join(str(L) for L in lengths) + " |")
+    print("|---|" + "---|" * len(lengths))
+    for t in tasks:
+        print(f"| {t} | " + " | ".join(" · ".join(f"{scores[n][t, L]:.2f}" for n in names) for L in lengths) + " |")
+    _print_footprints(footprints, prefill)
+    return 0
+
+
+def _print_footprints(footprints: dict, prefill: int) -> None:
+    if footprints:
+        first_bytes, first_time = next(iter(footprints.values()))
+        print(f"\nKV cache held after one {prefill}-token prefill, and its time (ratios against the first row):\n")
+        print("| model | KV cache | prefill time |\n|---|---|---|")
+        for name, (held, seconds) in footprints.items():
+            print(f"| {name} | {held / 2**20:.1f} MiB ({held / max(first_bytes, 1):.3f}x) | "
+                  f"{seconds / first_time:.2f}x |")
 
 
 def _check(args: argparse.Namespace) -> None:
@@ -123,10 +203,4 @@ def _print_tables(args, lengths, contexts, documents, grids, curves, footprints,
     print("|---|" + "---|" * len(contexts))
     for name, curve in curves.items():
         print(f"| {name} | " + " | ".join(f"{curve[L]:.2f}" for L in contexts) + " |")
-    if footprints:
-        first_bytes, first_time = next(iter(footprints.values()))
-        print(f"\nKV cache held after one {prefill}-token prefill, and its time (ratios against the first row):\n")
-        print("| model | KV cache | prefill time |\n|---|---|---|")
-        for name, (held, seconds) in footprints.items():
-            print(f"| {name} | {held / 2**20:.1f} MiB ({held / max(first_bytes, 1):.3f}x) | "
-                  f"{seconds / first_time:.2f}x |")
+    _print_footprints(footprints, prefill)
