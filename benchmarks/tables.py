@@ -135,7 +135,7 @@ def readme_results() -> str:
 
     adapted = row(demo_rows, "model", "after adaptation")
     head = ["model", "held-out ppl", "long ppl (7,936 of context)", f"passkey found of {trials(LONG)} (2k · 4k · 8k)",
-            "attention FLOPs", "KV bytes", "prefill 8k (limit)", "decode after 8k (limit)"]
+            "attention FLOPs", "KV bytes", "prefill 8k (limit)", "decode after 8k (limit)", "RULER worst task"]
     rows = [
         quality(LONG, row(lc, "model", "original"), "original", ("1.00", "1.00")),
         quality(LONG, row(lc, "model", "default"), "**default** (`convert`): key selection, window 256 + 1/64 routed",
@@ -151,7 +151,26 @@ def readme_results() -> str:
          adapted["validation ppl"], "", "", default_flops(), default_kv(), "", ""],
         sparse_row(),
     ]
+    worst = ruler_worst()
+    rows = [r + [("1.00" if i == 0 else worst if i == 1 else "")] for i, r in enumerate(rows)]
     return markdown(head, rows)
+
+
+RULER = "ruler_smollm2.md"
+
+
+def ruler_worst() -> str:
+    """The default conversion's worst RULER-style task, 'ratio (task)', or '' before the suite has run."""
+    if not (RESULTS / RULER).exists():
+        return ""
+    m = re.search(r"Worst task: \*\*(\w+)\*\* at ([\d.]+x)", (RESULTS / RULER).read_text())
+    return f"{m.group(2)} ({m.group(1)})"
+
+
+def ruler() -> str:
+    """The RULER-style table, the worst task and the within-one-trial count above it, the KV bytes under it."""
+    text = (RESULTS / RULER).read_text()
+    return text[text.index("Worst task:"):].strip("\n")
 
 
 def default_flops() -> str:
@@ -347,6 +366,7 @@ BLOCKS = {
     "speed-2-threads": speed_table(2),
     "speed-goals": speed_goals,
     "kv-held": kv_held,
+    "ruler": ruler,
     "speed-sparse-1-thread": speed_table(1, "speed_sparse.md"),
     "speed-sparse-2-threads": speed_table(2, "speed_sparse.md"),
     "flops-frontier": frontier,

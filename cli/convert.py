@@ -15,13 +15,14 @@ from mosa_retrofit.convert.calibration import calibration_ids
 from mosa_retrofit.convert.config import MoSAConfig, field_choices
 from mosa_retrofit.convert.heads import HEAD_GROUPS
 from mosa_retrofit.text.protocol import PROTOCOL
+from mosa_retrofit import validate
 from mosa_retrofit.validate import positions_of, within_positions
 
 from .common import HelpFormatter, add_dataclass_flags, given_flags
 from .flags import COUNT
 
 PRESETS = ("default", "paper")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in validate.DTYPES}  # name -> torch dtype
 DEFAULT_CALIBRATION = "wikipedia-offline"
 CONFIG_SKIP = ("dense_heads_pattern", "dense_head_ids", "base_model_name_or_path", "version")
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
+DTYPES = ("float32", "bfloat16", "float16")
+"""The weight dtypes a model loads in (recipes' ``model.dtype``, ``convert --dtype``, ``bench --dtype``)."""
+
 
 def require(ok: bool, name: str, value: Any, valid: str) -> None:
     """Raise ``ValueError("<name> must be <valid>, got <value>")`` unless ``ok``."""

@@ -22,13 +22,12 @@ from ..convert.config import MoSAConfig
 from ..kinds import kinds
 from ..text.data import DataSpec
 from ..text.prompts import VARIANTS
-from ..validate import positive_int, require
+from ..validate import DTYPES, positive_int, require
 
 STAGE_KINDS = ("router_warmup", "layer_distill", "adaptation")
 TRAINABLE = ("routers", "mosa", "attention", "all")
 PRECISIONS = ("no", "bf16", "fp16")
 DISTRIBUTED = ("ddp", "fsdp")
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
