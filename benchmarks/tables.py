@@ -167,11 +167,6 @@ def ruler_worst() -> str:
     return f"{m.group(2)} ({m.group(1)})"
 
 
-def ruler() -> str:
-    """The RULER-style table, the worst task and the within-one-trial count above it, the KV bytes under it."""
-    text = (RESULTS / RULER).read_text()
-    return text[text.index("Worst task:"):].strip("\n")
-
 
 def default_flops() -> str:
     return row(table(LONG), "model", "default")["attn FLOPs @8k"].rstrip("x")
@@ -328,12 +323,17 @@ def sparse_row() -> list[str]:
     mosa, block = recipe["conversion"]["mosa"], recipe["data"]["block_size"]
     word = {"router_warmup": "router warm-up", "layer_distill": "layer distillation", "adaptation": "distillation"}
     steps = " + ".join(f"{st['steps']} steps of {word[st['kind']]}" for st in recipe["stages"])
-    prefill = speed_ratio(1, "prefill", "8,192", "speed_sparse.md")
-    decode = speed_ratio(1, "decode b=1", "after 8,1", "speed_sparse.md")  # (8,183: the model's positions)
+    run = re.search(r"Runs read from `([^`]+)`", text)
+    measured = re.search(r"--model (\S+)/final", (RESULTS / "speed_sparse.md").read_text()).group(1)
+    speed = ["", ""]  # speed only where speed_sparse.md measured this run's model
+    if run and run.group(1) == measured:
+        prefill = speed_ratio(1, "prefill", "8,192", "speed_sparse.md")
+        decode = speed_ratio(1, "decode b=1", "after 8,1", "speed_sparse.md")  # (8,183: the model's positions)
+        speed = [f"{prefill[0]} ({prefill[1]})", f"{decode[0]} ({decode[1]})"]
     return [f"`train recipes/smollm2-sparse.yaml`: window {mosa['local_window']} + 1/{mosa['sparsity']} routed, a "
             f"tenth of the groups dense, {steps} at {block // 1024}k ({wall} min end to end)",
             first(last["held-out ppl"]), first(next(last[c] for c in last if c.startswith("long "))), last[single],
-            costs.group(1), costs.group(2), f"{prefill[0]} ({prefill[1]})", f"{decode[0]} ({decode[1]})"]
+            costs.group(1), costs.group(2), *speed]
 
 
 def sharing_sizes() -> str:
@@ -366,7 +366,6 @@ BLOCKS = {
     "speed-2-threads": speed_table(2),
     "speed-goals": speed_goals,
     "kv-held": kv_held,
-    "ruler": ruler,
     "speed-sparse-1-thread": speed_table(1, "speed_sparse.md"),
     "speed-sparse-2-threads": speed_table(2, "speed_sparse.md"),
     "flops-frontier": frontier,
