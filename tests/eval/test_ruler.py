@@ -94,6 +94,7 @@ def test_the_worst_task_comes_first_and_unsolved_tasks_last():
     assert [(r.task, r.ratio) for r in rows] == [("a", 0.75), ("b", 1.0), ("c", None)]
 
 
+@pytest.mark.slow  # a tiny world and two models generating at 1,000 tokens: 14 s
 def test_long_suite_ruler_prints_the_table_and_the_kv_cache(tmp_path, capsys):
     from mosa_retrofit.cli.main import main
     from train_fixtures import make_world
