@@ -147,7 +147,7 @@ def _unique(build, filler: Filler, P: int, depth: float, rng: random.Random, tri
 
 def _niah(task: str, filler: Filler, P: int, depth: float, rng: random.Random) -> RulerPrompt:
     kind = {"niah_word": "word", "niah_uuid": "uuid"}.get(task, "number")
-    noun = {"number": "number", "word": "word", "uuid": "uuid"}[kind]
+    noun = kind
     enc = filler.enc
     if task == "niah_multivalue":
         key, values = _keys(rng, 1)[0], _values(rng, kind, 4)
@@ -179,8 +179,10 @@ def _niah(task: str, filler: Filler, P: int, depth: float, rng: random.Random) -
 def _variable_tracking(filler: Filler, P: int, depth: float, rng: random.Random, hops: int = 4,
                        chains: int = 2) -> RulerPrompt:
     enc = filler.enc
-    names = rng.sample(["".join(rng.choices(string.ascii_uppercase, k=5)) for _ in range(64)], 64)
-    names = list(dict.fromkeys(names))[: chains * (hops + 1)]
+    names: list[str] = []
+    while len(names) < chains * (hops + 1):  # distinct five-letter names
+        name = "".join(rng.choices(string.ascii_uppercase, k=5))
+        names += [name] if name not in names else []
     values = _values(rng, "number", chains)
     needles, depths = [], []
     for c in range(chains):
