@@ -2,8 +2,9 @@
 conversion at 0.35x FLOPs / 0.15x KV bytes has. SmolLM2-135M, zero-shot, one run.
 
     python benchmarks/retrieval_levers.py [--variants original,point,nothing,dense20,oracle] [--models DIR ...]
+                                          [--checks single,multi] [--trials 6]
 
-Six trials per check (the recipe's prompts: single and multi-key passkey at 2k, 4k, 8k, depths 25/50/75 %), each
+Six trials per check (``--trials``: more, the first six still the recipe's) (the recipe's prompts: single and multi-key passkey at 2k, 4k, 8k, depths 25/50/75 %), each
 scored two ways: found (teacher forced, every answer token the argmax: what the recipe's summary counts) and the
 answer's log-probability summed over its tokens, averaged over the six prompts (a continuous score: a model can
 lose a key by a hair, and the original finds the multi-key one only about half the time). Variants:
@@ -42,6 +43,8 @@ def main(argv: list[str] | None = None) -> None:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {VARIANTS}")
     p.add_argument("--models", nargs="*", default=[], metavar="DIR", help="saved models to score as well")
+    p.add_argument("--checks", default="single,multi", help="passkey variants to score: single, multi or both")
+    p.add_argument("--trials", type=int, default=6, help="prompts per check (depths 25/50/75 %% in turn)")
     p.add_argument("--out", default="benchmarks/results/retrieval_levers.md")
     argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
@@ -49,6 +52,12 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         raise SystemExit(f"unknown variants {unknown}; known: {list(VARIANTS)}")
+    kinds = [c for c in args.checks.split(",") if c]
+    if not kinds or any(c not in ("single", "multi") for c in kinds):
+        raise SystemExit(f"--checks {args.checks!r}: give single, multi or single,multi")
+    if args.trials < 1:
+        raise SystemExit(f"--trials {args.trials}: give 1 or more prompts per check")
+    checks = [(v, L) for v, L in CHECKS if v in kinds]
     missing = [m for m in args.models if not (Path(m) / "config.json").exists()]
     if missing:
         raise SystemExit(f"--models: no saved model (config.json) in {missing}")
@@ -72,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     calibration = default_calibration(original, tok)
     depths = (0.25, 0.5, 0.75)
     prompts = {(v, L): [passkey_prompt(tok, L, depths[i % 3], random.Random(f"recipe-{v}-{L}-{i}"), v)
-                        for i in range(6)] for v, L in CHECKS}
+                        for i in range(args.trials)] for v, L in checks}
     real_select, oracle = routed.causal_select, {"mask": None}
 
     def select(*a, **k):  # the units' own choice, plus the key sentences while an oracle mask is set
@@ -133,16 +142,17 @@ def main(argv: list[str] | None = None) -> None:
     labels = {"original": "original", "point": "the recipe's conversion (10 % dense, window 240 + 1/512 routed)",
               "nothing": "the same, nothing routed", "dense20": "20 % of the groups dense (over the budget)",
               "oracle": "the recipe's conversion, key sentences routed into every unit (oracle)"}
-    head = "| variant | " + " | ".join(f"{v} {L // 1024}k" for v, L in CHECKS) + " |"
+    head = "| variant | " + " | ".join(f"{v} {L // 1024}k" for v, L in checks) + " |"
     lines = ["# Where the sparse recipe's passkey goes: answer log-probability by lever", "",
              f"Command: `python benchmarks/retrieval_levers.py{' ' + ' '.join(argv) if argv else ''}`", "",
              f"Machine: {machine()}; {time.strftime('%Y-%m-%d')}; {time.time() - started:.0f} s.", "",
-             "Each cell: keys found of 6, then the answer's log-probability (summed over its tokens, mean of the 6 "
-             "prompts; 0 is certain). SmolLM2-135M-Instruct, the recipe's prompts.", "",
-             head, "|---|" + "---|" * len(CHECKS)]
+             f"Each cell: keys found of {args.trials}, then the answer's log-probability (summed over its tokens, "
+             f"mean of the {args.trials} prompts; 0 is certain). SmolLM2-135M-Instruct, the recipe's prompts"
+             + (" (its six, then more drawn the same way)." if args.trials > 6 else "."), "",
+             head, "|---|" + "---|" * len(checks)]
     for r in rows:
         label = labels.get(r["name"], f"`{r['name']}`")
-        cells = [f"{r[f'{v}{L}'][0]} ({r[f'{v}{L}'][1]:.2f})" for v, L in CHECKS]
+        cells = [f"{r[f'{v}{L}'][0]} ({r[f'{v}{L}'][1]:.2f})" for v, L in checks]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"
     Path(args.out).write_text(text)

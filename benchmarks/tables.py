@@ -296,12 +296,13 @@ def _section(name: str, heading: str) -> str:
 
 
 def sparse_summary() -> str:
-    """The sparse recipe's summary (the run and its control), as its results file keeps it."""
-    return _section(SPARSE, "Summary")
+    """The sparse recipe's summary (the run as shipped and its control), as its results file keeps it."""
+    return _section(SPARSE_RECIPE, "Summary")
 
 
 def sparse_curve() -> str:
-    return _section(SPARSE, "Learning curve")
+    """The learning-curve run's summary and its checks against tokens."""
+    return _section(SPARSE, "Summary") + "\n\n" + _section(SPARSE, "Learning curve")
 
 
 def sparse_objectives() -> str:

@@ -17,6 +17,7 @@ Every time is the minimum over ``reps`` runs, alternating the two models, so loa
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 
@@ -139,9 +140,37 @@ def _status_kib(key: str) -> int:
     raise OSError(key)
 
 
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+
+
+@contextlib.contextmanager
+def _heap_as_used():
+    """While measuring on CPU: every allocation of 64 KiB or more gets pages of its own, returned on free (glibc's
+    ``mallopt(M_MMAP_THRESHOLD)``), and the heap's free pages go back first (``malloc_trim``), so that resident
+    memory follows what is live. Without it a call reuses pages an earlier call freed but kept, and the second
+    model measured reads near 0. Afterwards the threshold is 32 MiB (where glibc's own adapts to with large
+    tensors). A no-op without glibc."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt, libc.malloc_trim  # noqa: B018 (glibc has both)
+    except (OSError, AttributeError):
+        yield
+        return
+    libc.mallopt(M_MMAP_THRESHOLD, 64 * 1024)
+    libc.malloc_trim(0)
+    try:
+        yield
+    finally:
+        libc.mallopt(M_MMAP_THRESHOLD, 32 * 1024 * 1024)
+
+
 def peak_bytes(fn, device: torch.device) -> int | None:
     """Memory ``fn()`` adds at its peak: CUDA allocator peak, or the CPU process's resident high-water mark above
-    what was resident before (None where Linux does not let us reset the mark)."""
+    what was resident before, with the heap following what is live (None where Linux does not let us reset the
+    mark)."""
     import gc
 
     gc.collect()
@@ -152,14 +181,15 @@ def peak_bytes(fn, device: torch.device) -> int | None:
         fn()
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - before
-    try:
-        before = _status_kib("VmRSS")
-        if not _high_water_reset():
+    with _heap_as_used():
+        try:
+            before = _status_kib("VmRSS")
+            if not _high_water_reset():
+                return None
+            fn()
+            return max(0, _status_kib("VmHWM") - before) * 1024
+        except OSError:
             return None
-        fn()
-        return max(0, _status_kib("VmHWM") - before) * 1024
-    except OSError:
-        return None
 
 
 def bench_model(converted: nn.Module, original: nn.Module, ids: Tensor, contexts: list[int], batches: list[int],

@@ -794,7 +794,8 @@ class Trainer:
         peak = torch.tensor([rss], device=acc.device)
         summary = {"output_dir": str(self.out), "evals": s.evals, "elapsed_s": s.elapsed,
                    "wall_s": time.perf_counter() - self.started,
-                   "tokens": s.samples * r.data.block_size, "processes": acc.num_processes,
+                   "tokens": s.samples * r.data.block_size,  # read (a control passes some over untrained)
+                   "trained_tokens": sum(v["tokens"] for v in s.stage_log.values()), "processes": acc.num_processes,
                    "evaluation": self.protocol, "control": r.control,
                    "peak_host_memory_mib": [round(float(v), 1) for v in acc.gather(peak).cpu()]}  # per process
         converted = next((e for e in s.evals if e["name"] == "after conversion"), None)
@@ -904,7 +905,9 @@ def summary_table(summary: dict, sibling: dict | None = None) -> str:
                          f"original's at {c['length']:,} tokens")
             break
     if summary.get("wall_s") is not None:
-        notes.append(f"this run: {summary['tokens']:,} training tokens, {summary['wall_s'] / 60:.1f} min end to end "
+        trained = summary.get("trained_tokens", summary["tokens"])
+        passed = f" ({summary['tokens'] - trained:,} more read and passed over)" if trained < summary["tokens"] else ""
+        notes.append(f"this run: {trained:,} training tokens{passed}, {summary['wall_s'] / 60:.1f} min end to end "
                      f"(loading, conversion, evaluation and training; {summary['elapsed_s']:.0f} s in training steps"
                      " and setup)")
     for key in ("evaluation", "long_protocol"):

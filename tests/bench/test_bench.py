@@ -131,3 +131,24 @@ def test_decoding_stays_within_learned_positions():
     assert kv.original == 2 * cfg.n_layer * cfg.n_embd * P * 4
     with pytest.raises(IndexError):  # what the positions guard prevents
         bench_model(converted, original, ids, [P], [1], decode_steps=4, train_length=None, reps=1, progress=False)
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's resettable high-water mark")
+def test_peak_memory_sees_a_call_that_follows_a_larger_one():
+    """What a call allocates shows as its peak even right after a larger call freed more (as the converted model's
+    prefill follows the original's): the heap would otherwise hand back pages it kept resident, and the second
+    call would read about 0."""
+    from mosa_retrofit.bench.model import peak_bytes
+
+    pins = []  # small tensors that outlive each call, one above every large one: the heap cannot shrink past them
+
+    def work(pieces: int, kib: int) -> None:  # pieces x kib live at once
+        kept = []
+        for _ in range(pieces):
+            kept.append(torch.ones(kib * 1024 // 4))
+            pins.append(torch.ones(16))
+
+    for _ in range(2):
+        work(16, 1024)  # 16 MiB, freed
+    peaks = [peak_bytes(lambda: work(64, 256), torch.device("cpu")) for _ in range(3)]  # 16 MiB again
+    assert all(p is not None and 14 * 2**20 <= p <= 20 * 2**20 for p in peaks), [p / 2**20 for p in peaks]

@@ -48,7 +48,9 @@ def test_control_trains_the_original_on_the_same_blocks_in_the_same_steps(world,
     assert [r["global_step"] for r in train_c] == [r["global_step"] for r in train_s] == list(range(5, 11))
     assert [r["lr"] for r in train_c] == [r["lr"] for r in train_s]
     assert not [r for r in records(tmp_path / "run-control") if r["stage"] == "router_warmup"]  # nothing to train
-    assert control["tokens"] == converted["tokens"]
+    assert control["tokens"] == converted["tokens"] == converted["trained_tokens"]  # both read the same blocks
+    assert control["trained_tokens"] == converted["tokens"] * 6 // 10  # the control trains on the adaptation's 6
+    assert "(" + f"{converted['tokens'] * 4 // 10:,} more read and passed over)" in summary_table(control)
 
     # what trained is the original itself: its first LM loss is the original model's own loss on that batch
     original = tf.AutoModelForCausalLM.from_pretrained(world[0])
