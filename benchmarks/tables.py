@@ -355,8 +355,20 @@ def retrieval_levers() -> str:
     return copy(table("retrieval_levers.md"))
 
 
+def multikey_trials() -> str:
+    return copy(table("multikey_trials.md"))
+
+
+def ruler() -> str:
+    """The RULER-style table: the worst task, the within-one-trial count, every task's scores, the KV bytes held."""
+    text = (RESULTS / RULER).read_text()
+    return text[text.index("Worst task:"):].strip("\n")
+
+
 BLOCKS = {
     "retrieval-levers": retrieval_levers,
+    "multikey-trials": multikey_trials,
+    "ruler": ruler,
     "long-frontier": long_frontier,
     "sparse-summary": sparse_summary,
     "sparse-curve": sparse_curve,
