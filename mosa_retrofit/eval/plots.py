@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from ..atomic import savefig_atomic
+from ..convert.attention import mosa_layers
 from ..convert.hub import load_tokenizer
-from ..convert.surgery import mosa_layers
 from ..ops.routing import select_tokens
 from ..text.assets import wikipedia_articles
 

@@ -17,9 +17,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..convert.attention import mosa_layers
 from ..convert.families import attention_layers, head_to_kv
 from ..convert.layer_state import layer_state
-from ..convert.surgery import mosa_layers
 
 
 def head_masks(module: nn.Module) -> dict[str, Tensor]:
