@@ -4,7 +4,8 @@ conversion at 0.35x FLOPs / 0.15x KV bytes has. SmolLM2-135M, zero-shot, one run
     python benchmarks/retrieval_levers.py [--variants original,point,nothing,dense20,oracle] [--models DIR ...]
                                           [--checks single,multi] [--trials 6]
 
-Six trials per check (``--trials``: more, the first six still the recipe's) (the recipe's prompts: single and multi-key passkey at 2k, 4k, 8k, depths 25/50/75 %), each
+Six trials per check (the recipe's prompts: single and multi-key passkey at 2k, 4k, 8k, depths 25/50/75 %; with
+``--trials`` more, the first six still the recipe's; ``--checks`` picks single, multi or both), each
 scored two ways: found (teacher forced, every answer token the argmax: what the recipe's summary counts) and the
 answer's log-probability summed over its tokens, averaged over the six prompts (a continuous score: a model can
 lose a key by a hair, and the original finds the multi-key one only about half the time). Variants:
