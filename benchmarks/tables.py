@@ -163,20 +163,19 @@ RULER = "ruler_smollm2.md"
 
 
 def ruler_worst() -> str:
-    """The default conversion's worst RULER-style task among those the original solves (a mean score of at least
-    0.5 over the lengths), 'ratio (task)', or '' before the suite has run. A task the original almost never
-    solves gives a ratio of noise (0.03 against 0), so it does not count here; the results file's own worst
-    line counts every task."""
+    """The default conversion's worst RULER-style task among those the original solves (eval/ruler.SOLVED: a
+    mean score of at least 0.5 over the lengths), 'ratio (task)', or '' before the suite has run."""
+    from mosa_retrofit.eval.ruler import task_ratios
+
     if not (RESULTS / RULER).exists():
         return ""
-    ratios = []
+    original, converted = {}, {}
     for r in table(RULER):
-        pairs = [[float(v) for v in cell.split(" · ")] for k, cell in r.items() if k.replace(",", "").isdigit()]
-        original, converted = (sum(p[i] for p in pairs) / len(pairs) for i in (0, 1))
-        if original >= 0.5:
-            ratios.append((converted / original, r["task"]))
-    worst = min(ratios) if ratios else None
-    return f"{worst[0]:.2f}x ({worst[1]})" if worst else "-"
+        for k, cell in r.items():
+            if k.replace(",", "").isdigit():
+                original[r["task"], k], converted[r["task"], k] = (float(v) for v in cell.split(" · "))
+    worst = next((r for r in task_ratios(original, converted) if r.ratio is not None), None)
+    return f"{worst.ratio:.2f}x ({worst.task})" if worst else "-"
 
 
 def default_flops() -> str:
@@ -368,16 +367,19 @@ def multikey_trials() -> str:
     return copy(table("multikey_trials.md"))
 
 
-def ruler() -> str:
-    """The RULER-style table: the worst task, the within-one-trial count, every task's scores, the KV bytes held."""
-    text = (RESULTS / RULER).read_text()
-    return text[text.index("Worst task:"):].strip("\n")
+def ruler(name: str = RULER):
+    """The RULER-style table of results file ``name``: the worst task, the within-one-trial count, every task's
+    scores, the KV bytes held."""
+    def block() -> str:
+        text = (RESULTS / name).read_text()
+        return text[text.index("Worst task"):].strip("\n")
+    return block
 
 
 BLOCKS = {
     "retrieval-levers": retrieval_levers,
     "multikey-trials": multikey_trials,
-    "ruler": ruler,
+    "ruler": ruler(),
     "long-frontier": long_frontier,
     "sparse-summary": sparse_summary,
     "sparse-curve": sparse_curve,

@@ -46,13 +46,16 @@ def _layers(text: str):
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "convert", help="convert a pretrained causal LM to hybrid MoSA and save it",
-        description="Convert MODEL (a local folder, a hub id, or 'smollm2-135m', the embedded default) to hybrid "
+        description="Convert MODEL (a local folder, a hub id, 'smollm2-135m', the embedded default, or "
+                    "'gemma3-270m', embedded Gemma-3-270M-it with 32k positions) to hybrid "
                     "MoSA attention and save it to OUT (safetensors + config.json with a 'mosa' block; load it "
                     "with mosa_retrofit.load(OUT)). The defaults are the best retrofit we know: a quarter of the KV "
                     "groups stay dense, those that read hidden keys back (retrieval heads, wherever they are in the "
                     "model); the others become key-selection MoSA units (4 sinks + a 256-token window + the 1/64 "
                     "of tokens a router passes) with one router per KV group fitted on --calibration-data and "
-                    "causal routing (the model generates with a sparse KV cache). --preset paper gives the MoSA paper's conversion instead. Ends with "
+                    "causal routing (the model generates with a sparse KV cache). Layers whose own sliding window "
+                    "is short (Gemma 3's 512-token local layers; --keep-sliding) stay as they are. --preset paper "
+                    "gives the MoSA paper's conversion instead. Ends with "
                     "held-out perplexity of the original and the converted model (--no-check skips it). "
                     "Precedence: flags > --config > --preset.",
         formatter_class=HelpFormatter)

@@ -45,6 +45,9 @@ def add_parser(sub) -> None:
     p.add_argument("--prefill", type=NONNEGATIVE, default=None,
                    help="tokens of the prefill whose KV-cache bytes and time are measured (default: the longest "
                         "--lengths; 0: skip)")
+    p.add_argument("--prefill-chunk", type=COUNT, default=None,
+                   help="with --suite ruler and for --prefill: read prompts this many tokens at a time through the "
+                        "KV cache (long prompts whose one forward does not fit in memory; default: one forward)")
     p.add_argument("--out", default="out/long", help="folder for long_context.png")
     p.set_defaults(run=run)
 
@@ -78,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
         grids[name] = passkey_grid(m, tokenizer, lengths, args.depths, args.trials, args.variant)
         curves[name] = context_perplexity(m, docs, contexts, args.score_tokens)
         if prefill:
-            footprints[name] = prefill_footprint(m, prefill)
+            footprints[name] = prefill_footprint(m, prefill, chunk=args.prefill_chunk)
     _print_tables(args, lengths, contexts, len(docs), grids, curves, footprints, prefill)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -116,14 +119,16 @@ def _ruler_lengths(args: argparse.Namespace, model) -> list[int]:
 
 def _run_ruler(args: argparse.Namespace, models: dict, tokenizer, lengths: list[int]) -> int:
     from mosa_retrofit.eval.long_context import prefill_footprint
-    from mosa_retrofit.eval.ruler import greedy_answerer, ruler_prompts, run_ruler, task_ratios
+    from mosa_retrofit.eval.ruler import SOLVED, greedy_answerer, ruler_prompts, run_ruler, task_ratios
     from mosa_retrofit.text.assets import wikipedia_articles
 
     tasks = args.tasks or list(_task_names())
     prompts = ruler_prompts(tokenizer, wikipedia_articles(), tasks, lengths, args.trials)
-    scores = run_ruler({name: greedy_answerer(m, tokenizer) for name, m in models.items()}, prompts)
+    scores = run_ruler({name: greedy_answerer(m, tokenizer, args.prefill_chunk) for name, m in models.items()},
+                       prompts)
     prefill = max(lengths) if args.prefill is None else args.prefill
-    footprints = {name: prefill_footprint(m, prefill) for name, m in models.items()} if prefill else {}
+    footprints = ({name: prefill_footprint(m, prefill, chunk=args.prefill_chunk) for name, m in models.items()}
+                  if prefill else {})
     names = list(models)
     if len(names) == 2:
         worst = task_ratios(scores[names[0]], scores[names[1]])
@@ -134,7 +139,7 @@ def _run_ruler(args: argparse.Namespace, models: dict, tokenizer, lengths: list[
                   f"{r.original:.2f}, mean over lengths {', '.join(map(str, lengths))})")
         unsolved = [r.task for r in worst if r.ratio is None]
         if unsolved:
-            print(f"the original solves none of: {', '.join(unsolved)} (no ratio)")
+            print(f"the original does not solve (mean score under {SOLVED}, no ratio): {', '.join(unsolved)}")
     print(f"\nRULER-style tasks, mean score over {args.trials} prompts per cell (string_match_all"
           + (f"; each cell: {' · '.join(names)}" if len(names) > 1 else "") + "):\n")
     print("| task | " + " | ".join(str(L) for L in lengths) + " |")

@@ -63,8 +63,10 @@ def tiny_model(family: str, attn_implementation: str | None = None, seed: int = 
 # The plain, uncalibrated conversion the mechanics tests run on (random routers, first heads dense, zero fill,
 # expert-choice routing, one router per head): it needs no calibration text, so every test states exactly the
 # behaviour it checks. The default MoSAConfig() (calibrated) has tests of its own.
+# keep_sliding=0: the tiny models' 8-token sliding windows would stay as they are under the default rule; tests
+# convert them, so that every kind runs within a layer's own window
 PLAIN = dict(head_choice="first", router_init="random", fill="zero", routing="expert_choice",
-             router_granularity="head", sparse_heads="mosa", sparsity=8, dense_scope="layer")
+             router_granularity="head", sparse_heads="mosa", sparsity=8, dense_scope="layer", keep_sliding=0)
 
 
 def plain_config(**kwargs) -> MoSAConfig:
@@ -82,8 +84,9 @@ def fake_retrieval(model) -> dict:
 
 
 def default_config(family: str, **over) -> MoSAConfig:
-    """MoSAConfig() with ``over``; Gemma2 (soft-capped logits) keeps the paper's head form."""
-    return MoSAConfig(**({"sparse_heads": "mosa"} if family == "gemma2" else {}), **over)
+    """MoSAConfig() with ``over`` (sliding-window layers converted too: keep_sliding=0, as in PLAIN); Gemma2
+    (soft-capped logits) keeps the paper's head form."""
+    return MoSAConfig(**({"sparse_heads": "mosa"} if family == "gemma2" else {}), **{"keep_sliding": 0, **over})
 
 
 def prefill_capturing_inputs(model, x):

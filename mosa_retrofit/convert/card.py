@@ -13,7 +13,7 @@ from torch import nn
 
 from .. import __version__
 from ..atomic import write_atomic
-from ..text.assets import DEFAULT_HUB_ID, DEFAULT_LICENSE, DEFAULT_MODEL, is_hub_id
+from ..text.assets import EMBEDDED, is_hub_id
 from ..validate import positions_of
 from .costs import attention_costs, ratios
 from .families import attention_layers
@@ -31,9 +31,9 @@ def write_card(folder: Path, model: nn.Module, adapter: bool = False) -> None:
 
 
 def base_license(reference: str | None) -> str | None:
-    """The base's license where it is known offline: the embedded default's, or a base folder's card."""
-    if reference == DEFAULT_MODEL:
-        return DEFAULT_LICENSE
+    """The base's license where it is known offline: an embedded model's, or a base folder's card."""
+    if reference in EMBEDDED:
+        return EMBEDDED[reference].license
     if reference and (Path(reference) / "README.md").is_file():
         m = re.search(r"^---\n(.*?)\n---", (Path(reference) / "README.md").read_text(errors="replace"), re.S)
         if m:
@@ -44,8 +44,8 @@ def base_license(reference: str | None) -> str | None:
 
 def hub_base(reference: str | None) -> str | None:
     """The base as a Hub id (``base_model`` must be one), if it is one."""
-    if reference == DEFAULT_MODEL:
-        return DEFAULT_HUB_ID
+    if reference in EMBEDDED:
+        return EMBEDDED[reference].hub_id
     if reference and not Path(reference).is_absolute() and is_hub_id(reference):
         return reference
     return None

@@ -13,8 +13,9 @@ selected rows: the cache shrinks in bytes, not only in entries.
 
 Defaults are the best retrofit of a pretrained model we know: a quarter of the KV groups stay dense, those that
 read hidden keys back (retrieval score, wherever they are in the model); the others become key-selection MoSA
-heads (sinks + a 256-token window + the tokens a calibrated causal router passes, 1/64 of them). On
-SmolLM2-135M it keeps the original's short- and long-context quality and passkey retrieval at about a quarter
+heads (sinks + a 256-token window + the tokens a calibrated causal router passes, 1/64 of them). Layers whose
+own sliding window is short (Gemma 3's 512-token local layers) stay as they are: the quarter counts the other
+layers' KV groups. On SmolLM2-135M it keeps the original's short- and long-context quality and passkey retrieval at about a quarter
 of the KV bytes. ``MoSAConfig.paper()`` is the conversion of the MoSA paper, for reproduction.
 """
 
@@ -29,10 +30,11 @@ from typing import Any
 
 from ..kinds import ROUTER_SCORES, declared, kinds
 
-CONFIG_VERSION = 3
+CONFIG_VERSION = 4
 """2: the defaults became the calibrated retrofit; 3: they keep long context (retrieval-scored dense KV groups over
-the whole model, key-selection MoSA heads with sinks and a recent window). A dict of an older version fills the
-keys it lacks from that version's defaults (OLD_DEFAULTS)."""
+the whole model, key-selection MoSA heads with sinks and a recent window); 4: layers with a short sliding window
+of their own stay as they are (``keep_sliding``). A dict of an older version fills the keys it lacks from that
+version's defaults (OLD_DEFAULTS)."""
 ROUTER_INITS = ("random", "calibrated")
 GRANULARITIES = ("head", "kv_group")
 HEAD_CHOICES = ("first", "last", "scored", "retrieval")
@@ -53,12 +55,13 @@ def field_choices() -> dict[str, tuple[str, ...]]:
 
 
 # What a config of an older version meant by a key it does not carry (the defaults of that version).
-V2_DEFAULTS = dict(sparsity=8, dense_heads=0.25, head_choice="scored", dense_scope="layer", sparse_heads="mosa",
+V3_DEFAULTS = dict(keep_sliding=0)
+V2_DEFAULTS = dict(V3_DEFAULTS, sparsity=8, dense_heads=0.25, head_choice="scored", dense_scope="layer", sparse_heads="mosa",
                    local_window=256, sink_tokens=4, router_init="calibrated", fill="mean", router_granularity="kv_group",
                    routing="causal", router_score="straight_through", include_first=True, threshold_length=1024)
 V1_DEFAULTS = dict(V2_DEFAULTS, head_choice="first", router_init="random", fill="zero", router_granularity="head",
                    routing="expert_choice", threshold_length=None)
-OLD_DEFAULTS = {1: V1_DEFAULTS, 2: V2_DEFAULTS}
+OLD_DEFAULTS = {1: V1_DEFAULTS, 2: V2_DEFAULTS, 3: V3_DEFAULTS}
 
 # The MoSA paper's conversion (arXiv 2505.00315): 4 dense heads first, random sigmoid routers that scale each
 # selected output row, expert-choice top-k, nothing written at skipped tokens, one router per head; the
@@ -112,6 +115,11 @@ class MoSAConfig:
     'last' there is nothing to rank, and every layer keeps its own count."""
     layers: Any = "all"
     """Layers converted: 'all', a list of layer indices, or 're:<regex on the layer index>'."""
+    keep_sliding: int = 1024
+    """Layers with a sliding window of their own of at most this many tokens (Gemma 3's local layers: 512) stay
+    as they are, whatever ``layers`` says: their cache is already bounded by that window, which a sparse head
+    (``local_window`` + sinks + routed tokens within the same window) would shrink by little and at a cost in
+    quality. Longer windows (Mistral's 4,096) are converted. 0 converts every layer ``layers`` names."""
     kept_heads: str = "dense"
     """Kept heads are 'dense' (full causal attention) or 'local' (sliding window of ``local_window``)."""
     local_window: int = 256
@@ -195,6 +203,8 @@ class MoSAConfig:
             _fail("local_window", self.local_window, "an integer >= 1")
         if isinstance(self.sink_tokens, bool) or not isinstance(self.sink_tokens, int) or self.sink_tokens < 0:
             _fail("sink_tokens", self.sink_tokens, "an integer >= 0")
+        if isinstance(self.keep_sliding, bool) or not isinstance(self.keep_sliding, int) or self.keep_sliding < 0:
+            _fail("keep_sliding", self.keep_sliding, "an integer >= 0 (0: convert sliding-window layers too)")
         sparse, kept = declared(self.sparse_heads), declared(self.kept_heads)
         if sparse.windowed and not sparse.routed and kept.windowed:
             allowed = [k for k in kinds(replaces=True) if not (declared(k).windowed and not declared(k).routed)]
@@ -253,7 +263,10 @@ class MoSAConfig:
 
     # ------------------------------------------------------------------------------------ per layer
 
-    def converts_layer(self, layer: int) -> bool:
+    def converts_layer(self, layer: int, reach: int | None = None) -> bool:
+        """Whether layer ``layer`` (with a sliding window of ``reach`` tokens of its own, if any) is converted."""
+        if reach is not None and reach <= self.keep_sliding:
+            return False
         if self.layers == "all":
             return True
         if isinstance(self.layers, str):

@@ -68,6 +68,14 @@ class Dims:
     KV: int  # key/value heads
     reach: int | None = None  # the layer's own sliding window (Gemma, Mistral), if any
 
+    def span(self, T: int) -> int:
+        """Tokens a query of this layer can see at T tokens (its own window, if any, bounds them)."""
+        return T if self.reach is None else min(T, self.reach)
+
+    def flops(self, T: int) -> int:
+        """Attention FLOPs of one unconverted head of this layer over T tokens (a sliding window where it has one)."""
+        return dense_flops(self.D, self.d, T) if self.span(T) == T else local_flops(self.D, self.d, T, self.span(T))
+
 
 @dataclass(frozen=True)
 class GroupCost:
@@ -110,7 +118,8 @@ def attention_costs(model: nn.Module, T: int) -> list[LayerCost]:
         W = fam.head_weights(m)
         dims = Dims(W.wq.shape[2], d, H, KV, fam.sliding_window(m))
         row_bytes = 2 * d * W.wq.element_size()  # one key and one value vector
-        f0, kv0, b0 = H * dense_flops(dims.D, d, T), H * T, KV * T * row_bytes
+        span = dims.span(T)  # a layer with its own window caches its last ``reach`` rows only (HF's sliding cache)
+        f0, kv0, b0 = H * dims.flops(T), H * span, KV * span * row_bytes
         groups = getattr(m, "mosa_groups", ())
         if not groups:
             rows.append(LayerCost(idx, H, 0, 0, 0, None, f0, f0, kv0, kv0, b0, b0))

@@ -55,9 +55,10 @@ class Evidence:
 
 def _selected(model: nn.Module, config: MoSAConfig, filter_fn) -> dict[int, nn.Module]:
     """The attention modules ``config`` (and ``filter_fn``) convert, by layer index."""
-    layers = attention_layers(model, family_of(model))
+    family = family_of(model)
+    layers = attention_layers(model, family)
     return {idx: m for idx, (name, m) in sorted(layers.items())
-            if config.converts_layer(idx) and (filter_fn is None or filter_fn(m, name))}
+            if config.converts_layer(idx, family.sliding_window(m)) and (filter_fn is None or filter_fn(m, name))}
 
 
 def _windows(config: MoSAConfig, family, modules: dict[int, nn.Module]) -> dict[int, int | None]:

@@ -23,16 +23,20 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..convert.cache import cache_bytes
-from ..convert.compat import output_cache
+from ..convert.compat import output_cache, with_cache
 from ..text.prompts import Prompt, passkey_prompt
 
 
+def keep_logits(model: nn.Module, keep: int) -> dict:
+    """``{"logits_to_keep": keep}`` where ``model.forward`` takes it (the vocabulary projection then runs on the
+    last ``keep`` rows only: Gemma 3's 262k vocabulary makes the full logits of a 32k prompt 34 GB in fp32)."""
+    return {"logits_to_keep": keep} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+
+
 def tail_logits(model: nn.Module, ids: Tensor, keep: int) -> Tensor:
-    """Logits (B, keep, V) of the last ``keep`` positions of ``ids`` (B, L): through ``logits_to_keep`` where the
-    model's forward takes it (the vocabulary projection then runs on ``keep`` rows, not L), else sliced."""
-    if "logits_to_keep" in inspect.signature(model.forward).parameters:
-        return model(input_ids=ids, use_cache=False, logits_to_keep=keep).logits[:, -keep:]
-    return model(input_ids=ids, use_cache=False).logits[:, -keep:]
+    """Logits (B, keep, V) of the last ``keep`` positions of ``ids`` (B, L) (sliced where the forward computes
+    them all)."""
+    return model(input_ids=ids, use_cache=False, **keep_logits(model, keep)).logits[:, -keep:]
 
 
 @torch.no_grad()
@@ -89,14 +93,20 @@ def context_perplexity(model: nn.Module, docs: list[Tensor], contexts: list[int]
 
 
 @torch.no_grad()
-def prefill_footprint(model: nn.Module, length: int, seed: int = 0) -> tuple[int, float]:
-    """(bytes of K/V rows the model's cache holds after one ``length``-token prefill, seconds it took). Heads that
-    keep no cache (expert-choice MoSA, study baselines) hold nothing there: measure causal-routing models."""
+def prefill_footprint(model: nn.Module, length: int, seed: int = 0, chunk: int | None = None) -> tuple[int, float]:
+    """(bytes of K/V rows the model's cache holds after one ``length``-token prefill, seconds it took). ``chunk``
+    prefills that many tokens at a time through the cache (what a long prompt needs where one forward does not
+    fit). Heads that keep no cache (expert-choice MoSA, study baselines) hold nothing there: measure
+    causal-routing models."""
     model.eval()
     device = next(model.parameters()).device
     ids = torch.randint(0, model.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(seed))
     start = time.perf_counter()
-    out = model(input_ids=ids.to(device), use_cache=True)
+    cache = None
+    for part in ids.to(device).split(chunk or length, dim=1):  # (1, chunk) each
+        out = model(input_ids=part, use_cache=True, **keep_logits(model, 1),
+                    **({} if cache is None else with_cache(model, cache)))
+        cache = output_cache(out)
     seconds = time.perf_counter() - start
-    held = cache_bytes(output_cache(out))
+    held = cache_bytes(cache)
     return held.dense + held.mosa, seconds

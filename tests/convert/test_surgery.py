@@ -137,6 +137,20 @@ def test_sliding_window_layers_keep_their_window_in_mosa_heads():
         torch.testing.assert_close(model(ids).logits, ref, atol=1e-4, rtol=0)
 
 
+def test_short_sliding_windows_stay_as_they_are_by_default():
+    """keep_sliding: a layer whose own window is at most keep_sliding tokens is not converted (its logits are the
+    original's up to that layer); a longer window, or keep_sliding=0, converts it."""
+    model = tiny_model("gemma3_text")  # layer 0 slides with window 8, layer 1 attends everything
+    ids, _ = ids_and_mask()
+    kept = convert_(tiny_model("gemma3_text"), plain_config(dense_heads=1, keep_sliding=8))
+    assert sorted(mosa_layers(kept)) == [1]
+    assert not hasattr(attention_layers(kept)[0][1], "mosa_plan")
+    assert sorted(mosa_layers(convert_(tiny_model("gemma3_text"), plain_config(dense_heads=1, keep_sliding=7)))) == [0, 1]
+    with torch.no_grad():  # the kept layer is the original's: hidden states after it agree
+        h0 = model(ids, output_hidden_states=True).hidden_states[1]
+        torch.testing.assert_close(kept(ids, output_hidden_states=True).hidden_states[1], h0, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(dense_heads=5), "asks for 5 dense heads in layer 0, which has 4 heads"),
     (dict(dense_head_ids={"0": [0, 7]}), r"dense_head_ids\['0'\]"),

@@ -136,3 +136,18 @@ def test_prefill_footprint_counts_what_the_cache_holds():
 
     held, seconds = prefill_footprint(tiny_model("llama"), 40)
     assert held == 2 * 2 * 2 * 40 * 16 * 4 and seconds > 0  # layers x K/V x KV heads x tokens x d x fp32
+
+
+def test_a_chunked_prefill_leaves_the_same_sparse_cache():
+    """Chunks through the sparse cache keep what one forward keeps: the same bytes for a converted model with a
+    windowed layer (Gemma 3's sliding layer 0 converted too, keep_sliding=0)."""
+    from tiny_models import CAUSAL, plain_config, tiny_model
+
+    from mosa_retrofit import convert_
+    from mosa_retrofit.eval.long_context import prefill_footprint
+
+    model = convert_(tiny_model("gemma3_text"), plain_config(**{**CAUSAL, "sparsity": 4}),
+                     calibration=torch.randint(1, 100, (2, 64), generator=torch.Generator().manual_seed(1)))
+    whole = prefill_footprint(model, 60)[0]
+    assert prefill_footprint(model, 60, chunk=16)[0] == whole
+    assert whole > 0

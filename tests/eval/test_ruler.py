@@ -85,13 +85,31 @@ def test_greedy_answers_through_the_sparse_cache_equal_a_plain_greedy_loop(token
             ids = torch.cat([ids, model(ids, use_cache=False).logits[:, -1:].argmax(-1)], 1)
     expected = tokenizer.decode(ids[0, prompt.ids.shape[1]:], skip_special_tokens=True)
     assert greedy_answerer(model, tokenizer)(prompt) == expected
+    # chunked prefill through the sparse cache: the same answer, the prompt read in ceil(P / 96) forwards
+    widths = []
+    hook = model.model.register_forward_pre_hook(lambda m, a, kw: widths.append(kw["input_ids"].shape[1]),
+                                                 with_kwargs=True)
+    try:
+        assert greedy_answerer(model, tokenizer, prefill_chunk=96)(prompt) == expected
+    finally:
+        hook.remove()
+    P = prompt.ids.shape[1]
+    assert widths[: -(-P // 96)] == [96] * (P // 96) + ([P % 96] if P % 96 else [])
 
 
 def test_the_worst_task_comes_first_and_unsolved_tasks_last():
     original = {("a", 1): 1.0, ("a", 2): 1.0, ("b", 1): 0.5, ("b", 2): 0.5, ("c", 1): 0.0, ("c", 2): 0.0}
     converted = {("a", 1): 1.0, ("a", 2): 0.5, ("b", 1): 0.5, ("b", 2): 0.5, ("c", 1): 0.5, ("c", 2): 0.0}
-    rows = task_ratios(original, converted)
+    rows = task_ratios(original, converted, solved=0)
     assert [(r.task, r.ratio) for r in rows] == [("a", 0.75), ("b", 1.0), ("c", None)]
+
+
+def test_tasks_the_original_does_not_solve_have_no_ratio():
+    original = {("a", 1): 1.0, ("a", 2): 0.5, ("b", 1): 0.5, ("b", 2): 0.0, ("c", 1): 0.25, ("c", 2): 0.0}
+    converted = {("a", 1): 0.5, ("a", 2): 0.5, ("b", 1): 0.0, ("b", 2): 0.0, ("c", 1): 0.0, ("c", 2): 0.0}
+    rows = task_ratios(original, converted)  # means 0.75, 0.25, 0.125: only "a" is solved (>= 0.5)
+    assert [(r.task, r.ratio) for r in rows][0] == ("a", 2 / 3)
+    assert {r.task for r in rows if r.ratio is None} == {"b", "c"}
 
 
 @pytest.mark.slow  # a tiny world and two models generating at 1,000 tokens: 14 s

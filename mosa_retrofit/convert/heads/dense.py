@@ -13,7 +13,7 @@ from torch import Tensor
 from ...ops.keys import key_selection_attention
 from ...ops.masks import key_padding
 from ...ops.window import banded_attention
-from ..costs import Dims, GroupCost, dense_flops, local_flops
+from ..costs import Dims, GroupCost, local_flops
 from ..families import dense_kv_layout
 from .base import Call, HeadGroup, fused_weights, project, register_heads
 
@@ -49,9 +49,9 @@ class DenseHeads(HeadGroup):
         return a
 
     def cost(self, T: int, dims: Dims) -> GroupCost:
-        n = len(self.heads)
-        rows = len(dense_kv_layout(self.heads, dims.H, dims.KV)[0]) * T
-        return GroupCost(n * dense_flops(dims.D, dims.d, T), n * T, rows)
+        n, span = len(self.heads), dims.span(T)  # (kept heads keep the layer's own window, if any)
+        rows = len(dense_kv_layout(self.heads, dims.H, dims.KV)[0]) * span
+        return GroupCost(n * dims.flops(T), n * span, rows)
 
 
 @register_heads("local")

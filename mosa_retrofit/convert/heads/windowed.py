@@ -114,7 +114,7 @@ class StreamingHeads(WindowedHeads):
 
     def cost(self, T: int, dims: Dims) -> GroupCost:
         n, w = len(self.heads), min(self.window(dims.reach), T)
-        s = min(self.plan.config.sink_tokens, max(T - w, 0))
+        s = min(self.plan.config.sink_tokens, max(dims.span(T) - w, 0))  # (sinks beyond the layer's reach: unseen)
         return GroupCost(n * keys_flops(dims.D, dims.d, T, w, s), n * (w + s), len(self.units) * (w + s))
 
 
@@ -138,7 +138,7 @@ class MoSAKeysHeads(RoutedUnits, WindowedHeads):
     def cost(self, T: int, dims: Dims) -> GroupCost:
         n, w = len(self.heads), min(self.window(dims.reach), T)
         k = tokens_per_head(T, self.plan.config.sparsity)
-        far = max(T - w, 0)
+        far = max(dims.span(T) - w, 0)  # far keys a query can see: before its window, within the layer's reach
         s = min(self.plan.config.sink_tokens, far)
         k_far = min(k, far)  # routed tokens that can lie before a window
         rows = len(self.units) * (w + s + k_far)
