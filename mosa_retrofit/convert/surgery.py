@@ -86,7 +86,8 @@ def gather(model: nn.Module, config: MoSAConfig, calibration: Tensor | None = No
     scored = config.head_choice == "scored"
     if (scored or fitted) and calibration is None and stats is None:
         calibration = default_calibration(model, tokenizer)
-    if config.head_choice == "retrieval" and retrieval is None:
+    keeps_some = config.dense_heads or any(config.dense_heads_pattern.values()) or config.dense_head_ids
+    if config.head_choice == "retrieval" and retrieval is None and keeps_some:  # (none kept: nothing to rank)
         length = min(1024, positions_of(model.config) or 1024)
         prompts = default_retrieval_prompts(model_tokenizer(model, tokenizer), length=length)
         retrieval = retrieval_scores(model, prompts, list(modules), progress)
@@ -201,6 +202,8 @@ def _scores(config: MoSAConfig, stats, retrieval, idx: int, KV: int, unit: str) 
 def _choose_dense(config: MoSAConfig, stats, retrieval, idx: int, n: int, H: int, KV: int,
                   whole_groups: bool) -> list[int]:
     """``n`` dense heads of a layer by ``config.head_choice`` (whole KV groups where ``whole_groups`` allows)."""
+    if n == 0:
+        return []
     if config.head_choice == "first":
         return list(range(n))
     if config.head_choice == "last":
@@ -215,16 +218,18 @@ def _choose_dense(config: MoSAConfig, stats, retrieval, idx: int, n: int, H: int
 def _place_dense(config: MoSAConfig, family, modules: dict, stats, retrieval) -> dict[int, list[int]]:
     """dense_scope='model': the layers' dense counts summed, then given to the highest-scoring units (whole KV
     groups with router_granularity='kv_group', else heads) wherever they are. {layer: dense heads}."""
-    units, total = [], 0.0
-    for idx, m in modules.items():
-        H, KV, _ = family.dims(m)
-        G = H // KV if config.router_granularity == "kv_group" else 1
-        total += config.dense_count(idx, H) / G
+    shapes = {idx: family.dims(m)[:2] for idx, m in modules.items()}  # {layer: (H, KV)}
+    unit = {idx: H // KV if config.router_granularity == "kv_group" else 1 for idx, (H, KV) in shapes.items()}
+    total = int(round(sum(config.dense_count(idx, H) / unit[idx] for idx, (H, _) in shapes.items())))
+    placed = {idx: [] for idx in modules}
+    if total == 0:  # nothing kept dense: nothing to rank (no scores needed)
+        return placed
+    units = []
+    for idx, (_, KV) in shapes.items():
+        G = unit[idx]
         score = _scores(config, stats, retrieval, idx, KV, "kv_group" if G > 1 else "head")
         units += [(float(v), idx, [u * G + h for h in range(G)]) for u, v in enumerate(score)]
-    keep = sorted(units, key=lambda t: -t[0])[: int(round(total))]
-    placed = {idx: [] for idx in modules}
-    for _, idx, heads in keep:
+    for _, idx, heads in sorted(units, key=lambda t: -t[0])[:total]:
         placed[idx] += heads
     return {idx: sorted(h) for idx, h in placed.items()}
 

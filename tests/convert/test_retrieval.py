@@ -72,3 +72,13 @@ def test_a_model_too_short_for_retrieval_prompts_gets_one_clear_line(tmp_path):
 
         convert_(AutoModelForCausalLM.from_pretrained(model_dir), tokenizer=AutoTokenizer.from_pretrained(model_dir))
     assert main(["convert", str(model_dir), str(tmp_path / "out"), "--head-choice", "scored", "--no-check"]) == 0
+
+
+def test_no_dense_heads_needs_no_retrieval_scores():
+    """dense_heads=0 ranks nothing: the default head choice (retrieval) asks for no tokenizer and no prompts."""
+    from mosa_retrofit.convert.surgery import mosa_layers
+
+    calibration = torch.randint(1, 100, (2, 64), generator=torch.Generator().manual_seed(0))
+    model = convert_(tiny_model("llama"), MoSAConfig(dense_heads=0, sparsity=4), calibration=calibration,
+                     progress=False)
+    assert all(m.mosa_plan.dense == () for m in mosa_layers(model).values())
