@@ -25,6 +25,21 @@ def ints(text: str) -> list[int]:
     return [int(v) for v in text.split(",") if v.strip()]
 
 
+def earlier_original(path: Path, tasks: list[str], lengths: list[int], trials: int) -> dict[tuple[str, int], float]:
+    """The original's cell of every (task, length) in an earlier results file, which must have run the same grid."""
+    text = path.read_text()
+    if f"{trials} prompts per task and length" not in text:
+        raise SystemExit(f"{path} did not run {trials} prompts per task and length")
+    head = next(line for line in text.splitlines() if line.startswith("| task |"))
+    columns = [c.strip().replace(",", "") for c in head.strip("|").split("|")][1:]
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")][1:]
+            for line in text.splitlines() if line.startswith("| ") and not line.startswith("| task")}
+    try:
+        return {(t, L): float(rows[t][columns.index(str(L))].split(" · ")[0]) for t in tasks for L in lengths}
+    except (KeyError, ValueError) as e:
+        raise SystemExit(f"{path} lacks the original's score of {e}") from None
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -34,6 +49,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--trials", type=int, default=4, help="prompts per task and length")
     p.add_argument("--tasks", default="", help="comma-separated (default: every task)")
     p.add_argument("--prefill-chunk", type=int, default=None, help="prefill prompts this many tokens at a time")
+    p.add_argument("--original-from", default="",
+                   help="take the original's scores from this earlier results file of the same --lengths, --trials and "
+                        "tasks (the same prompts: each is built from a seed of its task and length) instead of running "
+                        "it again")
     p.add_argument("--out", default="", help="default: benchmarks/results/ruler_smollm2.md or ruler_<model>.md")
     argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
@@ -64,7 +83,10 @@ def main(argv: list[str] | None = None) -> None:
     title = EMBEDDED[args.model].hub_id.split("/")[-1] if args.model in EMBEDDED else args.model
     models = {"original": original.eval(), "default conversion": converted.eval()}
     prompts = ruler_prompts(tokenizer, wikipedia_articles(), tasks, args.lengths, args.trials)
-    scores = run_ruler({n: greedy_answerer(m, tokenizer, args.prefill_chunk) for n, m in models.items()}, prompts)
+    answering = models if not args.original_from else {"default conversion": converted}
+    scores = run_ruler({n: greedy_answerer(m, tokenizer, args.prefill_chunk) for n, m in answering.items()}, prompts)
+    if args.original_from:
+        scores["original"] = earlier_original(Path(args.original_from), tasks, args.lengths, args.trials)
     longest = max(args.lengths)
     held, peak = {}, {}
     for n, m in models.items():  # one prefill each: the cache it leaves and the memory it peaked at
@@ -81,6 +103,8 @@ def main(argv: list[str] | None = None) -> None:
     lines = [f"# RULER-style tasks: {title} and its default conversion, no training", "",
              f"Command: `{' '.join(['python benchmarks/ruler.py', *argv])}`", "",
              f"Machine: {machine()}; {time.strftime('%Y-%m-%d')}; {time.time() - started:.0f} s in all.", "",
+             *([f"The original's scores are those of {args.original_from} (the same prompts), not run again.", ""]
+               if args.original_from else []),
              f"{args.trials} prompts per task and length (the asked needle at depths (i + 0.5) / {args.trials}), "
              "filler from the embedded Wikipedia articles, greedy generation through each model's KV cache, "
              "scored as RULER does (the share of expected strings the answer contains). Each cell: original · "

@@ -15,7 +15,7 @@ Defaults are the best retrofit of a pretrained model we know: a quarter of the K
 read hidden keys back (retrieval score, wherever they are in the model); the others become key-selection MoSA
 heads (sinks + a 256-token window + the tokens a calibrated causal router passes, 1/64 of them). Layers whose
 own sliding window is short (Gemma 3's 512-token local layers) stay as they are: the quarter counts the other
-layers' KV groups. On SmolLM2-135M it keeps the original's short- and long-context quality and passkey retrieval at about a quarter
+layers' KV groups, and a group that alone carries a fifth of the retrieval score stays dense too. On SmolLM2-135M it keeps the original's short- and long-context quality and passkey retrieval at about a quarter
 of the KV bytes. ``MoSAConfig.paper()`` is the conversion of the MoSA paper, for reproduction.
 """
 
@@ -55,7 +55,7 @@ def field_choices() -> dict[str, tuple[str, ...]]:
 
 
 # What a config of an older version meant by a key it does not carry (the defaults of that version).
-V3_DEFAULTS = dict(keep_sliding=0)
+V3_DEFAULTS = dict(keep_sliding=0, dense_share=0.0)
 V2_DEFAULTS = dict(V3_DEFAULTS, sparsity=8, dense_heads=0.25, head_choice="scored", dense_scope="layer", sparse_heads="mosa",
                    local_window=256, sink_tokens=4, router_init="calibrated", fill="mean", router_granularity="kv_group",
                    routing="causal", router_score="straight_through", include_first=True, threshold_length=1024)
@@ -110,9 +110,15 @@ class MoSAConfig:
     prompts in calibration text; retrieval.py), 'first' (paper) or 'last'."""
     dense_scope: str = "model"
     """'layer': ``dense_heads`` is the count in every layer; 'model': ``dense_heads`` (a fraction, or a count
-    per layer) sets the model's total, placed on the highest-scoring heads or KV groups wherever they are (some
+    per layer, raised by ``dense_share``) sets the model's total, placed on the highest-scoring heads or KV groups wherever they are (some
     layers keep several, others none). Scores come from head_choice 'scored' or 'retrieval'; with 'first' or
     'last' there is nothing to rank, and every layer keeps its own count."""
+    dense_share: float = 0.2
+    """With dense_scope='model' and ranked heads ('retrieval', 'scored'): a unit (KV group, or head) whose score
+    alone is at least this share of the converted layers' total also stays dense, beyond the ``dense_heads``
+    count (one unit is always converted). Where retrieval is spread over many groups (SmolLM2: the best of 90
+    carries 14 %) the count decides; where a few carry it (Gemma-3-270M: one KV group in each of 3 global
+    layers, carrying 65 %, 28 % and 7 %) this keeps them. 0 turns it off (version 3)."""
     layers: Any = "all"
     """Layers converted: 'all', a list of layer indices, or 're:<regex on the layer index>'."""
     keep_sliding: int = 1024
@@ -203,6 +209,9 @@ class MoSAConfig:
             _fail("local_window", self.local_window, "an integer >= 1")
         if isinstance(self.sink_tokens, bool) or not isinstance(self.sink_tokens, int) or self.sink_tokens < 0:
             _fail("sink_tokens", self.sink_tokens, "an integer >= 0")
+        share = self.dense_share
+        if isinstance(share, bool) or not isinstance(share, Real) or not 0 <= share <= 1:
+            _fail("dense_share", self.dense_share, "a number in [0, 1] (0: off)")
         if isinstance(self.keep_sliding, bool) or not isinstance(self.keep_sliding, int) or self.keep_sliding < 0:
             _fail("keep_sliding", self.keep_sliding, "an integer >= 0 (0: convert sliding-window layers too)")
         sparse, kept = declared(self.sparse_heads), declared(self.kept_heads)

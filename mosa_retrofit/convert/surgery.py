@@ -229,9 +229,18 @@ def _place_dense(config: MoSAConfig, family, modules: dict, stats, retrieval) ->
         G = unit[idx]
         score = _scores(config, stats, retrieval, idx, KV, "kv_group" if G > 1 else "head")
         units += [(float(v), idx, [u * G + h for h in range(G)]) for u, v in enumerate(score)]
-    for _, idx, heads in sorted(units, key=lambda t: -t[0])[:total]:
+    units.sort(key=lambda t: -t[0])
+    for _, idx, heads in units[:max(total, _large_count([u[0] for u in units], config.dense_share))]:
         placed[idx] += heads
     return {idx: sorted(h) for idx, h in placed.items()}
+
+
+def _large_count(scores: list[float], share: float) -> int:
+    """How many of ``scores`` (descending) are at least ``share`` of their sum (0: none), leaving one out."""
+    total = sum(max(v, 0.0) for v in scores)
+    if share <= 0 or total <= 0:
+        return 0
+    return min(sum(v >= share * total for v in scores), len(scores) - 1)
 
 
 def _layer_list(idxs: list[int]) -> str:

@@ -23,7 +23,9 @@ from mosa_retrofit.convert.compat import output_cache, with_cache
 # The default conversion (key-selection heads, calibrated causal routers, straight-through scores) with a
 # 4-token window and sparsity 4: the default 256-token window would hold every token of these short prompts,
 # so the sparse store would never drop a row.
-DEFAULT = dict(local_window=4, sparsity=4)
+# dense_share=0: a tiny model has a few KV groups, each holding a large share of fake retrieval scores; the count
+# alone keeps one group dense, so that most of the model decodes through key-selection units
+DEFAULT = dict(local_window=4, sparsity=4, dense_share=0.0)
 # The paper's MoSA heads (routed queries attend routed keys, output only there) with causal routing.
 PAPER_CAUSAL = dict(sparse_heads="mosa", dense_scope="layer", routing="causal", sparsity=4, dense_heads=1,
                     head_choice="first", router_init="random", fill="zero", router_granularity="head")

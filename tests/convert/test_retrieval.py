@@ -43,7 +43,8 @@ def test_score_is_the_attention_mass_from_answers_onto_the_key(family):
 def test_dense_groups_go_where_the_scores_are():
     # tiny llama: 2 layers x 4 query heads in 2 KV groups of 2; a quarter of the heads dense = 1 group in all
     scores = {0: torch.tensor([0.1, 0.2, 0.4, 0.0]), 1: torch.tensor([0.9, 0.8, 0.0, 0.1])}  # groups .3 .4 | 1.7 .1
-    cfg = dict(head_choice="retrieval", dense_heads=0.25, fill="zero", router_init="random", routing="expert_choice")
+    cfg = dict(head_choice="retrieval", dense_heads=0.25, fill="zero", router_init="random", routing="expert_choice",
+               dense_share=0.0)
     per_model = convert_(tiny_model("llama"), MoSAConfig(dense_scope="model", **cfg), retrieval=scores)
     assert per_model.config.mosa["dense_head_ids"] == {"0": [], "1": [0, 1]}  # 1 group in all: the best one
     per_layer = convert_(tiny_model("llama"), MoSAConfig(dense_scope="layer", **cfg), retrieval=scores)
@@ -51,6 +52,18 @@ def test_dense_groups_go_where_the_scores_are():
     heads = convert_(tiny_model("llama"), MoSAConfig(dense_scope="model", router_granularity="head",
                                                      **{**cfg, "dense_heads": 0.5}), retrieval=scores)
     assert heads.config.mosa["dense_head_ids"] == {"0": [1, 2], "1": [0, 1]}  # the 4 best heads of 8
+
+
+@pytest.mark.parametrize("share, dense", [(0.7, {"0": [], "1": [0, 1]}), (0.15, {"0": [2, 3], "1": [0, 1]}),
+                                          (0.11, {"1": [0, 1]}), (0.01, {"1": [0, 1]})])
+def test_groups_that_carry_dense_share_of_the_scores_stay_dense(share, dense):
+    """Group scores 1.7 | 0.4, 0.3 | 0.1 (shares .68 | .16, .12 | .04): the count (a quarter: 1 group) is raised
+    to every group whose share reaches ``dense_share`` (.15: 2; .11: 3, layer 0 then all dense and left as it
+    is), and one group is always converted (.01 would keep all 4: 3 are kept)."""
+    scores = {0: torch.tensor([0.1, 0.2, 0.4, 0.0]), 1: torch.tensor([0.9, 0.8, 0.0, 0.1])}
+    cfg = dict(head_choice="retrieval", dense_heads=0.25, fill="zero", router_init="random", routing="expert_choice")
+    model = convert_(tiny_model("llama"), MoSAConfig(dense_share=share, **cfg), retrieval=scores)
+    assert model.config.mosa["dense_head_ids"] == dense
 
 
 def test_bad_scope_and_missing_tokenizer_are_clear():

@@ -145,7 +145,8 @@ def test_short_sliding_windows_stay_as_they_are_by_default():
     kept = convert_(tiny_model("gemma3_text"), plain_config(dense_heads=1, keep_sliding=8))
     assert sorted(mosa_layers(kept)) == [1]
     assert not hasattr(attention_layers(kept)[0][1], "mosa_plan")
-    assert sorted(mosa_layers(convert_(tiny_model("gemma3_text"), plain_config(dense_heads=1, keep_sliding=7)))) == [0, 1]
+    every = convert_(tiny_model("gemma3_text"), plain_config(dense_heads=1, keep_sliding=7))
+    assert sorted(mosa_layers(every)) == [0, 1]
     with torch.no_grad():  # the kept layer is the original's: hidden states after it agree
         h0 = model(ids, output_hidden_states=True).hidden_states[1]
         torch.testing.assert_close(kept(ids, output_hidden_states=True).hidden_states[1], h0, atol=1e-5, rtol=0)

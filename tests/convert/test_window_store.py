@@ -55,8 +55,8 @@ def test_decode_with_the_window_store_equals_full_forward(family, kind):
 
 
 def test_default_conversion_caches_sinks_window_and_routed_rows_only():
-    """MoSAConfig() on a GQA model (2 layers, 2 KV groups of 2 heads): a quarter of the heads dense = one KV
-    group in the whole model, placed at the highest retrieval score; every other group is a key-selection unit.
+    """MoSAConfig() (dense_share off) on a GQA model (2 layers, 2 KV groups of 2 heads): a quarter of the heads
+    dense = one KV group in the whole model, placed at the highest retrieval score; every other group is a key-selection unit.
     After a 64-token prefill the cache holds T rows for the dense group and, per unit, the union of the 4 sinks,
     the last w - 1 tokens and the tokens its router passes (x_t · w > τ, or the first), counted here."""
     from tiny_models import fake_retrieval, prefill_capturing_inputs
@@ -68,7 +68,8 @@ def test_default_conversion_caches_sinks_window_and_routed_rows_only():
     scores = fake_retrieval(model)
     calib = torch.randint(1, 128, (8, 64), generator=torch.Generator().manual_seed(3))
     w, T, d = 8, 64, 16
-    convert_(model, MoSAConfig(local_window=w, sparsity=8), calibration=calib, retrieval=scores, progress=False)
+    convert_(model, MoSAConfig(local_window=w, sparsity=8, dense_share=0.0),  # (the count alone: 4 groups only)
+             calibration=calib, retrieval=scores, progress=False)
     best = max(((float(s.view(2, 2).sum(1)[g]), i, g) for i, s in scores.items() for g in range(2)))
     layers = mosa_layers(model)
     for i, m in layers.items():
