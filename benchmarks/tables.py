@@ -380,6 +380,8 @@ BLOCKS = {
     "retrieval-levers": retrieval_levers,
     "multikey-trials": multikey_trials,
     "ruler": ruler(),
+    "ruler-gemma3-quarter": ruler("ruler_gemma3-270m_quarter.md"),
+    "ruler-gemma3": ruler("ruler_gemma3-270m.md"),
     "long-frontier": long_frontier,
     "sparse-summary": sparse_summary,
     "sparse-curve": sparse_curve,
