@@ -62,8 +62,6 @@ def _gguf_file(name: str) -> Path:
     spec = EMBEDDED[name]
     if spec.assemble:
         _package_dir(spec.package, spec.install)
-        import importlib
-
         target = cache_dir() / "gguf" / spec.gguf
         return Path(importlib.import_module(spec.package).assemble(target))  # checks the joined file's SHA-256
     path = _package_dir(spec.package, spec.install) / spec.gguf
