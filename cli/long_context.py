@@ -46,8 +46,9 @@ def add_parser(sub) -> None:
                    help="tokens of the prefill whose KV-cache bytes and time are measured (default: the longest "
                         "--lengths; 0: skip)")
     p.add_argument("--prefill-chunk", type=COUNT, default=None,
-                   help="with --suite ruler and for --prefill: read prompts this many tokens at a time through the "
-                        "KV cache (long prompts whose one forward does not fit in memory; default: one forward)")
+                   help="read every prompt, document and --prefill this many tokens at a time through the KV cache "
+                        "(the same scores without one forward over the whole length: what 32k tokens need on a "
+                        "small machine; default: one forward)")
     p.add_argument("--out", default="out/long", help="folder for long_context.png")
     p.set_defaults(run=run)
 
@@ -78,8 +79,9 @@ def run(args: argparse.Namespace) -> int:
     grids, curves, footprints = {}, {}, {}
     prefill = max(lengths) if args.prefill is None else args.prefill
     for name, m in models.items():
-        grids[name] = passkey_grid(m, tokenizer, lengths, args.depths, args.trials, args.variant)
-        curves[name] = context_perplexity(m, docs, contexts, args.score_tokens)
+        grids[name] = passkey_grid(m, tokenizer, lengths, args.depths, args.trials, args.variant,
+                                   chunk=args.prefill_chunk)
+        curves[name] = context_perplexity(m, docs, contexts, args.score_tokens, chunk=args.prefill_chunk)
         if prefill:
             footprints[name] = prefill_footprint(m, prefill, chunk=args.prefill_chunk)
     _print_tables(args, lengths, contexts, len(docs), grids, curves, footprints, prefill)

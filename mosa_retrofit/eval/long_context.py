@@ -33,24 +33,42 @@ def keep_logits(model: nn.Module, keep: int) -> dict:
     return {"logits_to_keep": keep} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
 
 
-def tail_logits(model: nn.Module, ids: Tensor, keep: int) -> Tensor:
+def tail_logits(model: nn.Module, ids: Tensor, keep: int, chunk: int | None = None) -> Tensor:
     """Logits (B, keep, V) of the last ``keep`` positions of ``ids`` (B, L) (sliced where the forward computes
-    them all)."""
-    return model(input_ids=ids, use_cache=False, **keep_logits(model, keep)).logits[:, -keep:]
+    them all). ``chunk``: the tokens before them are read that many at a time through the model's KV cache
+    (``prefill``), then the last ``keep`` in one cached forward: the same logits without one L x L forward."""
+    if not chunk or ids.shape[1] <= chunk:
+        return model(input_ids=ids, use_cache=False, **keep_logits(model, keep)).logits[:, -keep:]
+    cache = prefill(model, ids[:, :-keep], chunk)
+    out = model(input_ids=ids[:, -keep:], use_cache=True, **keep_logits(model, keep), **with_cache(model, cache))
+    return out.logits[:, -keep:]
+
+
+def prefill(model: nn.Module, ids: Tensor, chunk: int | None = None):
+    """The model's KV cache after reading ``ids`` (B, L), ``chunk`` tokens per forward (all at once if None);
+    logits are kept for the last position only."""
+    cache = None
+    for part in ids.split(chunk or ids.shape[1], dim=1):  # (B, chunk) each
+        out = model(input_ids=part, use_cache=True, **keep_logits(model, 1),
+                    **({} if cache is None else with_cache(model, cache)))
+        cache = output_cache(out)
+    return cache
 
 
 @torch.no_grad()
-def answer_correct(model: nn.Module, prompt: Prompt) -> bool:
-    """Teacher forcing: the argmax at every answer position is the answer's token."""
+def answer_correct(model: nn.Module, prompt: Prompt, chunk: int | None = None) -> bool:
+    """Teacher forcing: the argmax at every answer position is the answer's token (``chunk``: see tail_logits)."""
     ids = prompt.ids.to(next(model.parameters()).device)
     answer = ids.shape[1] - prompt.answer_start  # answer tokens, each predicted from the position before it
-    predicted = tail_logits(model, ids, answer + 1)[0, :-1].argmax(-1)  # (answer,)
+    predicted = tail_logits(model, ids, answer + 1, chunk)[0, :-1].argmax(-1)  # (answer,)
     return bool(torch.equal(predicted, ids[0, prompt.answer_start:]))
 
 
 def passkey_grid(model: nn.Module, tokenizer, lengths: list[int], depths: list[float], trials: int,
-                 variant: str = "single", seed: int = 0, progress: bool = True) -> dict[tuple[int, float], float]:
-    """Accuracy per (length, depth) over ``trials`` keys (the same keys and filler for every model)."""
+                 variant: str = "single", seed: int = 0, progress: bool = True,
+                 chunk: int | None = None) -> dict[tuple[int, float], float]:
+    """Accuracy per (length, depth) over ``trials`` keys (the same keys and filler for every model); ``chunk``
+    reads each prompt that many tokens at a time through the KV cache."""
     model.eval()
     grid = {}
     cells = [(L, d) for L in lengths for d in depths]
@@ -59,7 +77,7 @@ def passkey_grid(model: nn.Module, tokenizer, lengths: list[int], depths: list[f
             rng = random.Random(f"{seed}-{variant}-{L}-{d}")
             hits = 0
             for _ in range(trials):
-                hits += answer_correct(model, passkey_prompt(tokenizer, L, d, rng, variant))
+                hits += answer_correct(model, passkey_prompt(tokenizer, L, d, rng, variant), chunk)
                 bar.update(1)
             grid[(L, d)] = hits / trials
     return grid
@@ -73,9 +91,10 @@ def context_documents(tokenizer, texts: list[str], longest: int, score_tokens: i
 
 @torch.no_grad()
 def context_perplexity(model: nn.Module, docs: list[Tensor], contexts: list[int], score_tokens: int = 256,
-                       progress: bool = True) -> dict[int, float]:
+                       progress: bool = True, chunk: int | None = None) -> dict[int, float]:
     """Perplexity of each document's last ``score_tokens`` tokens given the L tokens before them, per L: the
-    same tokens are scored at every L (each document's tail), only the context before them changes."""
+    same tokens are scored at every L (each document's tail), only the context before them changes. ``chunk``
+    reads the context that many tokens at a time through the KV cache."""
     model.eval()
     device = next(model.parameters()).device
     result = {}
@@ -84,7 +103,7 @@ def context_perplexity(model: nn.Module, docs: list[Tensor], contexts: list[int]
             total, count = 0.0, 0
             for doc in docs:
                 ids = doc[-(L + score_tokens):][None].to(device)  # (1, L + score)
-                logits = tail_logits(model, ids, score_tokens + 1)[0, :-1].float()  # (score, V) predicts the tail
+                logits = tail_logits(model, ids, score_tokens + 1, chunk)[0, :-1].float()  # (score, V) predicts the tail
                 total += F.cross_entropy(logits, ids[0, L:], reduction="sum").item()
                 count += score_tokens
                 bar.update(1)
@@ -102,11 +121,7 @@ def prefill_footprint(model: nn.Module, length: int, seed: int = 0, chunk: int |
     device = next(model.parameters()).device
     ids = torch.randint(0, model.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(seed))
     start = time.perf_counter()
-    cache = None
-    for part in ids.to(device).split(chunk or length, dim=1):  # (1, chunk) each
-        out = model(input_ids=part, use_cache=True, **keep_logits(model, 1),
-                    **({} if cache is None else with_cache(model, cache)))
-        cache = output_cache(out)
+    cache = prefill(model, ids.to(device), chunk)
     seconds = time.perf_counter() - start
     held = cache_bytes(cache)
     return held.dense + held.mosa, seconds

@@ -151,3 +151,30 @@ def test_a_chunked_prefill_leaves_the_same_sparse_cache():
     whole = prefill_footprint(model, 60)[0]
     assert prefill_footprint(model, 60, chunk=16)[0] == whole
     assert whole > 0
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+@pytest.mark.parametrize("converted", [False, True])
+def test_chunked_scoring_gives_the_logits_of_one_forward(family, converted):
+    """Reading a long input through the KV cache in chunks scores the same tail as one forward over all of it:
+    logits of the last tokens equal (plain full-logits forward as the reference), so passkey verdicts and
+    perplexity against context do not depend on --prefill-chunk."""
+    from tiny_models import CAUSAL, plain_config, tiny_model
+
+    from mosa_retrofit import convert_
+    from mosa_retrofit.eval.long_context import tail_logits
+
+    model = tiny_model(family)
+    if converted:
+        convert_(model, plain_config(**{**CAUSAL, "sparsity": 4}),
+                 calibration=torch.randint(1, 100, (2, 64), generator=torch.Generator().manual_seed(1)))
+    model.eval()
+    ids = torch.randint(1, 100, (1, 70), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        reference = model(input_ids=ids, use_cache=False).logits[:, -9:]  # (1, 9, V) every position computed
+        for chunk in (16, 25):
+            torch.testing.assert_close(tail_logits(model, ids, 9, chunk), reference, atol=1e-4, rtol=1e-4)
+    docs = [torch.randint(1, 100, (90,), generator=torch.Generator().manual_seed(3))]
+    whole = context_perplexity(model, docs, [20, 60], score_tokens=12, progress=False)
+    chunked = context_perplexity(model, docs, [20, 60], score_tokens=12, progress=False, chunk=16)
+    assert chunked == pytest.approx(whole, rel=1e-4)
