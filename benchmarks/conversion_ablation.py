@@ -29,7 +29,8 @@ def main() -> None:
 
     from mosa_retrofit import MoSAConfig, convert_
     from mosa_retrofit.eval.perplexity import perplexity
-    from mosa_retrofit.study import StudySpec, machine, open_workbench
+    from mosa_retrofit.study import StudySpec, machine
+    from mosa_retrofit.study.measure import open_workbench
 
     torch.manual_seed(0)
     spec = StudySpec()

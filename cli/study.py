@@ -42,7 +42,7 @@ def spec_from_args(args: argparse.Namespace) -> StudySpec:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mosa_retrofit.study import run_study
+    from mosa_retrofit.study.measure import run_study
 
     spec = spec_from_args(args)
     command = "mosa-retrofit " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["study"] else ""

@@ -81,6 +81,30 @@ def test_the_config_is_a_leaf():
     assert reached == {"mosa_retrofit.kinds"}
 
 
+def test_the_longest_import_chain_is_at_most_10_modules():
+    """A set of rooms, not a deep stack: the longest chain of module imports in the package (package __init__
+    files included, function-level imports too: there are none) is at most 10 modules."""
+    graph, _ = _graph()
+    longest: dict[str, list[str]] = {}
+
+    def chain(m: str) -> list[str]:
+        if m not in longest:
+            longest[m] = [m] + max((chain(d) for d in graph[m]), key=len, default=[])
+        return longest[m]
+
+    worst = max((chain(m) for m in graph), key=len)
+    assert len(worst) <= 10, " -> ".join(worst)
+
+
+def test_the_kv_stores_hold_tensors_and_compute_no_attention():
+    """The sparse KV stores (convert/cache.py, window_store.py) import no attention op: the heads' attention
+    (ops/sparse.py, ops/keys.py) reads them, once for cached and full forwards alike."""
+    graph, _ = _graph()
+    for store in ("mosa_retrofit.convert.cache", "mosa_retrofit.convert.window_store"):
+        ops = {d for d in graph[store] if d.startswith("mosa_retrofit.ops")}
+        assert ops <= {"mosa_retrofit.ops.routing"}, (store, ops)
+
+
 def test_no_module_imports_private_names_of_another():
     found = []
     for f in list(PACKAGE.rglob("*.py")) + list((PACKAGE.parent / "cli").rglob("*.py")):

@@ -22,8 +22,8 @@ from torch import nn
 
 from .compat import find_cache
 from .config import ATTN_BACKENDS, MoSAConfig
-from .families import Family
-from .heads import Call, HeadGroup, head_groups
+from .families import Family, mosa_layers
+from .heads.base import Call, HeadGroup, head_groups
 from .layer_state import layer_state
 
 
@@ -150,8 +150,3 @@ def decode_refusal(model: nn.Module) -> str | None:
             if why is not None:
                 return why
     return None
-
-
-def mosa_layers(model: nn.Module) -> dict[int, nn.Module]:
-    """Converted attention modules by layer index."""
-    return {int(m.layer_idx): m for m in model.modules() if hasattr(m, "mosa_plan")}

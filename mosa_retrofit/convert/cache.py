@@ -12,9 +12,8 @@ so they stay right when the layer has no dense heads), beam-search ``reorder_cac
 ``batch_repeat_interleave``, ``batch_select_indices`` (applied to the store too) and ``reset``; ``crop``
 (assisted / speculative decoding) raises. The dense heads keep using the stock storage.
 
-The cached step handles any number of new tokens (prefill and decoding alike): select among the new
-tokens, project Q/K/V for the selected ones, append K/V to the store, attend each new selected query to
-every earlier stored key and to the new keys up to itself.
+The stores hold and update tensors; the heads' attention reads them (ops/sparse.mosa_attention with a
+``past``, ops/keys for the windowed kinds), for any number of new tokens, prefill and decoding alike.
 
 Shape legend: B batch, T new tokens, E units, G query heads per unit, K selected new tokens (max over
 units and rows), L stored tokens, d head dim, h model width.
@@ -22,16 +21,11 @@ units and rows), L stored tokens, d head dim, h model width.
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from ..ops.masks import key_visible
-from ..ops.routing import first_real, router_gates, router_logits, select_tokens_causal
-from ..ops.sparse import base_output, gated_output, project_selected, softcap_attention
 from .window_store import WindowStore
 
 
@@ -217,63 +211,3 @@ def cache_bytes(cache) -> CacheBytes:
             mosa += held
             allocated += total
     return CacheBytes(dense, mosa, dense + allocated)
-
-
-@torch.no_grad()
-def mosa_attention_cached(
-    x: Tensor, router: Tensor, w_qkv: Tensor, w_o: Tensor, store: LayerStore, *, threshold: Tensor,
-    heads_per_unit: int = 1, b_qkv: Tensor | None = None, include_first: bool = False,
-    router_score: str = "sigmoid", rope=None, q_norm=None, k_norm=None, scale: float | None = None,
-    softcap: float | None = None, sliding_window: int | None = None, valid: Tensor | None = None,
-    add_to: Tensor | None = None, fill: Tensor | None = None,
-) -> Tensor:
-    """Causal-routing MoSA over T new tokens with the earlier selected tokens' K/V read from ``store``.
-
-    Same arguments as ``sparse.mosa_attention`` (``valid``: (B, T) real tokens of this chunk); computes
-    exactly what a full forward computes for these tokens, and appends their selected K/V to the store.
-    """
-    B, T, h = x.shape
-    E, G = router.shape[0], heads_per_unit
-    d = w_o.shape[1] // G
-    v_mask = valid if valid is not None else torch.ones(B, T, dtype=torch.bool, device=x.device)
-    offset, seen_real = store.advance(v_mask)
-    first = first_real(v_mask, seen_real)  # the row's first real token, if among these
-
-    logits = router_logits(router, x)  # (E, B, T)
-    idx, live = select_tokens_causal(logits, threshold, include_first, v_mask, first)  # (E, B, K)
-    K = idx.shape[-1]
-    add_to = base_output(x, w_o, fill, add_to)
-    out = x.new_zeros(B, T, h) if add_to is None else add_to.clone()
-    if K == 0:
-        return out
-
-    flat = (idx + T * torch.arange(B, device=x.device).view(1, B, 1)).reshape(-1)  # (E·B·K,)
-    xs = x.reshape(B * T, h).index_select(0, flat).view(E, B * K, h)
-    qf, k, v = project_selected(xs, w_qkv, b_qkv, idx, G, q_norm, k_norm, rope)  # (E·B, G|1, K, d)
-    pos = idx + offset  # (E, B, K) cache positions
-    routed = store.routed_store()
-    before, after = routed.append(k.reshape(E, B, K, d), v.reshape(E, B, K, d), pos, live)
-    L = int(after.max())
-    keys, values = routed.k[:, :, :L], routed.v[:, :, :L]  # (E, B, L, d)
-    slot = torch.arange(L, device=x.device)  # (L,)
-    j = torch.arange(K, device=x.device)
-    old = slot.view(1, 1, 1, L) < before[..., None, None]  # (E, B, 1, L) stored earlier
-    new = (slot.view(1, 1, 1, L) - before[..., None, None] <= j.view(1, 1, K, 1)) & (
-        slot.view(1, 1, 1, L) < after[..., None, None])  # (E, B, K, L) new keys up to the query itself
-    allowed = old | new
-    if sliding_window is not None:
-        kpos = routed.pos[:, :, :L]
-        allowed = allowed & key_visible(pos[..., None] - kpos[:, :, None, :], sliding_window)
-    scale = 1.0 / math.sqrt(d) if scale is None else scale
-    kf, vf = keys.reshape(E * B, 1, L, d), values.reshape(E * B, 1, L, d)
-    mask = allowed.reshape(E * B, 1, K, L)
-    if softcap is not None:
-        a = softcap_attention(qf, kf, vf, scale, softcap, 0.0, mask)  # (E·B, G, K, d)
-    else:
-        a = F.scaled_dot_product_attention(qf, kf.expand(-1, G, -1, -1), vf.expand(-1, G, -1, -1),
-                                           attn_mask=mask, scale=scale)  # (E·B, G, K, d)
-    gate = router_gates(logits.gather(-1, idx), router_score)  # (E, B, K)
-    if live is not None:
-        gate = gate.masked_fill(~live, 0.0)
-    y = gated_output(a.nan_to_num(0.0), gate, w_o, fill)  # dead slots: fully masked rows -> 0, then gate 0
-    return out.view(B * T, h).index_add_(0, flat, y.to(out.dtype)).view(B, T, h)

@@ -71,6 +71,11 @@ def attention_layers(model: nn.Module, family: Family | None = None) -> dict[int
     return found
 
 
+def mosa_layers(model: nn.Module) -> dict[int, nn.Module]:
+    """Converted attention modules by layer index (those that carry a ``mosa_plan``)."""
+    return {int(m.layer_idx): m for m in model.modules() if hasattr(m, "mosa_plan")}
+
+
 def weight_of(linear: nn.Module) -> Tensor:
     """``linear.weight``, plus the active LoRA deltas when peft has wrapped the layer (differentiable)."""
     base = getattr(linear, "base_layer", None)

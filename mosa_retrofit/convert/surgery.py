@@ -30,12 +30,12 @@ from transformers import PreTrainedModel
 from ..text.assets import model_reference
 from ..validate import positions_of
 from .adapter import record_base_
-from .attention import LayerPlan, mosa_class, mosa_layers
+from .attention import LayerPlan, mosa_class
 from .calibration import LayerStats, collect_stats, default_calibration, model_tokenizer
 from .card import write_card
 from .config import MoSAConfig
 from .costs import attention_costs, ratios
-from .families import attention_layers, dense_kv_layout, family_of
+from .families import attention_layers, dense_kv_layout, family_of, mosa_layers
 from .heads import HEAD_GROUPS
 from .hub import declare
 from .retrieval import default_retrieval_prompts, retrieval_scores

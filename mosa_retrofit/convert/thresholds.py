@@ -19,8 +19,8 @@ from torch import Tensor, nn
 
 from ..ops.masks import key_padding
 from ..ops.routing import logit_quantile, threshold_of
-from .attention import mosa_layers
 from .compat import StopForward
+from .families import mosa_layers
 from .heads.routed import moved_threshold, own_threshold
 from .layer_state import layer_state
 

@@ -1,5 +1,6 @@
-"""The K/V a windowed head group keeps between forwards (streaming and key-selection MoSA heads), and the cached
-attention step that reads it.
+"""The K/V a windowed head group keeps between forwards (streaming and key-selection MoSA heads). It holds and
+updates tensors; the attention that reads them is ops/keys.py's (``window_step_attention``,
+``window_chunk_attention``).
 
 A query at position p of such a group sees the first ``sinks`` real tokens of its row and, for key-selection
 heads, every token its unit routed (the *far* keys, values gated by the router, once they lie ``window`` or more
@@ -10,8 +11,8 @@ before it), plus its last ``window`` tokens (p - window < position <= p). So the
 * an append-only list of **far rows**: when a kept token leaves the ring it is appended (its value gated); a far
   row is never moved again.
 
-A decode step touches one ring slot, appends at most one far row per unit and row, and runs one attention call
-for all units over [ring | far rows] of one buffer. Bytes held: (window + sinks + routed) rows per unit,
+A decode step touches one ring slot and appends at most one far row per unit and row; its query reads
+[ring | far rows] of one buffer (``step_rows``). Bytes held: (window + sinks + routed) rows per unit,
 against T rows per KV head of the original cache.
 
 Positions are cache positions (the index of a token among all tokens the layer has seen, padding included),
@@ -24,11 +25,9 @@ n far rows held (max over units and rows), d head dim.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from ..ops.keys import FarKeys, key_selection_attention
-from ..ops.masks import key_visible
+from ..ops.routing import kept_first
 
 
 class WindowStore:
@@ -118,16 +117,12 @@ class WindowStore:
             self.next_pos = p + 1
             return
         # T tokens: the sequence [ring (positions p - w .. p - 1) | new]; its first T rows leave the ring
-        rk, rv, rvalid, rkeep, rgate = self.ring_sequence()
-        seq_k, seq_v = torch.cat((rk, k), 2), torch.cat((rv, v), 2)  # (E, B, w + T, d)
-        seq_valid = torch.cat((rvalid, valid), 1)  # (B, w + T)
-        seq_keep = torch.cat((rkeep, keep), 2) & seq_valid[None]  # (E, B, w + T)
-        seq_gate = torch.cat((rgate, gate), 2)
+        seq_k, seq_v, seq_valid, seq_keep, seq_gate = self.sequence(k, v, keep, gate, valid)  # (E, B, w + T, ..)
         leaving = seq_keep[:, :, :T]  # (E, B, T): positions p - w .. p - w + T - 1
-        n = int(leaving.sum(-1).max())
+        order, _ = kept_first(leaving)  # (E, B, n) kept first, in order
+        n = order.shape[-1]
         if n:
             self._reserve(n)
-            order = torch.argsort((~leaving).to(torch.int8), dim=-1, stable=True)[..., :n]  # kept first, in order
             at = w + self.count[..., None] + torch.arange(n, device=k.device)  # (E, B, n); past a row's kept
             take = lambda t: t[:, :, :T].gather(2, order[..., None].expand(E, B, n, d))  # ones: free slots
             self.k.scatter_(2, at[..., None].expand(E, B, n, d), take(seq_k))
@@ -157,58 +152,26 @@ class WindowStore:
 
     # ------------------------------------------------------------------------------------------ reading
 
-    def attend_step(self, q: Tensor, scale: float) -> Tensor:
-        """One new query per row (already absorbed at position next_pos - 1): q (B, E·G, 1, d) against [ring | far
-        rows], one attention call for all units. Returns (B, 1, E·G·d)."""
-        E, B, _, d = self.k.shape
-        H = q.shape[1]
-        G = H // E
-        w, p = self.window, self.next_pos - 1
-        n = self.far_rows
-        slot = p % w
-        ring_ok = self.ring_valid
-        if not bool(ring_ok[:, slot].all()):  # a padded query still sees itself
-            ring_ok = ring_ok.clone()
-            ring_ok[:, slot] = True
-        ok = ring_ok[None].expand(E, B, w)
-        if n:
-            held = torch.arange(n, device=q.device) < self.count[..., None]  # (E, B, n)
-            far_ok = key_visible(p - self.far_pos[:, :, :n], w, held, self.reach)  # far rows lie >= w before p
-            ok = torch.cat((ok, far_ok), dim=-1)
-        L = w + n
-        qe = q.view(B, E, G, 1, d).transpose(0, 1).reshape(E * B, G, 1, d)
-        kv = lambda t: t[:, :, :L].reshape(E * B, 1, L, d).expand(E * B, G, L, d)
-        a = F.scaled_dot_product_attention(qe, kv(self.k), kv(self.v), attn_mask=ok.reshape(E * B, 1, 1, L),
-                                           scale=scale)  # (E·B, G, 1, d)
-        return a.view(E, B, G, d).transpose(0, 1).reshape(B, 1, E * G * d)
-
-    def attend_chunk(self, q: Tensor, k: Tensor, v: Tensor, keep: Tensor, gate: Tensor | None, valid: Tensor,
-                     scale: float, backend: str) -> Tensor:
-        """T > 1 new tokens after earlier ones (before ``absorb``): the key-selection kernel over [ring | new] with
-        the far rows and the kept rows of that sequence as far keys. q (B, E·G, T, d), k, v (E, B, T, d).
-        Returns (B, T, E·G·d)."""
-        E, B, T, d = k.shape
-        H = q.shape[1]
-        w, p = self.window, self.next_pos
+    def sequence(self, k: Tensor, v: Tensor, keep: Tensor, gate: Tensor | None, valid: Tensor) -> tuple[Tensor, ...]:
+        """[the ring in position order | T new tokens] (positions next_pos - w .. next_pos + T - 1): k, v
+        (E, B, w + T, d), valid (B, w + T), keep (E, B, w + T) (real tokens only), gate (E, B, w + T)."""
         rk, rv, rvalid, rkeep, rgate = self.ring_sequence()
         gate = torch.ones_like(keep, dtype=k.dtype) if gate is None else gate.to(k.dtype)
-        seq_k, seq_v = torch.cat((rk, k), 2), torch.cat((rv, v), 2)  # (E, B, w + T, d), positions p - w ..
         seq_valid = torch.cat((rvalid, valid), 1)
-        seq_keep = torch.cat((rkeep, keep), 2) & seq_valid[None]
-        seq_gate = torch.cat((rgate, gate), 2)
-        # far keys: the far rows, then the sequence's kept rows, positions relative to the sequence start
-        n, S = self.far_rows, w + T
-        M = int(seq_keep.sum(-1).max())
-        rel = torch.arange(S, device=k.device)
-        key = torch.where(seq_keep, rel, rel + S).sort(dim=-1).values[..., :M]  # (E, B, M) kept first
-        idx, live = key.remainder(S), key < S
-        at = idx[..., None].expand(E, B, M, d)
-        far_k = torch.cat((self.k[:, :, w: w + n], seq_k.gather(2, at)), 2)
-        far_v = torch.cat((self.v[:, :, w: w + n], seq_v.gather(2, at) * seq_gate.gather(2, idx)[..., None]), 2)
-        far_pos = torch.cat((self.far_pos[:, :, :n] - (p - w), idx), 2)
-        far_ok = torch.cat((torch.arange(n, device=k.device) < self.count[..., None], live), 2)
-        far = FarKeys(*(t.transpose(0, 1) for t in (far_k, far_v, far_pos, far_ok)))
-        qs = torch.cat((q.new_zeros(B, H, w, d), q), 2)  # the ring's positions ask nothing
-        a = key_selection_attention(qs, seq_k.transpose(0, 1), seq_v.transpose(0, 1), w, scale, far,
-                                    seq_valid, self.reach, 0.0, backend)  # (B, S, H, d)
-        return a[:, w:].reshape(B, T, H * d)
+        return (torch.cat((rk, k), 2), torch.cat((rv, v), 2), seq_valid, torch.cat((rkeep, keep), 2) & seq_valid[None],
+                torch.cat((rgate, gate), 2))
+
+    def far(self, origin: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The far rows: k, v (E, B, n, d) (values gated), positions relative to ``origin`` and rows in use
+        (E, B, n)."""
+        w, n = self.window, self.far_rows
+        held = torch.arange(n, device=self.k.device) < self.count[..., None]
+        return self.k[:, :, w: w + n], self.v[:, :, w: w + n], self.far_pos[:, :, :n] - origin, held
+
+    def step_rows(self) -> tuple[Tensor, ...]:
+        """What the newest token's query reads: k, v (E, B, w + n, d) (ring slots, then far rows), ring_valid
+        (B, w), far positions and rows in use (E, B, n), the query's cache position."""
+        n = self.far_rows
+        _, _, far_pos, held = self.far()
+        return (self.k[:, :, :self.window + n], self.v[:, :, :self.window + n], self.ring_valid, far_pos, held,
+                self.next_pos - 1)

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ..atomic import savefig_atomic
-from ..convert.attention import mosa_layers
+from ..convert.families import mosa_layers
 from ..convert.hub import load_tokenizer
 from ..ops.routing import select_tokens
 from ..text.assets import wikipedia_articles

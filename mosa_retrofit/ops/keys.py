@@ -17,6 +17,11 @@ One op, three backends behind ``key_selection_attention(..., backend=)``, exact 
   block indices (keys_flex.py): the kernel the field uses for structured sparsity, on CUDA and CPU.
 * ``'math'``: plain PyTorch on the same blocks (any device, attention dropout): the fallback.
 
+The same op continues a cache (convert/window_store.py holds the tensors): ``window_chunk_attention`` runs it
+over [the store's last w tokens | the new ones] with the store's far rows added to the far keys;
+``window_step_attention`` is its one-query case, one attention call over [ring | far rows]. ``far_keys``
+builds the far keys of a sequence for both, from the rows it keeps (sinks and routed tokens).
+
 ``'auto'`` takes flex on CUDA and flash on CPU (measured fastest there, docs/speed.md), math where neither
 applies (attention dropout, no fused CPU kernel in this torch).
 
@@ -47,8 +52,11 @@ from .blocks import (
 )
 from .keys_cpu import flash_key_selection
 from .keys_flex import flex_key_selection
+from .masks import key_visible
+from .routing import kept_first
 
-__all__ = ["BACKENDS", "FarKeys", "key_selection_attention", "resolve_backend"]
+__all__ = ["BACKENDS", "FarKeys", "far_keys", "key_selection_attention", "resolve_backend", "window_chunk_attention",
+           "window_step_attention"]
 
 BACKENDS = ("auto", "flash", "flex", "math")
 BLOCK = 64  # queries per band block (flash and math); measured best on CPU at w = 256 (docs/speed.md)
@@ -77,6 +85,63 @@ def key_selection_attention(q: Tensor, k: Tensor, v: Tensor, window: int, scale:
     if chosen == "flash":
         return flash_key_selection(q, k, v, window, scale, far, key_valid, reach, BLOCK)
     return math_key_selection(q, k, v, window, scale, far, key_valid, reach, dropout_p, BLOCK)
+
+
+def far_keys(k: Tensor, v: Tensor, keep: Tensor, gate: Tensor | None = None,
+             stored: tuple[Tensor, Tensor, Tensor, Tensor] | None = None) -> FarKeys | None:
+    """The far keys of a sequence k, v (E, B, S, d): its kept rows (``keep`` (E, B, S): sinks and routed tokens)
+    in position order, values times ``gate`` (E, B, S) (None: ungated), after ``stored`` far rows of earlier
+    tokens (k, v (E, B, n, d), positions relative to the sequence's start and rows in use (E, B, n)). None when
+    there are none."""
+    E, B, S, d = k.shape
+    idx, live = kept_first(keep)  # (E, B, M)
+    at = idx[..., None].expand(*idx.shape, d)
+    fk, fv = k.gather(2, at), v.gather(2, at)  # (E, B, M, d)
+    if gate is not None:
+        fv = fv * gate.gather(2, idx)[..., None].to(fv.dtype)
+    if stored is not None:
+        sk, sv, spos, sheld = stored
+        fk, fv, idx, live = (torch.cat(p, 2) for p in ((sk, fk), (sv, fv), (spos, idx), (sheld, live)))
+    if fk.shape[2] == 0:
+        return None
+    return FarKeys(*(t.transpose(0, 1) for t in (fk, fv, idx, live)))  # (B, E, n + M, ...)
+
+
+def window_chunk_attention(q: Tensor, seq: tuple[Tensor, ...], stored: tuple[Tensor, ...], window: int,
+                           scale: float, reach: int | None, backend: str) -> Tensor:
+    """T new queries q (B, H, T, d) after earlier tokens: key selection over ``seq`` = (k, v (E, B, w + T, d),
+    valid (B, w + T), keep, gate (E, B, w + T)), the last w = ``window`` cached tokens then the new ones, with
+    the ``stored`` far rows (see far_keys) before its own kept rows. Returns (B, T, H·d)."""
+    k, v, valid, keep, gate = seq
+    (B, H, T, d), w = q.shape, window
+    far = far_keys(k, v, keep, gate, stored)
+    qs = torch.cat((q.new_zeros(B, H, w, d), q), 2)  # the cached positions ask nothing
+    a = key_selection_attention(qs, k.transpose(0, 1), v.transpose(0, 1), w, scale, far, valid, reach, 0.0,
+                                backend)  # (B, w + T, H, d)
+    return a[:, w:].reshape(B, T, H * d)
+
+
+def window_step_attention(q: Tensor, k: Tensor, v: Tensor, ring_valid: Tensor, far_pos: Tensor, far_held: Tensor,
+                          pos: int, scale: float, reach: int | None) -> Tensor:
+    """One new query per row, at cache position ``pos`` (its K/V already in the ring), q (B, H, 1, d), against
+    k, v (E, B, w + n, d): the ring's w slots (slot = position % w; ``ring_valid`` (B, w) holding a real token)
+    then n far rows (``far_pos``, ``far_held`` (E, B, n)); one attention call for all units. Returns
+    (B, 1, H·d)."""
+    E, B, L, d = k.shape
+    H, w = q.shape[1], ring_valid.shape[-1]
+    G, n = H // E, L - w
+    slot = pos % w
+    if not bool(ring_valid[:, slot].all()):  # a padded query still sees itself
+        ring_valid = ring_valid.clone()
+        ring_valid[:, slot] = True
+    ok = ring_valid[None].expand(E, B, w)
+    if n:
+        ok = torch.cat((ok, key_visible(pos - far_pos, w, far_held, reach)), dim=-1)  # far rows: >= w before
+    qe = q.view(B, E, G, 1, d).transpose(0, 1).reshape(E * B, G, 1, d)
+    kv = lambda t: t.reshape(E * B, 1, L, d).expand(E * B, G, L, d)
+    a = F.scaled_dot_product_attention(qe, kv(k), kv(v), attn_mask=ok.reshape(E * B, 1, 1, L),
+                                       scale=scale)  # (E·B, G, 1, d)
+    return a.view(E, B, G, d).transpose(0, 1).reshape(B, 1, E * G * d)
 
 
 def resolve_backend(backend: str, q: Tensor, dropout_p: float = 0.0, grad: bool = False) -> str:

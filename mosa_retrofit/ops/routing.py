@@ -14,8 +14,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..kinds import ROUTER_SCORES
-
 
 def router_logits(router: Tensor, x: Tensor) -> Tensor:
     """(E, B, T) logits of every unit's router (E, h) on x (B, T, h)."""
@@ -113,13 +111,18 @@ def select_tokens_causal(
     if include_first and first is None:
         first = first_real(valid, shape=(B, T), device=logits.device)
     chosen = causal_select(logits, threshold, valid, first if include_first else None)  # (E, B, T)
-    count = chosen.sum(-1)  # (E, B)
-    K = int(count.max()) if count.numel() else 0
-    pos = torch.arange(T, device=logits.device)
-    key = torch.where(chosen, pos, pos + T)  # chosen tokens first, in position order
-    key = key.sort(dim=-1).values[..., :K]  # (E, B, K)
-    live = key < T
-    return Selection(key.remainder(T), None if bool(live.all()) else live)
+    idx, live = kept_first(chosen)  # (E, B, K)
+    return Selection(idx, None if bool(live.all()) else live)
+
+
+def kept_first(keep: Tensor) -> tuple[Tensor, Tensor]:
+    """Where each row of ``keep`` (..., S) bool is True, in position order, first: positions (..., M) and
+    ``live`` (..., M), False at the slots after a row's last kept position (M: the most any row keeps)."""
+    S = keep.shape[-1]
+    M = int(keep.sum(-1).max()) if keep.numel() else 0
+    pos = torch.arange(S, device=keep.device)
+    key = torch.where(keep, pos, pos + S).sort(dim=-1).values[..., :M]  # kept positions first, in order
+    return key.remainder(S), key < S
 
 
 def router_gates(selected_logits: Tensor, router_score: str) -> Tensor:
@@ -134,7 +137,7 @@ def router_gates(selected_logits: Tensor, router_score: str) -> Tensor:
     if router_score == "straight_through":
         log_s = F.logsigmoid(selected_logits)
         return torch.exp(log_s - log_s.detach())
-    raise ValueError(f"router_score must be one of {ROUTER_SCORES}, got {router_score!r}")
+    raise ValueError(f"router_score must be one of ('sigmoid', 'straight_through'), got {router_score!r}")
 
 
 def logit_quantile(router: Tensor, x: Tensor, valid: Tensor | None, sparsity: float, include_first: bool) -> Tensor:

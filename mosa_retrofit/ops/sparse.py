@@ -24,7 +24,7 @@ Speed notes (they are why the code looks the way it does):
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -32,9 +32,22 @@ from torch import Tensor
 
 from .masks import key_visible
 from .rope import apply_rope
-from .routing import router_gates, router_logits, select_tokens, select_tokens_causal
+from .routing import first_real, router_gates, router_logits, select_tokens, select_tokens_causal
 
 RopeFn = Callable[[Tensor], tuple[Tensor, Tensor]]  # token idx (E, B, K) -> cos, sin (E, B, K, R)
+
+
+class Past(NamedTuple):
+    """What a cached forward continues (causal routing only): the tokens a layer has seen and its units'
+    selected K/V. ``kv`` holds them and takes the new ones: ``kv.append(k, v, pos, live)`` with k, v
+    (E, B, K, d) and cache positions (E, B, K) returns each unit's count of rows before and after (E, B), the
+    rows living first in its ``k``/``v`` (E, B, capacity, d) and ``pos`` (E, B, capacity) buffers
+    (convert/cache.RoutedStore). ``offset``: cache position of the first new token; ``seen_real`` (B,): real
+    tokens each row had before them."""
+
+    kv: object
+    offset: int
+    seen_real: Tensor
 
 
 class _GatherSelected(torch.autograd.Function):
@@ -159,16 +172,20 @@ def base_output(x: Tensor, w_o: Tensor, fill: Tensor | None, add_to: Tensor | No
 
 
 def route(x: Tensor, router: Tensor, sparsity: float, include_first: bool, valid: Tensor | None,
-          threshold: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+          threshold: Tensor | None, past: Past | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
     """Router logits (E, B, T) of every token (no autograd: the gates carry the router's gradient) and each
     unit's selected tokens (E, B, K), sorted by position: expert-choice top-K, or with ``threshold`` causal
-    routing; ``live`` (E, B, K) is False at dead slots (rows or units that select fewer), None if none is."""
+    routing (after the tokens of ``past``: a row's first real token may lie there); ``live`` (E, B, K) is False
+    at dead slots (rows or units that select fewer), None if none is."""
     with torch.no_grad():
         logits = router_logits(router, x)  # (E, B, T)
     if threshold is None:
+        if past is not None:
+            raise ValueError("mosa_attention continues a cache (past) with causal routing only: give threshold")
         idx, live = select_tokens(logits, sparsity, include_first, valid)  # (E, B, K)
     else:
-        idx, live = select_tokens_causal(logits, threshold, include_first, valid)
+        first = None if past is None else first_real(valid, past.seen_real, x.shape[:2], x.device)  # (B, T)
+        idx, live = select_tokens_causal(logits, threshold, include_first, valid, first)
     return logits, idx, live
 
 
@@ -182,14 +199,52 @@ def attend_selected(q: Tensor, k: Tensor, v: Tensor, scale: float, softcap: floa
                                           dropout_p=dropout_p, enable_gqa=q.shape[1] > k.shape[1])
 
 
+def attend_units(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, live: Tensor | None, T: int, scale: float,
+                 softcap: float | None, dropout_p: float, sliding_window: int | None, past: Past | None) -> Tensor:
+    """Each unit's selected queries against its selected keys (E·B, G, K, d), tokens ``idx`` (E, B, K) of T:
+    among themselves (sorted indices => plain causal triangle; only a sliding window shorter than the sequence
+    needs an explicit mask on original positions), or, continuing a cache, also against the earlier ones."""
+    if past is not None:
+        return attend_past(q, k, v, idx + past.offset, live, past, scale, softcap, sliding_window)
+    mask = _window_mask(idx, sliding_window) if sliding_window is not None and sliding_window < T else None
+    return attend_selected(q, k, v, scale, softcap, dropout_p, mask)
+
+
+def attend_past(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, live: Tensor | None, past: Past, scale: float,
+                softcap: float | None, sliding_window: int | None) -> Tensor:
+    """The new selected queries q (E·B, G, K, d) against every earlier selected token of their unit and the new
+    ones up to themselves: k, v (E·B, 1, K, d) at cache positions ``pos`` (E, B, K) are appended to ``past.kv``
+    first (no gradient: the cache is for inference). Rows with no visible key (dead slots) are zero."""
+    E, B, K = pos.shape
+    G, d = q.shape[1], q.shape[-1]
+    store = past.kv
+    before, after = store.append(k.detach().reshape(E, B, K, d), v.detach().reshape(E, B, K, d), pos, live)
+    L = int(after.max())
+    slot = torch.arange(L, device=q.device).view(1, 1, 1, L)
+    j = torch.arange(K, device=q.device).view(1, 1, K, 1)
+    old = slot < before[..., None, None]  # (E, B, 1, L) stored earlier
+    new = (slot - before[..., None, None] <= j) & (slot < after[..., None, None])  # (E, B, K, L) up to itself
+    allowed = old | new
+    if sliding_window is not None:
+        allowed = allowed & key_visible(pos[..., None] - store.pos[:, :, None, :L], sliding_window)
+    kf, vf = store.k[:, :, :L].reshape(E * B, 1, L, d), store.v[:, :, :L].reshape(E * B, 1, L, d)
+    mask = allowed.reshape(E * B, 1, K, L)
+    if softcap is not None:
+        a = softcap_attention(q, kf, vf, scale, softcap, 0.0, mask)  # (E·B, G, K, d)
+    else:
+        a = F.scaled_dot_product_attention(q, kf.expand(-1, G, -1, -1), vf.expand(-1, G, -1, -1), attn_mask=mask,
+                                           scale=scale)  # (E·B, G, K, d)
+    return a.nan_to_num(0.0)  # dead slots: fully masked rows (their gate is 0 too)
+
+
 def mosa_attention(x: Tensor, router: Tensor, w_qkv: Tensor, w_o: Tensor, *, sparsity: float, heads_per_unit: int = 1,
                    b_qkv: Tensor | None = None, include_first: bool = False, router_score: str = "sigmoid",
                    rope: RopeFn | None = None, q_norm: Callable[[Tensor], Tensor] | None = None,
                    k_norm: Callable[[Tensor], Tensor] | None = None, scale: float | None = None,
                    softcap: float | None = None, sliding_window: int | None = None, dropout_p: float = 0.0,
                    attention_mask: Tensor | None = None, add_to: Tensor | None = None,
-                   threshold: Tensor | None = None, fill: Tensor | None = None) -> Tensor:
-    """All MoSA units of one layer, batched (no loop over heads).
+                   threshold: Tensor | None = None, fill: Tensor | None = None, past: Past | None = None) -> Tensor:
+    """All MoSA units of one layer, batched (no loop over heads), in one forward or continuing a cache (``past``).
 
     Args:
         x: (B, T, h) input. router: (E, h) router rows. w_o: (E, G·d, h) output projection.
@@ -207,6 +262,8 @@ def mosa_attention(x: Tensor, router: Tensor, w_qkv: Tensor, w_o: Tensor, *, spa
             expert-choice top-K; ``sparsity`` is then only the target rate the thresholds are set for.
         fill: (E, G·d) what each unit outputs (before ``w_o``) at tokens it does not select; a selected token
             gets fill + gate·(attention − fill). None: zero, as in the paper.
+        past: continue a cache (with ``threshold``): what one forward over the earlier tokens and these T computes
+            for these T, their selected K/V appended to ``past.kv`` (no dropout; no gradient into the cache).
 
     Returns:
         (B, T, h): the sum over units of their scattered outputs (+ ``add_to``).
@@ -216,7 +273,7 @@ def mosa_attention(x: Tensor, router: Tensor, w_qkv: Tensor, w_o: Tensor, *, spa
     valid = None if attention_mask is None else attention_mask.bool()
 
     # 1. route: score every token (no autograd here), expert-choice top-K per unit, sorted by position
-    logits, idx, live = route(x, router, sparsity, include_first, valid, threshold)  # (E, B, T), (E, B, K)
+    logits, idx, live = route(x, router, sparsity, include_first, valid, threshold, past)  # (E, B, T), (E, B, K)
     K = idx.shape[-1]
     add_to = base_output(x, w_o, fill, add_to)
     if K == 0:
@@ -231,11 +288,9 @@ def mosa_attention(x: Tensor, router: Tensor, w_qkv: Tensor, w_o: Tensor, *, spa
     if live is not None:
         gate = gate.masked_fill(~live, 0.0)
 
-    # 4. causal attention among the selected tokens (sorted indices => plain causal triangle; only a
-    #    sliding window shorter than the sequence needs an explicit mask on original positions)
+    # 4. causal attention among the selected tokens (continuing a cache: and the unit's earlier ones)
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    mask = _window_mask(idx, sliding_window) if sliding_window is not None and sliding_window < T else None
-    a = attend_selected(q, k, v, scale, softcap, dropout_p, mask)  # (E·B, G, K, d)
+    a = attend_units(q, k, v, idx, live, T, scale, softcap, dropout_p, sliding_window, past)  # (E·B, G, K, d)
 
     # 5. scale each row by its router score, project out, scatter-add back to the sequence
     y = gated_output(a, gate, w_o, fill)  # (E·B·K, h)

@@ -16,11 +16,12 @@ then measured again.
 
 Every finished point is appended to ``results.jsonl`` at once, so an interrupted study resumes where it
 stopped (adaptation resumes from its last checkpoint); the Markdown table and the plot are rebuilt from it.
+
+The study runs from ``study.measure`` (``run_study``, ``open_workbench``, ``adapt_point``; it trains, so it sits
+above the trainer); the package itself holds what a report needs: the spec and the Markdown.
 """
 
-from .measure import Workbench, adapt_point, open_workbench, read_results, run_study
 from .report import machine, render_markdown, write_report
 from .spec import METHODS, Point, StudySpec
 
-__all__ = ["METHODS", "Point", "StudySpec", "Workbench", "adapt_point", "machine", "open_workbench",
-           "read_results", "render_markdown", "run_study", "write_report"]
+__all__ = ["METHODS", "Point", "StudySpec", "machine", "render_markdown", "write_report"]

@@ -18,9 +18,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..convert.attention import mosa_layers
 from ..convert.compat import StopForward, without_cache
-from ..convert.families import attention_layers
+from ..convert.families import attention_layers, mosa_layers
 
 
 class LayerDistill:

@@ -18,8 +18,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ..convert.attention import mosa_layers
-from ..convert.families import attention_layers, family_of
+from ..convert.families import attention_layers, family_of, mosa_layers
 from ..convert.layer_state import layer_state
 
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..convert.attention import mosa_layers
+from ..convert.families import mosa_layers
 from .distill import LayerDistill
 from .warmup import RouterWarmup
 

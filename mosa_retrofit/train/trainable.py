@@ -17,8 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..convert.attention import mosa_layers
-from ..convert.families import attention_layers, head_to_kv
+from ..convert.families import attention_layers, head_to_kv, mosa_layers
 from ..convert.layer_state import layer_state
 
 

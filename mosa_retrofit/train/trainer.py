@@ -34,10 +34,10 @@ import torch
 from torch import Tensor, nn
 
 from ..atomic import atomic_folder, output_lock, write_atomic
-from ..convert.attention import mosa_layers
 from ..convert.compat import enable_activation_checkpointing
 from ..convert.config import MoSAConfig
 from ..convert.costs import cost_ratios
+from ..convert.families import mosa_layers
 from ..convert.hub import load_tokenizer, read_config
 from ..convert.layer_state import layer_state
 from ..convert.serialization import load, rebuild_

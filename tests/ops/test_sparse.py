@@ -116,6 +116,19 @@ def test_straight_through_gates():
         router_gates(z, "softmax")
 
 
+def test_every_router_score_a_config_accepts_is_computed():
+    """kinds.ROUTER_SCORES (what MoSAConfig validates against) and router_gates agree, word for word."""
+    from mosa_retrofit.kinds import ROUTER_SCORES
+
+    z = torch.tensor([-2.0, 0.0, 3.0])
+    expected = {"sigmoid": torch.sigmoid(z), "straight_through": torch.ones(3)}
+    assert set(ROUTER_SCORES) == set(expected)
+    for score in ROUTER_SCORES:
+        torch.testing.assert_close(router_gates(z, score), expected[score])
+    with pytest.raises(ValueError, match=str(ROUTER_SCORES).replace("(", r"\(").replace(")", r"\)")):
+        router_gates(z, "tanh")
+
+
 def test_straight_through_matches_reference_gradients():
     r, qkv, o = (t.requires_grad_() for t in weights())
     x = torch.randn(2, 30, h, requires_grad=True)

@@ -7,7 +7,8 @@ import pytest
 import torch
 from train_fixtures import corpus_text, make_world
 
-from mosa_retrofit.study import Point, StudySpec, run_study
+from mosa_retrofit.study import Point, StudySpec
+from mosa_retrofit.study.measure import run_study
 
 
 def tiny_spec(model_dir, data, ood, **over):
@@ -106,7 +107,7 @@ def test_every_method_keeps_the_same_heads_and_the_adapted_run_used_them(world):
     calibration statistics; the adapted point's saved model has the same split."""
     import mosa_retrofit
     from mosa_retrofit.convert.surgery import mosa_layers
-    from mosa_retrofit.study import open_workbench
+    from mosa_retrofit.study.measure import open_workbench
 
     root, model_dir, data, ood = world
     bench = open_workbench(tiny_spec(model_dir, data, ood), progress=False)

@@ -34,7 +34,6 @@ from torch import Tensor, nn
 
 from ...kinds import BUILT_IN, REGISTRY, Declared, kinds
 from ...ops.rope import apply_rope
-from ..cache import LayerStore
 from ..costs import Dims, GroupCost
 from ..families import HeadWeights
 
@@ -66,7 +65,7 @@ class Call:
     cos: Tensor | None  # RoPE tables (B, T, R), or None for families without RoPE
     sin: Tensor | None
     extra: dict  # the backend's extra keyword arguments
-    store: LayerStore | None = None  # the layer's sparse state in ``cache`` (set by ``prepare``)
+    store: object = None  # the layer's sparse state in ``cache``, a cache.LayerStore (set by ``prepare``)
 
 
 def split_units(heads: tuple[int, ...], per_unit: int) -> list[list[int]]:

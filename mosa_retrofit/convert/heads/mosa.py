@@ -1,5 +1,6 @@
 """``mosa``: the paper's MoSA heads. Each unit (a head, or a KV group) attends only the tokens its router selects
-and writes only there (ops/sparse.py); with causal routing a cache keeps only those tokens' K/V (cache.py).
+and writes only there (ops/sparse.py); with causal routing a cache keeps only those tokens' K/V (cache.py's
+store, which the same ops/sparse.mosa_attention reads and extends as its ``past``).
 
 Shape legend as in base.py; K selected tokens per unit.
 """
@@ -11,8 +12,8 @@ from torch import Tensor
 
 from ...ops.masks import key_padding
 from ...ops.routing import tokens_per_head
-from ...ops.sparse import mosa_attention
-from ..cache import layer_store, mosa_attention_cached
+from ...ops.sparse import Past, mosa_attention
+from ..cache import layer_store
 from ..costs import Dims, GroupCost, mosa_flops
 from ..families import HeadWeights, head_to_kv
 from .base import Call, HeadGroup, register_heads
@@ -50,9 +51,13 @@ class MoSAHeads(RoutedUnits, HeadGroup):
                     scale=fam.scaling(layer) * fam.query_prescale(layer), softcap=fam.softcap(layer),
                     sliding_window=fam.sliding_window(layer), fill=layer.mosa_fill if cfg.fill == "mean" else None)
         valid = key_padding(call.mask, T)
-        if self.causal and call.store is not None:
-            return mosa_attention_cached(x, layer.mosa_router, w_qkv, w_o, call.store, threshold=layer.mosa_threshold,
-                                         valid=valid, **opts)
+        if self.causal and call.store is not None:  # after the tokens the cache holds: the store is the past
+            real = valid if valid is not None else torch.ones(B, T, dtype=torch.bool, device=x.device)
+            offset, seen_real = call.store.advance(real)
+            with torch.no_grad():
+                return mosa_attention(x, layer.mosa_router, w_qkv, w_o, sparsity=cfg.sparsity, attention_mask=real,
+                                      threshold=layer.mosa_threshold, past=Past(call.store.routed_store(), offset,
+                                                                                seen_real), **opts)
         y = mosa_attention(x, layer.mosa_router, w_qkv, w_o, sparsity=cfg.sparsity, attention_mask=valid,
                            dropout_p=fam.dropout(layer) if layer.training else 0.0,
                            threshold=layer.mosa_threshold if self.causal else None, **opts)

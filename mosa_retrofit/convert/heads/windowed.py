@@ -2,8 +2,8 @@
 ``window`` tokens and, for key-selection MoSA heads, the tokens its unit routed: one softmax over those keys,
 an output at every token (no fill). ``streaming`` (DuoAttention's streaming heads, a baseline: sinks + window)
 and ``mosa_keys`` (key selection, a departure from the paper: its router selects tokens as keys) share the
-forward; they differ in what they keep beyond the window. Full forwards run the key-selection op
-(ops/keys.py); with a cache a store keeps per unit what a later query can still see (window_store.py), so
+forward; they differ in what they keep beyond the window. Every forward runs the key-selection op (ops/keys.py);
+with a cache a store keeps per unit what a later query can still see (window_store.py) and the op reads it, so
 prefill + token-by-token decoding computes what a full forward computes. Units are the plan's (a KV group's
 heads share K/V, or one head each).
 
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ...ops.keys import FarKeys, key_selection_attention
+from ...ops.keys import far_keys, key_selection_attention, window_chunk_attention, window_step_attention
 from ...ops.masks import key_padding
 from ...ops.routing import first_real, tokens_per_head
 from ..cache import layer_store
@@ -79,9 +79,10 @@ class WindowedHeads(HeadGroup):
                 store.absorb(k_e, v_e, keep, g, real)
         elif T == 1:  # decoding: one ring slot written, [ring | far rows] read in one call
             store.absorb(k_e, v_e, keep, g, real)
-            a = store.attend_step(q, scale)
-        else:  # a chunk after earlier tokens
-            a = store.attend_chunk(q, k_e, v_e, keep, g, real, scale, cfg.attn_backend)
+            a = window_step_attention(q, *store.step_rows(), scale, reach)
+        else:  # a chunk after earlier tokens: [ring | chunk], the far rows before its kept ones
+            a = window_chunk_attention(q, store.sequence(k_e, v_e, keep, g, real), store.far(store.next_pos - w),
+                                       w, scale, reach, cfg.attn_backend)
             store.absorb(k_e, v_e, keep, g, real)
         y = F.linear(a, wo)  # (B, T, D)
         if self.routed and self.tracks_threshold(layer):
@@ -91,19 +92,9 @@ class WindowedHeads(HeadGroup):
     @staticmethod
     def attend_full(q, k, v, keep, sink, gate, valid, w, reach, scale, dropout, backend) -> Tensor:
         """Window + far keys (the kept rows: sinks and routed tokens, gathered once per unit): (B, T, E·G, d)."""
-        E, B, T = keep.shape
-        M = int(keep.sum(-1).max()) if keep.numel() else 0
-        far = None
-        if M:
-            at_pos = torch.arange(T, device=q.device)
-            key = torch.where(keep, at_pos, at_pos + T).sort(dim=-1).values[..., :M]  # (E, B, M) kept first
-            idx = key.remainder(T).transpose(0, 1)  # (B, E, M) positions, ascending
-            at = idx[..., None].expand(B, E, M, k.shape[-1])
-            ve = v.gather(2, at)
-            if gate is not None:  # routed values carry the router gate (sinks do not)
-                g = torch.where(sink[None].expand_as(gate), torch.ones_like(gate), gate)  # (E, B, T)
-                ve = ve * g.transpose(0, 1).gather(-1, idx)[..., None].to(ve.dtype)
-            far = FarKeys(k.gather(2, at), ve, idx, (key < T).transpose(0, 1))
+        if gate is not None:  # routed values carry the router gate (sinks do not)
+            gate = torch.where(sink[None].expand_as(gate), torch.ones_like(gate), gate)  # (E, B, T)
+        far = far_keys(k.transpose(0, 1), v.transpose(0, 1), keep, gate)  # (from (E, B, T, d) views)
         return key_selection_attention(q, k, v, w, scale, far, valid, reach, dropout, backend)
 
 
