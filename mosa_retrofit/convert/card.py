@@ -13,6 +13,7 @@ from torch import nn
 
 from .. import __version__
 from ..atomic import write_atomic
+from ..kinds import kinds
 from ..text.assets import EMBEDDED, is_hub_id
 from ..validate import positions_of
 from .costs import attention_costs, ratios
@@ -82,7 +83,7 @@ def card_text(model: nn.Module, adapter: bool = False) -> str:
         groups = f" ({whole} of {len(layers) * KV} KV groups whole)"
     kind = mosa.get("sparse_heads")
     window = (f", a {mosa.get('local_window')}-token window and {mosa.get('sink_tokens')} sink tokens"
-              if kind in ("mosa_keys", "local", "streaming") else "")
+              if kind in kinds(windowed=True) else "")
     name = reference or "its base"
     revision = f" (revision {base['revision'][:12]})" if base.get("revision") else ""
     lines = front + ["", MARK, "", f"# {Path(str(name)).name} with Mixture of Sparse Attention", "",

@@ -8,21 +8,83 @@ never depends on the future: a full forward, a prefill and token-by-token decodi
 layer), and in training by an exponential moving average toward each batch's quantile (the selection of a
 step uses the threshold from before it, so training runs exactly the rule inference runs). Unlike
 expert-choice top-k the number of tokens per unit varies from row to row; only its mean is 1/sparsity.
+
+Everything about the thresholds lives here: their start (``init_threshold_``, ``own_threshold``: the routed kinds
+create the buffer through it), calibration (``calibrate_thresholds_``, ``make_causal_``), tracking in training
+(``track_threshold``, per forward; ``RoutingStatePool``, per optimizer step); the quantile math is ops/routing.py's.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 from torch import Tensor, nn
 
 from ..ops.masks import key_padding
-from ..ops.routing import logit_quantile, threshold_of
+from ..ops.routing import budget_logits, logit_quantile, threshold_of
 from .compat import StopForward
 from .families import mosa_layers
-from .heads.routed import moved_threshold, own_threshold
 from .layer_state import layer_state
+
+
+def init_threshold_(threshold: Tensor, sparsity: float) -> None:
+    """Causal-routing threshold for unit-RMS logits: the (1 - 1/sparsity) normal quantile (-inf at sparsity 1)."""
+    from statistics import NormalDist
+
+    with torch.no_grad():
+        threshold.fill_(-math.inf if sparsity <= 1 else NormalDist().inv_cdf(1 - 1 / sparsity))
+
+
+def own_threshold(layer, units: int, sparsity: float) -> None:
+    """The buffer ``mosa_threshold`` (units,) of causal routing on ``layer`` (made if absent), at its start."""
+    if not hasattr(layer, "mosa_threshold"):
+        layer.register_buffer("mosa_threshold", torch.empty(units, device=layer.mosa_router.device,
+                                                            dtype=torch.float32))
+    init_threshold_(layer.mosa_threshold, sparsity)
+
+
+@torch.no_grad()
+def track_threshold(layer, cfg, x: Tensor, valid: Tensor | None, y: Tensor) -> None:
+    """Move each routed unit's threshold of ``layer`` toward the batch's (1 - 1/sparsity) quantile of its router
+    logits (``cfg``: the layer's MoSAConfig; ``y``: the routed group's output).
+
+    Inside a ``RoutingStatePool`` (the trainer's, per optimizer step) the logits are pooled instead, and the pool
+    moves the threshold once from the whole global batch. Otherwise the new value is written when the backward
+    pass reaches ``y`` (at once when no backward will come): activation checkpointing recomputes the forward in
+    between, and that recomputation must select with the threshold the forward selected with."""
+    pool = layer_state(layer).pool
+    if pool is not None:
+        if not in_backward():  # a checkpointed forward recomputed: its tokens are counted already
+            pool.append(budget_logits(layer.mosa_router, x, valid, cfg.include_first))
+        return
+    target = threshold_of(budget_logits(layer.mosa_router, x, valid, cfg.include_first), cfg.sparsity)  # (E,)
+    layer_state(layer).threshold_next = moved_threshold(layer.mosa_threshold, target, cfg.threshold_momentum)
+    if y.requires_grad:
+        y.register_hook(lambda grad: _commit_threshold(layer))
+    else:
+        _commit_threshold(layer)
+
+
+def moved_threshold(t: Tensor, target: Tensor, momentum: float) -> Tensor:
+    """One tracking step: ``t`` moved by ``momentum`` toward ``target`` (kept where target is NaN: no token)."""
+    target = torch.where(torch.isnan(target), t.float(), target)
+    return t * (1 - momentum) + momentum * target.to(t.dtype)
+
+
+def in_backward() -> bool:
+    """Whether autograd's backward pass is running now (activation checkpointing recomputes forwards there)."""
+    return torch._C._current_graph_task_id() != -1
+
+
+@torch.no_grad()
+def _commit_threshold(layer) -> None:
+    """Write the threshold a training forward computed (see ``track_threshold``); once."""
+    state = layer_state(layer)
+    nxt, state.threshold_next = state.threshold_next, None
+    if nxt is not None:
+        layer.mosa_threshold.copy_(nxt)
 
 
 def threshold_rows(ids: Tensor, length: int | None, max_positions: int | None = None) -> Tensor:

@@ -1,6 +1,6 @@
 """What routed kinds share (the paper's MoSA heads and key-selection heads): units of a head or a KV group, each
-with a router row; the tokens a unit selects, by expert choice or by causal thresholds (ops/routing.py); the
-thresholds a training forward moves; and why expert choice cannot decode.
+with a router row; the tokens a unit selects, by expert choice or by causal thresholds (ops/routing.py; the
+thresholds themselves, set and tracked: thresholds.py); and why expert choice cannot decode.
 
 Shape legend as in base.py; K selected tokens.
 """
@@ -12,37 +12,14 @@ import math
 import torch
 from torch import Tensor, nn
 
-from ...ops.routing import (
-    budget_logits,
-    causal_select,
-    router_gates,
-    router_logits,
-    select_tokens,
-    threshold_of,
-)
-from ..layer_state import layer_state
+from ...ops.routing import causal_select, router_gates, router_logits, select_tokens
+from ..thresholds import init_threshold_, own_threshold, track_threshold
 
 
 def init_router_(router: nn.Parameter) -> None:
     """Random router init: N(0, 1/D), logits of unit variance for unit-variance inputs."""
     with torch.no_grad():
         router.normal_(0.0, 1.0 / math.sqrt(router.shape[1]))
-
-
-def init_threshold_(threshold: Tensor, sparsity: float) -> None:
-    """Causal-routing threshold for unit-RMS logits: the (1 - 1/sparsity) normal quantile (-inf at sparsity 1)."""
-    from statistics import NormalDist
-
-    with torch.no_grad():
-        threshold.fill_(-math.inf if sparsity <= 1 else NormalDist().inv_cdf(1 - 1 / sparsity))
-
-
-def own_threshold(layer, units: int, sparsity: float) -> None:
-    """The buffer ``mosa_threshold`` (units,) of causal routing on ``layer`` (made if absent), at its start."""
-    if not hasattr(layer, "mosa_threshold"):
-        layer.register_buffer("mosa_threshold", torch.empty(units, device=layer.mosa_router.device,
-                                                            dtype=torch.float32))
-    init_threshold_(layer.mosa_threshold, sparsity)
 
 
 class RoutedUnits:
@@ -107,44 +84,6 @@ class RoutedUnits:
         cfg = self.plan.config
         return self.causal and layer.training and cfg.sparsity > 1 and cfg.threshold_momentum > 0
 
-    @torch.no_grad()
     def track_threshold(self, layer, x: Tensor, valid: Tensor | None, y: Tensor) -> None:
-        """Move each unit's threshold toward the batch's (1 - 1/sparsity) quantile of its router logits.
-
-        Inside a ``thresholds.RoutingStatePool`` (the trainer's, per optimizer step) the logits are pooled
-        instead, and the pool moves the threshold once from the whole global batch. Otherwise the new value is
-        written when the backward pass reaches this group's output ``y`` (at once when no backward will come):
-        activation checkpointing recomputes the forward in between, and that recomputation must select with the
-        threshold the forward selected with."""
-        cfg = self.plan.config
-        pool = layer_state(layer).pool
-        if pool is not None:
-            if not in_backward():  # a checkpointed forward recomputed: its tokens are counted already
-                pool.append(budget_logits(layer.mosa_router, x, valid, cfg.include_first))
-            return
-        target = threshold_of(budget_logits(layer.mosa_router, x, valid, cfg.include_first), cfg.sparsity)  # (E,)
-        layer_state(layer).threshold_next = moved_threshold(layer.mosa_threshold, target, cfg.threshold_momentum)
-        if y.requires_grad:
-            y.register_hook(lambda grad: _commit_threshold(layer))
-        else:
-            _commit_threshold(layer)
-
-
-def moved_threshold(t: Tensor, target: Tensor, momentum: float) -> Tensor:
-    """One tracking step: ``t`` moved by ``momentum`` toward ``target`` (kept where target is NaN: no token)."""
-    target = torch.where(torch.isnan(target), t.float(), target)
-    return t * (1 - momentum) + momentum * target.to(t.dtype)
-
-
-def in_backward() -> bool:
-    """Whether autograd's backward pass is running now (activation checkpointing recomputes forwards there)."""
-    return torch._C._current_graph_task_id() != -1
-
-
-@torch.no_grad()
-def _commit_threshold(layer) -> None:
-    """Write the threshold a training forward computed (see ``RoutedUnits.track_threshold``); once."""
-    state = layer_state(layer)
-    nxt, state.threshold_next = state.threshold_next, None
-    if nxt is not None:
-        layer.mosa_threshold.copy_(nxt)
+        """Move each unit's threshold toward this batch's quantile (thresholds.track_threshold)."""
+        track_threshold(layer, self.plan.config, x, valid, y)
