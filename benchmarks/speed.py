@@ -3,6 +3,8 @@ prefill, decoding (batch 1 and 8) after 2k / 4k / 8k tokens, a 2k training step 
 beside the FLOP or byte ratio that bounds it; writes benchmarks/results/speed.md and docs/results/speed.png.
 
     python benchmarks/speed.py [--model out/smollm2-mosa] [--threads 1,2] [--reps 2]
+    python benchmarks/speed.py --model out/gemma-default --threads 2 --reps 1 --contexts 16384,32768 --batch 1 \
+        --decode-tokens 4 --train-length 0 --prefill-chunk 4096 --out benchmarks/results/speed_gemma3-270m.md
 
 Converts the embedded model first when --model does not exist (``mosa-retrofit convert smollm2-135m MODEL``).
 Each thread count runs ``mosa-retrofit bench MODEL`` in its own process, one after the other.
@@ -28,9 +30,14 @@ def main() -> None:
     p.add_argument("--threads", default="1,2")
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--decode-tokens", type=int, default=8)
+    p.add_argument("--contexts", default="", help="bench's --contexts (default: its own)")
+    p.add_argument("--batch", default="", help="bench's --batch (default: its own)")
+    p.add_argument("--train-length", default="", help="bench's --train-length (default: its own)")
+    p.add_argument("--prefill-chunk", default="", help="bench's --prefill-chunk (default: one forward)")
     p.add_argument("--out", default=OUT)
-    p.add_argument("--plot", default="docs/results/speed.png")
+    p.add_argument("--plot", default="", help="default: docs/results/speed.png, or <out's name>.png for another --out")
     args = p.parse_args()
+    args.plot = args.plot or ("docs/results/speed.png" if args.out == OUT else f"docs/results/{Path(args.out).stem}.png")
     cli = [sys.executable, "-m", "mosa_retrofit"]
     if not Path(args.model).exists():
         subprocess.run([*cli, "convert", "smollm2-135m", args.model], check=True)
@@ -38,8 +45,10 @@ def main() -> None:
     sections, tables = [], {}
     for threads in [int(t) for t in args.threads.split(",")]:
         tmp = Path(args.out).with_suffix(f".{threads}t.tmp")
+        extra = [f for name in ("contexts", "batch", "train_length", "prefill_chunk") if getattr(args, name)
+                 for f in (f"--{name.replace('_', '-')}", getattr(args, name))]
         cmd = [*cli, "bench", args.model, "--threads", str(threads), "--reps", str(args.reps), "--decode-tokens",
-               str(args.decode_tokens), "--output", str(tmp)]
+               str(args.decode_tokens), *extra, "--output", str(tmp)]
         subprocess.run(cmd, check=True)
         text = tmp.read_text()
         tmp.unlink()
@@ -47,6 +56,8 @@ def main() -> None:
         sections.append(f"## {threads} thread(s)\n\n`{' '.join(['mosa-retrofit', *cmd[3:-2]])}`\n\n{text}")
     head = (f"# Speed: {_what(args.model)} beside the original\n\n"
             f"`python benchmarks/speed.py --model {args.model} --threads {args.threads} --reps {args.reps}"
+            + (f" --decode-tokens {args.decode_tokens}" if args.decode_tokens != 8 else "")
+            + "".join(f" {f}" for f in extra)
             + (f" --out {args.out} --plot {args.plot}" if args.out != OUT else "") + "` "
             f"({time.strftime('%Y-%m-%d')}, {time.time() - started:,.0f} s in all).\n")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

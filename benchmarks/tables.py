@@ -156,21 +156,50 @@ def readme_results() -> str:
     if not worst:  # the column appears once the suite has run
         return markdown(head[:-1], rows)
     rows = [r + [("1.00" if i == 0 else worst if i == 1 else "")] for i, r in enumerate(rows)]
-    return markdown(head, rows)
+    return markdown(head, rows + gemma_rows())
+
+
+LONG_GEMMA, SPEED_GEMMA, RULER_GEMMA = ("long_context_gemma3-270m.md", "speed_gemma3-270m.md",
+                                      "ruler_gemma3-270m.md")
+
+
+def gemma_rows() -> list[list[str]]:
+    """README rows of Gemma-3-270M-it at its 32,768 positions (long ppl at its longest context, passkey at every
+    length measured, costs at 32k, speed at 32k with 2 threads, RULER to 8k); none before its runs."""
+    if not (RESULTS / LONG_GEMMA).exists():
+        return []
+    lc = table(LONG_GEMMA)
+    longest = [c for c in lc[0] if c.startswith("ppl, L=")][-1]
+    at = next(c for c in lc[0] if c.startswith("KV bytes @")).split("@")[1]
+    speed = ["", ""]
+    if (RESULTS / SPEED_GEMMA).exists():
+        tokens = f"{int(at.rstrip('k')) * 1024:,}"
+        prefill, prefill_limit = speed_ratio(2, "prefill", tokens, SPEED_GEMMA)
+        decode, decode_limit = speed_ratio(2, "decode b=1", f"after {tokens[:3]}", SPEED_GEMMA)  # (32,763)
+        speed = [f"{prefill} ({prefill_limit}), 2 threads", f"{decode} ({decode_limit}), 2 threads"]
+    out = []
+    for r, label in ((row(lc, "model", "original"), "Gemma-3-270M-it: original"),
+                     (row(lc, "model", "default"), "Gemma-3-270M-it: **default** (`convert gemma3-270m`)")):
+        original = r["model"] == "original"
+        out.append([label, r["held-out ppl"], r[longest], passkey_counts(LONG_GEMMA, r),
+                    r[f"attn FLOPs @{at}"].rstrip("x"), r[f"KV bytes @{at}"].rstrip("x"),
+                    *(["1.00", "1.00"] if original else speed),
+                    "1.00" if original else ruler_worst(RULER_GEMMA) + ", to 8k"])
+    return out
 
 
 RULER = "ruler_smollm2.md"
 
 
-def ruler_worst() -> str:
+def ruler_worst(name: str = RULER) -> str:
     """The default conversion's worst RULER-style task among those the original solves (eval/ruler.SOLVED: a
     mean score of at least 0.5 over the lengths), 'ratio (task)', or '' before the suite has run."""
     from mosa_retrofit.eval.ruler import task_ratios
 
-    if not (RESULTS / RULER).exists():
+    if not (RESULTS / name).exists():
         return ""
     original, converted = {}, {}
-    for r in table(RULER):
+    for r in table(name):
         for k, cell in r.items():
             if k.replace(",", "").isdigit():
                 original[r["task"], k], converted[r["task"], k] = (float(v) for v in cell.split(" · "))
@@ -363,6 +392,10 @@ def retrieval_levers() -> str:
     return copy(table("retrieval_levers.md"))
 
 
+def long_gemma() -> str:
+    return copy(table(LONG_GEMMA))
+
+
 def multikey_trials() -> str:
     return copy(table("multikey_trials.md"))
 
@@ -382,6 +415,8 @@ BLOCKS = {
     "ruler": ruler(),
     "ruler-gemma3-quarter": ruler("ruler_gemma3-270m_quarter.md"),
     "ruler-gemma3": ruler("ruler_gemma3-270m.md"),
+    "long-context-gemma3": long_gemma,
+    "speed-gemma3": speed_table(2, "speed_gemma3-270m.md"),
     "long-frontier": long_frontier,
     "sparse-summary": sparse_summary,
     "sparse-curve": sparse_curve,

@@ -46,6 +46,9 @@ def _add_model(bsub) -> None:
     m.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     m.add_argument("--attn-backend", choices=("auto", "flash", "flex", "math"), default=None,
                    help="kernel of the windowed heads (default: the one the model was saved with)")
+    m.add_argument("--prefill-chunk", type=COUNT, default=None,
+                   help="every prefill reads this many tokens per forward through the KV cache (what generate's "
+                        "prefill_chunk_size does for a long prompt; default: one forward)")
     m.add_argument("--output", help="also write the Markdown table to this file")
     m.set_defaults(run=_checked(run_model))
 
@@ -211,10 +214,12 @@ def run_model(args: argparse.Namespace) -> int:
     while ids.numel() < need:
         ids = torch.cat([ids, ids])
     rows = bench_model(model, original, ids[None, :need].to(device), list(args.contexts), list(args.batch),
-                       args.decode_tokens, args.train_length or None, args.reps, positions=positions)
+                       args.decode_tokens, args.train_length or None, args.reps, positions=positions,
+                       chunk=args.prefill_chunk)
     header = (f"Speed: {args.model} (converted) vs {base} (original); {args.dtype}, device {device}, torch "
               f"{torch.__version__}, {args.threads} thread(s){_cpu_name()}. Times are the minimum of {args.reps} "
-              f"runs; decode over {args.decode_tokens} greedy steps. Limit: the original's FLOPs (prefill, training) "
+              f"runs; decode over {args.decode_tokens} greedy steps"
+              f"{f'; prefills read {args.prefill_chunk:,} tokens per forward' if args.prefill_chunk else ''}. Limit: the original's FLOPs (prefill, training) "
               f"or bytes read per step (decode) over the converted model's.")
     _emit(header, format_rows(rows), args.output)
     return 0

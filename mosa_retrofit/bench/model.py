@@ -2,8 +2,9 @@
 each next to the FLOP or byte ratio that bounds it.
 
 * **prefill**: one forward over T tokens with a fresh KV cache and the logits of the last token only (what
-  ``generate`` does before its first token); bound: model FLOPs (attention with its projections, MLP, one
-  lm_head row);
+  ``generate`` does before its first token; with ``chunk``, forwards of that many tokens through the cache, as
+  ``generate(prefill_chunk_size=)`` runs a long prompt); bound: model FLOPs (attention with its projections,
+  MLP, one lm_head row);
 * **decode**: greedy steps one token at a time after a T-token prefill, for each batch size (the prefilled
   cache is repeated to the batch, so every row holds T tokens); bound: bytes read per step (every weight once,
   the KV cache once per row);
@@ -79,12 +80,14 @@ def _clock(fn, device) -> float:
     return time.perf_counter() - t0
 
 
-def prefill(model: nn.Module, ids: Tensor):
+def prefill(model: nn.Module, ids: Tensor, chunk: int | None = None):
+    """(the KV cache after ``ids`` (B, T), the greedy next token (B, 1)); ``chunk`` tokens per forward."""
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        out = model(input_ids=ids, **with_cache(model, cache), use_cache=True, logits_to_keep=1)
+        for part in ids.split(chunk or ids.shape[1], dim=1):  # (B, chunk) each
+            out = model(input_ids=part, **with_cache(model, cache), use_cache=True, logits_to_keep=1)
     return cache, out.logits[:, -1:].argmax(-1)
 
 
@@ -194,10 +197,11 @@ def peak_bytes(fn, device: torch.device) -> int | None:
 
 def bench_model(converted: nn.Module, original: nn.Module, ids: Tensor, contexts: list[int], batches: list[int],
                 decode_steps: int, train_length: int | None, reps: int = 3, progress: bool = True,
-                positions: int | None = None) -> list[SpeedRow]:
+                positions: int | None = None, chunk: int | None = None) -> list[SpeedRow]:
     """``ids`` (1, N) with N >= every length; both models on the same device and dtype. With ``positions`` (the
     model's), decoding never runs past them: where T + ``decode_steps`` + 1 (the untimed first step) would, the
-    decode rows are timed after ``positions - decode_steps - 1`` tokens and say so (their ``tokens``)."""
+    decode rows are timed after ``positions - decode_steps - 1`` tokens and say so (their ``tokens``). ``chunk``:
+    every prefill reads that many tokens per forward."""
     from tqdm.auto import tqdm
 
     dev = ids.device
@@ -209,15 +213,15 @@ def bench_model(converted: nn.Module, original: nn.Module, ids: Tensor, contexts
         best = {k: float("inf") for k in models}
         for _ in range(reps):  # alternate the models
             for name, m in models.items():
-                best[name] = min(best[name], _clock(lambda: prefill(m, ids[:, :T]), dev))
+                best[name] = min(best[name], _clock(lambda: prefill(m, ids[:, :T], chunk), dev))
         limit = original_flops(converted, T, 1) / model_flops(converted, T, 1)
         rows.append(SpeedRow("prefill", T, best["original"], best["converted"], best["original"] / best["converted"],
                              limit, "FLOPs"))
         bar.update(1)
         Td = T if positions is None else min(T, positions - decode_steps - 1)  # + 1 untimed step
-        rows += _decode_rows(models, ids[:, :T], Td, batches, decode_steps, bar)
+        rows += _decode_rows(models, ids[:, :T], Td, batches, decode_steps, bar, chunk)
     T = max(contexts)
-    mem = {name: peak_bytes(lambda: prefill(m, ids[:, :T]), dev) for name, m in models.items()}
+    mem = {name: peak_bytes(lambda: prefill(m, ids[:, :T], chunk), dev) for name, m in models.items()}
     if None not in mem.values():  # (a ratio only where the original's peak rose measurably: never 0/0)
         rows.append(SpeedRow("peak memory", T, mem["original"], mem["converted"],
                              mem["converted"] / mem["original"] if mem["original"] > 0 else None, None, ""))
@@ -237,7 +241,8 @@ def bench_model(converted: nn.Module, original: nn.Module, ids: Tensor, contexts
     return rows
 
 
-def _decode_rows(models: dict, x: Tensor, Td: int, batches: list[int], decode_steps: int, bar) -> list[SpeedRow]:
+def _decode_rows(models: dict, x: Tensor, Td: int, batches: list[int], decode_steps: int, bar,
+                 chunk: int | None = None) -> list[SpeedRow]:
     """Greedy decoding after the first ``Td`` tokens of ``x`` at every batch size (each beside the bytes a step
     reads: weights + b rows of KV cache), then the KV cache both models hold after all of ``x``."""
     T = x.shape[1]
@@ -245,11 +250,11 @@ def _decode_rows(models: dict, x: Tensor, Td: int, batches: list[int], decode_st
     rows, kv = [], {}
     if Td != T:
         for name, m in models.items():
-            kv[name] = sum(cache_bytes(prefill(m, x)[0])[:2])
+            kv[name] = sum(cache_bytes(prefill(m, x, chunk)[0])[:2])
     for b in batches:
         rate = {}
         for name, m in models.items():
-            cache, token = prefill(m, x[:, :Td])
+            cache, token = prefill(m, x[:, :Td], chunk)
             kv.setdefault(name, sum(cache_bytes(cache)[:2]))
             if b > 1:  # every row holds the same T tokens: the bytes a step reads are b rows' worth
                 cache.batch_repeat_interleave(b)

@@ -68,6 +68,22 @@ def test_bench_rows_ratios_and_limits():
     assert b3.limit == pytest.approx((wb[0] + 3 * kv[96].original) / (wb[1] + 3 * kv[96].converted))
 
 
+def test_a_chunked_prefill_holds_what_one_forward_holds():
+    """bench --prefill-chunk: the cache after chunks of a prompt holds the same bytes, and the next token is the
+    same, as after one forward (original and converted); the chunked run's rows are the same rows."""
+    from mosa_retrofit.bench.model import prefill
+    from mosa_retrofit.convert.cache import cache_bytes
+
+    ids = torch.randint(1, 100, (1, 90), generator=torch.Generator().manual_seed(2))
+    for model in (tiny_model("llama"), _converted(tiny_model("llama"))):
+        (whole, token), (chunked, token2) = prefill(model.eval(), ids), prefill(model, ids, chunk=32)
+        assert cache_bytes(chunked)[:2] == cache_bytes(whole)[:2] and sum(cache_bytes(whole)[:2]) > 0
+        assert torch.equal(token, token2)
+    rows = bench_model(_converted(tiny_model("llama")), tiny_model("llama"), ids, [48], [1], decode_steps=2,
+                       train_length=None, reps=1, progress=False, chunk=16)
+    assert [r.measure for r in rows][:3] == ["prefill", "decode b=1", "KV cache"]
+
+
 def test_cli_bench_model_is_bench_MODEL(tmp_path, capsys):
     base, _ = make_world(tmp_path, positions=256)
     tok = AutoTokenizer.from_pretrained(base)
@@ -79,10 +95,10 @@ def test_cli_bench_model_is_bench_MODEL(tmp_path, capsys):
     tok.save_pretrained(tmp_path / "conv")
     out = tmp_path / "speed.md"
     args = ["--contexts", "32,64", "--batch", "1,2", "--decode-tokens", "2", "--train-length", "32", "--reps", "1",
-            "--output", str(out)]
+            "--prefill-chunk", "16", "--output", str(out)]
     assert main(["bench", str(tmp_path / "conv"), *args]) == 0
     text = capsys.readouterr().out
-    assert "thread(s)" in text and "Limit" in text
+    assert "thread(s)" in text and "Limit" in text and "prefills read 16 tokens per forward" in text
     rows = [line for line in text.splitlines() if line.startswith("| ")][1:]
     assert [r.split("|")[1].strip() for r in rows][:4] == ["prefill", "decode b=1", "decode b=2", "KV cache"]
     assert any(re.search(r"\d+\.\d\dx \(FLOPs\)", r) for r in rows) and any("(bytes)" in r for r in rows)
