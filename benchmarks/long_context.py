@@ -80,8 +80,8 @@ def main() -> None:
     from mosa_retrofit.convert.hub import load_tokenizer
     from mosa_retrofit.convert.retrieval import default_retrieval_prompts, retrieval_scores
     from mosa_retrofit.convert.serialization import load_any
-    from mosa_retrofit.eval.long_context import (context_documents, context_perplexity, passkey_grid, prefill,
-                                                 prefill_footprint)
+    from mosa_retrofit.convert.compat import prefill
+    from mosa_retrofit.eval.long_context import context_documents, context_perplexity, passkey_grid, prefill_footprint
     from mosa_retrofit.eval.perplexity import perplexity
     from mosa_retrofit.eval.plots import plot_long_context
     from mosa_retrofit.study import machine

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from ..convert.cache import cache_bytes
-from .model import decode_seconds, prefill
+from .model import decode_seconds, greedy_prefill
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ def bench_generate(model: nn.Module, original: nn.Module, ids: Tensor, contexts:
     for T in tqdm(sorted(set(contexts) | {timed_context}), desc="contexts", disable=not progress):
         figures = []
         for m in (model, original):
-            cache, token = prefill(m, ids[:, :T])
+            cache, token = greedy_prefill(m, ids[:, :T])
             dense, sparse, _ = cache_bytes(cache)
             t = decode_seconds(m, cache, token, decode_tokens) if T == timed_context else None
             figures.append((dense + sparse, t))

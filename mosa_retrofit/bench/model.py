@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from ..convert.cache import cache_bytes
-from ..convert.compat import with_cache
+from ..convert.compat import prefill, with_cache
 from ..convert.costs import attention_costs
 from ..convert.families import attention_layers, family_of
 
@@ -80,15 +80,10 @@ def _clock(fn, device) -> float:
     return time.perf_counter() - t0
 
 
-def prefill(model: nn.Module, ids: Tensor, chunk: int | None = None):
+def greedy_prefill(model: nn.Module, ids: Tensor, chunk: int | None = None):
     """(the KV cache after ``ids`` (B, T), the greedy next token (B, 1)); ``chunk`` tokens per forward."""
-    from transformers import DynamicCache
-
-    cache = DynamicCache(config=model.config)
-    with torch.no_grad():
-        for part in ids.split(chunk or ids.shape[1], dim=1):  # (B, chunk) each
-            out = model(input_ids=part, **with_cache(model, cache), use_cache=True, logits_to_keep=1)
-    return cache, out.logits[:, -1:].argmax(-1)
+    cache, logits = prefill(model, ids, chunk)
+    return cache, logits.argmax(-1, keepdim=True)
 
 
 def decode_seconds(model: nn.Module, cache, token: Tensor, steps: int) -> float:
@@ -254,7 +249,7 @@ def _decode_rows(models: dict, x: Tensor, Td: int, batches: list[int], decode_st
     for b in batches:
         rate = {}
         for name, m in models.items():
-            cache, token = prefill(m, x[:, :Td], chunk)
+            cache, token = greedy_prefill(m, x[:, :Td], chunk)
             kv.setdefault(name, sum(cache_bytes(cache)[:2]))
             if b > 1:  # every row holds the same T tokens: the bytes a step reads are b rows' worth
                 cache.batch_repeat_interleave(b)

@@ -6,6 +6,10 @@ An attention module receives its KV cache under a name that changed across relea
 
 from __future__ import annotations
 
+import inspect
+
+import torch
+from torch import Tensor
 from transformers.cache_utils import Cache
 
 
@@ -34,8 +38,6 @@ def without_cache(kwargs: dict) -> dict:
 def cache_kwarg(model) -> str:
     """The name under which ``model.forward`` takes a KV cache: ``cache`` (transformers >= 5.24) or
     ``past_key_values`` (older releases), read off its signature."""
-    import inspect
-
     params = inspect.signature(model.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
 
@@ -51,6 +53,25 @@ def output_cache(output):
         if output.get(name) is not None:
             return output.get(name)
     return None
+
+
+def keep_logits(model, keep: int) -> dict:
+    """``{"logits_to_keep": keep}`` where ``model.forward`` takes it (the vocabulary projection then runs on the
+    last ``keep`` rows only: Gemma 3's 262k vocabulary makes the full logits of a 32k prompt 34 GB in fp32)."""
+    return {"logits_to_keep": keep} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+
+
+def prefill(model, ids: Tensor, chunk: int | None = None) -> tuple[Cache, Tensor]:
+    """(the model's KV cache after reading ``ids`` (B, L), the logits (B, V) of its last position), ``chunk``
+    tokens per forward (all at once if None), as ``generate(prefill_chunk_size=chunk)`` reads a prompt; logits are
+    computed for the last position only. No gradients."""
+    cache = None
+    with torch.no_grad():
+        for part in ids.split(chunk or ids.shape[1], dim=1):  # (B, chunk) each
+            out = model(input_ids=part, use_cache=True, **keep_logits(model, 1),
+                        **({} if cache is None else with_cache(model, cache)))
+            cache = output_cache(out)
+    return cache, out.logits[:, -1]  # (B, V)
 
 
 def enable_activation_checkpointing(model, checkpoint_kwargs: dict | None = None) -> None:

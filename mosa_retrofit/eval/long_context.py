@@ -12,7 +12,6 @@ Shape legend: L context length in tokens, N documents.
 
 from __future__ import annotations
 
-import inspect
 import math
 import random
 import time
@@ -23,14 +22,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..convert.cache import cache_bytes
-from ..convert.compat import output_cache, with_cache
+from ..convert.compat import keep_logits, prefill, with_cache
 from ..text.prompts import Prompt, passkey_prompt
-
-
-def keep_logits(model: nn.Module, keep: int) -> dict:
-    """``{"logits_to_keep": keep}`` where ``model.forward`` takes it (the vocabulary projection then runs on the
-    last ``keep`` rows only: Gemma 3's 262k vocabulary makes the full logits of a 32k prompt 34 GB in fp32)."""
-    return {"logits_to_keep": keep} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
 
 
 def tail_logits(model: nn.Module, ids: Tensor, keep: int, chunk: int | None = None) -> Tensor:
@@ -39,20 +32,9 @@ def tail_logits(model: nn.Module, ids: Tensor, keep: int, chunk: int | None = No
     (``prefill``), then the last ``keep`` in one cached forward: the same logits without one L x L forward."""
     if not chunk or ids.shape[1] <= chunk:
         return model(input_ids=ids, use_cache=False, **keep_logits(model, keep)).logits[:, -keep:]
-    cache = prefill(model, ids[:, :-keep], chunk)
+    cache = prefill(model, ids[:, :-keep], chunk)[0]
     out = model(input_ids=ids[:, -keep:], use_cache=True, **keep_logits(model, keep), **with_cache(model, cache))
     return out.logits[:, -keep:]
-
-
-def prefill(model: nn.Module, ids: Tensor, chunk: int | None = None):
-    """The model's KV cache after reading ``ids`` (B, L), ``chunk`` tokens per forward (all at once if None);
-    logits are kept for the last position only."""
-    cache = None
-    for part in ids.split(chunk or ids.shape[1], dim=1):  # (B, chunk) each
-        out = model(input_ids=part, use_cache=True, **keep_logits(model, 1),
-                    **({} if cache is None else with_cache(model, cache)))
-        cache = output_cache(out)
-    return cache
 
 
 @torch.no_grad()
@@ -121,7 +103,7 @@ def prefill_footprint(model: nn.Module, length: int, seed: int = 0, chunk: int |
     device = next(model.parameters()).device
     ids = torch.randint(0, model.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(seed))
     start = time.perf_counter()
-    cache = prefill(model, ids.to(device), chunk)
+    cache = prefill(model, ids.to(device), chunk)[0]
     seconds = time.perf_counter() - start
     held = cache_bytes(cache)
     return held.dense + held.mosa, seconds

@@ -71,7 +71,7 @@ def test_bench_rows_ratios_and_limits():
 def test_a_chunked_prefill_holds_what_one_forward_holds():
     """bench --prefill-chunk: the cache after chunks of a prompt holds the same bytes, and the next token is the
     same, as after one forward (original and converted); the chunked run's rows are the same rows."""
-    from mosa_retrofit.bench.model import prefill
+    from mosa_retrofit.bench.model import greedy_prefill as prefill
     from mosa_retrofit.convert.cache import cache_bytes
 
     ids = torch.randint(1, 100, (1, 90), generator=torch.Generator().manual_seed(2))
