@@ -174,7 +174,7 @@ def _convert_into(args: argparse.Namespace, config, device: torch.device, out: P
     if args.check:
         blocks = PROTOCOL.blocks(tokenizer, positions_of(model.config))
         before = perplexity(model, blocks, progress=True)
-    convert_(model, config, calibration=calibration, tokenizer=tokenizer)
+    convert_(model, config, calibration=calibration, tokenizer=tokenizer, checked=True)  # (checked above)
     after = None
     if args.check:
         after = perplexity(model, blocks, progress=True)

@@ -415,7 +415,7 @@ def check_inputs(model: nn.Module, config: MoSAConfig, calibration) -> None:
 def convert_(model: nn.Module, config: MoSAConfig | None = None, calibration: Tensor | None = None,
              filter_fn: Callable[[nn.Module, str], bool] | None = None, progress: bool = True,
              stats: dict[int, LayerStats] | None = None, tokenizer=None,
-             retrieval: dict[int, Tensor] | None = None) -> nn.Module:
+             retrieval: dict[int, Tensor] | None = None, checked: bool = False) -> nn.Module:
     """Convert ``model``'s attention to hybrid MoSA in place and return it: ``check_config``, ``gather``,
     ``plan_layers``, ``apply_plan_`` (see the module docstring).
 
@@ -434,6 +434,8 @@ def convert_(model: nn.Module, config: MoSAConfig | None = None, calibration: Te
         retrieval: retrieval scores ``{layer: (H,)}`` from ``retrieval.retrieval_scores`` on this model, for
             ``head_choice='retrieval'`` (default: measured on 16 multi-key prompts of 1,024 tokens built from
             the embedded Wikipedia text).
+        checked: the caller has run ``check_config(model, config, filter_fn)`` on this model already (as the CLI
+            does before its own work): the structural check is not planned a second time.
 
     Example:
         >>> model = AutoModelForCausalLM.from_pretrained("HuggingFaceTB/SmolLM2-135M")
@@ -444,7 +446,8 @@ def convert_(model: nn.Module, config: MoSAConfig | None = None, calibration: Te
     if not isinstance(config, MoSAConfig):
         raise TypeError(f"config must be a MoSAConfig, got {type(config).__name__}")
     family_of(model)
-    check_config(model, config, filter_fn)  # before any calibration work
+    if not checked:
+        check_config(model, config, filter_fn)  # before any calibration work
     check_inputs(model, config, calibration)
     evidence = gather(model, config, calibration, tokenizer, stats, retrieval, filter_fn, progress)
     notes: list[str] = []

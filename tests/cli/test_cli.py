@@ -353,3 +353,25 @@ def test_two_converts_into_one_out_one_wins_and_the_other_says_so(tmp_path, caps
     loser = next(err for code, err in results if code == 2)
     assert "being written by another" in loser or f"{race} exists" in loser or "appeared while this ran" in loser
     assert (race / "model.safetensors").is_file() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+
+def test_convert_plans_the_check_once_and_the_conversion_once(tmp_path, monkeypatch):
+    """A CLI convert checks the config's structure once (before loading text or measuring) and plans the
+    conversion once: convert_ is told the check ran (a save that reloads nothing plans nothing more)."""
+    from tiny_models import tiny_model
+
+    from mosa_retrofit.convert import surgery
+
+    tiny_model("llama").save_pretrained(tmp_path / "base")
+    calls = []
+    plan = surgery.plan_layers
+
+    def counted(model, config, evidence=None, *args, **kwargs):
+        calls.append("check" if evidence is None else "plan")
+        return plan(model, config, evidence, *args, **kwargs)
+
+    monkeypatch.setattr(surgery, "plan_layers", counted)
+    assert main(["convert", str(tmp_path / "base"), str(tmp_path / "out"), "--preset", "paper", "--dense-heads", "1",
+                 "--sparsity", "4", "--no-check"]) == 0
+    assert calls == ["check", "plan"]
