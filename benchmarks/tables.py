@@ -400,6 +400,12 @@ def multikey_trials() -> str:
     return copy(table("multikey_trials.md"))
 
 
+def retrieval_shares() -> str:
+    """Each model's KV groups by retrieval score and why the default keeps them dense, as the results file says."""
+    text = (RESULTS / "retrieval_shares.md").read_text()
+    return text[text.index("* "):].strip("\n")
+
+
 def ruler(name: str = RULER):
     """The RULER-style table of results file ``name``: the worst task, the within-one-trial count, every task's
     scores, the KV bytes held."""
@@ -488,6 +494,7 @@ BLOCKS = {
     "ruler-gemma3-16k": ruler(RULER_GEMMA_16K),
     "long-context-gemma3": long_gemma,
     "long-gemma3-summary": long_gemma_summary,
+    "retrieval-shares": retrieval_shares,
     "ruler-gemma3-price": ruler_gemma_price,
     "speed-sparse-summary": speed_sparse_summary,
     "speed-gemma3": speed_table(2, "speed_gemma3-270m.md"),
