@@ -159,8 +159,9 @@ def readme_results() -> str:
     return markdown(head, rows + gemma_rows())
 
 
-LONG_GEMMA, SPEED_GEMMA, RULER_GEMMA, RULER_GEMMA_16K = ("long_context_gemma3-270m.md", "speed_gemma3-270m.md",
-                                                       "ruler_gemma3-270m.md", "ruler_gemma3-270m_16k.md")
+LONG_GEMMA, SPEED_GEMMA, RULER_GEMMA, RULER_GEMMA_16K, RULER_GEMMA_32K = (
+    "long_context_gemma3-270m.md", "speed_gemma3-270m.md", "ruler_gemma3-270m.md", "ruler_gemma3-270m_16k.md",
+    "ruler_gemma3-270m_32k.md")
 
 
 def gemma_rows() -> list[list[str]]:
@@ -184,7 +185,9 @@ def gemma_rows() -> list[list[str]]:
         out.append([label, r["held-out ppl"], r[longest], passkey_counts(LONG_GEMMA, r),
                     r[f"attn FLOPs @{at}"].rstrip("x"), r[f"KV bytes @{at}"].rstrip("x"),
                     *(["1.00", "1.00"] if original else speed),
-                    "1.00" if original else f"{ruler_worst(RULER_GEMMA)} to 8k; {ruler_worst(RULER_GEMMA_16K)} at 16k"])
+                    "1.00" if original else "; ".join(f"{ruler_worst(name)} {at}" for name, at in (
+                        (RULER_GEMMA, "to 8k"), (RULER_GEMMA_16K, "at 16k"), (RULER_GEMMA_32K, "at 32k"))
+                        if (RESULTS / name).exists())])
     return out
 
 
@@ -451,6 +454,22 @@ def ruler_gemma_price() -> str:
         "not a measured saving.", 113)
 
 
+def frontier_adapted_summary() -> str:
+    """The sparse recipe's point before and after training, in one sentence (the adapted frontier run)."""
+    rows = table("flops_frontier_adapted.md")
+    before, after = row(rows, "point", "sparse-recipe"), row(rows, "point", "smollm2-sparse")
+    ratio = lambda r, c: r[c].split("(")[1].rstrip(")")  # noqa: E731
+    quality = lambda r: (f"{ratio(r, 'held-out ppl (× original)')}x, "  # noqa: E731
+                         f"{ratio(r, 'long 4096 ppl (× original)')}x, {ratio(r, 'long 7936 ppl (× original)')}x")
+    keys = next(c for c in after if c.startswith("passkey"))
+    return textwrap.fill(
+        f"At {after['attn FLOPs @8k']} the FLOPs and {after['KV bytes @8k']} the KV bytes the adapted model is at "
+        f"{quality(after).replace('x, ', 'x held-out, ', 1).replace('x, ', 'x and ', 1)} long-document perplexity "
+        f"and finds {after[keys]} single keys, where the same conversion untrained was at "
+        f"{quality(before).replace('x, ', 'x held-out, ', 1).replace('x, ', 'x and ', 1)} and found {before[keys]}.",
+        113, break_on_hyphens=False)
+
+
 def long_gemma_summary() -> str:
     """Gemma-3 to 32k in one sentence: passkey, long-document and held-out perplexity, KV held (its long run)."""
     lc = table(LONG_GEMMA)
@@ -494,6 +513,7 @@ BLOCKS = {
     "ruler-gemma3-16k": ruler(RULER_GEMMA_16K),
     "long-context-gemma3": long_gemma,
     "long-gemma3-summary": long_gemma_summary,
+    "frontier-adapted-summary": frontier_adapted_summary,
     "retrieval-shares": retrieval_shares,
     "ruler-gemma3-price": ruler_gemma_price,
     "speed-sparse-summary": speed_sparse_summary,
