@@ -511,6 +511,7 @@ BLOCKS = {
     "ruler-gemma3-quarter": ruler("ruler_gemma3-270m_quarter.md"),
     "ruler-gemma3": ruler("ruler_gemma3-270m.md"),
     "ruler-gemma3-16k": ruler(RULER_GEMMA_16K),
+    "ruler-gemma3-32k": ruler(RULER_GEMMA_32K),
     "long-context-gemma3": long_gemma,
     "long-gemma3-summary": long_gemma_summary,
     "frontier-adapted-summary": frontier_adapted_summary,
