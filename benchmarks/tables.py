@@ -470,6 +470,22 @@ def frontier_adapted_summary() -> str:
         113, break_on_hyphens=False)
 
 
+def keys_cpu() -> str:
+    return copy(table("keys_cpu.md"))
+
+
+def keys_goal() -> str:
+    """Whether the key-selection op reaches 1.3x its FLOP limit at 8k on CPU, per backend, and which is faster."""
+    at8k = {r["backend"]: r for r in table("keys_cpu.md") if r["T"] == "8,192"}
+    limit = {b: float(r["× its FLOP limit"]) for b, r in at8k.items()}
+    met = [b for b, v in limit.items() if v <= 1.3]
+    fastest = min(at8k, key=lambda b: float(at8k[b]["forward time vs dense"]))
+    return textwrap.fill(
+        f"**The goal of 1.3x its FLOP limit is {'reached by ' + ', '.join(met) if met else 'not reached'} on CPU** "
+        f"({', '.join(f'`{b}` {v:.2f}x' for b, v in limit.items())} at 8k); the fastest forward at 8k is "
+        f"`{fastest}`'s.", 113)
+
+
 def long_gemma_summary() -> str:
     """Gemma-3 to 32k in one sentence: passkey, long-document and held-out perplexity, KV held (its long run)."""
     lc = table(LONG_GEMMA)
@@ -514,6 +530,8 @@ BLOCKS = {
     "ruler-gemma3-32k": ruler(RULER_GEMMA_32K),
     "long-context-gemma3": long_gemma,
     "long-gemma3-summary": long_gemma_summary,
+    "keys-cpu": keys_cpu,
+    "keys-goal": keys_goal,
     "frontier-adapted-summary": frontier_adapted_summary,
     "retrieval-shares": retrieval_shares,
     "ruler-gemma3-price": ruler_gemma_price,
