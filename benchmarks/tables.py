@@ -162,22 +162,26 @@ def readme_results() -> str:
 LONG_GEMMA, SPEED_GEMMA, RULER_GEMMA, RULER_GEMMA_16K, RULER_GEMMA_32K = (
     "long_context_gemma3-270m.md", "speed_gemma3-270m.md", "ruler_gemma3-270m.md", "ruler_gemma3-270m_16k.md",
     "ruler_gemma3-270m_32k.md")
+SPEED_GEMMA_1T = "speed_gemma3-270m_1thread.md"
 
 
 def gemma_rows() -> list[list[str]]:
     """README rows of Gemma-3-270M-it at its 32,768 positions (long ppl at its longest context, passkey at every
-    length measured, costs at 32k, speed at 32k with 2 threads, RULER to 8k); none before its runs."""
+    length measured, costs at 32k, speed at 32k with 1 thread where measured, else 2, RULER at every length run);
+    none before its runs."""
     if not (RESULTS / LONG_GEMMA).exists():
         return []
     lc = table(LONG_GEMMA)
     longest = [c for c in lc[0] if c.startswith("ppl, L=")][-1]
     at = next(c for c in lc[0] if c.startswith("KV bytes @")).split("@")[1]
     speed = ["", ""]
-    if (RESULTS / SPEED_GEMMA).exists():
+    runs = [(1, SPEED_GEMMA_1T, ""), (2, SPEED_GEMMA, ", 2 threads")]  # one thread, as the SmolLM2 rows, if run
+    threads, name, note = next(((t, n, w) for t, n, w in runs if (RESULTS / n).exists()), (0, "", ""))
+    if threads:
         tokens = f"{int(at.rstrip('k')) * 1024:,}"
-        prefill, prefill_limit = speed_ratio(2, "prefill", tokens, SPEED_GEMMA)
-        decode, decode_limit = speed_ratio(2, "decode b=1", f"after {tokens[:3]}", SPEED_GEMMA)  # (32,763)
-        speed = [f"{prefill} ({prefill_limit}), 2 threads", f"{decode} ({decode_limit}), 2 threads"]
+        prefill, prefill_limit = speed_ratio(threads, "prefill", tokens, name)
+        decode, decode_limit = speed_ratio(threads, "decode b=1", f"after {tokens[:3]}", name)  # (32,763)
+        speed = [f"{prefill} ({prefill_limit}){note}", f"{decode} ({decode_limit}){note}"]
     out = []
     for r, label in ((row(lc, "model", "original"), "Gemma-3-270M-it: original"),
                      (row(lc, "model", "default"), "Gemma-3-270M-it: **default** (`convert gemma3-270m`)")):
@@ -537,6 +541,7 @@ BLOCKS = {
     "ruler-gemma3-price": ruler_gemma_price,
     "speed-sparse-summary": speed_sparse_summary,
     "speed-gemma3": speed_table(2, "speed_gemma3-270m.md"),
+    "speed-gemma3-1-thread": speed_table(1, SPEED_GEMMA_1T),
     "long-frontier": long_frontier,
     "sparse-summary": sparse_summary,
     "sparse-curve": sparse_curve,
