@@ -462,15 +462,16 @@ def frontier_adapted_summary() -> str:
     """The sparse recipe's point before and after training, in one sentence (the adapted frontier run)."""
     rows = table("flops_frontier_adapted.md")
     before, after = row(rows, "point", "sparse-recipe"), row(rows, "point", "smollm2-sparse")
-    ratio = lambda r, c: r[c].split("(")[1].rstrip(")")  # noqa: E731
-    quality = lambda r: (f"{ratio(r, 'held-out ppl (× original)')}x, "  # noqa: E731
-                         f"{ratio(r, 'long 4096 ppl (× original)')}x, {ratio(r, 'long 7936 ppl (× original)')}x")
+    ratio = lambda r, c: r[c].split("(")[1].rstrip(")") + "x"  # noqa: E731
+
+    def quality(r: dict[str, str]) -> str:
+        return (f"{ratio(r, 'held-out ppl (× original)')} held-out, {ratio(r, 'long 4096 ppl (× original)')} and "
+                f"{ratio(r, 'long 7936 ppl (× original)')}")
     keys = next(c for c in after if c.startswith("passkey"))
     return textwrap.fill(
         f"At {after['attn FLOPs @8k']} the FLOPs and {after['KV bytes @8k']} the KV bytes the adapted model is at "
-        f"{quality(after).replace('x, ', 'x held-out, ', 1).replace('x, ', 'x and ', 1)} long-document perplexity "
-        f"and finds {after[keys]} single keys, where the same conversion untrained was at "
-        f"{quality(before).replace('x, ', 'x held-out, ', 1).replace('x, ', 'x and ', 1)} and found {before[keys]}.",
+        f"{quality(after)} long-document perplexity and finds {after[keys]} single keys, where the same conversion "
+        f"untrained was at {quality(before)} and found {before[keys]}.",
         113, break_on_hyphens=False)
 
 
