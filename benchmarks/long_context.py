@@ -13,7 +13,9 @@ score over the whole model, so only the other heads differ) on:
   * KV-cache bytes and attention FLOPs at --at tokens (8,192) against the original (cost model), the time of one
     --at-token forward against the original's (measured in this run; --no-time skips it) and, with --held, the
     KV bytes each model's cache holds after an --at-token prefill (measured).
---converted DIR measures a saved conversion instead of converting here (the original and that one only);
+--converted DIR measures a saved conversion instead of converting here (the original and that one only; --label
+names it); --earlier FILE copies the rows of an earlier results file of the same grid (the same prompts and plays)
+into the table instead of measuring those models again (the original's KV held there gives the new ratio);
 --prefill-chunk reads every input that many tokens at a time through the KV cache (the same scores; what 32k
 tokens need on a small machine).
 Writes benchmarks/results/long_context.md (long_context_<model>.md for another --model) and a plot.
@@ -22,7 +24,9 @@ Writes benchmarks/results/long_context.md (long_context_<model>.md for another -
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import re
 import shlex
 import sys
 import time
@@ -50,6 +54,21 @@ def ints(text: str) -> list[int]:
     return [int(v) for v in text.split(",") if v.strip()]
 
 
+def earlier_rows(path: Path, header: str) -> tuple[list[str], list[str], dict | None]:
+    """The table rows and configuration lines of an earlier results file whose table has ``header`` (the same
+    grid), and the original's KV held there (as ``{"held": bytes}``, the base of the new rows' ratio)."""
+    if not path.is_file():
+        raise SystemExit(f"--earlier {path}: no such file")
+    lines = path.read_text().splitlines()
+    if header not in lines:
+        raise SystemExit(f"--earlier {path} did not measure this grid; its table should start\n{header}")
+    rows = list(itertools.takewhile(lambda line: line.startswith("| "), lines[lines.index(header) + 2:]))
+    configs = [line for line in lines if line.startswith("- ") and "`" in line]
+    original = next((r for r in rows if r.split("|")[1].strip() == "original"), None)
+    held = re.search(r"\| ([\d.]+) MiB \(1\.000x\)", original or "")
+    return rows, configs, {"held": float(held.group(1)) * 2**20} if held else None
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--lengths", type=ints, default=[2048, 4096, 8192], help="passkey prompt lengths")
@@ -61,6 +80,10 @@ def main() -> None:
     p.add_argument("--models", default="", help="comma-separated indices into the model list (default: all)")
     p.add_argument("--model", default="smollm2-135m", help="the original model (an embedded name or a folder)")
     p.add_argument("--converted", default="", help="a saved conversion to measure (default: convert MODELS here)")
+    p.add_argument("--label", default="default conversion", help="the name of --converted in the table")
+    p.add_argument("--earlier", default="",
+                   help="an earlier results file of the same grid whose rows (the original's among them) are copied "
+                        "instead of measured again (needs --converted and --no-time)")
     p.add_argument("--at", type=int, default=8192, help="tokens of the cost model, the timed forward and --held")
     p.add_argument("--prefill-chunk", type=int, default=None, help="read inputs this many tokens at a time")
     p.add_argument("--held", action="store_true", help="measure the KV bytes held after an --at-token prefill")
@@ -72,6 +95,15 @@ def main() -> None:
     args.out = args.out or f"benchmarks/results/long_context{slug}.md"
     args.plot = args.plot or f"docs/results/long_context{slug or '_frontier'}.png"
     depths = [float(d) for d in args.depths.split(",")]
+    if args.earlier and not (args.converted and args.no_time):
+        p.error("--earlier copies an earlier run's rows beside one measured --converted model, untimed: add "
+                "--converted DIR and --no-time")
+    at = f"{args.at // 1024}k" if args.at % 1024 == 0 else str(args.at)
+    head = [f"KV bytes @{at}", f"attn FLOPs @{at}"] + ([] if args.no_time else [f"{at} forward time"])
+    head += [f"KV held @{at}"] if args.held else []
+    header = ("| model | " + " | ".join(head) + " | held-out ppl | " + " | ".join(f"passkey @{L}" for L in args.lengths)
+              + " | " + " | ".join(f"ppl, L={L}" for L in args.contexts) + " |")
+    copied, copied_configs, earlier_base = earlier_rows(Path(args.earlier), header) if args.earlier else ([], [], None)
 
     from mosa_retrofit import MoSAConfig, convert_
     from mosa_retrofit.convert.calibration import collect_stats, default_calibration
@@ -96,7 +128,7 @@ def main() -> None:
     if args.models:
         chosen = [chosen[int(i)] for i in args.models.split(",")]
     if args.converted:
-        chosen = [(f"default conversion ({args.converted})", load_any(args.converted)[0])]
+        chosen = [(f"{args.label} ({args.converted})", load_any(args.converted)[0])]
     elif any(f is not None for _, f in chosen):
         calibration = default_calibration(original, tokenizer)
         layers = attention_layers(original)
@@ -105,7 +137,7 @@ def main() -> None:
         stats = collect_stats(original, calibration, {i: m for i, (_, m) in layers.items()}, sparsities=(8,),
                               fills=("mean",), windows=windows)
         retrieval = retrieval_scores(original, default_retrieval_prompts(tokenizer))
-    if chosen[0][1] is not None:
+    if chosen[0][1] is not None and not args.earlier:
         chosen.insert(0, ("original", None))
     docs = context_documents(tokenizer, shakespeare_plays(), max(args.contexts), 256)[: args.documents]
     blocks = PROTOCOL.blocks(tokenizer)
@@ -142,12 +174,9 @@ def main() -> None:
         print(json.dumps({**rows[-1], "passkey": {f"{L}@{d}": v for (L, d), v in grids[name].items()},
                           "curve": curves[name]}), flush=True)
 
-    base = rows[0]
+    base = earlier_base or rows[0]
     passkey = lambda g, L: sum(g[(L, d)] for d in depths) / len(depths)
-    at = f"{args.at // 1024}k" if args.at % 1024 == 0 else str(args.at)
     reading = f"read {args.prefill_chunk} tokens at a time through the KV cache" if args.prefill_chunk else "one forward"
-    head = [f"KV bytes @{at}", f"attn FLOPs @{at}"] + ([] if args.no_time else [f"{at} forward time"])
-    head += [f"KV held @{at}"] if args.held else []
     lines = [f"# Long context: {title} and its conversions, no training", "",
              f"Command: `python benchmarks/long_context.py {shlex.join(sys.argv[1:])}`", "",
              f"Machine: {machine()}; {time.strftime('%Y-%m-%d')}; {time.time() - started:.0f} s in all.", "",
@@ -160,10 +189,9 @@ def main() -> None:
                                 "the original's, same run")
              + (f"; KV held: bytes the model's cache holds after one {args.at:,}-token prefill (measured)"
                 if args.held else "") + ".", "",
-             "| model | " + " | ".join(head) + " | held-out ppl | "
-             + " | ".join(f"passkey @{L}" for L in args.lengths) + " | "
-             + " | ".join(f"ppl, L={L}" for L in args.contexts) + " |",
-             "|---|" + "---|" * (len(head) + 1 + len(args.lengths) + len(args.contexts))]
+             *([f"Rows copied from {args.earlier} (the same prompts and plays), not measured again: "
+                f"{', '.join(r.split('|')[1].strip() for r in copied)}.", ""] if args.earlier else []),
+             header, "|---|" + "---|" * (len(head) + 1 + len(args.lengths) + len(args.contexts)), *copied]
     for r in rows:
         g, c = grids[r["name"]], curves[r["name"]]
         cells = [f"{r['kv']:.3f}x", f"{r['flops']:.3f}x"]
@@ -173,13 +201,16 @@ def main() -> None:
                      + " | ".join(f"{passkey(g, L):.2f}" for L in args.lengths) + " | "
                      + " | ".join(f"{c[L]:.2f}" for L in args.contexts) + " |")
     lines += ["", "Configurations (MoSAConfig fields; the rest are the defaults):", ""]
-    lines += [f"- {r['name']}: `{json.dumps(r['config'])}`" for r in rows if r["config"] is not None]
+    lines += copied_configs + [f"- {r['name']}: `{json.dumps(r['config'])}`" for r in rows if r["config"] is not None]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    if args.earlier:  # the copied rows keep no per-depth grid to draw
+        print(f"\nwrote {out}")
+        return
     Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
     plot_long_context(grids, curves, Path(args.plot))
-    print("\n".join(lines))
     print(f"\nwrote {out} and {args.plot}")
 
 

@@ -45,6 +45,8 @@ def main(argv: list[str] | None = None) -> None:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="smollm2-135m", help="the original model")
     p.add_argument("--converted", default="", help="its default conversion, saved (default: converted here)")
+    p.add_argument("--label", default="default conversion",
+                   help="the name of --converted in the results (a baseline's, say)")
     p.add_argument("--lengths", type=ints, default=[2048, 4096, 8192])
     p.add_argument("--trials", type=int, default=4, help="prompts per task and length")
     p.add_argument("--tasks", default="", help="comma-separated (default: every task)")
@@ -100,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     worst = next((r for r in rows if r.ratio is not None), None)
     checked = [(t, L) for t in tasks for L in args.lengths if o[t, L] >= 0.5]
     within = [(t, L) for t, L in checked if c[t, L] >= o[t, L] - 1 / args.trials - 1e-9]
-    lines = [f"# RULER-style tasks: {title} and its default conversion, no training", "",
+    lines = [f"# RULER-style tasks: {title} and its {args.label}, no training", "",
              f"Command: `{' '.join(['python benchmarks/ruler.py', *argv])}`", "",
              f"Machine: {machine()}; {time.strftime('%Y-%m-%d')}; {time.time() - started:.0f} s in all.", "",
              *([f"The original's scores are those of {args.original_from} (the same prompts), not run again.", ""]
@@ -108,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
              f"{args.trials} prompts per task and length (the asked needle at depths (i + 0.5) / {args.trials}), "
              "filler from the embedded Wikipedia articles, greedy generation through each model's KV cache, "
              "scored as RULER does (the share of expected strings the answer contains). Each cell: original · "
-             "default conversion.", "",
+             f"{args.label}.", "",
              f"Worst task the original solves (a mean score of at least {SOLVED} over the lengths): "
              f"**{worst.task}** at {worst.ratio:.2f}x the original's score ({worst.converted:.2f} against "
              f"{worst.original:.2f})." if worst else f"The original solves no task (mean score >= {SOLVED}).",
@@ -125,10 +127,10 @@ def main(argv: list[str] | None = None) -> None:
     mib = lambda b: "-" if b is None else f"{b / 2**20:.1f} MiB"  # noqa: E731
     ratio = lambda a, b: "" if a is None or not b else f" ({a / b:.3f}x)"  # noqa: E731
     lines += ["", f"KV cache held after one {longest:,}-token prefill: original {mib(held['original'])}, "
-              f"default conversion {mib(held['default conversion'])}"
+              f"{args.label} {mib(held['default conversion'])}"
               f"{ratio(held['default conversion'], held['original'])}; cost model {cost.kv_bytes:.3f}x KV bytes, "
               f"{cost.flops:.3f}x attention FLOPs. Peak memory of that prefill: original {mib(peak['original'])}, "
-              f"default conversion {mib(peak['default conversion'])}"
+              f"{args.label} {mib(peak['default conversion'])}"
               f"{ratio(peak['default conversion'], peak['original'])}.", "",
               f"At the model's own {positions:,} positions the cost model gives {cost_full.kv_bytes:.3f}x KV bytes "
               f"and {cost_full.flops:.3f}x attention FLOPs."]
