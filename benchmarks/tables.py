@@ -418,7 +418,8 @@ def ruler(name: str = RULER):
     scores, the KV bytes held."""
     def block() -> str:
         text = (RESULTS / name).read_text()
-        return text[text.index("Worst task"):].strip("\n")
+        start = re.search(r"^(Worst task|The original solves no task)", text, re.M)  # ruler.py's first verdict
+        return text[start.start():].strip("\n")
     return block
 
 
@@ -562,6 +563,8 @@ BLOCKS = {
     "ruler-gemma3": ruler("ruler_gemma3-270m.md"),
     "ruler-gemma3-16k": ruler(RULER_GEMMA_16K),
     "ruler-gemma3-32k": ruler(RULER_GEMMA_32K),
+    "ruler-gemma3-other-tasks": ruler("ruler_gemma3-270m_long_other_tasks.md"),
+    "ruler-gemma3-32k-streaming": ruler("ruler_gemma3-270m_32k_streaming.md"),
     "long-context-gemma3": long_gemma,
     "long-gemma3-summary": long_gemma_summary,
     "long-gemma3-baseline": long_gemma_baseline,
