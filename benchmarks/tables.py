@@ -563,6 +563,7 @@ BLOCKS = {
     "ruler-gemma3": ruler("ruler_gemma3-270m.md"),
     "ruler-gemma3-16k": ruler(RULER_GEMMA_16K),
     "ruler-gemma3-32k": ruler(RULER_GEMMA_32K),
+    "ruler-routing": lambda: copy(table("ruler_routing.md")),
     "ruler-gemma3-other-tasks": ruler("ruler_gemma3-270m_long_other_tasks.md"),
     "ruler-gemma3-32k-streaming": ruler("ruler_gemma3-270m_32k_streaming.md"),
     "long-context-gemma3": long_gemma,
