@@ -48,13 +48,15 @@ def main(argv: list[str] | None = None) -> None:
 
     started = time.time()
     tokenizer = load_tokenizer(load_any(args.model)[1])
-    model = load_any(args.converted)[0].eval()
     prompts = ruler_prompts(tokenizer, wikipedia_articles(), [args.task], args.lengths, args.trials)
+    if not all(q.needles_at for cell in prompts.values() for q in cell):
+        raise SystemExit(f"--task {args.task} inserts no needle; use a needle task (niah_*, variable_tracking)")
+    model = load_any(args.converted)[0].eval()
     units = [(name, m) for name, m in model.named_modules() if hasattr(m, "mosa_threshold")]
     if not units:
         raise SystemExit(f"{args.converted} has no key-selection units (sparse_heads='mosa_keys')")
     thresholds = [m.mosa_threshold for _, m in units]
-    layer_ids = [int(m.group(1)) for name, _ in units if (m := re.search(r"layers\.(\d+)\.", name))]
+    layer_ids = [int(re.search(r"\.(\d+)\.", name).group(1)) for name, _ in units]  # the layer of each unit
     saved = [t.clone() for t in thresholds]
     passed: list = []
     real = routed.causal_select
@@ -78,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
                 for n, u in enumerate(prefill):
                     hit = int(u[:, q.needles_at[0]: q.needles_at[0] + 12].any(-1).sum())
                     if hit:
-                        layers[layer_ids[n] if len(layer_ids) == len(prefill) else n] += hit
+                        layers[layer_ids[n]] += hit
                 every = torch.cat(prefill)
                 other = {}
                 for name, value in (("none", float("inf")), ("all", float("-inf"))):
